@@ -1,0 +1,365 @@
+//! A device: one GPU (or the built-in host device), its memory as numbered pages, and batched
+//! page copies between it and the host frame pool.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::copy::{plan_batch, CopyPlan, Location};
+use crate::error::{EngineError, Result};
+use crate::frames::HostFramePool;
+use crate::pagemap::DevicePages;
+use crate::pfn::{Pfn, PfnRange, PAGE_SIZE};
+use crate::select::{DeviceConfig, DeviceInfo};
+
+/// What a backend reports about a batch it accepted.
+pub(crate) struct Submitted {
+    /// Completion value to wait for.
+    pub(crate) value: u64,
+    /// Pages copied by the gather kernel rather than by copy regions.
+    pub(crate) gathered_pages: usize,
+}
+
+/// The operations every backend (vulkan, wgpu, host) provides.
+pub(crate) trait Backend: Send + Sync {
+    /// Creates chunk `index` of `bytes`, zero-filled and committed.
+    fn alloc_chunk(&self, index: usize, bytes: u64) -> Result<()>;
+    /// Releases chunk `index` once no submitted work uses it.
+    fn free_chunk(&self, index: usize);
+    /// Records and submits a batch.
+    fn submit(&self, plan: &CopyPlan) -> Result<Submitted>;
+    /// True once the batch with this value has completed (and its results are visible).
+    fn poll(&self, value: u64) -> Result<bool>;
+    /// Blocks until the batch with this value has completed.
+    fn wait(&self, value: u64) -> Result<()>;
+    /// Fills whole device pages with zeros before returning.
+    fn zero_pages(&self, pages: &[Location]) -> Result<()>;
+    /// Copies bytes out of device memory, synchronously.
+    fn read(&self, at: Location, out: &mut [u8]) -> Result<()>;
+    /// Copies bytes into device memory, synchronously.
+    fn write(&self, at: Location, data: &[u8]) -> Result<()>;
+}
+
+/// Counters of a device's copy work since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Batches submitted.
+    pub batches: u64,
+    /// Pages copied.
+    pub pages: u64,
+    /// Copy regions recorded (after coalescing).
+    pub regions: u64,
+    /// Pages that went through the gather kernel.
+    pub gathered_pages: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    pages: AtomicU64,
+    regions: AtomicU64,
+    gathered: AtomicU64,
+}
+
+struct Shared {
+    info: DeviceInfo,
+    frames: Arc<HostFramePool>,
+    pages: Mutex<DevicePages>,
+    counters: Counters,
+    fail_dst: Mutex<HashSet<Pfn>>,
+    backend: Box<dyn Backend>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let chunks = self.pages.get_mut().chunks();
+        for c in 0..chunks {
+            self.backend.free_chunk(c);
+        }
+    }
+}
+
+/// An open device. Cloning gives another handle to the same device.
+#[derive(Clone)]
+pub struct Device {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("info", &self.shared.info)
+            .finish()
+    }
+}
+
+impl Device {
+    /// Opens the device that `config` selects (see [`DeviceConfig`]), and logs which and why.
+    pub fn open(config: DeviceConfig) -> Result<Device> {
+        let pages = DevicePages::new(config.budget_bytes, config.chunk_bytes)?;
+        let frames = config
+            .frames
+            .clone()
+            .unwrap_or_else(|| HostFramePool::global().clone());
+        let (info, backend) = crate::select::open_backend(&config, &frames)?;
+        tracing::info!(
+            device = %info.name,
+            kind = ?info.kind,
+            reason = %info.reason,
+            "hetmem device chosen"
+        );
+        Ok(Device {
+            shared: Arc::new(Shared {
+                info,
+                frames,
+                pages: Mutex::new(pages),
+                counters: Counters::default(),
+                fail_dst: Mutex::new(HashSet::new()),
+                backend,
+            }),
+        })
+    }
+
+    /// Which device this is, and why it was chosen.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.shared.info
+    }
+
+    /// The host frame pool this device copies to and from.
+    pub fn frames(&self) -> &Arc<HostFramePool> {
+        &self.shared.frames
+    }
+
+    /// The frame numbers of this device's pages.
+    pub fn pfn_range(&self) -> PfnRange {
+        self.shared.pages.lock().range()
+    }
+
+    /// True if `pfn` is one of this device's pages (allocated or not).
+    pub fn owns(&self, pfn: Pfn) -> bool {
+        self.pfn_range().contains(pfn)
+    }
+
+    /// True if `pfn` is one of this device's pages and is allocated.
+    pub fn is_allocated(&self, pfn: Pfn) -> bool {
+        self.shared.pages.lock().is_allocated(pfn)
+    }
+
+    /// The budget in pages.
+    pub fn budget_pages(&self) -> usize {
+        self.shared.pages.lock().budget_pages()
+    }
+
+    /// Device pages currently allocated.
+    pub fn pages_in_use(&self) -> usize {
+        self.shared.pages.lock().in_use()
+    }
+
+    /// Device pages that can still be allocated within the budget.
+    pub fn pages_available(&self) -> usize {
+        self.shared.pages.lock().available()
+    }
+
+    /// Bytes of device memory reserved in chunks (never more than the budget).
+    pub fn reserved_bytes(&self) -> u64 {
+        let p = self.shared.pages.lock();
+        (0..p.chunks()).map(|c| p.chunk_bytes(c)).sum()
+    }
+
+    /// Allocates one device page.
+    pub fn alloc_page(&self, zeroed: bool) -> Result<Pfn> {
+        Ok(self.alloc_pages(1, zeroed)?[0])
+    }
+
+    /// Allocates `n` device pages, all or none, in ascending order. With `zeroed`, every page
+    /// reads as zeros, whatever it held before.
+    pub fn alloc_pages(&self, n: usize, zeroed: bool) -> Result<Vec<Pfn>> {
+        let mut pages = self.shared.pages.lock();
+        let grant = pages.take(n)?;
+        for c in grant.new_chunks.clone() {
+            if let Err(e) = self.shared.backend.alloc_chunk(c, pages.chunk_bytes(c)) {
+                pages.untake(&grant.slots);
+                return Err(e);
+            }
+            pages.chunks_created(c + 1);
+        }
+        if zeroed {
+            let dirty: Vec<usize> = grant
+                .slots
+                .iter()
+                .map(|&s| s as usize)
+                .filter(|&s| pages.is_dirty(s))
+                .collect();
+            if !dirty.is_empty() {
+                let locs: Vec<Location> = dirty.iter().map(|&s| pages.location(s)).collect();
+                if let Err(e) = self.shared.backend.zero_pages(&locs) {
+                    pages.untake(&grant.slots);
+                    return Err(e);
+                }
+                for s in dirty {
+                    pages.mark_clean(s);
+                }
+            }
+        }
+        Ok(grant.slots.iter().map(|&s| pages.pfn(s)).collect())
+    }
+
+    /// Frees one device page.
+    pub fn free_page(&self, pfn: Pfn) -> Result<()> {
+        self.free_pages(&[pfn])
+    }
+
+    /// Frees device pages, all or none (an unknown or already free page fails the call).
+    pub fn free_pages(&self, pfns: &[Pfn]) -> Result<()> {
+        self.shared.pages.lock().put_all(pfns)
+    }
+
+    /// Resolves and coalesces a batch without running it: the plan `copy` would execute.
+    pub fn plan(&self, pairs: &[(Pfn, Pfn)]) -> Result<CopyPlan> {
+        let pages = self.shared.pages.lock();
+        let frames = self.shared.frames.locator();
+        plan_batch(pairs, |p| {
+            if frames.owns(p) {
+                frames.locate(p)
+            } else {
+                pages.resolve(p)
+            }
+        })
+    }
+
+    /// Copies each `(source, destination)` page pair, in any direction between host frames and
+    /// this device's pages, as one submission. Returns at once with a ticket to wait on.
+    /// On error nothing was submitted.
+    pub fn copy(&self, pairs: &[(Pfn, Pfn)]) -> Result<Ticket> {
+        let (plan, failed) = self.plan_with_injected_failures(pairs)?;
+        let sub = self.shared.backend.submit(&plan)?;
+        let c = &self.shared.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.pages.fetch_add(plan.pages as u64, Ordering::Relaxed);
+        c.regions
+            .fetch_add(plan.region_count() as u64, Ordering::Relaxed);
+        c.gathered
+            .fetch_add(sub.gathered_pages as u64, Ordering::Relaxed);
+        Ok(Ticket {
+            shared: self.shared.clone(),
+            value: sub.value,
+            pairs: pairs.len(),
+            failed,
+        })
+    }
+
+    /// Copies and waits: `copy(pairs)?.wait()`.
+    pub fn copy_sync(&self, pairs: &[(Pfn, Pfn)]) -> Result<()> {
+        self.copy(pairs)?.wait()
+    }
+
+    fn plan_with_injected_failures(&self, pairs: &[(Pfn, Pfn)]) -> Result<(CopyPlan, Vec<usize>)> {
+        let fail = self.shared.fail_dst.lock();
+        if fail.is_empty() {
+            return Ok((self.plan(pairs)?, Vec::new()));
+        }
+        // Validate the whole batch first, so that bad input is refused as usual.
+        self.plan(pairs)?;
+        let (ok, failed): (Vec<usize>, Vec<usize>) =
+            (0..pairs.len()).partition(|&i| !fail.contains(&pairs[i].1));
+        let kept: Vec<(Pfn, Pfn)> = ok.iter().map(|&i| pairs[i]).collect();
+        Ok((self.plan(&kept)?, failed))
+    }
+
+    /// Test hook: copies whose destination is one of `pfns` fail (their pairs are reported by
+    /// [`Ticket::wait`] as failed and their destination keeps its bytes). Empty clears it.
+    pub fn inject_copy_failures(&self, pfns: &[Pfn]) {
+        *self.shared.fail_dst.lock() = pfns.iter().copied().collect();
+    }
+
+    /// Reads bytes of an allocated device page, synchronously.
+    pub fn read_page(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<()> {
+        let mut at = self.locate_span(pfn, offset, out.len())?;
+        at.offset += offset as u64;
+        self.shared.backend.read(at, out)
+    }
+
+    /// Writes bytes into an allocated device page, synchronously.
+    pub fn write_page(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<()> {
+        let mut at = self.locate_span(pfn, offset, data.len())?;
+        at.offset += offset as u64;
+        self.shared.backend.write(at, data)
+    }
+
+    fn locate_span(&self, pfn: Pfn, offset: usize, len: usize) -> Result<Location> {
+        if offset.checked_add(len).is_none_or(|e| e > PAGE_SIZE) {
+            return Err(EngineError::InvalidConfig(format!(
+                "span {offset}+{len} does not fit in a page"
+            )));
+        }
+        self.shared.pages.lock().resolve(pfn)
+    }
+
+    /// Counters of the copy work done so far.
+    pub fn stats(&self) -> CopyStats {
+        let c = &self.shared.counters;
+        CopyStats {
+            batches: c.batches.load(Ordering::Relaxed),
+            pages: c.pages.load(Ordering::Relaxed),
+            regions: c.regions.load(Ordering::Relaxed),
+            gathered_pages: c.gathered.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A submitted copy batch. Dropping it does not cancel the copy.
+#[must_use = "a copy is only known to be done once its ticket is waited on"]
+pub struct Ticket {
+    shared: Arc<Shared>,
+    value: u64,
+    pairs: usize,
+    failed: Vec<usize>,
+}
+
+impl Ticket {
+    /// Blocks until the batch has completed. Fails with [`EngineError::CopyFailed`], naming
+    /// the pairs that did not complete, if any did not.
+    pub fn wait(&self) -> Result<()> {
+        self.shared
+            .backend
+            .wait(self.value)
+            .map_err(|e| self.all_failed(e))?;
+        self.outcome()
+    }
+
+    /// True once the batch has completed (successfully or not); does not block.
+    pub fn is_done(&self) -> Result<bool> {
+        self.shared
+            .backend
+            .poll(self.value)
+            .map_err(|e| self.all_failed(e))
+    }
+
+    /// The completion value of this batch on its device's timeline.
+    pub fn value(&self) -> u64 {
+        self.value
+    }
+
+    fn outcome(&self) -> Result<()> {
+        if self.failed.is_empty() {
+            Ok(())
+        } else {
+            Err(EngineError::CopyFailed {
+                failed: self.failed.clone(),
+                reason: "injected copy failure".into(),
+            })
+        }
+    }
+
+    fn all_failed(&self, e: EngineError) -> EngineError {
+        match e {
+            EngineError::DeviceLost(_) => e,
+            other => EngineError::CopyFailed {
+                failed: (0..self.pairs).collect(),
+                reason: other.to_string(),
+            },
+        }
+    }
+}

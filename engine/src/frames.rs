@@ -1,0 +1,302 @@
+//! The host frame pool: the system memory that address spaces map, as numbered 4 KiB frames.
+//!
+//! One page-aligned arena is reserved up front (no memory is committed until used) and split
+//! into segments; a segment is populated the first time one of its frames is handed out, and
+//! each Vulkan device imports segments on demand so that copies read and write frames in place.
+//! Raw pointers into the arena never leave this crate.
+
+use std::ptr::NonNull;
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+
+use crate::copy::{Location, MemoryId};
+use crate::error::{EngineError, Result};
+use crate::pfn::{reserve_pfn_range, Pfn, PfnRange, PAGE_SIZE};
+use crate::slots::{AtomicBitmap, Slots};
+
+/// Bytes in one segment of the arena: the unit of population and of import into a device.
+pub const SEGMENT_BYTES: usize = 64 << 20;
+/// Frames in one segment.
+pub const FRAMES_PER_SEGMENT: usize = SEGMENT_BYTES / PAGE_SIZE;
+/// Capacity of the process-wide pool (address space only; memory is committed as used).
+/// `HETMEM_HOST_FRAMES_GIB` overrides it.
+pub const DEFAULT_CAPACITY: usize = 32 << 30;
+
+/// A pool of page-aligned host frames with process-unique frame numbers.
+pub struct HostFramePool {
+    base: NonNull<u8>,
+    bytes: usize,
+    range: PfnRange,
+    slots: Mutex<Slots>,
+    populated: AtomicBitmap,
+}
+
+// SAFETY: the arena is plain memory owned by the pool; all bookkeeping is behind a mutex or atomics.
+unsafe impl Send for HostFramePool {}
+// SAFETY: see `Send`; shared access only copies bytes in and out of frames.
+unsafe impl Sync for HostFramePool {}
+
+impl HostFramePool {
+    /// Reserves a pool of at least `capacity_bytes` (rounded up to whole segments).
+    pub fn new(capacity_bytes: usize) -> Result<Arc<Self>> {
+        if capacity_bytes == 0 {
+            return Err(EngineError::InvalidConfig(
+                "host frame pool of 0 bytes".into(),
+            ));
+        }
+        let bytes = capacity_bytes.div_ceil(SEGMENT_BYTES) * SEGMENT_BYTES;
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches
+        // no existing memory; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let frames = bytes / PAGE_SIZE;
+        Ok(Arc::new(HostFramePool {
+            base: NonNull::new(ptr.cast()).expect("mmap returned null"),
+            bytes,
+            range: reserve_pfn_range(frames as u64),
+            slots: Mutex::new(Slots::new(frames)),
+            populated: AtomicBitmap::new(bytes / SEGMENT_BYTES),
+        }))
+    }
+
+    /// The process-wide pool that devices use unless told otherwise.
+    pub fn global() -> &'static Arc<HostFramePool> {
+        static GLOBAL: OnceLock<Arc<HostFramePool>> = OnceLock::new();
+        GLOBAL.get_or_init(|| {
+            let gib = std::env::var("HETMEM_HOST_FRAMES_GIB")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&g| g > 0);
+            let bytes = gib.map_or(DEFAULT_CAPACITY, |g| g << 30);
+            HostFramePool::new(bytes).expect("cannot reserve the host frame pool")
+        })
+    }
+
+    /// The frame numbers of this pool.
+    pub fn pfn_range(&self) -> PfnRange {
+        self.range
+    }
+
+    /// True if `pfn` is a frame of this pool (allocated or not).
+    pub fn contains(&self, pfn: Pfn) -> bool {
+        self.range.contains(pfn)
+    }
+
+    /// True if `pfn` is a frame of this pool that is currently allocated.
+    pub fn is_allocated(&self, pfn: Pfn) -> bool {
+        self.range
+            .index_of(pfn)
+            .is_some_and(|i| self.slots.lock().is_used(i as usize))
+    }
+
+    /// Frames currently allocated.
+    pub fn in_use(&self) -> usize {
+        self.slots.lock().in_use()
+    }
+
+    /// Frames that can still be allocated.
+    pub fn available(&self) -> usize {
+        self.slots.lock().available()
+    }
+
+    /// Allocates one frame; `zeroed` guarantees it reads as zeros.
+    pub fn alloc(&self, zeroed: bool) -> Result<Pfn> {
+        Ok(self.alloc_batch(1, zeroed)?[0])
+    }
+
+    /// Allocates `n` frames, all or none, in ascending order.
+    pub fn alloc_batch(&self, n: usize, zeroed: bool) -> Result<Vec<Pfn>> {
+        let taken = {
+            let mut slots = self.slots.lock();
+            let taken = slots.take(n).map_err(|s| EngineError::OutOfHostFrames {
+                requested: s.requested,
+                available: s.available,
+            })?;
+            self.populate_up_to(slots.watermark());
+            if zeroed {
+                for &i in &taken {
+                    if slots.is_dirty(i as usize) {
+                        slots.mark_clean(i as usize);
+                        // SAFETY: frame `i` is inside the arena and was just handed to us alone.
+                        unsafe { self.frame_ptr(i as usize).write_bytes(0, PAGE_SIZE) };
+                    }
+                }
+            }
+            taken
+        };
+        Ok(taken
+            .into_iter()
+            .map(|i| self.range.start.add(i as u64))
+            .collect())
+    }
+
+    /// Returns a frame to the pool.
+    pub fn free(&self, pfn: Pfn) -> Result<()> {
+        self.free_batch(&[pfn])
+    }
+
+    /// Returns frames to the pool; on error (unknown frame, double free) none is freed.
+    pub fn free_batch(&self, pfns: &[Pfn]) -> Result<()> {
+        let idx = pfns
+            .iter()
+            .map(|&p| {
+                self.range
+                    .index_of(p)
+                    .map(|i| i as usize)
+                    .ok_or(EngineError::UnknownPfn(p))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.slots
+            .lock()
+            .put_all(&idx)
+            .map_err(|k| EngineError::DoubleFree(pfns[k]))
+    }
+
+    /// Copies bytes out of an allocated frame, from `offset` within it.
+    pub fn read(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<()> {
+        let p = self.checked_ptr(pfn, offset, out.len())?;
+        // SAFETY: `checked_ptr` proved the span lies inside an allocated frame of the arena.
+        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Copies bytes into an allocated frame, from `offset` within it.
+    pub fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<()> {
+        let p = self.checked_ptr(pfn, offset, data.len())?;
+        // SAFETY: `checked_ptr` proved the span lies inside an allocated frame of the arena.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        Ok(())
+    }
+
+    /// Fills an allocated frame with zeros.
+    pub fn zero(&self, pfn: Pfn) -> Result<()> {
+        let p = self.checked_ptr(pfn, 0, PAGE_SIZE)?;
+        // SAFETY: `checked_ptr` proved the whole frame is inside the arena and allocated.
+        unsafe { p.write_bytes(0, PAGE_SIZE) };
+        Ok(())
+    }
+
+    /// A view of the allocation state that resolves many frames under one lock.
+    pub(crate) fn locator(&self) -> FrameLocator<'_> {
+        FrameLocator {
+            pool: self,
+            slots: self.slots.lock(),
+        }
+    }
+
+    fn checked_ptr(&self, pfn: Pfn, offset: usize, len: usize) -> Result<*mut u8> {
+        let i = self
+            .range
+            .index_of(pfn)
+            .ok_or(EngineError::UnknownPfn(pfn))? as usize;
+        if offset.checked_add(len).is_none_or(|e| e > PAGE_SIZE) {
+            return Err(EngineError::InvalidConfig(format!(
+                "span {offset}+{len} does not fit in a page"
+            )));
+        }
+        if !self.slots.lock().is_used(i) {
+            return Err(EngineError::FreedPfn(pfn));
+        }
+        // SAFETY: frame `i` is inside the arena and `offset < PAGE_SIZE`.
+        Ok(unsafe { self.frame_ptr(i).add(offset) })
+    }
+
+    /// Address of frame `i` of the arena.
+    ///
+    /// # Safety
+    /// `i` must be less than the number of frames.
+    pub(crate) unsafe fn frame_ptr(&self, i: usize) -> *mut u8 {
+        debug_assert!(i * PAGE_SIZE < self.bytes);
+        // SAFETY: the caller keeps `i` inside the arena.
+        unsafe { self.base.as_ptr().add(i * PAGE_SIZE) }
+    }
+
+    /// Address and length of segment `s`, for import into a device.
+    pub(crate) fn segment(&self, s: usize) -> (*mut u8, usize) {
+        assert!(s < self.segments());
+        // SAFETY: segment `s` starts inside the arena (checked above).
+        (
+            unsafe { self.frame_ptr(s * FRAMES_PER_SEGMENT) },
+            SEGMENT_BYTES,
+        )
+    }
+
+    /// Number of segments in the arena.
+    pub(crate) fn segments(&self) -> usize {
+        self.bytes / SEGMENT_BYTES
+    }
+
+    /// Commits memory for every segment below frame `watermark`, so first copies do not fault.
+    fn populate_up_to(&self, watermark: usize) {
+        for s in 0..watermark.div_ceil(FRAMES_PER_SEGMENT) {
+            if !self.populated.set(s, true) {
+                let (p, len) = self.segment(s);
+                // SAFETY: the span is one whole segment of our own mapping; populating it
+                // only commits memory and leaves its contents (zeros) unchanged.
+                let r = unsafe { libc::madvise(p.cast(), len, libc::MADV_POPULATE_WRITE) };
+                if r != 0 {
+                    tracing::debug!(
+                        "MADV_POPULATE_WRITE not available; frames commit on first touch"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Resolves frames to their segment and offset while holding the pool's allocation state.
+pub(crate) struct FrameLocator<'a> {
+    pool: &'a HostFramePool,
+    slots: parking_lot::MutexGuard<'a, Slots>,
+}
+
+impl FrameLocator<'_> {
+    /// True if `pfn` is a frame of the pool.
+    pub(crate) fn owns(&self, pfn: Pfn) -> bool {
+        self.pool.range.contains(pfn)
+    }
+
+    /// Where an allocated frame lives.
+    pub(crate) fn locate(&self, pfn: Pfn) -> Result<Location> {
+        let i = self
+            .pool
+            .range
+            .index_of(pfn)
+            .ok_or(EngineError::UnknownPfn(pfn))? as usize;
+        if !self.slots.is_used(i) {
+            return Err(EngineError::FreedPfn(pfn));
+        }
+        Ok(Location {
+            memory: MemoryId::Frames((i / FRAMES_PER_SEGMENT) as u32),
+            offset: ((i % FRAMES_PER_SEGMENT) * PAGE_SIZE) as u64,
+        })
+    }
+}
+
+impl Drop for HostFramePool {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made in `new` with this length and nothing refers to it now.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+    }
+}
+
+impl std::fmt::Debug for HostFramePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostFramePool")
+            .field("pfns", &self.range)
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}

@@ -1,0 +1,53 @@
+//! # hetmem-engine
+//!
+//! The engine under hetmem: devices (Vulkan, wgpu, or the built-in host device), device memory
+//! carved into numbered 4 KiB pages, a pool of numbered host frames, and a copy engine that
+//! moves batches of pages between them in one submission.
+//!
+//! The engine knows frame numbers ([`Pfn`]) and nothing of address spaces: the migration layer
+//! (crate `hetmem`) decides what moves where.
+//!
+//! ```
+//! use hetmem_engine::{Device, DeviceConfig, DeviceKind, PAGE_SIZE};
+//!
+//! # fn main() -> Result<(), hetmem_engine::EngineError> {
+//! let device = Device::open(DeviceConfig::default().kind(DeviceKind::Host).budget(16 << 20))?;
+//! let frames = device.frames().alloc_batch(4, true)?;
+//! device.frames().write(frames[0], 0, b"hello")?;
+//! let pages = device.alloc_pages(4, true)?;
+//! let there: Vec<_> = frames.iter().copied().zip(pages.iter().copied()).collect();
+//! device.copy(&there)?.wait()?;
+//! let mut back = [0u8; 5];
+//! device.read_page(pages[0], 0, &mut back)?;
+//! assert_eq!(&back, b"hello");
+//! assert_eq!(device.plan(&there)?.region_count(), 1); // four consecutive pages, one region
+//! device.free_pages(&pages)?;
+//! device.frames().free_batch(&frames)?;
+//! # let _ = PAGE_SIZE;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod copy;
+mod device;
+mod error;
+pub mod frames;
+mod host;
+mod pagemap;
+mod pfn;
+mod select;
+mod slots;
+mod vulkan;
+mod wgpu;
+
+pub use copy::{CopyGroup, CopyPlan, Location, MemoryId, Region};
+pub use device::{CopyStats, Device, Ticket};
+pub use error::{EngineError, ErrorKind, Result};
+pub use frames::HostFramePool;
+pub use pagemap::DEFAULT_CHUNK_BYTES;
+pub use pfn::{reserve_pfn_range, Pfn, PfnRange, PAGE_SHIFT, PAGE_SIZE};
+pub use select::{
+    running_in_ci, DeviceConfig, DeviceInfo, DeviceKind, DeviceType, GatherMode, HostAccess,
+    HostAccessMode,
+};

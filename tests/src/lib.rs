@@ -1,0 +1,28 @@
+//! Shared helpers for hetmem's integration tests: which devices to run a scenario on.
+
+use hetmem_engine::{Device, DeviceConfig, DeviceKind, EngineError};
+
+/// Opens a device of `kind` for a test with a `budget` in bytes and small chunks.
+///
+/// Returns `None` (after saying by name that the test is skipped) when the device kind is not
+/// available here; under `CI=true` a missing Vulkan device is a failure instead.
+pub fn open_for_test(kind: DeviceKind, budget: u64, test: &str) -> Option<Device> {
+    let config = DeviceConfig::default()
+        .kind(kind)
+        .budget(budget)
+        .chunk((budget / 4).clamp(1 << 20, 16 << 20) & !4095);
+    match Device::open(config) {
+        Ok(d) => Some(d),
+        Err(e @ EngineError::NoDevice { .. }) => {
+            if kind == DeviceKind::Vulkan && hetmem_engine::running_in_ci() {
+                panic!("{test}: CI=true and no Vulkan device: {e}");
+            }
+            eprintln!("SKIPPED {test} on {kind:?}: {e}");
+            None
+        }
+        Err(e) => panic!("{test}: opening {kind:?} failed: {e}"),
+    }
+}
+
+/// The device kinds every engine scenario runs on.
+pub const KINDS: [DeviceKind; 2] = [DeviceKind::Host, DeviceKind::Vulkan];

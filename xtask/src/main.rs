@@ -1,0 +1,58 @@
+//! `cargo xtask`: the project's task runner.
+//!
+//! - `cargo xtask demo`: set up what is missing, then run the demo.
+//! - `cargo xtask test`: set up what is missing, then run every test of the workspace.
+
+mod demo;
+mod setup;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "hetmem tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run the demo (installs the Vulkan driver for the CPU if it is missing and we may).
+    Demo(demo::Args),
+    /// Run the whole test suite (installs the Vulkan driver for the CPU if missing).
+    Test {
+        /// Extra arguments passed to `cargo test`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Demo(args) => {
+            setup::ensure_vulkan_driver();
+            demo::run(args)
+        }
+        Task::Test { args } => {
+            setup::ensure_vulkan_driver();
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["test", "--workspace", "--all-targets"])
+                .args(&args)
+                .env("NODEVICE_SELECT", "1")
+                .status()?;
+            if !status.success() {
+                bail!("tests failed");
+            }
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["test", "--workspace", "--doc"])
+                .env("NODEVICE_SELECT", "1")
+                .status()?;
+            if !status.success() {
+                bail!("doc tests failed");
+            }
+            Ok(())
+        }
+    }
+}
