@@ -7,10 +7,21 @@ use hetmem_engine::{Device, DeviceConfig, DeviceKind, EngineError};
 /// Returns `None` (after saying by name that the test is skipped) when the device kind is not
 /// available here; under `CI=true` a missing Vulkan device is a failure instead.
 pub fn open_for_test(kind: DeviceKind, budget: u64, test: &str) -> Option<Device> {
-    let config = DeviceConfig::default()
+    open_config(test_config(kind, budget), test)
+}
+
+/// The configuration `open_for_test` uses: `kind`, `budget` bytes, chunks of a quarter of it
+/// (1 to 16 MiB).
+pub fn test_config(kind: DeviceKind, budget: u64) -> DeviceConfig {
+    DeviceConfig::default()
         .kind(kind)
         .budget(budget)
-        .chunk((budget / 4).clamp(1 << 20, 16 << 20) & !4095);
+        .chunk((budget / 4).clamp(1 << 20, 16 << 20) & !4095)
+}
+
+/// Opens a device with `config`; skips or fails as [`open_for_test`] does.
+pub fn open_config(config: DeviceConfig, test: &str) -> Option<Device> {
+    let kind = config.kind.unwrap_or(DeviceKind::Vulkan);
     match Device::open(config) {
         Ok(d) => Some(d),
         Err(e @ EngineError::NoDevice { .. }) => {

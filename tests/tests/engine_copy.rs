@@ -2,7 +2,7 @@
 #![allow(clippy::needless_range_loop)] // page i of several parallel arrays
 
 use hetmem_engine::{Device, DeviceKind, EngineError, ErrorKind, Pfn, PAGE_SIZE};
-use hetmem_tests::{open_for_test, KINDS};
+use hetmem_tests::{open_config, open_for_test, test_config, KINDS};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
@@ -162,7 +162,10 @@ fn scattered_pairs_match_the_host_device() {
 #[test]
 fn a_run_is_recorded_as_one_region() {
     for k in KINDS {
-        let Some(dev) = open_for_test(k, 16 << 20, "a_run_is_recorded_as_one_region") else {
+        // A private frame pool, so that other tests cannot interleave with our frames.
+        let mut config = test_config(k, 16 << 20);
+        config.frames = Some(hetmem_engine::HostFramePool::new(8 << 20).unwrap());
+        let Some(dev) = open_config(config, "a_run_is_recorded_as_one_region") else {
             continue;
         };
         let frames = dev.frames().alloc_batch(300, false).unwrap();
@@ -355,4 +358,54 @@ fn unknown_device_kind_in_the_environment_is_an_error() {
         Err(EngineError::InvalidConfig(_))
     ));
     assert_eq!("Vulkan".parse::<DeviceKind>().unwrap(), DeviceKind::Vulkan);
+}
+
+/// The staging path (no host-memory import) gives the same bytes as the import path.
+#[test]
+fn staging_path_matches_import_path() {
+    use hetmem_engine::{DeviceConfig, HostAccess, HostAccessMode};
+    let mut results = Vec::new();
+    for mode in [HostAccessMode::Auto, HostAccessMode::Staging] {
+        let mut config = DeviceConfig::default()
+            .kind(DeviceKind::Vulkan)
+            .budget(16 << 20);
+        config.host_access = mode;
+        let dev = match Device::open(config) {
+            Ok(d) => d,
+            Err(e) if !hetmem_engine::running_in_ci() => {
+                eprintln!("SKIPPED staging_path_matches_import_path on Vulkan: {e}");
+                return;
+            }
+            Err(e) => panic!("CI=true and no Vulkan device: {e}"),
+        };
+        if mode == HostAccessMode::Staging {
+            assert_eq!(dev.info().host_access, HostAccess::Staging);
+        }
+        let n = 700;
+        let f = dev.frames();
+        let src = f.alloc_batch(n, false).unwrap();
+        write_frames(&dev, &src, 4242);
+        let pages = dev.alloc_pages(n, false).unwrap();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(1));
+        let there: Vec<_> = order.iter().map(|&i| (src[i], pages[i])).collect();
+        dev.copy(&there).unwrap().wait().unwrap();
+        let back = f.alloc_batch(n, false).unwrap();
+        let home: Vec<_> = (0..n).map(|i| (pages[i], back[(i * 3) % n])).collect();
+        let t = dev.copy(&home).unwrap();
+        while !t.is_done().unwrap() {}
+        let bytes: Vec<Vec<u8>> = back.iter().map(|&b| read_frame(&dev, b)).collect();
+        for i in 0..n {
+            assert_eq!(
+                bytes[(i * 3) % n],
+                pattern(4242 + i as u64),
+                "{mode:?} page {i}"
+            );
+        }
+        results.push(bytes);
+        dev.free_pages(&pages).unwrap();
+        f.free_batch(&src).unwrap();
+        f.free_batch(&back).unwrap();
+    }
+    assert!(results[0] == results[1]);
 }
