@@ -50,7 +50,7 @@ pub struct CopyGroup {
     pub src: MemoryId,
     /// Destination object.
     pub dst: MemoryId,
-    /// Regions in ascending source order, none adjacent to the next in both objects.
+    /// Regions in ascending destination order, none adjacent to the next in both objects.
     pub regions: Vec<Region>,
 }
 
@@ -67,7 +67,7 @@ impl CopyGroup {
 /// A resolved, coalesced copy batch.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CopyPlan {
-    /// Groups in ascending (source, destination) order.
+    /// Groups, one per (source object, destination object) pair.
     pub groups: Vec<CopyGroup>,
     /// Pages in the batch.
     pub pages: usize,
@@ -84,34 +84,66 @@ impl CopyPlan {
     }
 }
 
+/// A location packed into one integer: memory object in the high half, page in the low half.
+/// Within one object, key order is offset order, and no two frames share a key.
+fn key(l: Location) -> u64 {
+    let mem = match l.memory {
+        MemoryId::Frames(s) => s as u64,
+        MemoryId::Chunk(c) => (1 << 31) | c as u64,
+    };
+    (mem << 32) | (l.offset / PAGE_SIZE as u64)
+}
+
+fn unkey(k: u64) -> Location {
+    let mem = (k >> 32) as u32;
+    Location {
+        memory: if mem & (1 << 31) != 0 {
+            MemoryId::Chunk(mem & !(1 << 31))
+        } else {
+            MemoryId::Frames(mem)
+        },
+        offset: (k & 0xffff_ffff) * PAGE_SIZE as u64,
+    }
+}
+
 /// Builds the plan for `pairs` of `(source, destination)` frames, resolving each frame with
 /// `resolve`. Refuses a batch that writes a frame twice or both reads and writes one.
+///
+/// Regions come out in source order (reads stream, writes scatter: measured faster than
+/// the reverse on lavapipe); sorting is skipped where the input is already in order.
 pub(crate) fn plan_batch(
     pairs: &[(Pfn, Pfn)],
     mut resolve: impl FnMut(Pfn) -> Result<Location>,
 ) -> Result<CopyPlan> {
-    check_overlap(pairs)?;
-    let mut resolved = Vec::with_capacity(pairs.len());
+    // (source key, destination key)
+    let mut entries: Vec<(u64, u64)> = Vec::with_capacity(pairs.len());
     for &(s, d) in pairs {
-        resolved.push((resolve(s)?, resolve(d)?));
+        entries.push((key(resolve(s)?), key(resolve(d)?)));
     }
-    if !resolved.is_sorted() {
-        resolved.sort_unstable();
+    check_overlap(pairs, &entries)?;
+    if !entries.is_sorted_by_key(|e| e.0) {
+        entries.sort_unstable_by_key(|e| e.0);
     }
     let mut groups: Vec<CopyGroup> = Vec::new();
-    for (s, d) in resolved {
-        let size = PAGE_SIZE as u64;
-        let same_group = groups
-            .last()
-            .is_some_and(|g| g.src == s.memory && g.dst == d.memory);
-        if !same_group {
-            groups.push(CopyGroup {
-                src: s.memory,
-                dst: d.memory,
-                regions: Vec::new(),
-            });
+    let mut current = usize::MAX;
+    let size = PAGE_SIZE as u64;
+    for &(sk, dk) in &entries {
+        let (s, d) = (unkey(sk), unkey(dk));
+        let fits = |g: &CopyGroup| g.src == s.memory && g.dst == d.memory;
+        if current == usize::MAX || !fits(&groups[current]) {
+            current = match groups.iter().position(fits) {
+                Some(i) => i,
+                None => {
+                    groups.push(CopyGroup {
+                        src: s.memory,
+                        dst: d.memory,
+                        regions: Vec::new(),
+                    });
+                    groups.len() - 1
+                }
+            };
         }
-        let regions = &mut groups.last_mut().expect("pushed above").regions;
+        let regions = &mut groups[current].regions;
         match regions.last_mut() {
             Some(r) if r.src_offset + r.size == s.offset && r.dst_offset + r.size == d.offset => {
                 r.size += size;
@@ -130,24 +162,27 @@ pub(crate) fn plan_batch(
 }
 
 /// Refuses a batch in which a frame is written twice, or is both read and written.
-fn check_overlap(pairs: &[(Pfn, Pfn)]) -> Result<()> {
-    if pairs.len() < 2 {
-        return match pairs.first() {
-            Some(&(s, d)) if s == d => Err(EngineError::OverlappingCopy(d)),
-            _ => Ok(()),
-        };
-    }
-    let mut dst: Vec<Pfn> = pairs.iter().map(|p| p.1).collect();
+fn check_overlap(pairs: &[(Pfn, Pfn)], entries: &[(u64, u64)]) -> Result<()> {
+    let mut dst: Vec<u64> = entries.iter().map(|e| e.1).collect();
     if !dst.is_sorted() {
         dst.sort_unstable();
     }
+    let named = |k: u64, src: bool| {
+        let i = entries
+            .iter()
+            .position(|e| if src { e.0 == k } else { e.1 == k })
+            .expect("key comes from the batch");
+        EngineError::OverlappingCopy(if src { pairs[i].0 } else { pairs[i].1 })
+    };
     if let Some(w) = dst.windows(2).find(|w| w[0] == w[1]) {
-        return Err(EngineError::OverlappingCopy(w[0]));
+        return Err(named(w[0], false));
     }
-    let (lo, hi) = (dst[0], dst[dst.len() - 1]);
-    for &(s, _) in pairs {
-        if s >= lo && s <= hi && dst.binary_search(&s).is_ok() {
-            return Err(EngineError::OverlappingCopy(s));
+    let (Some(&lo), Some(&hi)) = (dst.first(), dst.last()) else {
+        return Ok(());
+    };
+    for &(sk, _) in entries {
+        if sk >= lo && sk <= hi && dst.binary_search(&sk).is_ok() {
+            return Err(named(sk, true));
         }
     }
     Ok(())

@@ -101,6 +101,9 @@ pub struct DeviceConfig {
     pub gather: GatherMode,
     /// The host frame pool; `None` uses [`HostFramePool::global`].
     pub frames: Option<Arc<HostFramePool>>,
+    /// On a CPU Vulkan device (lavapipe), let the calling thread copy part of each large
+    /// batch beside the queue (`HETMEM_CPU_ASSIST=0` turns it off).
+    pub cpu_assist: bool,
 }
 
 impl Default for DeviceConfig {
@@ -114,19 +117,36 @@ impl Default for DeviceConfig {
             host_access: HostAccessMode::Auto,
             gather: GatherMode::Auto,
             frames: None,
+            cpu_assist: true,
         }
     }
 }
 
 impl DeviceConfig {
-    /// The default configuration with `HETMEM_DEVICE` (vulkan, wgpu, host) and
-    /// `HETMEM_ADAPTER` (name substring) applied. An unknown `HETMEM_DEVICE` is an error.
+    /// The default configuration with `HETMEM_DEVICE` (vulkan, wgpu, host),
+    /// `HETMEM_ADAPTER` (name substring) and `HETMEM_GATHER` (auto, never, always) applied.
+    /// An unknown value is an error.
     pub fn from_env() -> Result<Self> {
         let mut c = DeviceConfig::default();
         if let Ok(v) = std::env::var("HETMEM_DEVICE") {
             if !v.trim().is_empty() {
                 c.kind = Some(v.parse()?);
             }
+        }
+        if let Ok(v) = std::env::var("HETMEM_GATHER") {
+            c.gather = match v.trim() {
+                "" | "auto" => GatherMode::Auto,
+                "never" | "off" => GatherMode::Never,
+                "always" | "on" => GatherMode::Always,
+                other => {
+                    return Err(EngineError::InvalidConfig(format!(
+                        "HETMEM_GATHER={other:?} (expected auto, never or always)"
+                    )))
+                }
+            };
+        }
+        if let Ok(v) = std::env::var("HETMEM_CPU_ASSIST") {
+            c.cpu_assist = !matches!(v.trim(), "0" | "false" | "off");
         }
         if let Ok(v) = std::env::var("HETMEM_ADAPTER") {
             if !v.trim().is_empty() {

@@ -104,8 +104,15 @@ fn runs_all_directions() {
 fn scattered_pairs_match_the_host_device() {
     const N: usize = 10_000;
     let mut reference: Option<Vec<Vec<u8>>> = None;
-    for k in [DeviceKind::Host, DeviceKind::Vulkan] {
-        let Some(dev) = open_for_test(k, 128 << 20, "scattered_pairs_match_the_host_device") else {
+    // The host device first (the reference), then Vulkan with and without the CPU's help.
+    for (k, assist) in [
+        (DeviceKind::Host, false),
+        (DeviceKind::Vulkan, true),
+        (DeviceKind::Vulkan, false),
+    ] {
+        let mut config = test_config(k, 128 << 20);
+        config.cpu_assist = assist;
+        let Some(dev) = open_config(config, "scattered_pairs_match_the_host_device") else {
             continue;
         };
         let f = dev.frames();
@@ -408,4 +415,47 @@ fn staging_path_matches_import_path() {
         f.free_batch(&back).unwrap();
     }
     assert!(results[0] == results[1]);
+}
+
+/// Scattered pages through the gather kernel give the same bytes as region copies.
+#[test]
+fn gather_kernel_matches_region_copies() {
+    use hetmem_engine::GatherMode;
+    let mut outputs = Vec::new();
+    for mode in [GatherMode::Never, GatherMode::Always, GatherMode::Auto] {
+        let mut config = test_config(DeviceKind::Vulkan, 32 << 20);
+        config.gather = mode;
+        let Some(dev) = open_config(config, "gather_kernel_matches_region_copies") else {
+            return;
+        };
+        let n = 2000;
+        let f = dev.frames();
+        let src = f.alloc_batch(n, false).unwrap();
+        write_frames(&dev, &src, 777);
+        let mut pages = dev.alloc_pages(n, false).unwrap();
+        pages.shuffle(&mut rand::rngs::StdRng::seed_from_u64(2));
+        let before = dev.stats();
+        dev.copy(&zip(&src, &pages)).unwrap().wait().unwrap();
+        // Device to device, scattered again.
+        let mut other = dev.alloc_pages(n, false).unwrap();
+        other.shuffle(&mut rand::rngs::StdRng::seed_from_u64(5));
+        dev.copy(&zip(&pages, &other)).unwrap().wait().unwrap();
+        let gathered = dev.stats().gathered_pages - before.gathered_pages;
+        match mode {
+            GatherMode::Never => assert_eq!(gathered, 0),
+            _ => assert_eq!(gathered, 2 * n as u64, "{mode:?}"),
+        }
+        let back = f.alloc_batch(n, false).unwrap();
+        dev.copy(&zip(&other, &back)).unwrap().wait().unwrap();
+        let bytes: Vec<Vec<u8>> = back.iter().map(|&p| read_frame(&dev, p)).collect();
+        for (i, b) in bytes.iter().enumerate() {
+            assert_eq!(b, &pattern(777 + i as u64), "{mode:?} page {i}");
+        }
+        outputs.push(bytes);
+        dev.free_pages(&pages).unwrap();
+        dev.free_pages(&other).unwrap();
+        f.free_batch(&src).unwrap();
+        f.free_batch(&back).unwrap();
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]));
 }

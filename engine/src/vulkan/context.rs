@@ -209,6 +209,11 @@ impl Queue {
         Ok(value)
     }
 
+    /// The value of the most recent submission (0 before the first).
+    pub(crate) fn last_submitted(&self) -> u64 {
+        self.last.load(Ordering::Acquire)
+    }
+
     /// The highest value the timeline has reached.
     pub(crate) fn completed(&self, device: &ash::Device) -> Result<u64> {
         // SAFETY: the semaphore is a live timeline semaphore of `device`.

@@ -3,6 +3,7 @@
 
 mod context;
 mod conv;
+mod gather;
 mod instance;
 mod memory;
 mod record;
@@ -20,7 +21,7 @@ use crate::device::{Backend, Submitted};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
 use crate::pfn::PAGE_SIZE;
-use crate::select::{DeviceConfig, DeviceInfo, DeviceKind, HostAccess, HostAccessMode};
+use crate::select::{DeviceConfig, DeviceInfo, DeviceKind, GatherMode, HostAccess, HostAccessMode};
 use context::{Context, Queue};
 use memory::Buffer;
 
@@ -72,7 +73,25 @@ pub(crate) fn open(
         dedicated_transfer_queue: ctx.compute.is_some(),
         host_visible_memory,
     };
+    let gather = match config.gather {
+        GatherMode::Never => None,
+        _ => match gather::Gather::new(&ctx) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::warn!("gather kernel unavailable, copying regions only: {e}");
+                None
+            }
+        },
+    };
+    let cpu_device = adapter.device_type == crate::select::DeviceType::Cpu;
     let backend = VulkanBackend {
+        cpu_device,
+        cpu_assist: cpu_device
+            && host_access == HostAccess::Import
+            && host_visible_memory
+            && config.cpu_assist,
+        gather,
+        gather_mode: config.gather,
         frames: frames.clone(),
         allocator: Mutex::new(Some(allocator)),
         chunks: RwLock::new(Vec::new()),
@@ -100,6 +119,15 @@ struct InFlight {
     cb: vk::CommandBuffer,
     staging: Vec<Buffer>,
     readbacks: Vec<Readback>,
+    descriptors: Option<vk::DescriptorPool>,
+}
+
+/// What a recorded batch holds until it retires, besides its command buffer.
+#[derive(Default)]
+pub(crate) struct Held {
+    pub(crate) staging: Vec<Buffer>,
+    pub(crate) readbacks: Vec<Readback>,
+    pub(crate) descriptors: Option<vk::DescriptorPool>,
 }
 
 pub(crate) struct VulkanBackend {
@@ -111,6 +139,12 @@ pub(crate) struct VulkanBackend {
     /// Batches in submission order, per queue (0: transfer, 1: compute).
     in_flight: [Mutex<VecDeque<InFlight>>; 2],
     host_access: HostAccess,
+    gather: Option<gather::Gather>,
+    gather_mode: GatherMode,
+    /// The device is a CPU (lavapipe).
+    cpu_device: bool,
+    /// Split batches between the queue and the calling thread (CPU device, all memory mapped).
+    cpu_assist: bool,
     ctx: Context,
 }
 
@@ -128,25 +162,31 @@ impl VulkanBackend {
 
     /// The buffer holding `memory`, importing a frame segment on first use.
     fn buffer_of(&self, memory: MemoryId) -> Result<vk::Buffer> {
+        Ok(self.bound_of(memory)?.0)
+    }
+
+    /// The buffer holding `memory` and its size in bytes.
+    fn bound_of(&self, memory: MemoryId) -> Result<(vk::Buffer, u64)> {
         match memory {
             MemoryId::Chunk(c) => self
                 .chunks
                 .read()
                 .get(c as usize)
                 .and_then(Option::as_ref)
-                .map(|b| b.buffer)
+                .map(|b| (b.buffer, b.size))
                 .ok_or_else(|| EngineError::DeviceLost(format!("chunk {c} does not exist"))),
             MemoryId::Frames(s) => {
                 let s = s as usize;
                 if let Some(b) = &self.imports.read()[s] {
-                    return Ok(b.buffer);
+                    return Ok((b.buffer, b.size));
                 }
                 let mut imports = self.imports.write();
                 if imports[s].is_none() {
                     let (ptr, len) = self.frames.segment(s);
                     imports[s] = Some(memory::import_host(&self.ctx, ptr, len)?);
                 }
-                Ok(imports[s].as_ref().expect("imported above").buffer)
+                let b = imports[s].as_ref().expect("imported above");
+                Ok((b.buffer, b.size))
             }
         }
     }
@@ -203,30 +243,34 @@ impl VulkanBackend {
     }
 
     /// Submits a recorded command buffer on queue `q` and tracks it until completion.
-    fn submit_recorded(
-        &self,
-        q: usize,
-        cb: vk::CommandBuffer,
-        staging: Vec<Buffer>,
-        readbacks: Vec<Readback>,
-    ) -> Result<u64> {
+    fn submit_recorded(&self, q: usize, cb: vk::CommandBuffer, held: Held) -> Result<u64> {
         let mut in_flight = self.in_flight[q].lock();
         match self.queue(q).submit(&self.ctx.device, cb) {
             Ok(value) => {
                 in_flight.push_back(InFlight {
                     value,
                     cb,
-                    staging,
-                    readbacks,
+                    staging: held.staging,
+                    readbacks: held.readbacks,
+                    descriptors: held.descriptors,
                 });
                 Ok(value | if q == 1 { QUEUE_BIT } else { 0 })
             }
             Err(e) => {
                 drop(in_flight);
-                self.queue(q).recycle(&self.ctx.device, cb);
-                self.release_staging(staging);
+                self.abandon(q, cb, held);
                 Err(e)
             }
+        }
+    }
+
+    /// Gives back what a batch that was never submitted holds.
+    pub(crate) fn abandon(&self, q: usize, cb: vk::CommandBuffer, held: Held) {
+        self.queue(q).recycle(&self.ctx.device, cb);
+        self.release_staging(held.staging);
+        if let Some(pool) = held.descriptors {
+            // SAFETY: the batch was never submitted, so nothing uses the pool's sets.
+            unsafe { self.ctx.device.destroy_descriptor_pool(pool, None) };
         }
     }
 
@@ -248,6 +292,10 @@ impl VulkanBackend {
             }
             self.queue(q).recycle(&self.ctx.device, b.cb);
             self.release_staging(b.staging);
+            if let Some(pool) = b.descriptors {
+                // SAFETY: the batch completed, so its descriptor sets are no longer in use.
+                unsafe { self.ctx.device.destroy_descriptor_pool(pool, None) };
+            }
         }
     }
 
@@ -261,8 +309,16 @@ impl VulkanBackend {
             self.ctx.transfer.recycle(&self.ctx.device, cb);
             return Err(e);
         }
-        let v = self.submit_recorded(0, cb, Vec::new(), Vec::new())?;
+        let v = self.submit_recorded(0, cb, Held::default())?;
         self.wait(v)
+    }
+
+    /// The host address of any location, when its memory is mapped.
+    fn host_ptr(&self, at: Location) -> Option<*mut u8> {
+        match at.memory {
+            MemoryId::Frames(_) => Some(self.frame_ptr(at)),
+            MemoryId::Chunk(_) => self.chunk_host_ptr(at),
+        }
     }
 
     fn chunk_host_ptr(&self, at: Location) -> Option<*mut u8> {
@@ -436,6 +492,9 @@ impl Drop for VulkanBackend {
         let _ = unsafe { self.ctx.device.device_wait_idle() };
         for q in 0..2 {
             self.retire(q, u64::MAX);
+        }
+        if let Some(g) = &self.gather {
+            g.destroy(&self.ctx);
         }
         let mut guard = self.allocator.lock();
         let allocator = guard.as_mut().expect("allocator lives until drop");
