@@ -441,9 +441,15 @@ fn gather_kernel_matches_region_copies() {
         other.shuffle(&mut rand::rngs::StdRng::seed_from_u64(5));
         dev.copy(&zip(&pages, &other)).unwrap().wait().unwrap();
         let gathered = dev.stats().gathered_pages - before.gathered_pages;
+        let cpu = dev.info().device_type == hetmem_engine::DeviceType::Cpu;
         match mode {
             GatherMode::Never => assert_eq!(gathered, 0),
-            _ => assert_eq!(gathered, 2 * n as u64, "{mode:?}"),
+            GatherMode::Always => assert_eq!(gathered, 2 * n as u64),
+            // Measured slower than regions on a CPU device, so Auto leaves it out there.
+            GatherMode::Auto if cpu => assert_eq!(gathered, 0),
+            GatherMode::Auto => {
+                assert_eq!(gathered, 2 * n as u64, "scattered pages gather on a GPU")
+            }
         }
         let back = f.alloc_batch(n, false).unwrap();
         dev.copy(&zip(&other, &back)).unwrap().wait().unwrap();
