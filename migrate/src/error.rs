@@ -1,0 +1,123 @@
+//! The crate's one error type.
+
+use hetmem_engine::{EngineError, Pfn};
+
+/// What a caller can do about an [`Error`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The call was wrong: fix the caller.
+    Misuse,
+    /// An access the mapping does not allow (no read, or a write to read-only memory).
+    Access,
+    /// Memory ran out: evict or free, then retry.
+    OutOfMemory,
+    /// The device is gone.
+    DeviceLost,
+    /// May pass on retry (a busy page, a failed copy).
+    Transient,
+}
+
+/// Errors of the migration layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An address or length is not page-aligned.
+    #[error("address {0:#x} is not page-aligned")]
+    Unaligned(u64),
+    /// `start >= end`, or a zero length.
+    #[error("empty range")]
+    EmptyRange,
+    /// No mapping covers the address.
+    #[error("address {0:#x} is not mapped")]
+    NotMapped(u64),
+    /// The range spans more than one mapping (or a gap).
+    #[error("range {start:#x}..{end:#x} is not inside one mapping")]
+    AcrossVmas {
+        /// Start of the range.
+        start: u64,
+        /// End of the range.
+        end: u64,
+    },
+    /// The mapping allows no access at all, so it cannot be migrated.
+    #[error("mapping at {0:#x} allows no access")]
+    NoAccess(u64),
+    /// A read of memory mapped without read permission.
+    #[error("read of {0:#x} denied")]
+    ReadDenied(u64),
+    /// A write of memory mapped read-only.
+    #[error("write of {0:#x} denied: read-only mapping")]
+    WriteDenied(u64),
+    /// `src` or `dst` is shorter than the range's page count.
+    #[error("{which} array has {got} entries, {needed} needed")]
+    ShortArray {
+        /// `src` or `dst`.
+        which: &'static str,
+        /// Entries needed.
+        needed: usize,
+        /// Entries given.
+        got: usize,
+    },
+    /// The fault page is not a locked device-private page.
+    #[error("fault page {0} is not a locked device-private page")]
+    BadFaultPage(Pfn),
+    /// The frame number names no registered page.
+    #[error("pfn {0} is not a registered page")]
+    UnknownPfn(Pfn),
+    /// The page is free.
+    #[error("page {0} is free")]
+    PageFree(Pfn),
+    /// The page is already in use (mapped, or named twice).
+    #[error("page {0} is already in use")]
+    PageInUse(Pfn),
+    /// A destination page is not locked.
+    #[error("destination page {0} is not locked")]
+    NotLocked(Pfn),
+    /// The range overlaps a registered one.
+    #[error("frames from {0} are already registered")]
+    RangeRegistered(Pfn),
+    /// The page map holds no more ranges.
+    #[error("too many registered ranges")]
+    TooManyRanges,
+    /// The address range is already mapped.
+    #[error("range at {0:#x} is already mapped")]
+    AlreadyMapped(u64),
+    /// The page is busy (pinned, locked elsewhere) and could not be migrated.
+    #[error("page {0} is busy")]
+    Busy(Pfn),
+    /// A device could not bring a page back on a fault (the kernel's SIGBUS).
+    #[error("fault at {addr:#x} failed: {reason}")]
+    FaultFailed {
+        /// The faulting address.
+        addr: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A long-term pin found a device-coherent page: it must be migrated to host first.
+    #[error("page {0} is device-coherent: migrate it before a long-term pin")]
+    CoherentPin(Pfn),
+    /// An argument out of its domain.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
+    /// From the engine.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl Error {
+    /// Classifies the error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::ReadDenied(_) | Error::WriteDenied(_) | Error::NoAccess(_) => ErrorKind::Access,
+            Error::Busy(_) | Error::FaultFailed { .. } => ErrorKind::Transient,
+            Error::Engine(e) => match e.kind() {
+                hetmem_engine::ErrorKind::OutOfMemory => ErrorKind::OutOfMemory,
+                hetmem_engine::ErrorKind::DeviceLost => ErrorKind::DeviceLost,
+                hetmem_engine::ErrorKind::Misuse => ErrorKind::Misuse,
+                _ => ErrorKind::Transient,
+            },
+            _ => ErrorKind::Misuse,
+        }
+    }
+}
+
+/// Shorthand for the crate's results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

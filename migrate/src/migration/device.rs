@@ -1,0 +1,138 @@
+//! `migrate_device_range`, `migrate_device_pfns`, `migrate_device_pages`,
+//! `migrate_device_finalize`: migrating device pages by frame number, wherever they are
+//! mapped (eviction, device removal), and `migrate_device_coherent_page` for long-term pins.
+
+use hetmem_engine::{Pfn, PAGE_SIZE};
+
+use super::pfn::*;
+use super::unmap::{restore_page, unmap_page, Unmapped};
+use super::vma::{finalize, move_state, validate_dst};
+use crate::error::{Error, Result};
+use crate::mm::page::MemoryKind;
+use crate::mm::{AddressSpace, PageMap};
+
+/// Collects the device pages `start..start + npages` into `src`: free pages are skipped,
+/// busy (locked) ones too; the rest are referenced, locked and unmapped from every address
+/// space (`src = migrate_pfn | MIGRATE`, `| WRITE` if a writable entry mapped it).
+pub fn migrate_device_range(pm: &PageMap, src: &mut [u64], start: Pfn, npages: usize) -> Result<usize> {
+    if src.len() < npages {
+        return Err(Error::ShortArray { which: "src", needed: npages, got: src.len() });
+    }
+    for (i, w) in src[..npages].iter_mut().enumerate() {
+        *w = migrate_pfn(start.add(i as u64));
+    }
+    migrate_device_pfns(pm, &mut src[..npages])
+}
+
+/// Like [`migrate_device_range`] for a caller-filled array of device pfns (as `migrate_pfn`
+/// words) that need not be contiguous. Returns how many were collected.
+pub fn migrate_device_pfns(pm: &PageMap, src: &mut [u64]) -> Result<usize> {
+    for &w in src.iter() {
+        if let Some(pfn) = migrate_pfn_to_pfn(w) {
+            if !pm.page_or_err(pfn)?.is_device() {
+                return Err(Error::InvalidArgument("migrate_device_* takes device pages only"));
+            }
+        }
+    }
+    let mut collected = 0;
+    for w in src.iter_mut() {
+        let Some(page) = migrate_pfn_to_page(pm, *w) else {
+            *w = 0;
+            continue;
+        };
+        *w = 0;
+        if !page.try_get() {
+            continue;
+        }
+        if !page.trylock() {
+            pm.put_page(page);
+            continue;
+        }
+        let writable = page
+            .mappings()
+            .iter()
+            .filter_map(|m| pm.space(m.space).map(|s| AddressSpace::from_inner(s).pte(m.addr)))
+            .any(|pte| matches!(pte, crate::mm::Pte::Present { write: true, .. } | crate::mm::Pte::DevicePrivate { write: true, .. }));
+        match unmap_page(pm, page, 1) {
+            Unmapped::Ready => {
+                *w = migrate_pfn(page.pfn()) | MIGRATE_PFN_MIGRATE | if writable { MIGRATE_PFN_WRITE } else { 0 };
+                collected += 1;
+            }
+            Unmapped::Busy => restore_page(pm, page, true),
+        }
+    }
+    Ok(collected)
+}
+
+/// Stage 2 of a device migration: entries without a destination stop migrating; state moves
+/// to the destinations. A bad `dst` entry fails the call with nothing changed.
+pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Result<()> {
+    if dst.len() < src.len() {
+        return Err(Error::ShortArray { which: "dst", needed: src.len(), got: dst.len() });
+    }
+    validate_dst(pm, src, &dst[..src.len()])?;
+    for i in 0..src.len() {
+        if src[i] & MIGRATE_PFN_MIGRATE == 0 {
+            continue;
+        }
+        match (migrate_pfn_to_page(pm, src[i]), migrate_pfn_to_page(pm, dst[i])) {
+            (Some(old), Some(new)) => move_state(old, new),
+            _ => src[i] &= !MIGRATE_PFN_MIGRATE,
+        }
+    }
+    Ok(())
+}
+
+/// Stage 3 of a device migration: as `migrate_vma_finalize`.
+pub fn migrate_device_finalize(pm: &PageMap, src: &mut [u64], dst: &[u64]) {
+    let n = src.len().min(dst.len());
+    finalize(pm, &mut src[..n], &dst[..n], None);
+}
+
+/// Moves one device-coherent page to a new system page (CPU copy), so that a long-term pin
+/// can be granted. Fails with [`Error::Busy`] if the page cannot move.
+pub fn migrate_device_coherent_page(pm: &PageMap, pfn: Pfn) -> Result<Pfn> {
+    let page = pm.page_or_err(pfn)?;
+    if page.kind() != MemoryKind::DeviceCoherent {
+        return Err(Error::InvalidArgument("not a device-coherent page"));
+    }
+    let mut src = [migrate_pfn(pfn)];
+    if migrate_device_pfns(pm, &mut src)? == 0 {
+        return Err(Error::Busy(pfn));
+    }
+    let new = pm.alloc_system(false, true)?;
+    let copied = (|| -> Result<()> {
+        let mut buf = vec![0u8; PAGE_SIZE];
+        pm.access(pfn).ok_or(Error::UnknownPfn(pfn))?.read(pfn, 0, &mut buf)?;
+        pm.access(new.pfn()).ok_or(Error::UnknownPfn(new.pfn()))?.write(new.pfn(), 0, &buf)?;
+        Ok(())
+    })();
+    let dst = [if copied.is_ok() { migrate_pfn(new.pfn()) } else { 0 }];
+    migrate_device_pages(pm, &mut src, &dst)?;
+    let moved = src[0] & MIGRATE_PFN_MIGRATE != 0;
+    migrate_device_finalize(pm, &mut src, &dst);
+    if copied.is_err() {
+        new.unlock();
+        pm.put_page(new);
+    }
+    copied?;
+    if moved {
+        Ok(new.pfn())
+    } else {
+        Err(Error::Busy(pfn))
+    }
+}
+
+/// Pins pages for the long term: device-coherent pages are first migrated to system memory
+/// (as the kernel does for FOLL_LONGTERM), then pinned.
+pub fn pin_pages_longterm(space: &AddressSpace, addr: u64, npages: usize, write: bool) -> Result<crate::mm::PinGuard> {
+    loop {
+        match crate::mm::pin_pages(space, addr, npages, write, true) {
+            Err(Error::CoherentPin(pfn)) => {
+                migrate_device_coherent_page(space.pagemap(), pfn)?;
+            }
+            other => return other,
+        }
+    }
+}
+

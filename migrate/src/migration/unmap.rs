@@ -1,0 +1,97 @@
+//! Replacing a page's entries with migration entries, and restoring them: the pieces that
+//! `migrate_vma_*` and `migrate_device_*` share.
+
+use crate::mm::notifier::{NotifyEvent, NotifyRange};
+use crate::mm::page::{flags, Mapping, MemoryKind, Page};
+use crate::mm::pte::{MigrationKind, Pte};
+use crate::mm::space::{leaf_index, AddressSpace, PAGE};
+use crate::mm::PageMap;
+
+/// The migration entry that stands in for `pte` (which maps `page`): `Write` if writable,
+/// `ReadExclusive` if the page is anon-exclusive, else `Read`; young and dirty ride along,
+/// and a dirty entry marks the page dirty now, so the bit survives a failed migration.
+pub(crate) fn migration_entry(pte: Pte, page: &Page) -> Pte {
+    let (write, dirty, young) = match pte {
+        Pte::Present { write, dirty, young, .. } => (write, dirty, young),
+        Pte::DevicePrivate { write, .. } => (write, false, false),
+        other => unreachable!("no migration entry for {other:?}"),
+    };
+    if dirty {
+        page.set(flags::DIRTY);
+    }
+    let kind = if write {
+        MigrationKind::Write
+    } else if page.test(flags::ANON_EXCLUSIVE) {
+        MigrationKind::ReadExclusive
+    } else {
+        MigrationKind::Read
+    };
+    Pte::Migration { pfn: page.pfn(), kind, young, dirty }
+}
+
+/// Whether a collected page can move.
+pub(crate) enum Unmapped {
+    /// Isolated, unmapped everywhere, referenced only by the migration.
+    Ready,
+    /// Something else holds it (a pin, another isolation): it must be restored.
+    Busy,
+}
+
+/// Finishes unmapping a locked, referenced page: isolates it from the LRU, drops its
+/// swap-cache copy, replaces its remaining entries in every address space, then checks that
+/// only the migration (`expected` references) holds it.
+pub(crate) fn unmap_page(pm: &PageMap, page: &Page, expected: u32) -> Unmapped {
+    if page.kind() == MemoryKind::System && !page.test_and_clear(flags::LRU) {
+        return Unmapped::Busy;
+    }
+    page.clear(flags::SWAPCACHE);
+    for Mapping { space, addr } in page.mappings() {
+        let Some(inner) = pm.space(space) else { continue };
+        let space = AddressSpace::from_inner(inner);
+        let Some(leaf) = space.leaf(addr, false) else { continue };
+        let g = leaf.lock();
+        let li = leaf_index(addr);
+        let pte = g.get(li);
+        if matches!(pte, Pte::Present { .. } | Pte::DevicePrivate { .. }) && pte.pfn() == Some(page.pfn()) {
+            g.set(li, migration_entry(pte, page));
+            space.notify(NotifyRange { start: addr, end: addr + PAGE, event: NotifyEvent::Migrate, owner: page.owner() });
+            pm.put_page(page);
+        }
+    }
+    if page.refcount() == expected {
+        Unmapped::Ready
+    } else {
+        Unmapped::Busy
+    }
+}
+
+/// Puts a page back where it was: its migration entries become the entries they replaced
+/// (each taking its reference again), it returns to the LRU, it is unlocked (if `unlock`),
+/// and the migration's reference is dropped.
+pub(crate) fn restore_page(pm: &PageMap, page: &Page, unlock: bool) {
+    for Mapping { space, addr } in page.mappings() {
+        let Some(inner) = pm.space(space) else { continue };
+        let space = AddressSpace::from_inner(inner);
+        let Some(leaf) = space.leaf(addr, false) else { continue };
+        let g = leaf.lock();
+        let li = leaf_index(addr);
+        if let Pte::Migration { pfn, kind, young, dirty } = g.get(li) {
+            if pfn == page.pfn() {
+                let write = kind == MigrationKind::Write;
+                let pte = match page.kind() {
+                    MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn, write },
+                    _ => Pte::Present { pfn, write, dirty, young },
+                };
+                page.get();
+                g.set(li, pte);
+            }
+        }
+    }
+    if page.kind() == MemoryKind::System {
+        page.set(flags::LRU);
+    }
+    if unlock {
+        page.unlock();
+    }
+    pm.put_page(page);
+}

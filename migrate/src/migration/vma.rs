@@ -1,0 +1,363 @@
+//! `migrate_vma_setup`, `migrate_vma_pages`, `migrate_vma_finalize`: migrating the pages of
+//! one range of one mapping, over `src`/`dst` arrays of migrate pfn words.
+//!
+//! Stages, and what holds between them:
+//! - setup: every `src` entry with `MIGRATE` is a hole, or a page that is referenced, locked
+//!   and unmapped (its entries are migration entries); every other entry is 0.
+//! - the driver: fills `dst` with locked destination pages and copies.
+//! - pages: entries without a destination lose `MIGRATE`; holes get their new page mapped;
+//!   page state moves to the destination.
+//! - finalize: migrated entries point at the destination, the rest are restored; all pages
+//!   are unlocked and the migration's references dropped.
+
+use std::sync::Arc;
+
+use hetmem_engine::Pfn;
+
+use super::pfn::*;
+use super::unmap::{migration_entry, restore_page, unmap_page, Unmapped};
+use crate::error::{Error, Result};
+use crate::mm::notifier::{NotifyEvent, NotifyRange};
+use crate::mm::page::{flags, Mapping, MemoryKind, Page};
+use crate::mm::pte::Pte;
+use crate::mm::space::{check_aligned, find_vma, leaf_index, AddressSpace, Vma, PAGE};
+use crate::mm::PageMap;
+
+/// The arguments and results of one migration (the kernel's `struct migrate_vma`).
+pub struct MigrateVma<'a> {
+    /// The address space.
+    pub space: &'a AddressSpace,
+    /// First address (page-aligned).
+    pub start: u64,
+    /// One past the last address (page-aligned).
+    pub end: u64,
+    /// Source words, one per page; written by setup.
+    pub src: &'a mut [u64],
+    /// Destination words, one per page; written by the driver.
+    pub dst: &'a mut [u64],
+    /// Device pages are collected only if their pagemap has this owner.
+    pub pgmap_owner: u64,
+    /// `MIGRATE_VMA_SELECT_*` bits.
+    pub flags: u32,
+    /// The device-private page a CPU fault is migrating; the caller holds it locked and
+    /// referenced.
+    pub fault_page: Option<Pfn>,
+    /// Entries with `MIGRATE` after setup (holes included).
+    pub cpages: usize,
+    /// Pages in the range.
+    pub npages: usize,
+    vma: Option<Arc<Vma>>,
+}
+
+impl<'a> MigrateVma<'a> {
+    /// A migration of `[start, end)` of `space` into the given arrays; set `pgmap_owner`,
+    /// `flags` and `fault_page` before setup.
+    pub fn new(space: &'a AddressSpace, start: u64, end: u64, src: &'a mut [u64], dst: &'a mut [u64]) -> Self {
+        MigrateVma { space, start, end, src, dst, pgmap_owner: 0, flags: 0, fault_page: None, cpages: 0, npages: 0, vma: None }
+    }
+
+    /// The address of entry `i`.
+    pub fn addr(&self, i: usize) -> u64 {
+        self.start + i as u64 * PAGE
+    }
+}
+
+/// Checks the arguments; nothing is changed on error.
+fn validate(m: &MigrateVma<'_>) -> Result<Arc<Vma>> {
+    check_aligned(m.start)?;
+    check_aligned(m.end)?;
+    if m.start >= m.end {
+        return Err(Error::EmptyRange);
+    }
+    let npages = ((m.end - m.start) / PAGE) as usize;
+    if m.src.len() < npages {
+        return Err(Error::ShortArray { which: "src", needed: npages, got: m.src.len() });
+    }
+    if m.dst.len() < npages {
+        return Err(Error::ShortArray { which: "dst", needed: npages, got: m.dst.len() });
+    }
+    let map = m.space.map_read();
+    let vma = find_vma(&map, m.start).ok_or(Error::NotMapped(m.start))?;
+    if vma.end < m.end {
+        return Err(Error::AcrossVmas { start: m.start, end: m.end });
+    }
+    if !vma.prot.read && !vma.prot.write {
+        return Err(Error::NoAccess(m.start));
+    }
+    if let Some(fp) = m.fault_page {
+        let p = m.space.pagemap().page_or_err(fp)?;
+        if p.kind() != MemoryKind::DevicePrivate || !p.test(flags::LOCKED) {
+            return Err(Error::BadFaultPage(fp));
+        }
+    }
+    Ok(vma)
+}
+
+/// Stage 1: collects and unmaps the pages of the range (see the module docs for what holds
+/// on return). Migration is best effort: a page that is busy is left where it is.
+pub fn migrate_vma_setup(m: &mut MigrateVma<'_>) -> Result<()> {
+    let vma = validate(m)?;
+    m.npages = ((m.end - m.start) / PAGE) as usize;
+    m.src[..m.npages].fill(0);
+    m.dst[..m.npages].fill(0);
+    m.cpages = 0;
+    let _map = m.space.map_read();
+    {
+        let _v = vma.lock.lock();
+        migrate_vma_collect(m, &vma);
+    }
+    migrate_vma_unmap(m);
+    m.vma = Some(vma);
+    Ok(())
+}
+
+/// Whether a device page of `kind` and `owner` is selected by the migration's flags.
+fn selected(m: &MigrateVma<'_>, kind: MemoryKind, owner: u64) -> bool {
+    match kind {
+        MemoryKind::System => m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0,
+        MemoryKind::DevicePrivate => m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE != 0 && owner == m.pgmap_owner,
+        MemoryKind::DeviceCoherent => m.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT != 0 && owner == m.pgmap_owner,
+    }
+}
+
+/// Walks the range leaf by leaf under the VMA lock: holes are marked, selected pages are
+/// referenced, try-locked and replaced by migration entries, and the mirrors of each leaf's
+/// part are invalidated before its lock drops.
+fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) {
+    let pm = m.space.pagemap().clone();
+    let anonymous = !vma.shared;
+    let mut i = 0;
+    while i < m.npages {
+        let leaf_start = m.addr(i);
+        let leaf = m.space.leaf(leaf_start, true).expect("created");
+        let g = leaf.lock();
+        let first = i;
+        loop {
+            let addr = m.addr(i);
+            let li = leaf_index(addr);
+            m.src[i] = collect_one(m, &pm, anonymous, &g, li, addr);
+            if m.src[i] & MIGRATE_PFN_MIGRATE != 0 {
+                m.cpages += 1;
+            }
+            i += 1;
+            if i == m.npages || leaf_index(m.addr(i)) == 0 {
+                break;
+            }
+        }
+        m.space.notify(NotifyRange {
+            start: m.addr(first),
+            end: m.addr(i),
+            event: NotifyEvent::Migrate,
+            owner: m.pgmap_owner,
+        });
+        drop(g);
+    }
+}
+
+fn collect_one(m: &MigrateVma<'_>, pm: &PageMap, anonymous: bool, g: &crate::mm::pte::LeafGuard<'_>, li: usize, addr: u64) -> u64 {
+    let pte = g.get(li);
+    let (pfn, writable) = match pte {
+        Pte::None => return if anonymous { MIGRATE_PFN_MIGRATE } else { 0 },
+        Pte::Present { pfn, write, .. } => (pfn, write),
+        Pte::DevicePrivate { pfn, write } => (pfn, write),
+        Pte::Migration { .. } | Pte::Swap { .. } => return 0,
+    };
+    let Some(page) = pm.page(pfn) else { return 0 };
+    if page.test(flags::ZERO) {
+        return if anonymous && m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0 { MIGRATE_PFN_MIGRATE } else { 0 };
+    }
+    if !anonymous || !selected(m, page.kind(), page.owner()) || page.mapcount() == 0 {
+        return 0;
+    }
+    page.get();
+    let is_fault_page = m.fault_page == Some(pfn);
+    if !is_fault_page && !page.trylock() {
+        pm.put_page(page);
+        return 0;
+    }
+    // A pinned anon-exclusive page cannot become shared by a migration entry: leave it.
+    if page.test(flags::ANON_EXCLUSIVE) && page.pincount() > 0 {
+        if !is_fault_page {
+            page.unlock();
+        }
+        pm.put_page(page);
+        return 0;
+    }
+    g.set(li, migration_entry(pte, page));
+    // The mapping's reference goes with its entry; the migration holds its own.
+    pm.put_page(page);
+    let _ = addr;
+    migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | if writable { MIGRATE_PFN_WRITE } else { 0 }
+}
+
+/// Makes sure every collected page can move: isolated from the LRU, no swap-cache copy, no
+/// other mapping, no reference but the migration's. Pages that fail are restored and their
+/// entries cleared.
+fn migrate_vma_unmap(m: &mut MigrateVma<'_>) {
+    let pm = m.space.pagemap().clone();
+    for i in 0..m.npages {
+        let Some(page) = migrate_pfn_to_page(&pm, m.src[i]) else { continue };
+        let is_fault_page = m.fault_page == Some(page.pfn());
+        match unmap_page(&pm, page, if is_fault_page { 2 } else { 1 }) {
+            Unmapped::Ready => {}
+            Unmapped::Busy => {
+                restore_page(&pm, page, !is_fault_page);
+                m.src[i] = 0;
+                m.cpages -= 1;
+            }
+        }
+    }
+}
+
+/// Checks the driver's `dst` entries; nothing is changed on error.
+pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, &w) in dst.iter().enumerate() {
+        let Some(pfn) = migrate_pfn_to_pfn(w) else { continue };
+        if src[i] & MIGRATE_PFN_MIGRATE == 0 {
+            continue;
+        }
+        let p = pm.page_or_err(pfn)?;
+        if p.refcount() == 0 {
+            return Err(Error::PageFree(pfn));
+        }
+        if p.mapcount() != 0 || !seen.insert(pfn) || migrate_pfn_to_pfn(src[i]) == Some(pfn) {
+            return Err(Error::PageInUse(pfn));
+        }
+        if !p.test(flags::LOCKED) {
+            return Err(Error::NotLocked(pfn));
+        }
+    }
+    Ok(())
+}
+
+/// Stage 2: entries without a destination stop migrating; holes get their new page mapped
+/// (unless the address was populated meanwhile); page state moves to the destinations.
+/// A bad `dst` entry (unknown, free, mapped, unlocked or repeated page) fails the call with
+/// nothing changed.
+pub fn migrate_vma_pages(m: &mut MigrateVma<'_>) -> Result<()> {
+    let pm = m.space.pagemap().clone();
+    validate_dst(&pm, &m.src[..m.npages], &m.dst[..m.npages])?;
+    let vma = m.vma.clone().ok_or(Error::InvalidArgument("migrate_vma_pages before setup"))?;
+    for i in 0..m.npages {
+        if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
+            continue;
+        }
+        let Some(new) = migrate_pfn_to_page(&pm, m.dst[i]) else {
+            m.src[i] &= !MIGRATE_PFN_MIGRATE;
+            continue;
+        };
+        match migrate_pfn_to_page(&pm, m.src[i]) {
+            None => {
+                if !insert_page(m.space, &vma, m.addr(i), new) {
+                    m.src[i] &= !MIGRATE_PFN_MIGRATE;
+                }
+            }
+            Some(old) => move_state(old, new),
+        }
+    }
+    Ok(())
+}
+
+/// The page's state moves to its destination.
+pub(crate) fn move_state(old: &Page, new: &Page) {
+    new.set(old.flags() & (flags::DIRTY | flags::ANON_EXCLUSIVE));
+    new.set_driver_data(0);
+}
+
+/// Maps a new page into a hole (or over the zero page); false if the address was populated
+/// meanwhile.
+fn insert_page(space: &AddressSpace, vma: &Vma, addr: u64, page: &Page) -> bool {
+    let _v = vma.lock.lock();
+    let leaf = space.leaf(addr, true).expect("created");
+    let g = leaf.lock();
+    let li = leaf_index(addr);
+    match g.get(li) {
+        Pte::None => {}
+        Pte::Present { pfn, .. } if pfn == space.pagemap().zero_pfn() => {}
+        _ => return false,
+    }
+    let write = vma.prot.write;
+    let pte = match page.kind() {
+        MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn: page.pfn(), write },
+        _ => Pte::Present { pfn: page.pfn(), write, dirty: false, young: false },
+    };
+    page.set(flags::ANON_EXCLUSIVE | if page.kind() == MemoryKind::System { flags::LRU } else { 0 });
+    space.notify(NotifyRange { start: addr, end: addr + PAGE, event: NotifyEvent::Migrate, owner: 0 });
+    space.install(&g, li, addr, pte, page, true);
+    true
+}
+
+/// Stage 3: every migration entry of a migrated page now maps its destination; every other
+/// page is restored; all pages are unlocked and the migration's references dropped (freeing
+/// old pages and unused destinations).
+pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
+    let pm = m.space.pagemap().clone();
+    finalize(&pm, &mut m.src[..m.npages], &m.dst[..m.npages], m.fault_page);
+}
+
+/// The finalize stage shared with `migrate_device_finalize`.
+pub(crate) fn finalize(pm: &PageMap, src: &mut [u64], dst: &[u64], fault_page: Option<Pfn>) {
+    for i in 0..src.len() {
+        let old = migrate_pfn_to_page(pm, src[i]);
+        let new = migrate_pfn_to_page(pm, dst[i]);
+        let migrated = src[i] & MIGRATE_PFN_MIGRATE != 0 && new.is_some();
+        match (old, new) {
+            (Some(old), Some(new)) if migrated => {
+                remap_to(pm, old, new);
+                let keep_locked = fault_page == Some(old.pfn());
+                if !keep_locked {
+                    old.unlock();
+                }
+                pm.put_page(old);
+                new.unlock();
+                pm.put_page(new);
+            }
+            (Some(old), _) => {
+                restore_page(pm, old, fault_page != Some(old.pfn()));
+                if let Some(new) = new {
+                    new.unlock();
+                    pm.put_page(new);
+                }
+            }
+            (None, Some(new)) => {
+                // A hole: mapped by `pages` if it migrated; else the page is simply unused.
+                new.unlock();
+                pm.put_page(new);
+            }
+            (None, None) => {}
+        }
+    }
+}
+
+/// Points every migration entry of `old` at `new`, with the entry's access, young and dirty
+/// bits (a device-private destination gives device-private entries).
+fn remap_to(pm: &PageMap, old: &Page, new: &Page) {
+    for Mapping { space, addr } in old.mappings() {
+        let Some(inner) = pm.space(space) else { continue };
+        let space = AddressSpace::from_inner(inner);
+        let Some(leaf) = space.leaf(addr, false) else { continue };
+        let g = leaf.lock();
+        let li = leaf_index(addr);
+        if let Pte::Migration { pfn, kind, young, dirty } = g.get(li) {
+            if pfn == old.pfn() {
+                let write = kind == crate::mm::MigrationKind::Write;
+                let pte = match new.kind() {
+                    MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn: new.pfn(), write },
+                    _ => Pte::Present { pfn: new.pfn(), write, dirty, young },
+                };
+                if dirty {
+                    new.set(flags::DIRTY);
+                }
+                if kind != crate::mm::MigrationKind::Read {
+                    new.set(flags::ANON_EXCLUSIVE);
+                }
+                if new.kind() == MemoryKind::System {
+                    new.set(flags::LRU);
+                }
+                old.remove_rmap(Mapping { space: space.id(), addr });
+                space.install(&g, li, addr, pte, new, true);
+            }
+        }
+    }
+}

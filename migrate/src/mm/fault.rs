@@ -1,0 +1,197 @@
+//! Faults and the CPU access path: a CPU touch of an address resolves its entry (populating
+//! holes, copying on write, bringing device-private pages back through their owner's
+//! `migrate_to_ram`, waiting out migrations), then reads or writes the bytes in place.
+
+use std::sync::Arc;
+
+use hetmem_engine::{Pfn, PAGE_SIZE};
+
+use super::page::{flags, Page};
+use super::pagemap::FrameAccess;
+use super::pte::Pte;
+use super::space::{find_vma, leaf_index, AddressSpace, Vma, PAGE};
+use crate::error::{Error, Result};
+
+/// What a device pagemap's driver provides (the kernel's `dev_pagemap_ops`).
+pub trait PagemapOps: Send + Sync {
+    /// The last reference to a device page was dropped: give it back to the device.
+    fn page_free(&self, page: &Page);
+    /// A CPU access hit a device-private entry: move the page (and, at the driver's choice,
+    /// its neighbours) to system memory. The page is referenced and locked by the caller.
+    fn migrate_to_ram(&self, fault: FaultContext<'_>) -> Result<()>;
+}
+
+/// The faulting access handed to [`PagemapOps::migrate_to_ram`].
+pub struct FaultContext<'a> {
+    /// The address space of the access.
+    pub space: &'a AddressSpace,
+    /// The page-aligned faulting address.
+    pub addr: u64,
+    /// True for a write access.
+    pub write: bool,
+    /// The device-private page that the entry maps; referenced and locked.
+    pub page: &'a Page,
+}
+
+impl AddressSpace {
+    /// Handles a CPU access to `addr`: afterwards the entry is present (and writable for a
+    /// write), unless the access is not allowed.
+    pub fn fault(&self, addr: u64, write: bool) -> Result<()> {
+        let addr = addr & !(PAGE - 1);
+        self.with_page(addr, write, |_| Ok(()))
+    }
+
+    /// Reads `out.len()` bytes at `addr` through the page table.
+    pub fn read(&self, addr: u64, out: &mut [u8]) -> Result<()> {
+        self.for_each_span(addr, out.len(), false, |pm, pfn, off, range| {
+            pm.read(pfn, off, &mut out[range])
+        })
+    }
+
+    /// Writes `data` at `addr` through the page table.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.for_each_span(addr, data.len(), true, |pm, pfn, off, range| {
+            pm.write(pfn, off, &data[range])
+        })
+    }
+
+    fn for_each_span(
+        &self,
+        addr: u64,
+        len: usize,
+        write: bool,
+        mut f: impl FnMut(&Arc<dyn FrameAccess>, Pfn, usize, std::ops::Range<usize>) -> Result<(), hetmem_engine::EngineError>,
+    ) -> Result<()> {
+        let mut done = 0usize;
+        while done < len {
+            let at = addr + done as u64;
+            let page_addr = at & !(PAGE - 1);
+            let off = (at - page_addr) as usize;
+            let n = (PAGE_SIZE - off).min(len - done);
+            self.with_page(page_addr, write, |pfn| {
+                let access = self.pagemap().access(pfn).ok_or(Error::UnknownPfn(pfn))?;
+                f(access, pfn, off, done..done + n).map_err(Error::from)
+            })?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Resolves `addr` for a CPU access and runs `f` on its frame under the leaf lock, so that
+    /// no migration can move the page while `f` touches it.
+    pub(crate) fn with_page<R>(&self, addr: u64, write: bool, f: impl FnOnce(Pfn) -> Result<R>) -> Result<R> {
+        let map = self.map_read();
+        let vma = find_vma(&map, addr).ok_or(Error::NotMapped(addr))?;
+        if !vma.prot.read && !write {
+            return Err(Error::ReadDenied(addr));
+        }
+        if write && !vma.prot.write {
+            return Err(Error::WriteDenied(addr));
+        }
+        let leaf = self.leaf(addr, true).expect("created");
+        let i = leaf_index(addr);
+        let pm = self.pagemap().clone();
+        loop {
+            let g = leaf.lock();
+            match g.get(i) {
+                Pte::Present { pfn, write: w, dirty, .. } if w || !write => {
+                    g.set(i, Pte::Present { pfn, write: w, dirty: dirty || write, young: true });
+                    return f(pfn);
+                }
+                Pte::Present { pfn, dirty, young, .. } => {
+                    // A write to a read-only entry of a writable mapping: copy on write, or
+                    // reuse the page if this mapping is its only user.
+                    let page = pm.page_or_err(pfn)?;
+                    let sole = !page.test(flags::ZERO)
+                        && (page.test(flags::ANON_EXCLUSIVE) || (page.mapcount() == 1 && page.refcount() == 1));
+                    if sole || vma.shared {
+                        page.set(flags::ANON_EXCLUSIVE);
+                        g.set(i, Pte::Present { pfn, write: true, dirty: true, young: true });
+                        return f(pfn);
+                    }
+                    let copy = pm.alloc_system(false, false)?;
+                    super::space::copy_frame(&pm, pfn, copy.pfn())?;
+                    copy.set(flags::ANON_EXCLUSIVE | flags::LRU);
+                    if dirty {
+                        copy.set(flags::DIRTY);
+                    }
+                    let new = Pte::Present { pfn: copy.pfn(), write: true, dirty: true, young: young || true };
+                    if !page.test(flags::ZERO) {
+                        page.remove_rmap(super::page::Mapping { space: self.id(), addr });
+                        pm.put_page(page);
+                    }
+                    self.install(&g, i, addr, new, copy, false);
+                    return f(copy.pfn());
+                }
+                Pte::None => {
+                    drop(g);
+                    self.populate(&vma, addr, write)?;
+                }
+                Pte::DevicePrivate { pfn, .. } => {
+                    let page = pm.page_or_err(pfn)?;
+                    // Referenced under the leaf lock, so a concurrent migration cannot free it.
+                    page.get();
+                    drop(g);
+                    let r = self.fault_device_private(addr, write, pfn, page);
+                    pm.put_page(page);
+                    r?;
+                }
+                Pte::Migration { pfn, .. } => {
+                    let page = pm.page_or_err(pfn)?;
+                    let referenced = page.try_get();
+                    drop(g);
+                    if referenced {
+                        page.wait_unlocked();
+                        pm.put_page(page);
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+                Pte::Swap { .. } => return Err(Error::InvalidArgument("swap entries are not supported")),
+            }
+        }
+    }
+
+    fn fault_device_private(&self, addr: u64, write: bool, pfn: Pfn, page: &Page) -> Result<()> {
+        page.lock();
+        // The entry may have changed while we slept on the lock.
+        if self.pte(addr).pfn() != Some(pfn) {
+            page.unlock();
+            return Ok(());
+        }
+        let ops = self.pagemap().ops(pfn).cloned();
+        let r = match ops {
+            Some(ops) => ops.migrate_to_ram(FaultContext { space: self, addr, write, page }),
+            None => Err(Error::FaultFailed { addr, reason: "device page without a pagemap".into() }),
+        };
+        page.unlock();
+        r
+    }
+
+    /// Fills the hole at `addr`: the shared zero page for a read of a private mapping, else a
+    /// new zeroed page. Takes the VMA's lock, so no migration walk is collecting the range.
+    fn populate(&self, vma: &Arc<Vma>, addr: u64, write: bool) -> Result<()> {
+        let _v = vma.lock.lock();
+        let leaf = self.leaf(addr, true).expect("created");
+        let i = leaf_index(addr);
+        let pm = self.pagemap();
+        if !write && !vma.shared {
+            let g = leaf.lock();
+            if g.get(i) == Pte::None {
+                g.set(i, Pte::Present { pfn: pm.zero_pfn(), write: false, dirty: false, young: true });
+            }
+            return Ok(());
+        }
+        let page = pm.alloc_system(true, false)?;
+        page.set(flags::ANON_EXCLUSIVE | flags::LRU);
+        let g = leaf.lock();
+        if g.get(i) != Pte::None {
+            drop(g);
+            pm.put_page(page);
+            return Ok(());
+        }
+        let pte = Pte::Present { pfn: page.pfn(), write: vma.prot.write, dirty: write, young: true };
+        self.install(&g, i, addr, pte, page, false);
+        Ok(())
+    }
+}

@@ -1,0 +1,18 @@
+//! The address-space model: pages, the page map, page tables, mappings, faults, pins and
+//! notifiers. It knows nothing of migration; drivers reach it through [`PagemapOps`].
+
+pub mod fault;
+pub mod notifier;
+pub mod page;
+pub mod pagemap;
+pub mod pin;
+pub mod pte;
+pub mod space;
+
+pub use fault::{FaultContext, PagemapOps};
+pub use notifier::{Notifier, NotifyEvent, NotifyRange};
+pub use page::{flags, Mapping, MemoryKind, Page};
+pub use pagemap::{DevicePagemap, FrameAccess, PageMap};
+pub use pin::{pin_pages, PinGuard};
+pub use pte::{MigrationKind, Pte};
+pub use space::{AddressSpace, Prot, SpaceId, Vma, PAGE};

@@ -1,0 +1,252 @@
+//! `Page`: the metadata of one frame (a host frame or a device page), as the kernel's
+//! `struct page` keeps it: reference, map and pin counts, flags, memory kind, owner.
+
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+
+use hetmem_engine::Pfn;
+use parking_lot::Mutex;
+
+use super::space::SpaceId;
+
+/// What memory a page is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MemoryKind {
+    /// A host frame: CPU-accessible, migratable to a device.
+    System,
+    /// Device memory the CPU cannot access: a CPU access faults it back to host.
+    DevicePrivate,
+    /// Device memory the CPU can access in place (coherent, e.g. resizable BAR).
+    DeviceCoherent,
+}
+
+/// Page flag bits (see [`Page::flags`]).
+pub mod flags {
+    /// The page is locked (migration, fault handling).
+    pub const LOCKED: u32 = 1 << 0;
+    /// The contents differ from any backing copy.
+    pub const DIRTY: u32 = 1 << 1;
+    /// Accessed since the bit was last cleared.
+    pub const YOUNG: u32 = 1 << 2;
+    /// An anonymous page mapped by exactly one address space, writable without COW.
+    pub const ANON_EXCLUSIVE: u32 = 1 << 3;
+    /// A copy of the page sits in the swap cache.
+    pub const SWAPCACHE: u32 = 1 << 4;
+    /// The page is on the LRU list (not isolated).
+    pub const LRU: u32 = 1 << 5;
+    /// The page is the shared zero page.
+    pub const ZERO: u32 = 1 << 6;
+}
+
+/// One place a page is mapped: an address space and a virtual address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mapping {
+    /// The address space.
+    pub space: SpaceId,
+    /// The page-aligned virtual address.
+    pub addr: u64,
+}
+
+/// Metadata of one frame.
+#[derive(Debug)]
+pub struct Page {
+    pfn: Pfn,
+    kind: MemoryKind,
+    owner: u64,
+    refcount: AtomicU32,
+    pincount: AtomicU32,
+    mapcount: AtomicI32,
+    flags: AtomicU32,
+    driver_data: AtomicU64,
+    rmap: Mutex<Vec<Mapping>>,
+}
+
+impl Page {
+    pub(crate) fn new(pfn: Pfn, kind: MemoryKind, owner: u64) -> Page {
+        Page {
+            pfn,
+            kind,
+            owner,
+            refcount: AtomicU32::new(0),
+            pincount: AtomicU32::new(0),
+            mapcount: AtomicI32::new(0),
+            flags: AtomicU32::new(0),
+            driver_data: AtomicU64::new(0),
+            rmap: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The frame number.
+    pub fn pfn(&self) -> Pfn {
+        self.pfn
+    }
+    /// The memory kind.
+    pub fn kind(&self) -> MemoryKind {
+        self.kind
+    }
+    /// True for device-private and device-coherent pages.
+    pub fn is_device(&self) -> bool {
+        self.kind != MemoryKind::System
+    }
+    /// The owner of the device pagemap this page belongs to (0 for system pages).
+    pub fn owner(&self) -> u64 {
+        self.owner
+    }
+    /// References held on the page (mappings, pins, transient holders).
+    pub fn refcount(&self) -> u32 {
+        self.refcount.load(Ordering::Acquire)
+    }
+    /// Pins held on the page.
+    pub fn pincount(&self) -> u32 {
+        self.pincount.load(Ordering::Acquire)
+    }
+    /// Page-table entries that map the page.
+    pub fn mapcount(&self) -> i32 {
+        self.mapcount.load(Ordering::Acquire)
+    }
+    /// The flag word (see [`flags`]).
+    pub fn flags(&self) -> u32 {
+        self.flags.load(Ordering::Acquire)
+    }
+    /// True if all bits of `f` are set.
+    pub fn test(&self, f: u32) -> bool {
+        self.flags() & f == f
+    }
+    /// Sets flag bits.
+    pub fn set(&self, f: u32) {
+        self.flags.fetch_or(f, Ordering::AcqRel);
+    }
+    /// Clears flag bits.
+    pub fn clear(&self, f: u32) {
+        self.flags.fetch_and(!f, Ordering::AcqRel);
+    }
+    /// Clears flag bits, returning whether all were set.
+    pub fn test_and_clear(&self, f: u32) -> bool {
+        self.flags.fetch_and(!f, Ordering::AcqRel) & f == f
+    }
+    /// The driver's word for this page.
+    pub fn driver_data(&self) -> u64 {
+        self.driver_data.load(Ordering::Acquire)
+    }
+    /// Sets the driver's word.
+    pub fn set_driver_data(&self, v: u64) {
+        self.driver_data.store(v, Ordering::Release)
+    }
+
+    /// Takes a reference.
+    pub fn get(&self) {
+        self.refcount.fetch_add(1, Ordering::AcqRel);
+    }
+    /// Takes a reference unless the page is free (refcount zero).
+    pub fn try_get(&self) -> bool {
+        let mut c = self.refcount.load(Ordering::Acquire);
+        loop {
+            if c == 0 {
+                return false;
+            }
+            match self
+                .refcount
+                .compare_exchange_weak(c, c + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(now) => c = now,
+            }
+        }
+    }
+    /// Drops a reference; returns true if it was the last one (the caller frees the page).
+    pub(crate) fn put_ref(&self) -> bool {
+        let old = self.refcount.fetch_sub(1, Ordering::AcqRel);
+        assert!(old > 0, "reference dropped on free page {}", self.pfn);
+        old == 1
+    }
+    /// Makes a free page live with one reference and clean flags.
+    pub(crate) fn init_allocated(&self, locked: bool) {
+        self.flags.store(if locked { flags::LOCKED } else { 0 }, Ordering::Release);
+        self.driver_data.store(0, Ordering::Release);
+        self.pincount.store(0, Ordering::Release);
+        self.mapcount.store(0, Ordering::Release);
+        self.rmap.lock().clear();
+        self.refcount.store(1, Ordering::Release);
+    }
+
+    pub(crate) fn add_pin(&self) {
+        self.pincount.fetch_add(1, Ordering::AcqRel);
+    }
+    pub(crate) fn remove_pin(&self) {
+        self.pincount.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Records a mapping of the page.
+    pub(crate) fn add_rmap(&self, m: Mapping) {
+        self.rmap.lock().push(m);
+        self.mapcount.fetch_add(1, Ordering::AcqRel);
+    }
+    /// Forgets a mapping of the page; false if it was not recorded.
+    pub(crate) fn remove_rmap(&self, m: Mapping) -> bool {
+        let mut r = self.rmap.lock();
+        match r.iter().position(|&x| x == m) {
+            Some(i) => {
+                r.swap_remove(i);
+                self.mapcount.fetch_sub(1, Ordering::AcqRel);
+                true
+            }
+            None => false,
+        }
+    }
+    /// Every place the page is mapped (or held by a migration entry).
+    pub fn mappings(&self) -> Vec<Mapping> {
+        self.rmap.lock().clone()
+    }
+
+    /// Tries to lock the page without waiting.
+    pub fn trylock(&self) -> bool {
+        self.flags.fetch_or(flags::LOCKED, Ordering::AcqRel) & flags::LOCKED == 0
+    }
+
+    /// Locks the page, sleeping (not spinning) while another holder has it.
+    pub fn lock(&self) {
+        while !self.trylock() {
+            let key = self as *const Page as usize;
+            // SAFETY: the key is this page's address, used only as a wait-queue key; the
+            // validate callback re-checks the lock bit under the queue's lock, so a wake-up
+            // between our failed trylock and parking is not lost.
+            unsafe {
+                parking_lot_core::park(
+                    key,
+                    || self.test(flags::LOCKED),
+                    || {},
+                    |_, _| {},
+                    parking_lot_core::DEFAULT_PARK_TOKEN,
+                    None,
+                );
+            }
+        }
+    }
+
+    /// Unlocks the page and wakes every waiter.
+    pub fn unlock(&self) {
+        let was = self.flags.fetch_and(!flags::LOCKED, Ordering::AcqRel);
+        debug_assert!(was & flags::LOCKED != 0, "unlock of unlocked page {}", self.pfn);
+        let key = self as *const Page as usize;
+        // SAFETY: waking threads parked on this page's key has no other effect.
+        unsafe { parking_lot_core::unpark_all(key, parking_lot_core::DEFAULT_UNPARK_TOKEN) };
+    }
+
+    /// Waits until the page is unlocked (without taking the lock).
+    pub fn wait_unlocked(&self) {
+        if !self.test(flags::LOCKED) {
+            return;
+        }
+        let key = self as *const Page as usize;
+        // SAFETY: as in `lock`.
+        unsafe {
+            parking_lot_core::park(
+                key,
+                || self.test(flags::LOCKED),
+                || {},
+                |_, _| {},
+                parking_lot_core::DEFAULT_PARK_TOKEN,
+                None,
+            );
+        }
+    }
+}

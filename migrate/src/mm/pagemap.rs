@@ -1,0 +1,254 @@
+//! `PageMap`: every frame number resolved to its [`Page`] in O(1), over registered ranges
+//! (the host frame pool and each device pagemap), and the registry of address spaces that
+//! reverse mappings point into.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use hetmem_engine::{EngineError, HostFramePool, Pfn, PfnRange};
+use parking_lot::RwLock;
+
+use super::fault::PagemapOps;
+use super::page::{flags, MemoryKind, Page};
+use super::space::{SpaceId, SpaceInner};
+use crate::error::Error as MmError;
+
+/// Most ranges one page map holds (the host frame pool and the device pagemaps).
+const MAX_RANGES: usize = 64;
+/// Pages per lazily created block of `Page` structs.
+const BLOCK: usize = 16_384;
+
+/// CPU access to the bytes of frames of a range that the CPU may touch.
+pub trait FrameAccess: Send + Sync {
+    /// Copies bytes out of frame `pfn` from `offset`.
+    fn read(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<(), EngineError>;
+    /// Copies bytes into frame `pfn` at `offset`.
+    fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<(), EngineError>;
+}
+
+impl FrameAccess for HostFramePool {
+    fn read(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<(), EngineError> {
+        HostFramePool::read(self, pfn, offset, out)
+    }
+    fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<(), EngineError> {
+        HostFramePool::write(self, pfn, offset, data)
+    }
+}
+
+/// One registered range of frames.
+pub(crate) struct Range {
+    pub(crate) range: PfnRange,
+    pub(crate) kind: MemoryKind,
+    pub(crate) owner: u64,
+    blocks: Box<[OnceLock<Box<[Page]>>]>,
+    pub(crate) access: Option<Arc<dyn FrameAccess>>,
+    pub(crate) ops: Option<Arc<dyn PagemapOps>>,
+}
+
+impl Range {
+    fn page(&self, pfn: Pfn) -> Option<&Page> {
+        let i = self.range.index_of(pfn)? as usize;
+        let block = self.blocks[i / BLOCK].get_or_init(|| {
+            let first = self.range.start.add((i / BLOCK * BLOCK) as u64);
+            let n = BLOCK.min(self.range.count as usize - i / BLOCK * BLOCK);
+            (0..n)
+                .map(|k| Page::new(first.add(k as u64), self.kind, self.owner))
+                .collect()
+        });
+        Some(&block[i % BLOCK])
+    }
+}
+
+/// A device pagemap as registered: its range, kind, owner and operations.
+#[derive(Clone)]
+pub struct DevicePagemap {
+    /// The frame numbers of the device's pages.
+    pub range: PfnRange,
+    /// Private or coherent.
+    pub kind: MemoryKind,
+    /// The owner cookie that selects this pagemap's pages in migrations.
+    pub owner: u64,
+    index: usize,
+}
+
+impl DevicePagemap {
+    /// The position of this pagemap in its page map.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+/// The frames of one process: host frames and device pages, each with its [`Page`].
+pub struct PageMap {
+    frames: Arc<HostFramePool>,
+    ranges: [OnceLock<Range>; MAX_RANGES],
+    count: AtomicUsize,
+    register: parking_lot::Mutex<()>,
+    spaces: RwLock<HashMap<SpaceId, Weak<SpaceInner>>>,
+    zero: Pfn,
+}
+
+impl std::fmt::Debug for PageMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageMap").field("ranges", &self.count.load(Ordering::Acquire)).finish()
+    }
+}
+
+impl PageMap {
+    /// A page map over `frames`, with the shared zero page allocated from it.
+    pub fn new(frames: Arc<HostFramePool>) -> Result<Arc<PageMap>, MmError> {
+        let zero = frames.alloc(true)?;
+        let pm = PageMap {
+            frames: frames.clone(),
+            ranges: std::array::from_fn(|_| OnceLock::new()),
+            count: AtomicUsize::new(0),
+            register: parking_lot::Mutex::new(()),
+            spaces: RwLock::new(HashMap::new()),
+            zero,
+        };
+        pm.add_range(frames.pfn_range(), MemoryKind::System, 0, Some(frames.clone()), None)?;
+        let z = pm.page(zero).expect("zero page is in the frame pool");
+        z.init_allocated(false);
+        z.set(flags::ZERO);
+        Ok(Arc::new(pm))
+    }
+
+    /// The host frame pool.
+    pub fn frames(&self) -> &Arc<HostFramePool> {
+        &self.frames
+    }
+
+    /// The shared zero page.
+    pub fn zero_pfn(&self) -> Pfn {
+        self.zero
+    }
+
+    fn add_range(
+        &self,
+        range: PfnRange,
+        kind: MemoryKind,
+        owner: u64,
+        access: Option<Arc<dyn FrameAccess>>,
+        ops: Option<Arc<dyn PagemapOps>>,
+    ) -> Result<usize, MmError> {
+        let _g = self.register.lock();
+        let n = self.count.load(Ordering::Acquire);
+        for r in self.ranges[..n].iter().filter_map(OnceLock::get) {
+            let overlap = range.start < r.range.end() && r.range.start < range.end();
+            if overlap {
+                return Err(MmError::RangeRegistered(range.start));
+            }
+        }
+        if n == MAX_RANGES {
+            return Err(MmError::TooManyRanges);
+        }
+        let blocks = (0..(range.count as usize).div_ceil(BLOCK)).map(|_| OnceLock::new()).collect();
+        let _ = self.ranges[n].set(Range { range, kind, owner, blocks, access, ops });
+        self.count.store(n + 1, Ordering::Release);
+        Ok(n)
+    }
+
+    /// Registers a device's pages. Coherent memory needs `access` (the CPU reads it in
+    /// place). Fails if any frame of `range` is already registered.
+    pub fn register_device(
+        &self,
+        range: PfnRange,
+        kind: MemoryKind,
+        owner: u64,
+        ops: Arc<dyn PagemapOps>,
+        access: Option<Arc<dyn FrameAccess>>,
+    ) -> Result<DevicePagemap, MmError> {
+        match kind {
+            MemoryKind::System => return Err(MmError::InvalidArgument("device pagemap of kind System")),
+            MemoryKind::DeviceCoherent if access.is_none() => {
+                return Err(MmError::InvalidArgument("coherent pagemap without CPU access"))
+            }
+            _ => {}
+        }
+        if owner == 0 {
+            return Err(MmError::InvalidArgument("pagemap owner 0 is reserved"));
+        }
+        let index = self.add_range(range, kind, owner, access, Some(ops))?;
+        Ok(DevicePagemap { range, kind, owner, index })
+    }
+
+    fn range_of(&self, pfn: Pfn) -> Option<&Range> {
+        let n = self.count.load(Ordering::Acquire);
+        self.ranges[..n].iter().filter_map(OnceLock::get).find(|r| r.range.contains(pfn))
+    }
+
+    /// The page of any registered frame.
+    pub fn page(&self, pfn: Pfn) -> Option<&Page> {
+        self.range_of(pfn)?.page(pfn)
+    }
+
+    /// The page, or `UnknownPfn`.
+    pub fn page_or_err(&self, pfn: Pfn) -> Result<&Page, MmError> {
+        self.page(pfn).ok_or(MmError::UnknownPfn(pfn))
+    }
+
+    /// CPU access to a frame's bytes, if the CPU may touch it in place.
+    pub(crate) fn access(&self, pfn: Pfn) -> Option<&Arc<dyn FrameAccess>> {
+        self.range_of(pfn)?.access.as_ref()
+    }
+
+    /// The operations of the device pagemap `pfn` belongs to.
+    pub(crate) fn ops(&self, pfn: Pfn) -> Option<&Arc<dyn PagemapOps>> {
+        self.range_of(pfn)?.ops.as_ref()
+    }
+
+    /// Allocates a system page: one reference, LRU, optionally zeroed and locked.
+    pub fn alloc_system(&self, zeroed: bool, locked: bool) -> Result<&Page, MmError> {
+        let pfn = self.frames.alloc(zeroed)?;
+        let p = self.page(pfn).expect("frames belong to the frame pool range");
+        p.init_allocated(locked);
+        Ok(p)
+    }
+
+    /// Makes a device page the engine just allocated live: one reference, optionally locked.
+    pub fn init_device_page(&self, pfn: Pfn, locked: bool) -> Result<&Page, MmError> {
+        let p = self.page_or_err(pfn)?;
+        if !p.is_device() {
+            return Err(MmError::InvalidArgument("not a device page"));
+        }
+        if p.refcount() != 0 {
+            return Err(MmError::PageInUse(pfn));
+        }
+        p.init_allocated(locked);
+        Ok(p)
+    }
+
+    /// Drops a reference; the last one frees the page (to the frame pool, or through the
+    /// device pagemap's `page_free`).
+    pub fn put_page(&self, p: &Page) {
+        if p.test(flags::ZERO) {
+            return;
+        }
+        if p.put_ref() {
+            self.free_page(p);
+        }
+    }
+
+    fn free_page(&self, p: &Page) {
+        debug_assert_eq!(p.mapcount(), 0, "freeing mapped page {}", p.pfn());
+        p.clear(!0);
+        if p.is_device() {
+            if let Some(ops) = self.ops(p.pfn()) {
+                ops.page_free(p);
+            }
+        } else if let Err(e) = self.frames.free(p.pfn()) {
+            tracing::error!("freeing frame {}: {e}", p.pfn());
+        }
+    }
+
+    pub(crate) fn add_space(&self, id: SpaceId, s: Weak<SpaceInner>) {
+        self.spaces.write().insert(id, s);
+    }
+    pub(crate) fn remove_space(&self, id: SpaceId) {
+        self.spaces.write().remove(&id);
+    }
+    pub(crate) fn space(&self, id: SpaceId) -> Option<Arc<SpaceInner>> {
+        self.spaces.read().get(&id)?.upgrade()
+    }
+}
