@@ -1,4 +1,7 @@
-//! Shared helpers for hetmem's integration tests: which devices to run a scenario on.
+//! Shared helpers for hetmem's integration tests: which devices to run a scenario on, and
+//! the dmirror test driver.
+
+pub mod dmirror;
 
 use hetmem_engine::{Device, DeviceConfig, DeviceKind, EngineError};
 

@@ -14,9 +14,18 @@ use crate::mm::{AddressSpace, PageMap};
 /// Collects the device pages `start..start + npages` into `src`: free pages are skipped,
 /// busy (locked) ones too; the rest are referenced, locked and unmapped from every address
 /// space (`src = migrate_pfn | MIGRATE`, `| WRITE` if a writable entry mapped it).
-pub fn migrate_device_range(pm: &PageMap, src: &mut [u64], start: Pfn, npages: usize) -> Result<usize> {
+pub fn migrate_device_range(
+    pm: &PageMap,
+    src: &mut [u64],
+    start: Pfn,
+    npages: usize,
+) -> Result<usize> {
     if src.len() < npages {
-        return Err(Error::ShortArray { which: "src", needed: npages, got: src.len() });
+        return Err(Error::ShortArray {
+            which: "src",
+            needed: npages,
+            got: src.len(),
+        });
     }
     for (i, w) in src[..npages].iter_mut().enumerate() {
         *w = migrate_pfn(start.add(i as u64));
@@ -30,7 +39,9 @@ pub fn migrate_device_pfns(pm: &PageMap, src: &mut [u64]) -> Result<usize> {
     for &w in src.iter() {
         if let Some(pfn) = migrate_pfn_to_pfn(w) {
             if !pm.page_or_err(pfn)?.is_device() {
-                return Err(Error::InvalidArgument("migrate_device_* takes device pages only"));
+                return Err(Error::InvalidArgument(
+                    "migrate_device_* takes device pages only",
+                ));
             }
         }
     }
@@ -51,11 +62,22 @@ pub fn migrate_device_pfns(pm: &PageMap, src: &mut [u64]) -> Result<usize> {
         let writable = page
             .mappings()
             .iter()
-            .filter_map(|m| pm.space(m.space).map(|s| AddressSpace::from_inner(s).pte(m.addr)))
-            .any(|pte| matches!(pte, crate::mm::Pte::Present { write: true, .. } | crate::mm::Pte::DevicePrivate { write: true, .. }));
+            .filter_map(|m| {
+                pm.space(m.space)
+                    .map(|s| AddressSpace::from_inner(s).pte(m.addr))
+            })
+            .any(|pte| {
+                matches!(
+                    pte,
+                    crate::mm::Pte::Present { write: true, .. }
+                        | crate::mm::Pte::DevicePrivate { write: true, .. }
+                )
+            });
         match unmap_page(pm, page, 1) {
             Unmapped::Ready => {
-                *w = migrate_pfn(page.pfn()) | MIGRATE_PFN_MIGRATE | if writable { MIGRATE_PFN_WRITE } else { 0 };
+                *w = migrate_pfn(page.pfn())
+                    | MIGRATE_PFN_MIGRATE
+                    | if writable { MIGRATE_PFN_WRITE } else { 0 };
                 collected += 1;
             }
             Unmapped::Busy => restore_page(pm, page, true),
@@ -68,14 +90,21 @@ pub fn migrate_device_pfns(pm: &PageMap, src: &mut [u64]) -> Result<usize> {
 /// to the destinations. A bad `dst` entry fails the call with nothing changed.
 pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Result<()> {
     if dst.len() < src.len() {
-        return Err(Error::ShortArray { which: "dst", needed: src.len(), got: dst.len() });
+        return Err(Error::ShortArray {
+            which: "dst",
+            needed: src.len(),
+            got: dst.len(),
+        });
     }
     validate_dst(pm, src, &dst[..src.len()])?;
     for i in 0..src.len() {
         if src[i] & MIGRATE_PFN_MIGRATE == 0 {
             continue;
         }
-        match (migrate_pfn_to_page(pm, src[i]), migrate_pfn_to_page(pm, dst[i])) {
+        match (
+            migrate_pfn_to_page(pm, src[i]),
+            migrate_pfn_to_page(pm, dst[i]),
+        ) {
             (Some(old), Some(new)) => move_state(old, new),
             _ => src[i] &= !MIGRATE_PFN_MIGRATE,
         }
@@ -103,11 +132,19 @@ pub fn migrate_device_coherent_page(pm: &PageMap, pfn: Pfn) -> Result<Pfn> {
     let new = pm.alloc_system(false, true)?;
     let copied = (|| -> Result<()> {
         let mut buf = vec![0u8; PAGE_SIZE];
-        pm.access(pfn).ok_or(Error::UnknownPfn(pfn))?.read(pfn, 0, &mut buf)?;
-        pm.access(new.pfn()).ok_or(Error::UnknownPfn(new.pfn()))?.write(new.pfn(), 0, &buf)?;
+        pm.access(pfn)
+            .ok_or(Error::UnknownPfn(pfn))?
+            .read(pfn, 0, &mut buf)?;
+        pm.access(new.pfn())
+            .ok_or(Error::UnknownPfn(new.pfn()))?
+            .write(new.pfn(), 0, &buf)?;
         Ok(())
     })();
-    let dst = [if copied.is_ok() { migrate_pfn(new.pfn()) } else { 0 }];
+    let dst = [if copied.is_ok() {
+        migrate_pfn(new.pfn())
+    } else {
+        0
+    }];
     migrate_device_pages(pm, &mut src, &dst)?;
     let moved = src[0] & MIGRATE_PFN_MIGRATE != 0;
     migrate_device_finalize(pm, &mut src, &dst);
@@ -125,7 +162,12 @@ pub fn migrate_device_coherent_page(pm: &PageMap, pfn: Pfn) -> Result<Pfn> {
 
 /// Pins pages for the long term: device-coherent pages are first migrated to system memory
 /// (as the kernel does for FOLL_LONGTERM), then pinned.
-pub fn pin_pages_longterm(space: &AddressSpace, addr: u64, npages: usize, write: bool) -> Result<crate::mm::PinGuard> {
+pub fn pin_pages_longterm(
+    space: &AddressSpace,
+    addr: u64,
+    npages: usize,
+    write: bool,
+) -> Result<crate::mm::PinGuard> {
     loop {
         match crate::mm::pin_pages(space, addr, npages, write, true) {
             Err(Error::CoherentPin(pfn)) => {
@@ -135,4 +177,3 @@ pub fn pin_pages_longterm(space: &AddressSpace, addr: u64, npages: usize, write:
         }
     }
 }
-

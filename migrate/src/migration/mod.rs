@@ -7,8 +7,8 @@ mod unmap;
 pub mod vma;
 
 pub use device::{
-    migrate_device_coherent_page, migrate_device_finalize, migrate_device_pages, migrate_device_pfns,
-    migrate_device_range, pin_pages_longterm,
+    migrate_device_coherent_page, migrate_device_finalize, migrate_device_pages,
+    migrate_device_pfns, migrate_device_range, pin_pages_longterm,
 };
 pub use pfn::*;
 pub use vma::{migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup, MigrateVma};

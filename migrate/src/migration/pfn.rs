@@ -49,7 +49,10 @@ mod tests {
 
     #[test]
     fn words_carry_the_kernel_values() {
-        assert_eq!((MIGRATE_PFN_VALID, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE), (1, 2, 8));
+        assert_eq!(
+            (MIGRATE_PFN_VALID, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE),
+            (1, 2, 8)
+        );
         let w = migrate_pfn(Pfn(0xabc)) | MIGRATE_PFN_MIGRATE | MIGRATE_PFN_WRITE;
         assert_eq!(w, 0xabc << 6 | 0b1011);
         assert_eq!(migrate_pfn_to_pfn(w), Some(Pfn(0xabc)));

@@ -12,7 +12,12 @@ use crate::mm::PageMap;
 /// and a dirty entry marks the page dirty now, so the bit survives a failed migration.
 pub(crate) fn migration_entry(pte: Pte, page: &Page) -> Pte {
     let (write, dirty, young) = match pte {
-        Pte::Present { write, dirty, young, .. } => (write, dirty, young),
+        Pte::Present {
+            write,
+            dirty,
+            young,
+            ..
+        } => (write, dirty, young),
         Pte::DevicePrivate { write, .. } => (write, false, false),
         other => unreachable!("no migration entry for {other:?}"),
     };
@@ -26,7 +31,12 @@ pub(crate) fn migration_entry(pte: Pte, page: &Page) -> Pte {
     } else {
         MigrationKind::Read
     };
-    Pte::Migration { pfn: page.pfn(), kind, young, dirty }
+    Pte::Migration {
+        pfn: page.pfn(),
+        kind,
+        young,
+        dirty,
+    }
 }
 
 /// Whether a collected page can move.
@@ -46,15 +56,26 @@ pub(crate) fn unmap_page(pm: &PageMap, page: &Page, expected: u32) -> Unmapped {
     }
     page.clear(flags::SWAPCACHE);
     for Mapping { space, addr } in page.mappings() {
-        let Some(inner) = pm.space(space) else { continue };
+        let Some(inner) = pm.space(space) else {
+            continue;
+        };
         let space = AddressSpace::from_inner(inner);
-        let Some(leaf) = space.leaf(addr, false) else { continue };
+        let Some(leaf) = space.leaf(addr, false) else {
+            continue;
+        };
         let g = leaf.lock();
         let li = leaf_index(addr);
         let pte = g.get(li);
-        if matches!(pte, Pte::Present { .. } | Pte::DevicePrivate { .. }) && pte.pfn() == Some(page.pfn()) {
+        if matches!(pte, Pte::Present { .. } | Pte::DevicePrivate { .. })
+            && pte.pfn() == Some(page.pfn())
+        {
             g.set(li, migration_entry(pte, page));
-            space.notify(NotifyRange { start: addr, end: addr + PAGE, event: NotifyEvent::Migrate, owner: page.owner() });
+            space.notify(NotifyRange {
+                start: addr,
+                end: addr + PAGE,
+                event: NotifyEvent::Migrate,
+                owner: page.owner(),
+            });
             pm.put_page(page);
         }
     }
@@ -70,17 +91,32 @@ pub(crate) fn unmap_page(pm: &PageMap, page: &Page, expected: u32) -> Unmapped {
 /// and the migration's reference is dropped.
 pub(crate) fn restore_page(pm: &PageMap, page: &Page, unlock: bool) {
     for Mapping { space, addr } in page.mappings() {
-        let Some(inner) = pm.space(space) else { continue };
+        let Some(inner) = pm.space(space) else {
+            continue;
+        };
         let space = AddressSpace::from_inner(inner);
-        let Some(leaf) = space.leaf(addr, false) else { continue };
+        let Some(leaf) = space.leaf(addr, false) else {
+            continue;
+        };
         let g = leaf.lock();
         let li = leaf_index(addr);
-        if let Pte::Migration { pfn, kind, young, dirty } = g.get(li) {
+        if let Pte::Migration {
+            pfn,
+            kind,
+            young,
+            dirty,
+        } = g.get(li)
+        {
             if pfn == page.pfn() {
                 let write = kind == MigrationKind::Write;
                 let pte = match page.kind() {
                     MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn, write },
-                    _ => Pte::Present { pfn, write, dirty, young },
+                    _ => Pte::Present {
+                        pfn,
+                        write,
+                        dirty,
+                        young,
+                    },
                 };
                 page.get();
                 g.set(li, pte);

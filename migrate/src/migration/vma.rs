@@ -52,8 +52,26 @@ pub struct MigrateVma<'a> {
 impl<'a> MigrateVma<'a> {
     /// A migration of `[start, end)` of `space` into the given arrays; set `pgmap_owner`,
     /// `flags` and `fault_page` before setup.
-    pub fn new(space: &'a AddressSpace, start: u64, end: u64, src: &'a mut [u64], dst: &'a mut [u64]) -> Self {
-        MigrateVma { space, start, end, src, dst, pgmap_owner: 0, flags: 0, fault_page: None, cpages: 0, npages: 0, vma: None }
+    pub fn new(
+        space: &'a AddressSpace,
+        start: u64,
+        end: u64,
+        src: &'a mut [u64],
+        dst: &'a mut [u64],
+    ) -> Self {
+        MigrateVma {
+            space,
+            start,
+            end,
+            src,
+            dst,
+            pgmap_owner: 0,
+            flags: 0,
+            fault_page: None,
+            cpages: 0,
+            npages: 0,
+            vma: None,
+        }
     }
 
     /// The address of entry `i`.
@@ -71,15 +89,26 @@ fn validate(m: &MigrateVma<'_>) -> Result<Arc<Vma>> {
     }
     let npages = ((m.end - m.start) / PAGE) as usize;
     if m.src.len() < npages {
-        return Err(Error::ShortArray { which: "src", needed: npages, got: m.src.len() });
+        return Err(Error::ShortArray {
+            which: "src",
+            needed: npages,
+            got: m.src.len(),
+        });
     }
     if m.dst.len() < npages {
-        return Err(Error::ShortArray { which: "dst", needed: npages, got: m.dst.len() });
+        return Err(Error::ShortArray {
+            which: "dst",
+            needed: npages,
+            got: m.dst.len(),
+        });
     }
     let map = m.space.map_read();
     let vma = find_vma(&map, m.start).ok_or(Error::NotMapped(m.start))?;
     if vma.end < m.end {
-        return Err(Error::AcrossVmas { start: m.start, end: m.end });
+        return Err(Error::AcrossVmas {
+            start: m.start,
+            end: m.end,
+        });
     }
     if !vma.prot.read && !vma.prot.write {
         return Err(Error::NoAccess(m.start));
@@ -115,8 +144,12 @@ pub fn migrate_vma_setup(m: &mut MigrateVma<'_>) -> Result<()> {
 fn selected(m: &MigrateVma<'_>, kind: MemoryKind, owner: u64) -> bool {
     match kind {
         MemoryKind::System => m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0,
-        MemoryKind::DevicePrivate => m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE != 0 && owner == m.pgmap_owner,
-        MemoryKind::DeviceCoherent => m.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT != 0 && owner == m.pgmap_owner,
+        MemoryKind::DevicePrivate => {
+            m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE != 0 && owner == m.pgmap_owner
+        }
+        MemoryKind::DeviceCoherent => {
+            m.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT != 0 && owner == m.pgmap_owner
+        }
     }
 }
 
@@ -154,7 +187,14 @@ fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) {
     }
 }
 
-fn collect_one(m: &MigrateVma<'_>, pm: &PageMap, anonymous: bool, g: &crate::mm::pte::LeafGuard<'_>, li: usize, addr: u64) -> u64 {
+fn collect_one(
+    m: &MigrateVma<'_>,
+    pm: &PageMap,
+    anonymous: bool,
+    g: &crate::mm::pte::LeafGuard<'_>,
+    li: usize,
+    addr: u64,
+) -> u64 {
     let pte = g.get(li);
     let (pfn, writable) = match pte {
         Pte::None => return if anonymous { MIGRATE_PFN_MIGRATE } else { 0 },
@@ -164,7 +204,11 @@ fn collect_one(m: &MigrateVma<'_>, pm: &PageMap, anonymous: bool, g: &crate::mm:
     };
     let Some(page) = pm.page(pfn) else { return 0 };
     if page.test(flags::ZERO) {
-        return if anonymous && m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0 { MIGRATE_PFN_MIGRATE } else { 0 };
+        return if anonymous && m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0 {
+            MIGRATE_PFN_MIGRATE
+        } else {
+            0
+        };
     }
     if !anonymous || !selected(m, page.kind(), page.owner()) || page.mapcount() == 0 {
         return 0;
@@ -196,7 +240,9 @@ fn collect_one(m: &MigrateVma<'_>, pm: &PageMap, anonymous: bool, g: &crate::mm:
 fn migrate_vma_unmap(m: &mut MigrateVma<'_>) {
     let pm = m.space.pagemap().clone();
     for i in 0..m.npages {
-        let Some(page) = migrate_pfn_to_page(&pm, m.src[i]) else { continue };
+        let Some(page) = migrate_pfn_to_page(&pm, m.src[i]) else {
+            continue;
+        };
         let is_fault_page = m.fault_page == Some(page.pfn());
         match unmap_page(&pm, page, if is_fault_page { 2 } else { 1 }) {
             Unmapped::Ready => {}
@@ -213,7 +259,9 @@ fn migrate_vma_unmap(m: &mut MigrateVma<'_>) {
 pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
     for (i, &w) in dst.iter().enumerate() {
-        let Some(pfn) = migrate_pfn_to_pfn(w) else { continue };
+        let Some(pfn) = migrate_pfn_to_pfn(w) else {
+            continue;
+        };
         if src[i] & MIGRATE_PFN_MIGRATE == 0 {
             continue;
         }
@@ -238,7 +286,10 @@ pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()>
 pub fn migrate_vma_pages(m: &mut MigrateVma<'_>) -> Result<()> {
     let pm = m.space.pagemap().clone();
     validate_dst(&pm, &m.src[..m.npages], &m.dst[..m.npages])?;
-    let vma = m.vma.clone().ok_or(Error::InvalidArgument("migrate_vma_pages before setup"))?;
+    let vma = m
+        .vma
+        .clone()
+        .ok_or(Error::InvalidArgument("migrate_vma_pages before setup"))?;
     for i in 0..m.npages {
         if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
             continue;
@@ -279,11 +330,31 @@ fn insert_page(space: &AddressSpace, vma: &Vma, addr: u64, page: &Page) -> bool 
     }
     let write = vma.prot.write;
     let pte = match page.kind() {
-        MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn: page.pfn(), write },
-        _ => Pte::Present { pfn: page.pfn(), write, dirty: false, young: false },
+        MemoryKind::DevicePrivate => Pte::DevicePrivate {
+            pfn: page.pfn(),
+            write,
+        },
+        _ => Pte::Present {
+            pfn: page.pfn(),
+            write,
+            dirty: false,
+            young: false,
+        },
     };
-    page.set(flags::ANON_EXCLUSIVE | if page.kind() == MemoryKind::System { flags::LRU } else { 0 });
-    space.notify(NotifyRange { start: addr, end: addr + PAGE, event: NotifyEvent::Migrate, owner: 0 });
+    page.set(
+        flags::ANON_EXCLUSIVE
+            | if page.kind() == MemoryKind::System {
+                flags::LRU
+            } else {
+                0
+            },
+    );
+    space.notify(NotifyRange {
+        start: addr,
+        end: addr + PAGE,
+        event: NotifyEvent::Migrate,
+        owner: 0,
+    });
     space.install(&g, li, addr, pte, page, true);
     true
 }
@@ -293,7 +364,12 @@ fn insert_page(space: &AddressSpace, vma: &Vma, addr: u64, page: &Page) -> bool 
 /// old pages and unused destinations).
 pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
     let pm = m.space.pagemap().clone();
-    finalize(&pm, &mut m.src[..m.npages], &m.dst[..m.npages], m.fault_page);
+    finalize(
+        &pm,
+        &mut m.src[..m.npages],
+        &m.dst[..m.npages],
+        m.fault_page,
+    );
 }
 
 /// The finalize stage shared with `migrate_device_finalize`.
@@ -334,17 +410,35 @@ pub(crate) fn finalize(pm: &PageMap, src: &mut [u64], dst: &[u64], fault_page: O
 /// bits (a device-private destination gives device-private entries).
 fn remap_to(pm: &PageMap, old: &Page, new: &Page) {
     for Mapping { space, addr } in old.mappings() {
-        let Some(inner) = pm.space(space) else { continue };
+        let Some(inner) = pm.space(space) else {
+            continue;
+        };
         let space = AddressSpace::from_inner(inner);
-        let Some(leaf) = space.leaf(addr, false) else { continue };
+        let Some(leaf) = space.leaf(addr, false) else {
+            continue;
+        };
         let g = leaf.lock();
         let li = leaf_index(addr);
-        if let Pte::Migration { pfn, kind, young, dirty } = g.get(li) {
+        if let Pte::Migration {
+            pfn,
+            kind,
+            young,
+            dirty,
+        } = g.get(li)
+        {
             if pfn == old.pfn() {
                 let write = kind == crate::mm::MigrationKind::Write;
                 let pte = match new.kind() {
-                    MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn: new.pfn(), write },
-                    _ => Pte::Present { pfn: new.pfn(), write, dirty, young },
+                    MemoryKind::DevicePrivate => Pte::DevicePrivate {
+                        pfn: new.pfn(),
+                        write,
+                    },
+                    _ => Pte::Present {
+                        pfn: new.pfn(),
+                        write,
+                        dirty,
+                        young,
+                    },
                 };
                 if dirty {
                     new.set(flags::DIRTY);
@@ -355,7 +449,10 @@ fn remap_to(pm: &PageMap, old: &Page, new: &Page) {
                 if new.kind() == MemoryKind::System {
                     new.set(flags::LRU);
                 }
-                old.remove_rmap(Mapping { space: space.id(), addr });
+                old.remove_rmap(Mapping {
+                    space: space.id(),
+                    addr,
+                });
                 space.install(&g, li, addr, pte, new, true);
             }
         }

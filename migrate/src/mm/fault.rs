@@ -60,7 +60,12 @@ impl AddressSpace {
         addr: u64,
         len: usize,
         write: bool,
-        mut f: impl FnMut(&Arc<dyn FrameAccess>, Pfn, usize, std::ops::Range<usize>) -> Result<(), hetmem_engine::EngineError>,
+        mut f: impl FnMut(
+            &Arc<dyn FrameAccess>,
+            Pfn,
+            usize,
+            std::ops::Range<usize>,
+        ) -> Result<(), hetmem_engine::EngineError>,
     ) -> Result<()> {
         let mut done = 0usize;
         while done < len {
@@ -79,7 +84,12 @@ impl AddressSpace {
 
     /// Resolves `addr` for a CPU access and runs `f` on its frame under the leaf lock, so that
     /// no migration can move the page while `f` touches it.
-    pub(crate) fn with_page<R>(&self, addr: u64, write: bool, f: impl FnOnce(Pfn) -> Result<R>) -> Result<R> {
+    pub(crate) fn with_page<R>(
+        &self,
+        addr: u64,
+        write: bool,
+        f: impl FnOnce(Pfn) -> Result<R>,
+    ) -> Result<R> {
         let map = self.map_read();
         let vma = find_vma(&map, addr).ok_or(Error::NotMapped(addr))?;
         if !vma.prot.read && !write {
@@ -94,19 +104,41 @@ impl AddressSpace {
         loop {
             let g = leaf.lock();
             match g.get(i) {
-                Pte::Present { pfn, write: w, dirty, .. } if w || !write => {
-                    g.set(i, Pte::Present { pfn, write: w, dirty: dirty || write, young: true });
+                Pte::Present {
+                    pfn,
+                    write: w,
+                    dirty,
+                    ..
+                } if w || !write => {
+                    g.set(
+                        i,
+                        Pte::Present {
+                            pfn,
+                            write: w,
+                            dirty: dirty || write,
+                            young: true,
+                        },
+                    );
                     return f(pfn);
                 }
-                Pte::Present { pfn, dirty, young, .. } => {
+                Pte::Present { pfn, dirty, .. } => {
                     // A write to a read-only entry of a writable mapping: copy on write, or
                     // reuse the page if this mapping is its only user.
                     let page = pm.page_or_err(pfn)?;
                     let sole = !page.test(flags::ZERO)
-                        && (page.test(flags::ANON_EXCLUSIVE) || (page.mapcount() == 1 && page.refcount() == 1));
+                        && (page.test(flags::ANON_EXCLUSIVE)
+                            || (page.mapcount() == 1 && page.refcount() == 1));
                     if sole || vma.shared {
                         page.set(flags::ANON_EXCLUSIVE);
-                        g.set(i, Pte::Present { pfn, write: true, dirty: true, young: true });
+                        g.set(
+                            i,
+                            Pte::Present {
+                                pfn,
+                                write: true,
+                                dirty: true,
+                                young: true,
+                            },
+                        );
                         return f(pfn);
                     }
                     let copy = pm.alloc_system(false, false)?;
@@ -115,9 +147,17 @@ impl AddressSpace {
                     if dirty {
                         copy.set(flags::DIRTY);
                     }
-                    let new = Pte::Present { pfn: copy.pfn(), write: true, dirty: true, young: young || true };
+                    let new = Pte::Present {
+                        pfn: copy.pfn(),
+                        write: true,
+                        dirty: true,
+                        young: true,
+                    };
                     if !page.test(flags::ZERO) {
-                        page.remove_rmap(super::page::Mapping { space: self.id(), addr });
+                        page.remove_rmap(super::page::Mapping {
+                            space: self.id(),
+                            addr,
+                        });
                         pm.put_page(page);
                     }
                     self.install(&g, i, addr, new, copy, false);
@@ -147,7 +187,9 @@ impl AddressSpace {
                         std::thread::yield_now();
                     }
                 }
-                Pte::Swap { .. } => return Err(Error::InvalidArgument("swap entries are not supported")),
+                Pte::Swap { .. } => {
+                    return Err(Error::InvalidArgument("swap entries are not supported"))
+                }
             }
         }
     }
@@ -161,8 +203,16 @@ impl AddressSpace {
         }
         let ops = self.pagemap().ops(pfn).cloned();
         let r = match ops {
-            Some(ops) => ops.migrate_to_ram(FaultContext { space: self, addr, write, page }),
-            None => Err(Error::FaultFailed { addr, reason: "device page without a pagemap".into() }),
+            Some(ops) => ops.migrate_to_ram(FaultContext {
+                space: self,
+                addr,
+                write,
+                page,
+            }),
+            None => Err(Error::FaultFailed {
+                addr,
+                reason: "device page without a pagemap".into(),
+            }),
         };
         page.unlock();
         r
@@ -178,7 +228,15 @@ impl AddressSpace {
         if !write && !vma.shared {
             let g = leaf.lock();
             if g.get(i) == Pte::None {
-                g.set(i, Pte::Present { pfn: pm.zero_pfn(), write: false, dirty: false, young: true });
+                g.set(
+                    i,
+                    Pte::Present {
+                        pfn: pm.zero_pfn(),
+                        write: false,
+                        dirty: false,
+                        young: true,
+                    },
+                );
             }
             return Ok(());
         }
@@ -190,7 +248,12 @@ impl AddressSpace {
             pm.put_page(page);
             return Ok(());
         }
-        let pte = Pte::Present { pfn: page.pfn(), write: vma.prot.write, dirty: write, young: true };
+        let pte = Pte::Present {
+            pfn: page.pfn(),
+            write: vma.prot.write,
+            dirty: write,
+            young: true,
+        };
         self.install(&g, i, addr, pte, page, false);
         Ok(())
     }

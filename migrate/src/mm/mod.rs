@@ -7,6 +7,7 @@ pub mod page;
 pub mod pagemap;
 pub mod pin;
 pub mod pte;
+pub mod range_fault;
 pub mod space;
 
 pub use fault::{FaultContext, PagemapOps};
@@ -15,4 +16,5 @@ pub use page::{flags, Mapping, MemoryKind, Page};
 pub use pagemap::{DevicePagemap, FrameAccess, PageMap};
 pub use pin::{pin_pages, PinGuard};
 pub use pte::{MigrationKind, Pte};
+pub use range_fault::{hmm_range_fault, snapshot, HmmPfn, PageState};
 pub use space::{AddressSpace, Prot, SpaceId, Vma, PAGE};

@@ -160,7 +160,8 @@ impl Page {
     }
     /// Makes a free page live with one reference and clean flags.
     pub(crate) fn init_allocated(&self, locked: bool) {
-        self.flags.store(if locked { flags::LOCKED } else { 0 }, Ordering::Release);
+        self.flags
+            .store(if locked { flags::LOCKED } else { 0 }, Ordering::Release);
         self.driver_data.store(0, Ordering::Release);
         self.pincount.store(0, Ordering::Release);
         self.mapcount.store(0, Ordering::Release);
@@ -225,7 +226,11 @@ impl Page {
     /// Unlocks the page and wakes every waiter.
     pub fn unlock(&self) {
         let was = self.flags.fetch_and(!flags::LOCKED, Ordering::AcqRel);
-        debug_assert!(was & flags::LOCKED != 0, "unlock of unlocked page {}", self.pfn);
+        debug_assert!(
+            was & flags::LOCKED != 0,
+            "unlock of unlocked page {}",
+            self.pfn
+        );
         let key = self as *const Page as usize;
         // SAFETY: waking threads parked on this page's key has no other effect.
         unsafe { parking_lot_core::unpark_all(key, parking_lot_core::DEFAULT_UNPARK_TOKEN) };

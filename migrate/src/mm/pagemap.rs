@@ -91,7 +91,9 @@ pub struct PageMap {
 
 impl std::fmt::Debug for PageMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PageMap").field("ranges", &self.count.load(Ordering::Acquire)).finish()
+        f.debug_struct("PageMap")
+            .field("ranges", &self.count.load(Ordering::Acquire))
+            .finish()
     }
 }
 
@@ -107,7 +109,13 @@ impl PageMap {
             spaces: RwLock::new(HashMap::new()),
             zero,
         };
-        pm.add_range(frames.pfn_range(), MemoryKind::System, 0, Some(frames.clone()), None)?;
+        pm.add_range(
+            frames.pfn_range(),
+            MemoryKind::System,
+            0,
+            Some(frames.clone()),
+            None,
+        )?;
         let z = pm.page(zero).expect("zero page is in the frame pool");
         z.init_allocated(false);
         z.set(flags::ZERO);
@@ -143,8 +151,17 @@ impl PageMap {
         if n == MAX_RANGES {
             return Err(MmError::TooManyRanges);
         }
-        let blocks = (0..(range.count as usize).div_ceil(BLOCK)).map(|_| OnceLock::new()).collect();
-        let _ = self.ranges[n].set(Range { range, kind, owner, blocks, access, ops });
+        let blocks = (0..(range.count as usize).div_ceil(BLOCK))
+            .map(|_| OnceLock::new())
+            .collect();
+        let _ = self.ranges[n].set(Range {
+            range,
+            kind,
+            owner,
+            blocks,
+            access,
+            ops,
+        });
         self.count.store(n + 1, Ordering::Release);
         Ok(n)
     }
@@ -160,9 +177,13 @@ impl PageMap {
         access: Option<Arc<dyn FrameAccess>>,
     ) -> Result<DevicePagemap, MmError> {
         match kind {
-            MemoryKind::System => return Err(MmError::InvalidArgument("device pagemap of kind System")),
+            MemoryKind::System => {
+                return Err(MmError::InvalidArgument("device pagemap of kind System"))
+            }
             MemoryKind::DeviceCoherent if access.is_none() => {
-                return Err(MmError::InvalidArgument("coherent pagemap without CPU access"))
+                return Err(MmError::InvalidArgument(
+                    "coherent pagemap without CPU access",
+                ))
             }
             _ => {}
         }
@@ -170,12 +191,20 @@ impl PageMap {
             return Err(MmError::InvalidArgument("pagemap owner 0 is reserved"));
         }
         let index = self.add_range(range, kind, owner, access, Some(ops))?;
-        Ok(DevicePagemap { range, kind, owner, index })
+        Ok(DevicePagemap {
+            range,
+            kind,
+            owner,
+            index,
+        })
     }
 
     fn range_of(&self, pfn: Pfn) -> Option<&Range> {
         let n = self.count.load(Ordering::Acquire);
-        self.ranges[..n].iter().filter_map(OnceLock::get).find(|r| r.range.contains(pfn))
+        self.ranges[..n]
+            .iter()
+            .filter_map(OnceLock::get)
+            .find(|r| r.range.contains(pfn))
     }
 
     /// The page of any registered frame.
@@ -193,6 +222,22 @@ impl PageMap {
         self.range_of(pfn)?.access.as_ref()
     }
 
+    /// Copies bytes out of a CPU-accessible frame (system or device-coherent).
+    pub fn read_frame(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<(), MmError> {
+        Ok(self
+            .access(pfn)
+            .ok_or(MmError::UnknownPfn(pfn))?
+            .read(pfn, offset, out)?)
+    }
+
+    /// Copies bytes into a CPU-accessible frame (system or device-coherent).
+    pub fn write_frame(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<(), MmError> {
+        Ok(self
+            .access(pfn)
+            .ok_or(MmError::UnknownPfn(pfn))?
+            .write(pfn, offset, data)?)
+    }
+
     /// The operations of the device pagemap `pfn` belongs to.
     pub(crate) fn ops(&self, pfn: Pfn) -> Option<&Arc<dyn PagemapOps>> {
         self.range_of(pfn)?.ops.as_ref()
@@ -201,7 +246,9 @@ impl PageMap {
     /// Allocates a system page: one reference, LRU, optionally zeroed and locked.
     pub fn alloc_system(&self, zeroed: bool, locked: bool) -> Result<&Page, MmError> {
         let pfn = self.frames.alloc(zeroed)?;
-        let p = self.page(pfn).expect("frames belong to the frame pool range");
+        let p = self
+            .page(pfn)
+            .expect("frames belong to the frame pool range");
         p.init_allocated(locked);
         Ok(p)
     }

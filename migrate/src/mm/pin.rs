@@ -26,7 +26,9 @@ impl PinGuard {
 
 impl std::fmt::Debug for PinGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PinGuard").field("pfns", &self.pfns).finish()
+        f.debug_struct("PinGuard")
+            .field("pfns", &self.pfns)
+            .finish()
     }
 }
 
@@ -45,9 +47,18 @@ impl Drop for PinGuard {
 /// device-private pages come back to host). A `longterm` pin refuses device-coherent pages
 /// with [`Error::CoherentPin`]: the caller migrates them out first (`hetmem::migration::
 /// pin_pages_longterm` does). On error nothing stays pinned.
-pub fn pin_pages(space: &AddressSpace, addr: u64, npages: usize, write: bool, longterm: bool) -> Result<PinGuard> {
+pub fn pin_pages(
+    space: &AddressSpace,
+    addr: u64,
+    npages: usize,
+    write: bool,
+    longterm: bool,
+) -> Result<PinGuard> {
     super::space::check_aligned(addr)?;
-    let mut guard = PinGuard { pagemap: space.pagemap().clone(), pfns: Vec::with_capacity(npages) };
+    let mut guard = PinGuard {
+        pagemap: space.pagemap().clone(),
+        pfns: Vec::with_capacity(npages),
+    };
     for k in 0..npages as u64 {
         let at = addr + k * PAGE;
         // A read pin of a hole must not pin the shared zero page: pin a real page.
@@ -64,14 +75,12 @@ pub fn pin_pages(space: &AddressSpace, addr: u64, npages: usize, write: bool, lo
             Ok(pfn)
         });
         let pfn = match pfn {
-            Err(Error::InvalidArgument("zero page")) => {
-                space.with_page(at, true, |pfn| {
-                    let p = space.pagemap().page_or_err(pfn)?;
-                    p.get();
-                    p.add_pin();
-                    Ok(pfn)
-                })?
-            }
+            Err(Error::InvalidArgument("zero page")) => space.with_page(at, true, |pfn| {
+                let p = space.pagemap().page_or_err(pfn)?;
+                p.get();
+                p.add_pin();
+                Ok(pfn)
+            })?,
             other => other?,
         };
         guard.pfns.push(pfn);

@@ -77,17 +77,35 @@ impl Pte {
         let b = |c: bool, bit: u64| if c { bit } else { 0 };
         match self {
             Pte::None => T_NONE,
-            Pte::Present { pfn, write, dirty, young } => {
-                pfn.0 << SHIFT | T_PRESENT | b(write, B_WRITE) | b(dirty, B_DIRTY) | b(young, B_YOUNG)
+            Pte::Present {
+                pfn,
+                write,
+                dirty,
+                young,
+            } => {
+                pfn.0 << SHIFT
+                    | T_PRESENT
+                    | b(write, B_WRITE)
+                    | b(dirty, B_DIRTY)
+                    | b(young, B_YOUNG)
             }
             Pte::DevicePrivate { pfn, write } => pfn.0 << SHIFT | T_DEVICE | b(write, B_WRITE),
-            Pte::Migration { pfn, kind, young, dirty } => {
+            Pte::Migration {
+                pfn,
+                kind,
+                young,
+                dirty,
+            } => {
                 let k = match kind {
                     MigrationKind::Read => 0,
                     MigrationKind::ReadExclusive => 1,
                     MigrationKind::Write => 2,
                 };
-                pfn.0 << SHIFT | T_MIGRATION | k << B_KIND_SHIFT | b(dirty, B_DIRTY) | b(young, B_YOUNG)
+                pfn.0 << SHIFT
+                    | T_MIGRATION
+                    | k << B_KIND_SHIFT
+                    | b(dirty, B_DIRTY)
+                    | b(young, B_YOUNG)
             }
             Pte::Swap { slot } => slot << SHIFT | T_SWAP,
         }
@@ -98,8 +116,16 @@ impl Pte {
         let pfn = Pfn(w >> SHIFT);
         let has = |bit: u64| w & bit != 0;
         match w & 7 {
-            T_PRESENT => Pte::Present { pfn, write: has(B_WRITE), dirty: has(B_DIRTY), young: has(B_YOUNG) },
-            T_DEVICE => Pte::DevicePrivate { pfn, write: has(B_WRITE) },
+            T_PRESENT => Pte::Present {
+                pfn,
+                write: has(B_WRITE),
+                dirty: has(B_DIRTY),
+                young: has(B_YOUNG),
+            },
+            T_DEVICE => Pte::DevicePrivate {
+                pfn,
+                write: has(B_WRITE),
+            },
             T_MIGRATION => Pte::Migration {
                 pfn,
                 kind: match (w >> B_KIND_SHIFT) & 3 {
@@ -118,9 +144,9 @@ impl Pte {
     /// The frame the entry refers to, if any.
     pub fn pfn(self) -> Option<Pfn> {
         match self {
-            Pte::Present { pfn, .. } | Pte::DevicePrivate { pfn, .. } | Pte::Migration { pfn, .. } => {
-                Some(pfn)
-            }
+            Pte::Present { pfn, .. }
+            | Pte::DevicePrivate { pfn, .. }
+            | Pte::Migration { pfn, .. } => Some(pfn),
             _ => None,
         }
     }
@@ -135,7 +161,10 @@ pub struct Leaf {
 
 impl Default for Leaf {
     fn default() -> Self {
-        Leaf { lock: Mutex::new(()), ptes: std::array::from_fn(|_| AtomicU64::new(0)) }
+        Leaf {
+            lock: Mutex::new(()),
+            ptes: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
     }
 }
 
@@ -146,7 +175,10 @@ impl Leaf {
     }
     /// Takes the leaf's lock: changes to its entries need the guard.
     pub fn lock(&self) -> LeafGuard<'_> {
-        LeafGuard { leaf: self, _g: self.lock.lock() }
+        LeafGuard {
+            leaf: self,
+            _g: self.lock.lock(),
+        }
     }
 }
 
@@ -176,12 +208,40 @@ mod tests {
         let p = Pfn(0x12345);
         let all = [
             Pte::None,
-            Pte::Present { pfn: p, write: true, dirty: false, young: true },
-            Pte::Present { pfn: p, write: false, dirty: true, young: false },
-            Pte::DevicePrivate { pfn: p, write: true },
-            Pte::Migration { pfn: p, kind: MigrationKind::ReadExclusive, young: true, dirty: true },
-            Pte::Migration { pfn: p, kind: MigrationKind::Write, young: false, dirty: false },
-            Pte::Migration { pfn: p, kind: MigrationKind::Read, young: false, dirty: true },
+            Pte::Present {
+                pfn: p,
+                write: true,
+                dirty: false,
+                young: true,
+            },
+            Pte::Present {
+                pfn: p,
+                write: false,
+                dirty: true,
+                young: false,
+            },
+            Pte::DevicePrivate {
+                pfn: p,
+                write: true,
+            },
+            Pte::Migration {
+                pfn: p,
+                kind: MigrationKind::ReadExclusive,
+                young: true,
+                dirty: true,
+            },
+            Pte::Migration {
+                pfn: p,
+                kind: MigrationKind::Write,
+                young: false,
+                dirty: false,
+            },
+            Pte::Migration {
+                pfn: p,
+                kind: MigrationKind::Read,
+                young: false,
+                dirty: true,
+            },
             Pte::Swap { slot: 77 },
         ];
         for pte in all {

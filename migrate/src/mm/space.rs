@@ -38,11 +38,20 @@ pub struct Prot {
 
 impl Prot {
     /// Read and write.
-    pub const RW: Prot = Prot { read: true, write: true };
+    pub const RW: Prot = Prot {
+        read: true,
+        write: true,
+    };
     /// Read only.
-    pub const READ: Prot = Prot { read: true, write: false };
+    pub const READ: Prot = Prot {
+        read: true,
+        write: false,
+    };
     /// No access.
-    pub const NONE: Prot = Prot { read: false, write: false };
+    pub const NONE: Prot = Prot {
+        read: false,
+        write: false,
+    };
 }
 
 /// One mapping: an anonymous range, private (copy-on-write after fork) or shared.
@@ -62,7 +71,13 @@ pub struct Vma {
 
 impl Vma {
     fn new(start: u64, end: u64, prot: Prot, shared: bool) -> Arc<Vma> {
-        Arc::new(Vma { start, end, prot, shared, lock: Mutex::new(()) })
+        Arc::new(Vma {
+            start,
+            end,
+            prot,
+            shared,
+            lock: Mutex::new(()),
+        })
     }
     /// True if the mapping is anonymous (every mapping hetmem makes is).
     pub fn is_anonymous(&self) -> bool {
@@ -98,7 +113,7 @@ impl std::fmt::Debug for AddressSpace {
 }
 
 pub(crate) fn check_aligned(addr: u64) -> Result<()> {
-    if addr % PAGE != 0 {
+    if !addr.is_multiple_of(PAGE) {
         Err(Error::Unaligned(addr))
     } else {
         Ok(())
@@ -196,10 +211,19 @@ impl AddressSpace {
                 check_aligned(a)?;
                 a
             }
-            None => self.inner.next_addr.fetch_add(len + PAGE, Ordering::Relaxed),
+            None => self
+                .inner
+                .next_addr
+                .fetch_add(len + PAGE, Ordering::Relaxed),
         };
-        let end = start.checked_add(len).ok_or(Error::InvalidArgument("range wraps"))?;
-        if map.range(..end).next_back().is_some_and(|(_, v)| v.end > start) {
+        let end = start
+            .checked_add(len)
+            .ok_or(Error::InvalidArgument("range wraps"))?;
+        if map
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, v)| v.end > start)
+        {
             return Err(Error::AlreadyMapped(start));
         }
         map.insert(start, Vma::new(start, end, prot, shared));
@@ -214,7 +238,12 @@ impl AddressSpace {
         split_at(&mut map, start);
         split_at(&mut map, end);
         let doomed: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
-        self.notify(NotifyRange { start, end, event: NotifyEvent::Unmap, owner: 0 });
+        self.notify(NotifyRange {
+            start,
+            end,
+            event: NotifyEvent::Unmap,
+            owner: 0,
+        });
         for k in doomed {
             let v = map.remove(&k).expect("listed above");
             self.zap_range(v.start, v.end);
@@ -231,7 +260,12 @@ impl AddressSpace {
         split_at(&mut map, start);
         split_at(&mut map, end);
         let keys: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
-        self.notify(NotifyRange { start, end, event: NotifyEvent::Protect, owner: 0 });
+        self.notify(NotifyRange {
+            start,
+            end,
+            event: NotifyEvent::Protect,
+            owner: 0,
+        });
         for k in keys {
             let old = map.get(&k).expect("listed above").clone();
             map.insert(k, Vma::new(old.start, old.end, prot, old.shared));
@@ -249,13 +283,24 @@ impl AddressSpace {
         check_aligned(new)?;
         let mut map = self.inner.map.write();
         covered(&map, start, end)?;
-        let new_end = new.checked_add(len).ok_or(Error::InvalidArgument("range wraps"))?;
-        if map.range(..new_end).next_back().is_some_and(|(_, v)| v.end > new) {
+        let new_end = new
+            .checked_add(len)
+            .ok_or(Error::InvalidArgument("range wraps"))?;
+        if map
+            .range(..new_end)
+            .next_back()
+            .is_some_and(|(_, v)| v.end > new)
+        {
             return Err(Error::AlreadyMapped(new));
         }
         split_at(&mut map, start);
         split_at(&mut map, end);
-        self.notify(NotifyRange { start, end, event: NotifyEvent::Remap, owner: 0 });
+        self.notify(NotifyRange {
+            start,
+            end,
+            event: NotifyEvent::Remap,
+            owner: 0,
+        });
         let keys: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
         for k in keys {
             let v = map.remove(&k).expect("listed above");
@@ -272,8 +317,14 @@ impl AddressSpace {
                     src.lock().set(leaf_index(addr), Pte::None);
                     dst.lock().set(leaf_index(to), pte);
                     if let Some(p) = self.mapped_page(pte) {
-                        p.remove_rmap(Mapping { space: self.id(), addr });
-                        p.add_rmap(Mapping { space: self.id(), addr: to });
+                        p.remove_rmap(Mapping {
+                            space: self.id(),
+                            addr,
+                        });
+                        p.add_rmap(Mapping {
+                            space: self.id(),
+                            addr: to,
+                        });
                     }
                 }
             }
@@ -291,7 +342,12 @@ impl AddressSpace {
         let mut cmap = child.inner.map.write();
         for (&k, v) in map.iter() {
             cmap.insert(k, Vma::new(v.start, v.end, v.prot, v.shared));
-            self.notify(NotifyRange { start: v.start, end: v.end, event: NotifyEvent::Protect, owner: 0 });
+            self.notify(NotifyRange {
+                start: v.start,
+                end: v.end,
+                event: NotifyEvent::Protect,
+                owner: 0,
+            });
             let mut addr = v.start;
             while addr < v.end {
                 self.fork_one(&child, v, addr)?;
@@ -303,7 +359,9 @@ impl AddressSpace {
     }
 
     fn fork_one(&self, child: &AddressSpace, v: &Vma, addr: u64) -> Result<()> {
-        let Some(leaf) = self.leaf(addr, false) else { return Ok(()) };
+        let Some(leaf) = self.leaf(addr, false) else {
+            return Ok(());
+        };
         let i = leaf_index(addr);
         let g = leaf.lock();
         let pte = g.get(i);
@@ -312,7 +370,12 @@ impl AddressSpace {
         let pm = self.pagemap();
         match pte {
             Pte::None | Pte::Swap { .. } | Pte::Migration { .. } => {}
-            Pte::Present { pfn, write, dirty, young } => {
+            Pte::Present {
+                pfn,
+                write,
+                dirty,
+                young,
+            } => {
                 let page = pm.page_or_err(pfn)?;
                 if page.test(flags::ZERO) {
                     cg.set(i, pte);
@@ -320,18 +383,52 @@ impl AddressSpace {
                     // A pinned page cannot be shared: the child gets its own copy.
                     let copy = pm.alloc_system(false, false)?;
                     copy_frame(pm, pfn, copy.pfn())?;
-                    copy.set(flags::ANON_EXCLUSIVE | flags::LRU | if dirty { flags::DIRTY } else { 0 });
-                    child.install(&cg, i, addr, Pte::Present { pfn: copy.pfn(), write, dirty, young }, copy, false);
+                    copy.set(
+                        flags::ANON_EXCLUSIVE | flags::LRU | if dirty { flags::DIRTY } else { 0 },
+                    );
+                    child.install(
+                        &cg,
+                        i,
+                        addr,
+                        Pte::Present {
+                            pfn: copy.pfn(),
+                            write,
+                            dirty,
+                            young,
+                        },
+                        copy,
+                        false,
+                    );
                 } else {
                     let cow = !v.shared;
                     if cow {
                         page.clear(flags::ANON_EXCLUSIVE);
-                        g.set(i, Pte::Present { pfn, write: false, dirty, young });
+                        g.set(
+                            i,
+                            Pte::Present {
+                                pfn,
+                                write: false,
+                                dirty,
+                                young,
+                            },
+                        );
                     }
                     if dirty {
                         page.set(flags::DIRTY);
                     }
-                    child.install(&cg, i, addr, Pte::Present { pfn, write: write && !cow, dirty, young }, page, true);
+                    child.install(
+                        &cg,
+                        i,
+                        addr,
+                        Pte::Present {
+                            pfn,
+                            write: write && !cow,
+                            dirty,
+                            young,
+                        },
+                        page,
+                        true,
+                    );
                 }
             }
             Pte::DevicePrivate { pfn, write } => {
@@ -341,7 +438,17 @@ impl AddressSpace {
                     page.clear(flags::ANON_EXCLUSIVE);
                     g.set(i, Pte::DevicePrivate { pfn, write: false });
                 }
-                child.install(&cg, i, addr, Pte::DevicePrivate { pfn, write: write && !cow }, page, true);
+                child.install(
+                    &cg,
+                    i,
+                    addr,
+                    Pte::DevicePrivate {
+                        pfn,
+                        write: write && !cow,
+                    },
+                    page,
+                    true,
+                );
             }
         }
         Ok(())
@@ -355,11 +462,22 @@ impl AddressSpace {
 
     /// Sets entry `i` of a locked leaf to map `page` at `addr`: records the mapping and,
     /// with `take_ref`, a reference (an allocation's own reference is otherwise handed over).
-    pub(crate) fn install(&self, g: &LeafGuard<'_>, i: usize, addr: u64, pte: Pte, page: &Page, take_ref: bool) {
+    pub(crate) fn install(
+        &self,
+        g: &LeafGuard<'_>,
+        i: usize,
+        addr: u64,
+        pte: Pte,
+        page: &Page,
+        take_ref: bool,
+    ) {
         if take_ref {
             page.get();
         }
-        page.add_rmap(Mapping { space: self.id(), addr });
+        page.add_rmap(Mapping {
+            space: self.id(),
+            addr,
+        });
         g.set(i, pte);
     }
 
@@ -374,7 +492,10 @@ impl AddressSpace {
                 g.set(i, Pte::None);
                 drop(g);
                 if let Some(p) = self.mapped_page(pte) {
-                    p.remove_rmap(Mapping { space: self.id(), addr });
+                    p.remove_rmap(Mapping {
+                        space: self.id(),
+                        addr,
+                    });
                     // A migration entry holds no reference: the migration holds its own.
                     if !matches!(pte, Pte::Migration { .. }) {
                         self.pagemap().put_page(p);
@@ -392,15 +513,27 @@ impl AddressSpace {
                 let g = leaf.lock();
                 let i = leaf_index(addr);
                 match g.get(i) {
-                    Pte::Present { pfn, dirty, young, .. } => {
+                    Pte::Present {
+                        pfn, dirty, young, ..
+                    } => {
                         if dirty {
                             if let Some(p) = self.mapped_page(g.get(i)) {
                                 p.set(flags::DIRTY);
                             }
                         }
-                        g.set(i, Pte::Present { pfn, write: false, dirty, young })
+                        g.set(
+                            i,
+                            Pte::Present {
+                                pfn,
+                                write: false,
+                                dirty,
+                                young,
+                            },
+                        )
                     }
-                    Pte::DevicePrivate { pfn, .. } => g.set(i, Pte::DevicePrivate { pfn, write: false }),
+                    Pte::DevicePrivate { pfn, .. } => {
+                        g.set(i, Pte::DevicePrivate { pfn, write: false })
+                    }
                     _ => {}
                 }
             }
@@ -413,7 +546,12 @@ impl Drop for SpaceInner {
     /// Releases every entry: mirrors are told, pages lose this space's mappings.
     fn drop(&mut self) {
         for v in self.map.get_mut().values() {
-            let range = NotifyRange { start: v.start, end: v.end, event: NotifyEvent::Release, owner: 0 };
+            let range = NotifyRange {
+                start: v.start,
+                end: v.end,
+                event: NotifyEvent::Release,
+                owner: 0,
+            };
             for n in self.notifiers.get_mut().iter() {
                 n.invalidate(self.id, &range);
             }
@@ -422,11 +560,16 @@ impl Drop for SpaceInner {
             for i in 0..PTRS_PER_LEAF {
                 let pte = leaf.get(i);
                 let Some(pfn) = pte.pfn() else { continue };
-                let Some(p) = self.pagemap.page(pfn) else { continue };
+                let Some(p) = self.pagemap.page(pfn) else {
+                    continue;
+                };
                 if p.test(flags::ZERO) {
                     continue;
                 }
-                p.remove_rmap(Mapping { space: self.id, addr: key * LEAF_SPAN + i as u64 * PAGE });
+                p.remove_rmap(Mapping {
+                    space: self.id,
+                    addr: key * LEAF_SPAN + i as u64 * PAGE,
+                });
                 if !matches!(pte, Pte::Migration { .. }) {
                     self.pagemap.put_page(p);
                 }
@@ -439,8 +582,12 @@ impl Drop for SpaceInner {
 /// Copies one frame's bytes to another (both CPU-accessible).
 pub(crate) fn copy_frame(pm: &PageMap, from: Pfn, to: Pfn) -> Result<()> {
     let mut buf = vec![0u8; PAGE_SIZE];
-    pm.access(from).ok_or(Error::UnknownPfn(from))?.read(from, 0, &mut buf)?;
-    pm.access(to).ok_or(Error::UnknownPfn(to))?.write(to, 0, &buf)?;
+    pm.access(from)
+        .ok_or(Error::UnknownPfn(from))?
+        .read(from, 0, &mut buf)?;
+    pm.access(to)
+        .ok_or(Error::UnknownPfn(to))?
+        .write(to, 0, &buf)?;
     Ok(())
 }
 
@@ -463,7 +610,11 @@ fn range_of(addr: u64, len: u64) -> Result<(u64, u64)> {
     if len == 0 {
         return Err(Error::EmptyRange);
     }
-    Ok((addr, addr.checked_add(len).ok_or(Error::InvalidArgument("range wraps"))?))
+    Ok((
+        addr,
+        addr.checked_add(len)
+            .ok_or(Error::InvalidArgument("range wraps"))?,
+    ))
 }
 
 /// Fails unless `[start, end)` is mapped without gaps.

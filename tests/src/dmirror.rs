@@ -1,0 +1,362 @@
+//! A test driver in the spirit of the kernel's `test_hmm` dmirror device: it mirrors address
+//! spaces the way a GPU would, migrates ranges to its memory and back with one engine batch
+//! per migration, snapshots page state, counts `cpages` and `faults`, and evicts itself.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use hetmem::migration::*;
+use hetmem::mm::{
+    hmm_range_fault, snapshot, AddressSpace, DevicePagemap, FaultContext, FrameAccess, MemoryKind,
+    Page, PageMap, PageState, PagemapOps, PAGE,
+};
+use hetmem::{Error, Result};
+use hetmem_engine::{Device, EngineError, Pfn, PAGE_SIZE};
+use parking_lot::Mutex;
+
+/// CPU access to a device's pages (for device-coherent memory).
+struct DeviceAccess(Device);
+
+impl FrameAccess for DeviceAccess {
+    fn read(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<(), EngineError> {
+        self.0.read_page(pfn, offset, out)
+    }
+    fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<(), EngineError> {
+        self.0.write_page(pfn, offset, data)
+    }
+}
+
+/// What the device's pagemap callbacks share with the mirror.
+struct Shared {
+    device: Device,
+    owner: u64,
+    faults: AtomicU64,
+    /// Addresses whose next copy to or from the device fails.
+    fail_addrs: Mutex<HashSet<u64>>,
+    /// Pages the next migration may allocate on the device (usize::MAX: no limit).
+    alloc_limit: AtomicUsize,
+}
+
+struct Ops(Arc<Shared>);
+
+impl PagemapOps for Ops {
+    fn page_free(&self, page: &Page) {
+        if let Err(e) = self.0.device.free_page(page.pfn()) {
+            panic!("page_free of {}: {e}", page.pfn());
+        }
+    }
+
+    fn migrate_to_ram(&self, f: FaultContext<'_>) -> Result<()> {
+        self.0.faults.fetch_add(1, Ordering::Relaxed);
+        let mut src = [0u64; 1];
+        let mut dst = [0u64; 1];
+        let mut m = MigrateVma::new(f.space, f.addr, f.addr + PAGE, &mut src, &mut dst);
+        m.pgmap_owner = self.0.owner;
+        m.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+        m.fault_page = Some(f.page.pfn());
+        migrate_vma_setup(&mut m)?;
+        copy_pages(&self.0, f.space.pagemap(), &mut m, Direction::ToSystem);
+        migrate_vma_pages(&mut m)?;
+        migrate_vma_finalize(&mut m);
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    ToDevice,
+    ToSystem,
+}
+
+/// Allocates destinations for every `MIGRATE` entry of `m` and copies in one engine batch;
+/// entries that cannot be allocated or copied get `dst = 0` (they stay where they are).
+fn copy_pages(s: &Shared, pm: &PageMap, m: &mut MigrateVma<'_>, dir: Direction) {
+    let want: Vec<usize> = (0..m.npages)
+        .filter(|&i| m.src[i] & MIGRATE_PFN_MIGRATE != 0)
+        .collect();
+    let limit = s.alloc_limit.load(Ordering::Relaxed);
+    let want = &want[..want.len().min(limit)];
+    let dsts: Vec<Pfn> = match dir {
+        Direction::ToDevice => match s.device.alloc_pages(want.len(), true) {
+            Ok(v) => v,
+            Err(_) => return,
+        },
+        Direction::ToSystem => {
+            let mut v = Vec::with_capacity(want.len());
+            for _ in want {
+                match pm.alloc_system(true, true) {
+                    Ok(p) => {
+                        p.unlock();
+                        v.push(p.pfn());
+                    }
+                    Err(_) => break,
+                }
+            }
+            v
+        }
+    };
+    let mut pairs = Vec::new();
+    let mut idx = Vec::new();
+    for (&i, &d) in want.iter().zip(&dsts) {
+        let page = match dir {
+            Direction::ToDevice => pm.init_device_page(d, true).expect("fresh device page"),
+            Direction::ToSystem => {
+                let p = pm.page(d).expect("frame");
+                p.lock();
+                p
+            }
+        };
+        m.dst[i] = migrate_pfn(page.pfn());
+        if let Some(src) = migrate_pfn_to_pfn(m.src[i]) {
+            pairs.push((src, d));
+            idx.push(i);
+        }
+    }
+    let fail: Vec<Pfn> = {
+        let f = s.fail_addrs.lock();
+        idx.iter()
+            .zip(&pairs)
+            .filter(|(&i, _)| f.contains(&m.addr(i)))
+            .map(|(_, p)| p.1)
+            .collect()
+    };
+    s.device.inject_copy_failures(&fail);
+    let result = s.device.copy(&pairs).and_then(|t| t.wait());
+    s.device.inject_copy_failures(&[]);
+    let failed: Vec<usize> = match result {
+        Ok(()) => Vec::new(),
+        Err(EngineError::CopyFailed { failed, .. }) => failed,
+        Err(_) => (0..pairs.len()).collect(),
+    };
+    for k in failed {
+        let i = idx[k];
+        let page = pm.page(pairs[k].1).expect("allocated above");
+        m.dst[i] = 0;
+        page.unlock();
+        pm.put_page(page);
+    }
+}
+
+/// The test device.
+pub struct Dmirror {
+    shared: Arc<Shared>,
+    /// The page map the mirror's address spaces live in.
+    pub pagemap: Arc<PageMap>,
+    /// The registered device pagemap.
+    pub pgmap: DevicePagemap,
+    /// `cpages` of the last migration.
+    pub cpages: AtomicUsize,
+}
+
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(0x1000);
+
+/// What a migration did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Moved {
+    /// Entries collected by setup (holes included).
+    pub cpages: usize,
+    /// Entries that ended migrated.
+    pub migrated: usize,
+}
+
+impl Dmirror {
+    /// Registers `device`'s memory in `pagemap` as `kind` with a fresh owner.
+    pub fn new(device: Device, kind: MemoryKind, pagemap: &Arc<PageMap>) -> Dmirror {
+        let owner = NEXT_OWNER.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(Shared {
+            device: device.clone(),
+            owner,
+            faults: AtomicU64::new(0),
+            fail_addrs: Mutex::new(HashSet::new()),
+            alloc_limit: AtomicUsize::new(usize::MAX),
+        });
+        let access: Option<Arc<dyn FrameAccess>> = (kind == MemoryKind::DeviceCoherent)
+            .then(|| Arc::new(DeviceAccess(device.clone())) as _);
+        let pgmap = pagemap
+            .register_device(
+                device.pfn_range(),
+                kind,
+                owner,
+                Arc::new(Ops(shared.clone())),
+                access,
+            )
+            .expect("register device pagemap");
+        Dmirror {
+            shared,
+            pagemap: pagemap.clone(),
+            pgmap,
+            cpages: AtomicUsize::new(0),
+        }
+    }
+
+    /// The engine device.
+    pub fn device(&self) -> &Device {
+        &self.shared.device
+    }
+    /// The pagemap owner.
+    pub fn owner(&self) -> u64 {
+        self.shared.owner
+    }
+    /// CPU faults the device has served.
+    pub fn faults(&self) -> u64 {
+        self.shared.faults.load(Ordering::Relaxed)
+    }
+    /// Makes the next copies of these addresses fail.
+    pub fn fail_copies_at(&self, addrs: &[u64]) {
+        *self.shared.fail_addrs.lock() = addrs.iter().copied().collect();
+    }
+    /// Limits how many pages the next migrations may allocate (None: no limit).
+    pub fn limit_allocations(&self, n: Option<usize>) {
+        self.shared
+            .alloc_limit
+            .store(n.unwrap_or(usize::MAX), Ordering::Relaxed);
+    }
+
+    fn flags_to_device(&self) -> u32 {
+        MIGRATE_VMA_SELECT_SYSTEM
+    }
+
+    /// Migrates `npages` pages from `addr` to the device.
+    pub fn migrate_to_device(
+        &self,
+        space: &AddressSpace,
+        addr: u64,
+        npages: usize,
+    ) -> Result<Moved> {
+        self.migrate(
+            space,
+            addr,
+            npages,
+            self.flags_to_device(),
+            Direction::ToDevice,
+        )
+    }
+
+    /// Migrates this device's pages of `npages` pages from `addr` back to system memory.
+    pub fn migrate_to_system(
+        &self,
+        space: &AddressSpace,
+        addr: u64,
+        npages: usize,
+    ) -> Result<Moved> {
+        let flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
+        self.migrate(space, addr, npages, flags, Direction::ToSystem)
+    }
+
+    fn migrate(
+        &self,
+        space: &AddressSpace,
+        addr: u64,
+        npages: usize,
+        flags: u32,
+        dir: Direction,
+    ) -> Result<Moved> {
+        let mut src = vec![0u64; npages];
+        let mut dst = vec![0u64; npages];
+        let mut m = MigrateVma::new(space, addr, addr + npages as u64 * PAGE, &mut src, &mut dst);
+        m.pgmap_owner = self.owner();
+        m.flags = flags;
+        migrate_vma_setup(&mut m)?;
+        let cpages = m.cpages;
+        self.cpages.store(cpages, Ordering::Relaxed);
+        copy_pages(&self.shared, &self.pagemap, &mut m, dir);
+        migrate_vma_pages(&mut m)?;
+        let migrated = (0..npages)
+            .filter(|&i| m.src[i] & MIGRATE_PFN_MIGRATE != 0 && m.dst[i] & MIGRATE_PFN_VALID != 0)
+            .count();
+        migrate_vma_finalize(&mut m);
+        Ok(Moved { cpages, migrated })
+    }
+
+    /// Reads `len` bytes at `addr` as the device would: through `hmm_range_fault`, reading its
+    /// own pages in place and host pages where they are.
+    pub fn device_read(&self, space: &AddressSpace, addr: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        self.device_access(space, addr, len, false, |dev, pm, pfn, off, range| {
+            if dev.owns(pfn) {
+                dev.read_page(pfn, off, &mut out[range])
+                    .map_err(Error::from)
+            } else {
+                pm.read_frame(pfn, off, &mut out[range])
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Writes `data` at `addr` as the device would.
+    pub fn device_write(&self, space: &AddressSpace, addr: u64, data: &[u8]) -> Result<()> {
+        self.device_access(space, addr, data.len(), true, |dev, pm, pfn, off, range| {
+            if dev.owns(pfn) {
+                dev.write_page(pfn, off, &data[range]).map_err(Error::from)
+            } else {
+                pm.write_frame(pfn, off, &data[range])
+            }
+        })
+    }
+
+    fn device_access(
+        &self,
+        space: &AddressSpace,
+        addr: u64,
+        len: usize,
+        write: bool,
+        mut f: impl FnMut(&Device, &PageMap, Pfn, usize, std::ops::Range<usize>) -> Result<()>,
+    ) -> Result<()> {
+        let start = addr & !(PAGE - 1);
+        let npages = ((addr + len as u64).div_ceil(PAGE) * PAGE - start) / PAGE;
+        loop {
+            let seq = space.invalidate_seq();
+            let pfns = hmm_range_fault(space, start, npages as usize, write, self.owner())?;
+            let mut done = 0usize;
+            let mut k = 0usize;
+            while done < len {
+                let at = addr + done as u64;
+                let off = (at % PAGE) as usize;
+                let n = (PAGE_SIZE - off).min(len - done);
+                f(
+                    self.device(),
+                    &self.pagemap,
+                    pfns[k].pfn,
+                    off,
+                    done..done + n,
+                )?;
+                done += n;
+                k += 1;
+            }
+            if space.invalidate_seq() == seq {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Per-page state as this device sees it.
+    pub fn snapshot(&self, space: &AddressSpace, addr: u64, npages: usize) -> Vec<PageState> {
+        snapshot(space, addr, npages, self.owner())
+    }
+
+    /// Evicts every page of the device to system memory with `migrate_device_range`.
+    pub fn evict_all(&self) -> Result<usize> {
+        let range = self.pgmap.range;
+        let n = range.count as usize;
+        let mut src = vec![0u64; n];
+        migrate_device_range(&self.pagemap, &mut src, range.start, n)?;
+        let mut dst = vec![0u64; n];
+        let mut pairs = Vec::new();
+        for i in 0..n {
+            if src[i] & MIGRATE_PFN_MIGRATE == 0 {
+                continue;
+            }
+            let page = self.pagemap.alloc_system(false, true)?;
+            dst[i] = migrate_pfn(page.pfn());
+            pairs.push((migrate_pfn_to_pfn(src[i]).expect("collected"), page.pfn()));
+        }
+        self.device().copy(&pairs)?.wait()?;
+        migrate_device_pages(&self.pagemap, &mut src, &dst)?;
+        let moved = (0..n)
+            .filter(|&i| src[i] & MIGRATE_PFN_MIGRATE != 0)
+            .count();
+        migrate_device_finalize(&self.pagemap, &mut src, &dst);
+        Ok(moved)
+    }
+}
