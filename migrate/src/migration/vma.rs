@@ -74,6 +74,38 @@ impl<'a> MigrateVma<'a> {
         }
     }
 
+    /// Rebuilds the arguments of a migration whose setup already ran (for the typestate
+    /// wrapper, which owns the arrays between stages).
+    pub(crate) fn resume(
+        space: &'a AddressSpace,
+        start: u64,
+        end: u64,
+        src: &'a mut [u64],
+        dst: &'a mut [u64],
+        fault_page: Option<Pfn>,
+        vma: Option<Arc<Vma>>,
+    ) -> Self {
+        let npages = src.len();
+        MigrateVma {
+            space,
+            start,
+            end,
+            src,
+            dst,
+            pgmap_owner: 0,
+            flags: 0,
+            fault_page,
+            cpages: 0,
+            npages,
+            vma,
+        }
+    }
+
+    /// The mapping setup found.
+    pub(crate) fn vma(&self) -> Option<Arc<Vma>> {
+        self.vma.clone()
+    }
+
     /// The address of entry `i`.
     pub fn addr(&self, i: usize) -> u64 {
         self.start + i as u64 * PAGE

@@ -1,0 +1,390 @@
+//! The migration API beyond the conformance table: the typestate wrapper, bad destinations,
+//! pagemap registration, remap, fork of pinned and device-private pages, mirrors of another
+//! owner's pages, and long-term pins of coherent memory.
+
+use std::sync::Arc;
+
+use hetmem::migration::*;
+use hetmem::mm::{flags, pin_pages, AddressSpace, MemoryKind, PageMap, PageState, Prot, Pte, PAGE};
+use hetmem::Error;
+use hetmem_engine::{Device, DeviceKind, Pfn};
+use hetmem_tests::dmirror::Dmirror;
+use hetmem_tests::{open_for_test, KINDS};
+
+fn setup(
+    kind: DeviceKind,
+    mem: MemoryKind,
+    test: &str,
+) -> Option<(Arc<PageMap>, Dmirror, AddressSpace)> {
+    let device = open_for_test(kind, 256 * 4096, test)?;
+    let pm = PageMap::new(device.frames().clone()).unwrap();
+    let dev = Dmirror::new(device, mem, &pm);
+    let space = AddressSpace::new(&pm);
+    Some((pm, dev, space))
+}
+
+fn kinds() -> impl Iterator<Item = DeviceKind> {
+    KINDS.into_iter().filter(|&k| k != DeviceKind::Wgpu)
+}
+
+fn alloc_locked(dev: &Device, pm: &PageMap, n: usize) -> Vec<Pfn> {
+    dev.alloc_pages(n, true)
+        .unwrap()
+        .into_iter()
+        .inspect(|&p| {
+            pm.init_device_page(p, true).unwrap();
+        })
+        .collect()
+}
+
+#[test]
+fn typestate_runs_the_stages_in_order() {
+    for kind in kinds() {
+        let Some((pm, dev, space)) = setup(kind, MemoryKind::DevicePrivate, "typestate") else {
+            continue;
+        };
+        let a = space.mmap(None, 4 * PAGE, Prot::RW, false).unwrap();
+        space.write(a, &[7u8; 3 * 4096]).unwrap(); // the fourth page stays a hole
+        let mut m = Migration::setup(
+            &space,
+            a,
+            a + 4 * PAGE,
+            MIGRATE_VMA_SELECT_SYSTEM,
+            dev.owner(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(m.cpages(), 4);
+        let entries: Vec<_> = m.collected().collect();
+        assert_eq!(
+            entries.iter().filter(|e| e.1.is_none()).count(),
+            1,
+            "one hole"
+        );
+        let dst = alloc_locked(dev.device(), &pm, 4);
+        let pairs: Vec<_> = entries
+            .iter()
+            .filter_map(|&(i, s)| Some((s?, dst[i])))
+            .collect();
+        for (i, _) in &entries {
+            m.dst_mut()[*i] = migrate_pfn(dst[*i]);
+        }
+        dev.device().copy(&pairs).unwrap().wait().unwrap();
+        let outcome = m.copied().unwrap().finalize();
+        assert_eq!(
+            outcome,
+            Outcome {
+                cpages: 4,
+                migrated: 4
+            }
+        );
+        assert!(dev
+            .snapshot(&space, a, 4)
+            .iter()
+            .all(|&s| s == PageState::DevicePrivateLocal));
+        let mut got = vec![0; 4 * 4096];
+        space.read(a, &mut got).unwrap();
+        assert!(got[..3 * 4096].iter().all(|&b| b == 7) && got[3 * 4096..].iter().all(|&b| b == 0));
+    }
+}
+
+#[test]
+fn a_dropped_migration_restores_every_page() {
+    for kind in kinds() {
+        let Some((pm, dev, space)) = setup(kind, MemoryKind::DevicePrivate, "dropped_migration")
+        else {
+            continue;
+        };
+        let a = space.mmap(None, 8 * PAGE, Prot::RW, false).unwrap();
+        space.write(a, &[9u8; 8 * 4096]).unwrap();
+        let before: Vec<Pte> = (0..8).map(|i| space.pte(a + i * PAGE)).collect();
+        {
+            let mut m = Migration::setup(
+                &space,
+                a,
+                a + 8 * PAGE,
+                MIGRATE_VMA_SELECT_SYSTEM,
+                dev.owner(),
+                None,
+            )
+            .unwrap();
+            let dst = alloc_locked(dev.device(), &pm, 8);
+            for (i, d) in dst.iter().enumerate() {
+                m.dst_mut()[i] = migrate_pfn(*d);
+            }
+            assert!(matches!(space.pte(a), Pte::Migration { .. }));
+            // An early return: dropped while collected.
+        }
+        let after: Vec<Pte> = (0..8).map(|i| space.pte(a + i * PAGE)).collect();
+        assert_eq!(before, after);
+        assert_eq!(
+            dev.device().pages_in_use(),
+            0,
+            "unused destinations are freed"
+        );
+        for p in &after {
+            let page = pm.page(p.pfn().unwrap()).unwrap();
+            assert!(!page.test(flags::LOCKED) && page.test(flags::LRU));
+            assert_eq!(page.refcount(), 1);
+        }
+    }
+}
+
+#[test]
+fn bad_destinations_are_refused_and_change_nothing() {
+    for kind in kinds() {
+        let Some((pm, dev, space)) = setup(kind, MemoryKind::DevicePrivate, "bad_destinations")
+        else {
+            continue;
+        };
+        let a = space.mmap(None, 2 * PAGE, Prot::RW, false).unwrap();
+        space.write(a, &[1u8; 2 * 4096]).unwrap();
+        let mut src = [0u64; 2];
+        let mut dst = [0u64; 2];
+        let mut m = MigrateVma::new(&space, a, a + 2 * PAGE, &mut src, &mut dst);
+        m.flags = MIGRATE_VMA_SELECT_SYSTEM;
+        migrate_vma_setup(&mut m).unwrap();
+        let good = alloc_locked(dev.device(), &pm, 2);
+        let unlocked = dev.device().alloc_page(false).unwrap();
+        pm.init_device_page(unlocked, false).unwrap();
+        let free = dev.device().alloc_page(false).unwrap();
+        dev.device().free_page(free).unwrap();
+        let bad: [(u64, fn(&Error) -> bool); 4] = [
+            (migrate_pfn(Pfn(12345)), |e| {
+                matches!(e, Error::UnknownPfn(_))
+            }),
+            (migrate_pfn(free), |e| matches!(e, Error::PageFree(_))),
+            (migrate_pfn(unlocked), |e| matches!(e, Error::NotLocked(_))),
+            (migrate_pfn(good[0]), |e| matches!(e, Error::PageInUse(_))), // named twice
+        ];
+        for (w, is) in bad {
+            m.dst[0] = migrate_pfn(good[0]);
+            m.dst[1] = w;
+            let e = migrate_vma_pages(&mut m).unwrap_err();
+            assert!(is(&e), "{e}");
+            assert!(
+                m.src.iter().all(|&s| s & MIGRATE_PFN_MIGRATE != 0),
+                "src untouched"
+            );
+        }
+        m.dst[1] = migrate_pfn(good[1]);
+        migrate_vma_pages(&mut m).unwrap();
+        migrate_vma_finalize(&mut m);
+        assert!(dev
+            .snapshot(&space, a, 2)
+            .iter()
+            .all(|&s| s == PageState::DevicePrivateLocal));
+        pm.put_page(pm.page(unlocked).unwrap());
+    }
+}
+
+#[test]
+fn a_pfn_range_registers_once() {
+    let device = open_for_test(DeviceKind::Host, 64 * 4096, "registers_once").unwrap();
+    let pm = PageMap::new(device.frames().clone()).unwrap();
+    let _first = Dmirror::new(device.clone(), MemoryKind::DevicePrivate, &pm);
+    struct NoOps;
+    impl hetmem::mm::PagemapOps for NoOps {
+        fn page_free(&self, _: &hetmem::mm::Page) {}
+        fn migrate_to_ram(&self, _: hetmem::mm::FaultContext<'_>) -> hetmem::Result<()> {
+            Ok(())
+        }
+    }
+    let again = pm.register_device(
+        device.pfn_range(),
+        MemoryKind::DevicePrivate,
+        77,
+        Arc::new(NoOps),
+        None,
+    );
+    assert!(matches!(again, Err(Error::RangeRegistered(_))));
+    let frames = pm.register_device(
+        device.frames().pfn_range(),
+        MemoryKind::DevicePrivate,
+        77,
+        Arc::new(NoOps),
+        None,
+    );
+    assert!(matches!(frames, Err(Error::RangeRegistered(_))));
+    let coherent = pm.register_device(
+        hetmem_engine::reserve_pfn_range(8),
+        MemoryKind::DeviceCoherent,
+        78,
+        Arc::new(NoOps),
+        None,
+    );
+    assert!(
+        matches!(coherent, Err(Error::InvalidArgument(_))),
+        "coherent memory needs CPU access"
+    );
+}
+
+#[test]
+fn remap_moves_entries_of_every_state() {
+    for kind in kinds() {
+        for mem in [MemoryKind::DevicePrivate, MemoryKind::DeviceCoherent] {
+            let Some((_pm, dev, space)) = setup(kind, mem, "remap") else {
+                continue;
+            };
+            let a = space.mmap(None, 8 * PAGE, Prot::RW, false).unwrap();
+            let data: Vec<u8> = (0..8 * 4096).map(|i| (i % 253) as u8).collect();
+            space.write(a, &data[..6 * 4096]).unwrap(); // pages 6, 7 stay holes
+            dev.migrate_to_device(&space, a, 3).unwrap(); // pages 0..3 on the device
+            let to = a + 64 * PAGE;
+            space.mremap(a, 8 * PAGE, to).unwrap();
+            assert!(space.vma(a).is_none());
+            assert_eq!(space.pte(a), Pte::None);
+            let mut got = vec![0; 8 * 4096];
+            space.read(to, &mut got).unwrap();
+            assert_eq!(&got[..6 * 4096], &data[..6 * 4096]);
+            assert!(got[6 * 4096..].iter().all(|&b| b == 0));
+            if mem == MemoryKind::DevicePrivate {
+                assert_eq!(
+                    dev.faults(),
+                    3,
+                    "device pages fault back at the new address"
+                );
+            }
+            assert!(matches!(
+                space.mremap(to, PAGE, to + PAGE),
+                Err(Error::AlreadyMapped(_))
+            ));
+        }
+    }
+}
+
+#[test]
+fn fork_copies_pinned_pages_and_shares_device_entries() {
+    for kind in kinds() {
+        let Some((pm, dev, space)) = setup(kind, MemoryKind::DevicePrivate, "fork_pinned") else {
+            continue;
+        };
+        let a = space.mmap(None, 2 * PAGE, Prot::RW, false).unwrap();
+        space.write(a, &[5u8; 2 * 4096]).unwrap();
+        let pin = pin_pages(&space, a, 1, true, false).unwrap();
+        dev.migrate_to_device(&space, a + PAGE, 1).unwrap();
+        let child = space.fork().unwrap();
+        assert_ne!(
+            child.pte(a).pfn(),
+            space.pte(a).pfn(),
+            "a pinned page is copied, not shared"
+        );
+        assert!(
+            matches!(space.pte(a), Pte::Present { write: true, .. }),
+            "the parent keeps write access"
+        );
+        assert_eq!(
+            child.pte(a + PAGE).pfn(),
+            space.pte(a + PAGE).pfn(),
+            "device entries are shared"
+        );
+        assert!(matches!(
+            child.pte(a + PAGE),
+            Pte::DevicePrivate { write: false, .. }
+        ));
+        let device_page = pm.page(space.pte(a + PAGE).pfn().unwrap()).unwrap();
+        assert_eq!(device_page.mapcount(), 2);
+        assert!(!device_page.test(flags::ANON_EXCLUSIVE));
+        // Evicting the shared device page brings both mappings back to the same host page.
+        assert_eq!(dev.evict_all().unwrap(), 1);
+        assert_eq!(child.pte(a + PAGE).pfn(), space.pte(a + PAGE).pfn());
+        let mut b = [0u8; 4];
+        child.read(a + PAGE, &mut b).unwrap();
+        assert_eq!(b, [5; 4]);
+        drop(pin);
+        drop(child);
+        assert_eq!(dev.device().pages_in_use(), 0);
+    }
+}
+
+#[test]
+fn a_mirror_faults_another_owners_pages_home() {
+    for kind in kinds() {
+        let Some((pm, dev, space)) = setup(kind, MemoryKind::DevicePrivate, "other_owner") else {
+            continue;
+        };
+        let other = Dmirror::new(
+            open_for_test(kind, 64 * 4096, "other_owner").unwrap(),
+            MemoryKind::DevicePrivate,
+            &pm,
+        );
+        let a = space.mmap(None, 4 * PAGE, Prot::RW, false).unwrap();
+        space.write(a, &[3u8; 4 * 4096]).unwrap();
+        dev.migrate_to_device(&space, a, 4).unwrap();
+        assert!(other
+            .snapshot(&space, a, 4)
+            .iter()
+            .all(|&s| s == PageState::DevicePrivateRemote));
+        assert_eq!(
+            other.device_read(&space, a, 4 * 4096).unwrap(),
+            vec![3u8; 4 * 4096]
+        );
+        assert_eq!(
+            dev.faults(),
+            4,
+            "the other device's read brought the pages home"
+        );
+        assert!(dev
+            .snapshot(&space, a, 4)
+            .iter()
+            .all(|s| matches!(s, PageState::Write)));
+    }
+}
+
+#[test]
+fn a_longterm_pin_moves_coherent_pages_out_first() {
+    for kind in kinds() {
+        let Some((pm, dev, space)) = setup(kind, MemoryKind::DeviceCoherent, "longterm_pin") else {
+            continue;
+        };
+        let a = space.mmap(None, 2 * PAGE, Prot::RW, false).unwrap();
+        space.write(a, &[4u8; 2 * 4096]).unwrap();
+        dev.migrate_to_device(&space, a, 2).unwrap();
+        assert!(matches!(
+            pin_pages(&space, a, 2, false, true),
+            Err(Error::CoherentPin(_))
+        ));
+        let pin = pin_pages_longterm(&space, a, 2, false).unwrap();
+        for &pfn in pin.pfns() {
+            assert_eq!(pm.page(pfn).unwrap().kind(), MemoryKind::System);
+            assert_eq!(pm.page(pfn).unwrap().pincount(), 1);
+        }
+        assert_eq!(dev.device().pages_in_use(), 0);
+        // Pinned pages are never migrated.
+        assert_eq!(dev.migrate_to_device(&space, a, 2).unwrap().cpages, 0);
+        drop(pin);
+        let mut got = vec![0; 2 * 4096];
+        space.read(a, &mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 4));
+    }
+}
+
+#[test]
+fn munmap_of_device_pages_frees_them() {
+    for kind in kinds() {
+        let Some((_pm, dev, space)) = setup(kind, MemoryKind::DevicePrivate, "munmap") else {
+            continue;
+        };
+        let a = space.mmap(None, 8 * PAGE, Prot::RW, false).unwrap();
+        dev.migrate_to_device(&space, a, 8).unwrap();
+        assert_eq!(dev.device().pages_in_use(), 8);
+        space.munmap(a + 2 * PAGE, 4 * PAGE).unwrap();
+        assert_eq!(
+            dev.device().pages_in_use(),
+            4,
+            "page_free returned the unmapped pages"
+        );
+        assert!(space.vma(a + 3 * PAGE).is_none());
+        assert!(
+            space.vma(a).is_some() && space.vma(a + 7 * PAGE).is_some(),
+            "the mapping split"
+        );
+        let mut m_src = [0u64; 8];
+        let mut m_dst = [0u64; 8];
+        let mut m = MigrateVma::new(&space, a, a + 8 * PAGE, &mut m_src, &mut m_dst);
+        assert!(
+            matches!(migrate_vma_setup(&mut m), Err(Error::AcrossVmas { .. })),
+            "a gap is an error"
+        );
+    }
+}
