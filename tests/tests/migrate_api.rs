@@ -130,6 +130,9 @@ fn a_dropped_migration_restores_every_page() {
     }
 }
 
+/// Recognises the error a bad destination must give.
+type ErrorIs = fn(&Error) -> bool;
+
 #[test]
 fn bad_destinations_are_refused_and_change_nothing() {
     for kind in kinds() {
@@ -149,7 +152,7 @@ fn bad_destinations_are_refused_and_change_nothing() {
         pm.init_device_page(unlocked, false).unwrap();
         let free = dev.device().alloc_page(false).unwrap();
         dev.device().free_page(free).unwrap();
-        let bad: [(u64, fn(&Error) -> bool); 4] = [
+        let bad: [(u64, ErrorIs); 4] = [
             (migrate_pfn(Pfn(12345)), |e| {
                 matches!(e, Error::UnknownPfn(_))
             }),
