@@ -391,3 +391,54 @@ fn munmap_of_device_pages_frees_them() {
         );
     }
 }
+
+#[test]
+fn notifiers_see_start_and_end_with_event_and_owner() {
+    use hetmem::mm::{Notifier, NotifyEvent, NotifyRange, SpaceId};
+    use parking_lot::Mutex;
+    #[derive(Default)]
+    struct Log(Mutex<Vec<(bool, NotifyEvent, u64, u64, u64)>>);
+    impl Notifier for Log {
+        fn invalidate(&self, _: SpaceId, r: &NotifyRange) {
+            self.0.lock().push((true, r.event, r.start, r.end, r.owner));
+        }
+        fn invalidate_end(&self, _: SpaceId, r: &NotifyRange) {
+            self.0
+                .lock()
+                .push((false, r.event, r.start, r.end, r.owner));
+        }
+    }
+    let Some((_pm, dev, space)) = setup(DeviceKind::Host, MemoryKind::DevicePrivate, "notifiers")
+    else {
+        return;
+    };
+    let log = Arc::new(Log::default());
+    space.register_notifier(log.clone());
+    let a = space.mmap(None, 4 * PAGE, Prot::RW, false).unwrap();
+    space.write(a, &[1u8; 4 * 4096]).unwrap();
+    let seq = space.invalidate_seq();
+    dev.migrate_to_device(&space, a, 4).unwrap();
+    assert!(space.invalidate_seq() > seq);
+    let events = std::mem::take(&mut *log.0.lock());
+    assert!(
+        events.contains(&(true, NotifyEvent::Migrate, a, a + 4 * PAGE, dev.owner())),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.last(),
+        Some(&(false, NotifyEvent::Migrate, a, a + 4 * PAGE, dev.owner()))
+    );
+    space.mprotect(a, PAGE, Prot::READ).unwrap();
+    space.munmap(a + PAGE, PAGE).unwrap();
+    space.mremap(a + 2 * PAGE, 2 * PAGE, a + 16 * PAGE).unwrap();
+    let events = std::mem::take(&mut *log.0.lock());
+    let want = [
+        (true, NotifyEvent::Protect, a, a + PAGE, 0),
+        (false, NotifyEvent::Protect, a, a + PAGE, 0),
+        (true, NotifyEvent::Unmap, a + PAGE, a + 2 * PAGE, 0),
+        (false, NotifyEvent::Unmap, a + PAGE, a + 2 * PAGE, 0),
+        (true, NotifyEvent::Remap, a + 2 * PAGE, a + 4 * PAGE, 0),
+        (false, NotifyEvent::Remap, a + 2 * PAGE, a + 4 * PAGE, 0),
+    ];
+    assert_eq!(events, want);
+}

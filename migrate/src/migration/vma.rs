@@ -402,6 +402,12 @@ pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
         &m.dst[..m.npages],
         m.fault_page,
     );
+    m.space.notify_end(NotifyRange {
+        start: m.start,
+        end: m.end,
+        event: NotifyEvent::Migrate,
+        owner: m.pgmap_owner,
+    });
 }
 
 /// The finalize stage shared with `migrate_device_finalize`.

@@ -31,8 +31,14 @@ pub struct NotifyRange {
     pub owner: u64,
 }
 
-/// A device mirror's callback.
+/// A device mirror's callbacks.
 pub trait Notifier: Send + Sync {
-    /// The mirror must stop using `range` of `space` before this returns.
+    /// Start of an invalidation: the mirror must stop using `range` of `space` before this
+    /// returns.
     fn invalidate(&self, space: SpaceId, range: &NotifyRange);
+    /// End of an invalidation: the entries of `range` are settled again (a mirror may fault
+    /// them in). Called once per operation, after every `invalidate` it made.
+    fn invalidate_end(&self, space: SpaceId, range: &NotifyRange) {
+        let _ = (space, range);
+    }
 }

@@ -170,6 +170,13 @@ impl AddressSpace {
         }
     }
 
+    /// Ends an invalidation started with `notify`.
+    pub(crate) fn notify_end(&self, range: NotifyRange) {
+        for n in self.inner.notifiers.read().iter() {
+            n.invalidate_end(self.inner.id, &range);
+        }
+    }
+
     /// The map lock, shared (faults, migrations, CPU access).
     pub(crate) fn map_read(&self) -> RwLockReadGuard<'_, VmaTree> {
         self.inner.map.read_recursive()
@@ -238,16 +245,18 @@ impl AddressSpace {
         split_at(&mut map, start);
         split_at(&mut map, end);
         let doomed: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
-        self.notify(NotifyRange {
+        let range = NotifyRange {
             start,
             end,
             event: NotifyEvent::Unmap,
             owner: 0,
-        });
+        };
+        self.notify(range);
         for k in doomed {
             let v = map.remove(&k).expect("listed above");
             self.zap_range(v.start, v.end);
         }
+        self.notify_end(range);
         Ok(())
     }
 
@@ -260,12 +269,13 @@ impl AddressSpace {
         split_at(&mut map, start);
         split_at(&mut map, end);
         let keys: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
-        self.notify(NotifyRange {
+        let range = NotifyRange {
             start,
             end,
             event: NotifyEvent::Protect,
             owner: 0,
-        });
+        };
+        self.notify(range);
         for k in keys {
             let old = map.get(&k).expect("listed above").clone();
             map.insert(k, Vma::new(old.start, old.end, prot, old.shared));
@@ -273,6 +283,7 @@ impl AddressSpace {
                 self.write_protect(old.start, old.end);
             }
         }
+        self.notify_end(range);
         Ok(())
     }
 
@@ -295,12 +306,13 @@ impl AddressSpace {
         }
         split_at(&mut map, start);
         split_at(&mut map, end);
-        self.notify(NotifyRange {
+        let range = NotifyRange {
             start,
             end,
             event: NotifyEvent::Remap,
             owner: 0,
-        });
+        };
+        self.notify(range);
         let keys: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
         for k in keys {
             let v = map.remove(&k).expect("listed above");
@@ -330,6 +342,7 @@ impl AddressSpace {
             }
             addr += PAGE;
         }
+        self.notify_end(range);
         Ok(())
     }
 
@@ -342,17 +355,21 @@ impl AddressSpace {
         let mut cmap = child.inner.map.write();
         for (&k, v) in map.iter() {
             cmap.insert(k, Vma::new(v.start, v.end, v.prot, v.shared));
-            self.notify(NotifyRange {
+            let range = NotifyRange {
                 start: v.start,
                 end: v.end,
                 event: NotifyEvent::Protect,
                 owner: 0,
-            });
+            };
+            self.notify(range);
             let mut addr = v.start;
-            while addr < v.end {
-                self.fork_one(&child, v, addr)?;
+            let mut done = Ok(());
+            while addr < v.end && done.is_ok() {
+                done = self.fork_one(&child, v, addr);
                 addr += PAGE;
             }
+            self.notify_end(range);
+            done?;
         }
         drop(cmap);
         Ok(child)
