@@ -396,8 +396,10 @@ fn munmap_of_device_pages_frees_them() {
 fn notifiers_see_start_and_end_with_event_and_owner() {
     use hetmem::mm::{Notifier, NotifyEvent, NotifyRange, SpaceId};
     use parking_lot::Mutex;
+    /// (start?, event, start, end, owner)
+    type Event = (bool, NotifyEvent, u64, u64, u64);
     #[derive(Default)]
-    struct Log(Mutex<Vec<(bool, NotifyEvent, u64, u64, u64)>>);
+    struct Log(Mutex<Vec<Event>>);
     impl Notifier for Log {
         fn invalidate(&self, _: SpaceId, r: &NotifyRange) {
             self.0.lock().push((true, r.event, r.start, r.end, r.owner));
