@@ -6,9 +6,11 @@
 //! - [`mm`]: pages, the page map, address spaces with page tables, faults, pins, notifiers.
 //! - [`migration`]: `migrate_vma_setup` / `migrate_vma_pages` / `migrate_vma_finalize`,
 //!   `migrate_device_range` and friends, with the kernel's `MIGRATE_PFN_*` values.
+//! - [`driver`]: [`driver::GpuDriver`], the driver that ships with hetmem.
 
 #![warn(missing_docs)]
 
+pub mod driver;
 pub mod error;
 pub mod migration;
 pub mod mm;

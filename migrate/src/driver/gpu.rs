@@ -1,0 +1,471 @@
+//! The driver proper: registration, migrations in both directions, the fault handler.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use hetmem_engine::{Device, EngineError, Pfn, PAGE_SIZE};
+
+use super::evict::Resident;
+use crate::error::{Error, Result};
+use crate::migration::*;
+use crate::mm::{
+    AddressSpace, DevicePagemap, FaultContext, FrameAccess, MemoryKind, Page, PageMap, PagemapOps,
+    PAGE,
+};
+
+/// How to set a driver up.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Private or coherent; `None` picks coherent where the device's memory is host-visible
+    /// and coherent, private elsewhere.
+    pub kind: Option<MemoryKind>,
+    /// Pages brought back per CPU fault (an aligned window around the faulting page).
+    pub fault_around: usize,
+    /// Device pages the driver keeps before it evicts (at most the device's budget).
+    pub budget_pages: Option<usize>,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            kind: Some(MemoryKind::DevicePrivate),
+            fault_around: 16,
+            budget_pages: None,
+        }
+    }
+}
+
+/// Counters of a driver's work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Bytes copied host -> device.
+    pub bytes_to_device: u64,
+    /// Bytes copied device -> host.
+    pub bytes_to_host: u64,
+    /// CPU faults served.
+    pub faults: u64,
+    /// Pages evicted to make room.
+    pub evictions: u64,
+    /// Nanoseconds spent waiting for copies.
+    pub copy_ns: u64,
+    /// Nanoseconds spent in migration bookkeeping (setup, pages, finalize, allocation).
+    pub bookkeeping_ns: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    to_device: AtomicU64,
+    to_host: AtomicU64,
+    faults: AtomicU64,
+    evictions: AtomicU64,
+    copy_ns: AtomicU64,
+    book_ns: AtomicU64,
+}
+
+/// What one migration did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Entries collected (holes included).
+    pub cpages: usize,
+    /// Entries that moved.
+    pub migrated: usize,
+}
+
+pub(crate) struct Inner {
+    pub(crate) device: Device,
+    pub(crate) pagemap: Arc<PageMap>,
+    pub(crate) owner: u64,
+    kind: MemoryKind,
+    fault_around: usize,
+    pub(crate) budget_pages: usize,
+    counters: Counters,
+    pub(crate) resident: Resident,
+}
+
+/// CPU access to device pages, for device-coherent memory.
+struct DeviceAccess(Device);
+
+impl FrameAccess for DeviceAccess {
+    fn read(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<(), EngineError> {
+        self.0.read_page(pfn, offset, out)
+    }
+    fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<(), EngineError> {
+        self.0.write_page(pfn, offset, data)
+    }
+}
+
+struct Ops(std::sync::Weak<Inner>);
+
+impl PagemapOps for Ops {
+    fn page_free(&self, page: &Page) {
+        if let Some(d) = self.0.upgrade() {
+            if let Err(e) = d.device.free_page(page.pfn()) {
+                tracing::error!("page_free {}: {e}", page.pfn());
+            }
+        }
+    }
+
+    fn migrate_to_ram(&self, f: FaultContext<'_>) -> Result<()> {
+        let d = self.0.upgrade().ok_or(Error::FaultFailed {
+            addr: f.addr,
+            reason: "driver gone".into(),
+        })?;
+        d.counters.faults.fetch_add(1, Ordering::Relaxed);
+        // An aligned window around the fault, clipped to the mapping.
+        let vma = f.space.vma(f.addr).ok_or(Error::NotMapped(f.addr))?;
+        let span = d.fault_around.max(1) as u64 * PAGE;
+        let start = (f.addr / span * span).max(vma.start);
+        let end = (start + span).min(vma.end);
+        d.migrate(
+            f.space,
+            start,
+            end,
+            MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+            Some(f.page.pfn()),
+            false,
+        )
+        .map(|_| ())
+        .map_err(|e| Error::FaultFailed {
+            addr: f.addr,
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The driver. Cloning gives another handle.
+#[derive(Clone)]
+pub struct GpuDriver {
+    pub(crate) inner: Arc<Inner>,
+    pgmap: DevicePagemap,
+}
+
+static NEXT_OWNER: AtomicU64 = AtomicU64::new(0x4745_5500);
+
+impl GpuDriver {
+    /// Registers `device`'s memory in `pagemap`.
+    pub fn new(device: Device, pagemap: &Arc<PageMap>, config: DriverConfig) -> Result<GpuDriver> {
+        let kind = config.kind.unwrap_or(if device.info().host_visible_memory {
+            MemoryKind::DeviceCoherent
+        } else {
+            MemoryKind::DevicePrivate
+        });
+        let budget = config
+            .budget_pages
+            .unwrap_or(usize::MAX)
+            .min(device.budget_pages());
+        if budget == 0 {
+            return Err(Error::InvalidArgument("driver budget of 0 pages"));
+        }
+        let owner = NEXT_OWNER.fetch_add(1, Ordering::Relaxed);
+        let inner = Arc::new(Inner {
+            device: device.clone(),
+            pagemap: pagemap.clone(),
+            owner,
+            kind,
+            fault_around: config.fault_around.max(1),
+            budget_pages: budget,
+            counters: Counters::default(),
+            resident: Resident::default(),
+        });
+        let access: Option<Arc<dyn FrameAccess>> = (kind == MemoryKind::DeviceCoherent)
+            .then(|| Arc::new(DeviceAccess(device.clone())) as _);
+        let ops = Arc::new(Ops(Arc::downgrade(&inner)));
+        let pgmap = pagemap.register_device(device.pfn_range(), kind, owner, ops, access)?;
+        Ok(GpuDriver { inner, pgmap })
+    }
+
+    /// The engine device.
+    pub fn device(&self) -> &Device {
+        &self.inner.device
+    }
+    /// The page map.
+    pub fn pagemap(&self) -> &Arc<PageMap> {
+        &self.inner.pagemap
+    }
+    /// The registered pagemap (range, kind, owner).
+    pub fn pgmap(&self) -> &DevicePagemap {
+        &self.pgmap
+    }
+    /// The owner cookie of this driver's pages.
+    pub fn owner(&self) -> u64 {
+        self.inner.owner
+    }
+    /// Private or coherent.
+    pub fn kind(&self) -> MemoryKind {
+        self.inner.kind
+    }
+
+    /// Marks the device pages behind `npages` pages from `addr` as recently used, so that
+    /// eviction passes them over once.
+    pub fn touch(&self, space: &AddressSpace, addr: u64, npages: usize) {
+        for k in 0..npages as u64 {
+            if let Some(p) = space
+                .pte(addr + k * PAGE)
+                .pfn()
+                .and_then(|pfn| self.inner.pagemap.page(pfn))
+            {
+                if p.owner() == self.inner.owner {
+                    p.set_driver_data(p.driver_data() | super::evict::YOUNG);
+                }
+            }
+        }
+    }
+
+    /// Device pages the driver may hold.
+    pub fn budget_pages(&self) -> usize {
+        self.inner.budget_pages
+    }
+    /// Device pages in use now.
+    pub fn resident_pages(&self) -> usize {
+        self.inner.device.pages_in_use()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> DriverStats {
+        let c = &self.inner.counters;
+        DriverStats {
+            bytes_to_device: c.to_device.load(Ordering::Relaxed),
+            bytes_to_host: c.to_host.load(Ordering::Relaxed),
+            faults: c.faults.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            copy_ns: c.copy_ns.load(Ordering::Relaxed),
+            bookkeeping_ns: c.book_ns.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Migrates `npages` pages from `addr` to the device, evicting least recently used pages
+    /// first if the budget requires.
+    pub fn migrate_to_device(
+        &self,
+        space: &AddressSpace,
+        addr: u64,
+        npages: usize,
+    ) -> Result<Moved> {
+        self.inner.migrate(
+            space,
+            addr,
+            addr + npages as u64 * PAGE,
+            MIGRATE_VMA_SELECT_SYSTEM,
+            None,
+            true,
+        )
+    }
+
+    /// Migrates this driver's pages among `npages` pages from `addr` back to host memory.
+    pub fn migrate_to_host(&self, space: &AddressSpace, addr: u64, npages: usize) -> Result<Moved> {
+        let flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
+        self.inner
+            .migrate(space, addr, addr + npages as u64 * PAGE, flags, None, false)
+    }
+
+    /// Evicts up to `npages` least recently used device pages to host; returns how many moved.
+    pub fn evict(&self, npages: usize) -> Result<usize> {
+        self.inner.evict(npages)
+    }
+
+    /// Evicts every device page (device removal, shutdown).
+    pub fn evict_all(&self) -> Result<usize> {
+        self.inner.evict(usize::MAX)
+    }
+}
+
+impl Inner {
+    /// One migration of `[start, end)`: setup, destinations, one batched copy, pages,
+    /// finalize. `to_device` selects the direction.
+    fn migrate(
+        &self,
+        space: &AddressSpace,
+        start: u64,
+        end: u64,
+        flags: u32,
+        fault_page: Option<Pfn>,
+        to_device: bool,
+    ) -> Result<Moved> {
+        let t0 = Instant::now();
+        let n = ((end - start) / PAGE) as usize;
+        let mut src = vec![0u64; n];
+        let mut dst = vec![0u64; n];
+        let mut m = MigrateVma::new(space, start, end, &mut src, &mut dst);
+        m.pgmap_owner = self.owner;
+        m.flags = flags;
+        m.fault_page = fault_page;
+        migrate_vma_setup(&mut m)?;
+        let cpages = m.cpages;
+        let want: Vec<usize> = (0..n)
+            .filter(|&i| m.src[i] & MIGRATE_PFN_MIGRATE != 0)
+            .collect();
+        let dsts = if to_device {
+            self.device_pages(want.len())
+        } else {
+            self.host_pages(want.len())
+        };
+        let mut pairs = Vec::with_capacity(want.len());
+        let mut pair_index = Vec::with_capacity(want.len());
+        for (&i, &d) in want.iter().zip(&dsts) {
+            m.dst[i] = migrate_pfn(d);
+            if let Some(s) = migrate_pfn_to_pfn(m.src[i]) {
+                pairs.push((s, d));
+                pair_index.push(i);
+            }
+        }
+        let t1 = Instant::now();
+        let copied = self.device.copy(&pairs).and_then(|t| t.wait());
+        let t2 = Instant::now();
+        if let Err(e) = copied {
+            let failed: Vec<usize> = match e {
+                EngineError::CopyFailed { failed, .. } => failed,
+                _ => (0..pairs.len()).collect(),
+            };
+            for k in failed {
+                let i = pair_index[k];
+                if let Some(p) = migrate_pfn_to_page(&self.pagemap, m.dst[i]) {
+                    p.unlock();
+                    self.pagemap.put_page(p);
+                }
+                m.dst[i] = 0;
+            }
+        }
+        migrate_vma_pages(&mut m)?;
+        let mut migrated = 0;
+        for i in 0..n {
+            if m.src[i] & MIGRATE_PFN_MIGRATE != 0 && m.dst[i] & MIGRATE_PFN_VALID != 0 {
+                migrated += 1;
+                if to_device {
+                    self.resident
+                        .add(migrate_pfn_to_pfn(m.dst[i]).expect("valid"));
+                }
+            }
+        }
+        migrate_vma_finalize(&mut m);
+        let bytes = (pairs.len() * PAGE_SIZE) as u64;
+        let c = &self.counters;
+        if to_device {
+            c.to_device.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            c.to_host.fetch_add(bytes, Ordering::Relaxed);
+        }
+        c.copy_ns
+            .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+        c.book_ns.fetch_add(
+            ((t1 - t0) + t2.elapsed()).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+        Ok(Moved { cpages, migrated })
+    }
+
+    /// Up to `n` locked device pages, evicting to stay within the budget.
+    fn device_pages(&self, n: usize) -> Vec<Pfn> {
+        let in_use = self.device.pages_in_use();
+        let room = self.budget_pages.saturating_sub(in_use);
+        if room < n {
+            if let Err(e) = self.evict(n - room) {
+                tracing::warn!("eviction failed: {e}");
+            }
+        }
+        let room = self
+            .budget_pages
+            .saturating_sub(self.device.pages_in_use())
+            .min(n);
+        let pfns = match self.device.alloc_pages(room, true) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("device allocation of {room} pages failed: {e}");
+                return Vec::new();
+            }
+        };
+        for &p in &pfns {
+            self.pagemap
+                .init_device_page(p, true)
+                .expect("fresh device page");
+        }
+        pfns
+    }
+
+    /// Up to `n` locked host pages.
+    fn host_pages(&self, n: usize) -> Vec<Pfn> {
+        let pfns = match self.pagemap.frames().alloc_batch(n, false) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("host allocation of {n} pages failed: {e}");
+                return Vec::new();
+            }
+        };
+        for &p in &pfns {
+            let page = self.pagemap.page(p).expect("frame pool page");
+            page.init_allocated(true);
+        }
+        pfns
+    }
+
+    /// Evicts up to `n` device pages, least recently used first, with
+    /// `migrate_device_pfns`; pinned or busy pages are skipped.
+    pub(crate) fn evict(&self, n: usize) -> Result<usize> {
+        let victims = self.resident.victims(&self.pagemap, n);
+        if victims.is_empty() {
+            return Ok(0);
+        }
+        let t0 = Instant::now();
+        let mut src: Vec<u64> = victims.iter().map(|&p| migrate_pfn(p)).collect();
+        migrate_device_pfns(&self.pagemap, &mut src)?;
+        let want = src
+            .iter()
+            .filter(|&&w| w & MIGRATE_PFN_MIGRATE != 0)
+            .count();
+        let hosts = self.host_pages(want);
+        let mut dst = vec![0u64; src.len()];
+        let mut pairs = Vec::with_capacity(want);
+        let mut it = hosts.iter();
+        for (i, &w) in src.iter().enumerate() {
+            if w & MIGRATE_PFN_MIGRATE == 0 {
+                continue;
+            }
+            let Some(&h) = it.next() else { break };
+            dst[i] = migrate_pfn(h);
+            pairs.push((migrate_pfn_to_pfn(w).expect("valid"), h));
+        }
+        let t1 = Instant::now();
+        let copied = self.device.copy(&pairs).and_then(|t| t.wait());
+        let t2 = Instant::now();
+        if copied.is_err() {
+            for d in dst.iter_mut() {
+                if let Some(p) = migrate_pfn_to_page(&self.pagemap, *d) {
+                    p.unlock();
+                    self.pagemap.put_page(p);
+                }
+                *d = 0;
+            }
+        }
+        migrate_device_pages(&self.pagemap, &mut src, &dst)?;
+        let moved = (0..src.len())
+            .filter(|&i| src[i] & MIGRATE_PFN_MIGRATE != 0 && dst[i] != 0)
+            .count();
+        let stayed: Vec<Pfn> = victims
+            .iter()
+            .zip(&src)
+            .zip(&dst)
+            .filter(|((_, &s), &d)| s & MIGRATE_PFN_MIGRATE == 0 || d == 0)
+            .map(|((&v, _), _)| v)
+            .collect();
+        migrate_device_finalize(&self.pagemap, &mut src, &dst);
+        self.resident.restore(&stayed);
+        let c = &self.counters;
+        c.evictions.fetch_add(moved as u64, Ordering::Relaxed);
+        c.to_host
+            .fetch_add((moved * PAGE_SIZE) as u64, Ordering::Relaxed);
+        c.copy_ns
+            .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
+        c.book_ns.fetch_add(
+            ((t1 - t0) + t2.elapsed()).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+        copied?;
+        Ok(moved)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.resident.clear();
+    }
+}
