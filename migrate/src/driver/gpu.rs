@@ -106,6 +106,15 @@ impl PagemapOps for Ops {
         }
     }
 
+    fn pages_free(&self, pages: &[&Page]) {
+        if let Some(d) = self.0.upgrade() {
+            let pfns: Vec<Pfn> = pages.iter().map(|p| p.pfn()).collect();
+            if let Err(e) = d.device.free_pages(&pfns) {
+                tracing::error!("pages_free of {} pages: {e}", pfns.len());
+            }
+        }
+    }
+
     fn migrate_to_ram(&self, f: FaultContext<'_>) -> Result<()> {
         let d = self.0.upgrade().ok_or(Error::FaultFailed {
             addr: f.addr,
@@ -392,8 +401,7 @@ impl Inner {
             }
         };
         for &p in &pfns {
-            let page = self.pagemap.page(p).expect("frame pool page");
-            page.init_allocated(true);
+            self.pagemap.alloc_system_at(p, true);
         }
         pfns
     }

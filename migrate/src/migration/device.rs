@@ -73,14 +73,14 @@ pub fn migrate_device_pfns(pm: &PageMap, src: &mut [u64]) -> Result<usize> {
                         | crate::mm::Pte::DevicePrivate { write: true, .. }
                 )
             });
-        match unmap_page(pm, page, 1) {
+        match unmap_page(pm, page, 1, None) {
             Unmapped::Ready => {
                 *w = migrate_pfn(page.pfn())
                     | MIGRATE_PFN_MIGRATE
                     | if writable { MIGRATE_PFN_WRITE } else { 0 };
                 collected += 1;
             }
-            Unmapped::Busy => restore_page(pm, page, true),
+            Unmapped::Busy => restore_page(pm, page, true, None),
         }
     }
     Ok(collected)
@@ -115,7 +115,7 @@ pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Resul
 /// Stage 3 of a device migration: as `migrate_vma_finalize`.
 pub fn migrate_device_finalize(pm: &PageMap, src: &mut [u64], dst: &[u64]) {
     let n = src.len().min(dst.len());
-    finalize(pm, &mut src[..n], &dst[..n], None);
+    finalize(pm, &mut src[..n], &dst[..n], None, None);
 }
 
 /// Moves one device-coherent page to a new system page (CPU copy), so that a long-term pin

@@ -12,12 +12,7 @@ use crate::mm::PageMap;
 /// and a dirty entry marks the page dirty now, so the bit survives a failed migration.
 pub(crate) fn migration_entry(pte: Pte, page: &Page) -> Pte {
     let (write, dirty, young) = match pte {
-        Pte::Present {
-            write,
-            dirty,
-            young,
-            ..
-        } => (write, dirty, young),
+        Pte::Present { write, dirty, young, .. } => (write, dirty, young),
         Pte::DevicePrivate { write, .. } => (write, false, false),
         other => unreachable!("no migration entry for {other:?}"),
     };
@@ -31,11 +26,27 @@ pub(crate) fn migration_entry(pte: Pte, page: &Page) -> Pte {
     } else {
         MigrationKind::Read
     };
-    Pte::Migration {
-        pfn: page.pfn(),
-        kind,
-        young,
-        dirty,
+    Pte::Migration { pfn: page.pfn(), kind, young, dirty }
+}
+
+/// Runs `f` on each address space and address where `page` is mapped. `own` (a space and
+/// address the caller knows maps it) spares the reverse-map lookups when it is the only one.
+pub(crate) fn for_each_mapping(
+    pm: &PageMap,
+    page: &Page,
+    own: Option<(&AddressSpace, u64)>,
+    mut f: impl FnMut(&AddressSpace, u64),
+) {
+    if let Some((space, addr)) = own {
+        if page.sole_mapping() == Some(Mapping { space: space.id(), addr }) {
+            f(space, addr);
+            return;
+        }
+    }
+    for Mapping { space, addr } in page.mappings() {
+        if let Some(inner) = pm.space(space) {
+            f(&AddressSpace::from_inner(inner), addr);
+        }
     }
 }
 
@@ -49,35 +60,31 @@ pub(crate) enum Unmapped {
 
 /// Finishes unmapping a locked, referenced page: isolates it from the LRU, drops its
 /// swap-cache copy, replaces its remaining entries in every address space, then checks that
-/// only the migration (`expected` references) holds it.
-pub(crate) fn unmap_page(pm: &PageMap, page: &Page, expected: u32) -> Unmapped {
+/// only the migration (`expected` references) holds it. `own` is the mapping the caller
+/// already replaced, if any: a page mapped only there needs no reverse-map walk.
+pub(crate) fn unmap_page(pm: &PageMap, page: &Page, expected: u32, own: Option<Mapping>) -> Unmapped {
     if page.kind() == MemoryKind::System && !page.test_and_clear(flags::LRU) {
         return Unmapped::Busy;
     }
     page.clear(flags::SWAPCACHE);
-    for Mapping { space, addr } in page.mappings() {
-        let Some(inner) = pm.space(space) else {
-            continue;
-        };
-        let space = AddressSpace::from_inner(inner);
-        let Some(leaf) = space.leaf(addr, false) else {
-            continue;
-        };
-        let g = leaf.lock();
-        let li = leaf_index(addr);
-        let pte = g.get(li);
-        if matches!(pte, Pte::Present { .. } | Pte::DevicePrivate { .. })
-            && pte.pfn() == Some(page.pfn())
-        {
-            g.set(li, migration_entry(pte, page));
-            space.notify(NotifyRange {
-                start: addr,
-                end: addr + PAGE,
-                event: NotifyEvent::Migrate,
-                owner: page.owner(),
-            });
-            pm.put_page(page);
-        }
+    if own.is_none() || page.sole_mapping() != own {
+        for_each_mapping(pm, page, None, |space, addr| {
+            let Some(leaf) = space.leaf(addr, false) else { return };
+            let g = leaf.lock();
+            let li = leaf_index(addr);
+            let pte = g.get(li);
+            let live = matches!(pte, Pte::Present { .. } | Pte::DevicePrivate { .. });
+            if live && pte.pfn() == Some(page.pfn()) {
+                g.set(li, migration_entry(pte, page));
+                space.notify(NotifyRange {
+                    start: addr,
+                    end: addr + PAGE,
+                    event: NotifyEvent::Migrate,
+                    owner: page.owner(),
+                });
+                pm.put_page(page);
+            }
+        });
     }
     if page.refcount() == expected {
         Unmapped::Ready
@@ -86,43 +93,31 @@ pub(crate) fn unmap_page(pm: &PageMap, page: &Page, expected: u32) -> Unmapped {
     }
 }
 
-/// Puts a page back where it was: its migration entries become the entries they replaced
-/// (each taking its reference again), it returns to the LRU, it is unlocked (if `unlock`),
-/// and the migration's reference is dropped.
-pub(crate) fn restore_page(pm: &PageMap, page: &Page, unlock: bool) {
-    for Mapping { space, addr } in page.mappings() {
-        let Some(inner) = pm.space(space) else {
-            continue;
-        };
-        let space = AddressSpace::from_inner(inner);
-        let Some(leaf) = space.leaf(addr, false) else {
-            continue;
-        };
+/// Turns `page`'s migration entries back into the entries they replaced, each taking its
+/// reference again.
+pub(crate) fn restore_entries(pm: &PageMap, page: &Page, own: Option<(&AddressSpace, u64)>) {
+    for_each_mapping(pm, page, own, |space, addr| {
+        let Some(leaf) = space.leaf(addr, false) else { return };
         let g = leaf.lock();
         let li = leaf_index(addr);
-        if let Pte::Migration {
-            pfn,
-            kind,
-            young,
-            dirty,
-        } = g.get(li)
-        {
+        if let Pte::Migration { pfn, kind, young, dirty } = g.get(li) {
             if pfn == page.pfn() {
                 let write = kind == MigrationKind::Write;
                 let pte = match page.kind() {
                     MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn, write },
-                    _ => Pte::Present {
-                        pfn,
-                        write,
-                        dirty,
-                        young,
-                    },
+                    _ => Pte::Present { pfn, write, dirty, young },
                 };
                 page.get();
                 g.set(li, pte);
             }
         }
-    }
+    });
+}
+
+/// Puts a page back where it was: its entries restored, back on the LRU, unlocked (if
+/// `unlock`), and the migration's reference dropped.
+pub(crate) fn restore_page(pm: &PageMap, page: &Page, unlock: bool, own: Option<(&AddressSpace, u64)>) {
+    restore_entries(pm, page, own);
     if page.kind() == MemoryKind::System {
         page.set(flags::LRU);
     }

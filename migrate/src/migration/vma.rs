@@ -15,7 +15,7 @@ use std::sync::Arc;
 use hetmem_engine::Pfn;
 
 use super::pfn::*;
-use super::unmap::{migration_entry, restore_page, unmap_page, Unmapped};
+use super::unmap::{for_each_mapping, migration_entry, restore_entries, restore_page, unmap_page, Unmapped};
 use crate::error::{Error, Result};
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
 use crate::mm::page::{flags, Mapping, MemoryKind, Page};
@@ -276,10 +276,12 @@ fn migrate_vma_unmap(m: &mut MigrateVma<'_>) {
             continue;
         };
         let is_fault_page = m.fault_page == Some(page.pfn());
-        match unmap_page(&pm, page, if is_fault_page { 2 } else { 1 }) {
+        let addr = m.addr(i);
+        let own = Mapping { space: m.space.id(), addr };
+        match unmap_page(&pm, page, if is_fault_page { 2 } else { 1 }, Some(own)) {
             Unmapped::Ready => {}
             Unmapped::Busy => {
-                restore_page(&pm, page, !is_fault_page);
+                restore_page(&pm, page, !is_fault_page, Some((m.space, addr)));
                 m.src[i] = 0;
                 m.cpages -= 1;
             }
@@ -289,7 +291,7 @@ fn migrate_vma_unmap(m: &mut MigrateVma<'_>) {
 
 /// Checks the driver's `dst` entries; nothing is changed on error.
 pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()> {
-    let mut seen = std::collections::HashSet::new();
+    let mut named = Vec::with_capacity(dst.len());
     for (i, &w) in dst.iter().enumerate() {
         let Some(pfn) = migrate_pfn_to_pfn(w) else {
             continue;
@@ -301,14 +303,21 @@ pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()>
         if p.refcount() == 0 {
             return Err(Error::PageFree(pfn));
         }
-        if p.mapcount() != 0 || !seen.insert(pfn) || migrate_pfn_to_pfn(src[i]) == Some(pfn) {
+        if p.mapcount() != 0 || migrate_pfn_to_pfn(src[i]) == Some(pfn) {
             return Err(Error::PageInUse(pfn));
         }
         if !p.test(flags::LOCKED) {
             return Err(Error::NotLocked(pfn));
         }
+        named.push(pfn);
     }
-    Ok(())
+    if !named.is_sorted() {
+        named.sort_unstable();
+    }
+    match named.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(Error::PageInUse(w[0])),
+        None => Ok(()),
+    }
 }
 
 /// Stage 2: entries without a destination stop migrating; holes get their new page mapped
@@ -396,12 +405,8 @@ fn insert_page(space: &AddressSpace, vma: &Vma, addr: u64, page: &Page) -> bool 
 /// old pages and unused destinations).
 pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
     let pm = m.space.pagemap().clone();
-    finalize(
-        &pm,
-        &mut m.src[..m.npages],
-        &m.dst[..m.npages],
-        m.fault_page,
-    );
+    let own = Some((m.space, m.start));
+    finalize(&pm, &mut m.src[..m.npages], &m.dst[..m.npages], m.fault_page, own);
     m.space.notify_end(NotifyRange {
         start: m.start,
         end: m.end,
@@ -410,89 +415,65 @@ pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
     });
 }
 
-/// The finalize stage shared with `migrate_device_finalize`.
-pub(crate) fn finalize(pm: &PageMap, src: &mut [u64], dst: &[u64], fault_page: Option<Pfn>) {
+/// The finalize stage shared with `migrate_device_finalize`. `own` is the address space and
+/// start address of a `migrate_vma` range (entry `i` maps `start + i` pages there), which
+/// spares reverse-map lookups; references are dropped in one batch at the end.
+pub(crate) fn finalize(pm: &PageMap, src: &mut [u64], dst: &[u64], fault_page: Option<Pfn>, own: Option<(&AddressSpace, u64)>) {
+    let mut put: Vec<&Page> = Vec::with_capacity(2 * src.len());
     for i in 0..src.len() {
         let old = migrate_pfn_to_page(pm, src[i]);
         let new = migrate_pfn_to_page(pm, dst[i]);
         let migrated = src[i] & MIGRATE_PFN_MIGRATE != 0 && new.is_some();
-        match (old, new) {
-            (Some(old), Some(new)) if migrated => {
-                remap_to(pm, old, new);
-                let keep_locked = fault_page == Some(old.pfn());
-                if !keep_locked {
-                    old.unlock();
-                }
-                pm.put_page(old);
-                new.unlock();
-                pm.put_page(new);
-            }
-            (Some(old), _) => {
-                restore_page(pm, old, fault_page != Some(old.pfn()));
-                if let Some(new) = new {
-                    new.unlock();
-                    pm.put_page(new);
+        let here = own.map(|(space, start)| (space, start + i as u64 * PAGE));
+        if let Some(old) = old {
+            if migrated {
+                remap_to(pm, old, new.expect("migrated entries have a destination"), here);
+            } else {
+                restore_entries(pm, old, here);
+                if old.kind() == MemoryKind::System {
+                    old.set(flags::LRU);
                 }
             }
-            (None, Some(new)) => {
-                // A hole: mapped by `pages` if it migrated; else the page is simply unused.
-                new.unlock();
-                pm.put_page(new);
+            if fault_page != Some(old.pfn()) {
+                old.unlock();
             }
-            (None, None) => {}
+            put.push(old);
+        }
+        if let Some(new) = new {
+            // A hole's new page was mapped by `pages` if it migrated; else it is unused.
+            new.unlock();
+            put.push(new);
         }
     }
+    pm.put_pages(&put);
 }
 
 /// Points every migration entry of `old` at `new`, with the entry's access, young and dirty
 /// bits (a device-private destination gives device-private entries).
-fn remap_to(pm: &PageMap, old: &Page, new: &Page) {
-    for Mapping { space, addr } in old.mappings() {
-        let Some(inner) = pm.space(space) else {
-            continue;
-        };
-        let space = AddressSpace::from_inner(inner);
-        let Some(leaf) = space.leaf(addr, false) else {
-            continue;
-        };
+fn remap_to(pm: &PageMap, old: &Page, new: &Page, own: Option<(&AddressSpace, u64)>) {
+    for_each_mapping(pm, old, own, |space, addr| {
+        let Some(leaf) = space.leaf(addr, false) else { return };
         let g = leaf.lock();
         let li = leaf_index(addr);
-        if let Pte::Migration {
-            pfn,
-            kind,
-            young,
-            dirty,
-        } = g.get(li)
-        {
-            if pfn == old.pfn() {
-                let write = kind == crate::mm::MigrationKind::Write;
-                let pte = match new.kind() {
-                    MemoryKind::DevicePrivate => Pte::DevicePrivate {
-                        pfn: new.pfn(),
-                        write,
-                    },
-                    _ => Pte::Present {
-                        pfn: new.pfn(),
-                        write,
-                        dirty,
-                        young,
-                    },
-                };
-                if dirty {
-                    new.set(flags::DIRTY);
-                }
-                if kind != crate::mm::MigrationKind::Read {
-                    new.set(flags::ANON_EXCLUSIVE);
-                }
-                if new.kind() == MemoryKind::System {
-                    new.set(flags::LRU);
-                }
-                old.remove_rmap(Mapping {
-                    space: space.id(),
-                    addr,
-                });
-                space.install(&g, li, addr, pte, new, true);
-            }
+        let Pte::Migration { pfn, kind, young, dirty } = g.get(li) else { return };
+        if pfn != old.pfn() {
+            return;
         }
-    }
+        let write = kind == crate::mm::MigrationKind::Write;
+        let pte = match new.kind() {
+            MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn: new.pfn(), write },
+            _ => Pte::Present { pfn: new.pfn(), write, dirty, young },
+        };
+        if dirty {
+            new.set(flags::DIRTY);
+        }
+        if kind != crate::mm::MigrationKind::Read {
+            new.set(flags::ANON_EXCLUSIVE);
+        }
+        if new.kind() == MemoryKind::System {
+            new.set(flags::LRU);
+        }
+        old.remove_rmap(Mapping { space: space.id(), addr });
+        space.install(&g, li, addr, pte, new, true);
+    });
 }

@@ -16,6 +16,12 @@ use crate::error::{Error, Result};
 pub trait PagemapOps: Send + Sync {
     /// The last reference to a device page was dropped: give it back to the device.
     fn page_free(&self, page: &Page);
+    /// Several pages of this pagemap lost their last reference (a batch of `page_free`).
+    fn pages_free(&self, pages: &[&Page]) {
+        for p in pages {
+            self.page_free(p);
+        }
+    }
     /// A CPU access hit a device-private entry: move the page (and, at the driver's choice,
     /// its neighbours) to system memory. The page is referenced and locked by the caller.
     fn migrate_to_ram(&self, fault: FaultContext<'_>) -> Result<()>;

@@ -35,6 +35,8 @@ pub mod flags {
     pub const LRU: u32 = 1 << 5;
     /// The page is the shared zero page.
     pub const ZERO: u32 = 1 << 6;
+    /// Someone sleeps waiting for the page lock (unlock must wake them).
+    pub const WAITERS: u32 = 1 << 7;
 }
 
 /// One place a page is mapped: an address space and a virtual address.
@@ -57,7 +59,45 @@ pub struct Page {
     mapcount: AtomicI32,
     flags: AtomicU32,
     driver_data: AtomicU64,
-    rmap: Mutex<Vec<Mapping>>,
+    rmap: Mutex<Rmap>,
+}
+
+/// Where a page is mapped: the first mapping inline (the common case allocates nothing),
+/// further ones (after fork) in a vector.
+#[derive(Debug, Default)]
+struct Rmap {
+    first: Option<Mapping>,
+    rest: Vec<Mapping>,
+}
+
+impl Rmap {
+    fn push(&mut self, m: Mapping) {
+        if self.first.is_none() {
+            self.first = Some(m);
+        } else {
+            self.rest.push(m);
+        }
+    }
+    fn remove(&mut self, m: Mapping) -> bool {
+        if self.first == Some(m) {
+            self.first = self.rest.pop();
+            return true;
+        }
+        match self.rest.iter().position(|&x| x == m) {
+            Some(i) => {
+                self.rest.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+    fn to_vec(&self) -> Vec<Mapping> {
+        self.first.iter().chain(&self.rest).copied().collect()
+    }
+    fn clear(&mut self) {
+        self.first = None;
+        self.rest.clear();
+    }
 }
 
 impl Page {
@@ -71,7 +111,7 @@ impl Page {
             mapcount: AtomicI32::new(0),
             flags: AtomicU32::new(0),
             driver_data: AtomicU64::new(0),
-            rmap: Mutex::new(Vec::new()),
+            rmap: Mutex::new(Rmap::default()),
         }
     }
 
@@ -183,19 +223,24 @@ impl Page {
     }
     /// Forgets a mapping of the page; false if it was not recorded.
     pub(crate) fn remove_rmap(&self, m: Mapping) -> bool {
-        let mut r = self.rmap.lock();
-        match r.iter().position(|&x| x == m) {
-            Some(i) => {
-                r.swap_remove(i);
-                self.mapcount.fetch_sub(1, Ordering::AcqRel);
-                true
-            }
-            None => false,
+        let removed = self.rmap.lock().remove(m);
+        if removed {
+            self.mapcount.fetch_sub(1, Ordering::AcqRel);
         }
+        removed
     }
     /// Every place the page is mapped (or held by a migration entry).
     pub fn mappings(&self) -> Vec<Mapping> {
-        self.rmap.lock().clone()
+        self.rmap.lock().to_vec()
+    }
+    /// The page's mapping if it has exactly one.
+    pub fn sole_mapping(&self) -> Option<Mapping> {
+        let r = self.rmap.lock();
+        if r.rest.is_empty() {
+            r.first
+        } else {
+            None
+        }
     }
 
     /// Tries to lock the page without waiting.
@@ -206,52 +251,44 @@ impl Page {
     /// Locks the page, sleeping (not spinning) while another holder has it.
     pub fn lock(&self) {
         while !self.trylock() {
-            let key = self as *const Page as usize;
-            // SAFETY: the key is this page's address, used only as a wait-queue key; the
-            // validate callback re-checks the lock bit under the queue's lock, so a wake-up
-            // between our failed trylock and parking is not lost.
-            unsafe {
-                parking_lot_core::park(
-                    key,
-                    || self.test(flags::LOCKED),
-                    || {},
-                    |_, _| {},
-                    parking_lot_core::DEFAULT_PARK_TOKEN,
-                    None,
-                );
-            }
+            self.park_while_locked();
         }
     }
 
-    /// Unlocks the page and wakes every waiter.
-    pub fn unlock(&self) {
-        let was = self.flags.fetch_and(!flags::LOCKED, Ordering::AcqRel);
-        debug_assert!(
-            was & flags::LOCKED != 0,
-            "unlock of unlocked page {}",
-            self.pfn
-        );
+    /// Sleeps until an unlock, unless the page is unlocked already. The waiter announces
+    /// itself with `WAITERS` under the wait queue's lock, so `unlock` knows to wake it.
+    fn park_while_locked(&self) {
         let key = self as *const Page as usize;
-        // SAFETY: waking threads parked on this page's key has no other effect.
-        unsafe { parking_lot_core::unpark_all(key, parking_lot_core::DEFAULT_UNPARK_TOKEN) };
-    }
-
-    /// Waits until the page is unlocked (without taking the lock).
-    pub fn wait_unlocked(&self) {
-        if !self.test(flags::LOCKED) {
-            return;
-        }
-        let key = self as *const Page as usize;
-        // SAFETY: as in `lock`.
+        // SAFETY: the key is this page's address, used only as a wait-queue key; the
+        // validate callback runs under the queue's lock and re-checks the lock bit after
+        // setting WAITERS, so a wake-up between our check and parking is not lost.
         unsafe {
             parking_lot_core::park(
                 key,
-                || self.test(flags::LOCKED),
+                || self.flags.fetch_or(flags::WAITERS, Ordering::AcqRel) & flags::LOCKED != 0,
                 || {},
                 |_, _| {},
                 parking_lot_core::DEFAULT_PARK_TOKEN,
                 None,
             );
+        }
+    }
+
+    /// Unlocks the page and wakes every waiter (only if some announced themselves).
+    pub fn unlock(&self) {
+        let was = self.flags.fetch_and(!(flags::LOCKED | flags::WAITERS), Ordering::AcqRel);
+        debug_assert!(was & flags::LOCKED != 0, "unlock of unlocked page {}", self.pfn);
+        if was & flags::WAITERS != 0 {
+            let key = self as *const Page as usize;
+            // SAFETY: waking threads parked on this page's key has no other effect.
+            unsafe { parking_lot_core::unpark_all(key, parking_lot_core::DEFAULT_UNPARK_TOKEN) };
+        }
+    }
+
+    /// Waits until the page is unlocked (without taking the lock).
+    pub fn wait_unlocked(&self) {
+        if self.test(flags::LOCKED) {
+            self.park_while_locked();
         }
     }
 }

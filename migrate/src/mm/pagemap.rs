@@ -253,6 +253,14 @@ impl PageMap {
         Ok(p)
     }
 
+    /// Makes a frame the caller took from the frame pool live: one reference, optionally
+    /// locked (for drivers that allocate frames in batches).
+    pub fn alloc_system_at(&self, pfn: Pfn, locked: bool) -> &Page {
+        let p = self.page(pfn).expect("a frame of the pool");
+        p.init_allocated(locked);
+        p
+    }
+
     /// Makes a device page the engine just allocated live: one reference, optionally locked.
     pub fn init_device_page(&self, pfn: Pfn, locked: bool) -> Result<&Page, MmError> {
         let p = self.page_or_err(pfn)?;
@@ -274,6 +282,34 @@ impl PageMap {
         }
         if p.put_ref() {
             self.free_page(p);
+        }
+    }
+
+    /// Drops one reference on each page; the pages whose last reference goes are freed in
+    /// batches (host frames in one call, device pages per pagemap).
+    pub fn put_pages(&self, pages: &[&Page]) {
+        let mut frames = Vec::new();
+        let mut device: Vec<&Page> = Vec::new();
+        for &p in pages {
+            if p.test(flags::ZERO) || !p.put_ref() {
+                continue;
+            }
+            debug_assert_eq!(p.mapcount(), 0, "freeing mapped page {}", p.pfn());
+            p.clear(!0);
+            if p.is_device() {
+                device.push(p);
+            } else {
+                frames.push(p.pfn());
+            }
+        }
+        if let Err(e) = self.frames.free_batch(&frames) {
+            tracing::error!("freeing {} frames: {e}", frames.len());
+        }
+        device.sort_by_key(|p| p.pfn());
+        for run in device.chunk_by(|a, b| self.range_of(a.pfn()).map(|r| r.range) == self.range_of(b.pfn()).map(|r| r.range)) {
+            if let Some(ops) = self.ops(run[0].pfn()) {
+                ops.pages_free(run);
+            }
         }
     }
 

@@ -90,11 +90,31 @@ pub(crate) type VmaTree = BTreeMap<u64, Arc<Vma>>;
 
 static NEXT_SPACE: AtomicU64 = AtomicU64::new(1);
 
+/// Hashes leaf numbers (already well spread) with one multiplication.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct LeafHasher(u64);
+
+impl std::hash::Hasher for LeafHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type LeafTable = HashMap<u64, Arc<Leaf>, std::hash::BuildHasherDefault<LeafHasher>>;
+
 pub(crate) struct SpaceInner {
     pub(crate) id: SpaceId,
     pub(crate) pagemap: Arc<PageMap>,
     pub(crate) map: RwLock<VmaTree>,
-    tables: RwLock<HashMap<u64, Arc<Leaf>>>,
+    tables: RwLock<LeafTable>,
     notifiers: RwLock<Vec<Arc<dyn Notifier>>>,
     seq: AtomicU64,
     next_addr: AtomicU64,
@@ -128,7 +148,7 @@ impl AddressSpace {
             id,
             pagemap: pagemap.clone(),
             map: RwLock::new(BTreeMap::new()),
-            tables: RwLock::new(HashMap::new()),
+            tables: RwLock::new(LeafTable::default()),
             notifiers: RwLock::new(Vec::new()),
             seq: AtomicU64::new(0),
             next_addr: AtomicU64::new(MMAP_BASE),

@@ -1,0 +1,70 @@
+//! Runs migrations of 65 536 pages to the host device and back with copies skipped, for
+//! profiling the bookkeeping (`perf record`), and prints ns per page.
+use std::sync::Arc;
+use std::time::Instant;
+
+use hetmem::migration::*;
+use hetmem::mm::{AddressSpace, FaultContext, MemoryKind, Page, PageMap, PagemapOps, Prot, PAGE};
+use hetmem_engine::{Device, DeviceConfig, DeviceKind};
+
+struct FreeOnly(Device);
+impl PagemapOps for FreeOnly {
+    fn page_free(&self, page: &Page) {
+        self.0.free_page(page.pfn()).unwrap();
+    }
+    fn migrate_to_ram(&self, _: FaultContext<'_>) -> hetmem::Result<()> {
+        unreachable!()
+    }
+}
+
+fn main() {
+    let n = 65_536;
+    let dev = Device::open(DeviceConfig::default().kind(DeviceKind::Host).budget((n * 4096) as u64)).unwrap();
+    let pm = PageMap::new(dev.frames().clone()).unwrap();
+    pm.register_device(dev.pfn_range(), MemoryKind::DevicePrivate, 9, Arc::new(FreeOnly(dev.clone())), None).unwrap();
+    let space = AddressSpace::new(&pm);
+    let a = space.mmap(None, n as u64 * PAGE, Prot::RW, false).unwrap();
+    for k in 0..n as u64 {
+        space.write(a + k * PAGE, &[1]).unwrap();
+    }
+    for round in 0..10 {
+        let mut total = std::time::Duration::ZERO;
+        for (flags, to_dev) in [(MIGRATE_VMA_SELECT_SYSTEM, true), (MIGRATE_VMA_SELECT_DEVICE_PRIVATE, false)] {
+            let mut src = vec![0u64; n];
+            let mut dst = vec![0u64; n];
+            let mut m = MigrateVma::new(&space, a, a + n as u64 * PAGE, &mut src, &mut dst);
+            m.flags = flags;
+            m.pgmap_owner = 9;
+            let t0 = Instant::now();
+            migrate_vma_setup(&mut m).unwrap();
+            let t1 = Instant::now();
+            let pfns = if to_dev { dev.alloc_pages(n, false).unwrap() } else { pm.frames().alloc_batch(n, false).unwrap() };
+            for (i, &p) in pfns.iter().enumerate() {
+                if to_dev {
+                    pm.init_device_page(p, true).unwrap();
+                } else {
+                    pm.alloc_system_at(p, true);
+                }
+                m.dst[i] = migrate_pfn(p);
+            }
+            let t2 = Instant::now();
+            migrate_vma_pages(&mut m).unwrap();
+            let t3 = Instant::now();
+            migrate_vma_finalize(&mut m);
+            let t4 = Instant::now();
+            if round == 9 {
+                println!(
+                    "{}: setup {:.0} pages {:.0} finalize {:.0} ns/page",
+                    if to_dev { "to device" } else { "to host  " },
+                    (t1 - t0).as_nanos() as f64 / n as f64,
+                    (t3 - t2).as_nanos() as f64 / n as f64,
+                    (t4 - t3).as_nanos() as f64 / n as f64
+                );
+            }
+            total += (t1 - t0) + (t4 - t2);
+        }
+        if round == 9 {
+            println!("total {:.0} ns/page per direction", total.as_nanos() as f64 / (2 * n) as f64);
+        }
+    }
+}
