@@ -109,31 +109,26 @@ impl Slots {
         Ok(out)
     }
 
-    /// Returns a slot; `Err(())` if it was not handed out.
-    pub(crate) fn put(&mut self, i: usize) -> Result<(), ()> {
-        if i >= self.limit || !self.used.set(i, false) {
-            return Err(());
-        }
-        self.dirty.set(i, true);
-        self.free.push(i as u32);
-        Ok(())
-    }
-
     /// Returns every slot of `idx`, or none: `Err(k)` names the first entry that was not
     /// handed out or appears twice.
     pub(crate) fn put_all(&mut self, idx: &[usize]) -> Result<(), usize> {
         if let Some(k) = idx.iter().position(|&i| !self.is_used(i)) {
             return Err(k);
         }
-        if idx.len() > 1 {
-            let mut sorted: Vec<(usize, usize)> = idx.iter().copied().zip(0..).collect();
-            sorted.sort_unstable();
-            if let Some(w) = sorted.windows(2).find(|w| w[0].0 == w[1].0) {
-                return Err(w[1].1.max(w[0].1));
+        // Clear the used bits; meeting a clear bit means the batch names a slot twice, and
+        // the bits cleared so far are set again.
+        for (k, &i) in idx.iter().enumerate() {
+            if !self.used.set(i, false) {
+                for &j in &idx[..k] {
+                    self.used.set(j, true);
+                }
+                return Err(k);
             }
         }
+        self.free.reserve(idx.len());
         for &i in idx {
-            self.put(i).expect("checked above");
+            self.dirty.set(i, true);
+            self.free.push(i as u32);
         }
         Ok(())
     }
@@ -159,7 +154,7 @@ mod tests {
     fn fresh_slots_come_out_in_runs_and_freed_ones_first() {
         let mut s = Slots::new(8);
         assert_eq!(s.take(3).unwrap(), vec![0, 1, 2]);
-        s.put(1).unwrap();
+        s.put_all(&[1]).unwrap();
         assert!(s.is_dirty(1) && !s.is_used(1));
         assert_eq!(s.take(2).unwrap(), vec![1, 3]);
         assert_eq!(s.in_use(), 4);
@@ -171,16 +166,18 @@ mod tests {
             })
         );
         assert_eq!(s.in_use(), 4);
-        assert_eq!(s.put(7), Err(()));
-        s.put(0).unwrap();
-        assert_eq!(s.put(0), Err(()));
+        assert_eq!(s.put_all(&[7]), Err(0));
+        s.put_all(&[0]).unwrap();
+        assert_eq!(s.put_all(&[0]), Err(0));
+        assert_eq!(s.put_all(&[2, 2]), Err(1));
+        assert!(s.is_used(2), "a refused batch frees nothing");
     }
 
     #[test]
     fn untake_restores_the_state() {
         let mut s = Slots::new(4);
         s.take(1).unwrap();
-        s.put(0).unwrap();
+        s.put_all(&[0]).unwrap();
         let t = s.take(3).unwrap();
         assert_eq!(t, vec![0, 1, 2]);
         s.untake(&t);

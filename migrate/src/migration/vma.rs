@@ -19,7 +19,7 @@ use super::unmap::{for_each_mapping, migration_entry, restore_entries, restore_p
 use crate::error::{Error, Result};
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
 use crate::mm::page::{flags, Mapping, MemoryKind, Page};
-use crate::mm::pte::Pte;
+use crate::mm::pte::{LeafGuard, Pte, PTRS_PER_LEAF};
 use crate::mm::space::{check_aligned, find_vma, leaf_index, AddressSpace, Vma, PAGE};
 use crate::mm::PageMap;
 
@@ -416,36 +416,131 @@ pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
 }
 
 /// The finalize stage shared with `migrate_device_finalize`. `own` is the address space and
-/// start address of a `migrate_vma` range (entry `i` maps `start + i` pages there), which
-/// spares reverse-map lookups; references are dropped in one batch at the end.
+/// start address of a `migrate_vma` range (entry `i` maps `start + i` pages there): pages
+/// mapped only there are finished under one leaf lock per leaf, without reverse-map lookups;
+/// references are dropped in one batch at the end.
 pub(crate) fn finalize(pm: &PageMap, src: &mut [u64], dst: &[u64], fault_page: Option<Pfn>, own: Option<(&AddressSpace, u64)>) {
     let mut put: Vec<&Page> = Vec::with_capacity(2 * src.len());
-    for i in 0..src.len() {
-        let old = migrate_pfn_to_page(pm, src[i]);
-        let new = migrate_pfn_to_page(pm, dst[i]);
-        let migrated = src[i] & MIGRATE_PFN_MIGRATE != 0 && new.is_some();
-        let here = own.map(|(space, start)| (space, start + i as u64 * PAGE));
-        if let Some(old) = old {
-            if migrated {
-                remap_to(pm, old, new.expect("migrated entries have a destination"), here);
-            } else {
-                restore_entries(pm, old, here);
-                if old.kind() == MemoryKind::System {
-                    old.set(flags::LRU);
+    let mut slow: Vec<usize> = Vec::new();
+    let mut i = 0;
+    while i < src.len() {
+        let end = match own {
+            Some((_, start)) => src.len().min(i + PTRS_PER_LEAF - leaf_index(start + i as u64 * PAGE)),
+            None => src.len(),
+        };
+        if let Some((space, start)) = own {
+            if let Some(leaf) = space.leaf(start + i as u64 * PAGE, false) {
+                let g = leaf.lock();
+                for k in i..end {
+                    let addr = start + k as u64 * PAGE;
+                    if !finish_in_leaf(pm, &g, space, addr, src[k], dst[k]) {
+                        slow.push(k);
+                    }
                 }
+            } else {
+                slow.extend(i..end);
             }
-            if fault_page != Some(old.pfn()) {
-                old.unlock();
+        } else {
+            slow.extend(i..end);
+        }
+        for &k in &slow {
+            let here = own.map(|(space, start)| (space, start + k as u64 * PAGE));
+            finish_slow(pm, src[k], dst[k], here);
+        }
+        slow.clear();
+        for k in i..end {
+            if let Some(old) = migrate_pfn_to_page(pm, src[k]) {
+                if fault_page != Some(old.pfn()) {
+                    old.unlock();
+                }
+                put.push(old);
             }
-            put.push(old);
+            if let Some(new) = migrate_pfn_to_page(pm, dst[k]) {
+                // A hole's new page was mapped by `pages` if it migrated; else it is unused.
+                new.unlock();
+                put.push(new);
+            }
         }
-        if let Some(new) = new {
-            // A hole's new page was mapped by `pages` if it migrated; else it is unused.
-            new.unlock();
-            put.push(new);
-        }
+        i = end;
     }
     pm.put_pages(&put);
+}
+
+/// Whether entry (`s`, `d`) at `addr` migrated.
+fn migrated(s: u64, d: u64) -> bool {
+    s & MIGRATE_PFN_MIGRATE != 0 && d & MIGRATE_PFN_VALID != 0
+}
+
+/// Finishes one entry under its (locked) leaf if its page is mapped only at `addr`; false if
+/// it needs the reverse-map walk instead. Holes need nothing here.
+fn finish_in_leaf(pm: &PageMap, g: &LeafGuard<'_>, space: &AddressSpace, addr: u64, s: u64, d: u64) -> bool {
+    let Some(old) = migrate_pfn_to_page(pm, s) else { return true };
+    let li = leaf_index(addr);
+    let me = Mapping { space: space.id(), addr };
+    let Pte::Migration { pfn, kind, young, dirty } = g.get(li) else { return false };
+    if pfn != old.pfn() {
+        return false;
+    }
+    if migrated(s, d) {
+        let new = migrate_pfn_to_page(pm, d).expect("valid destination");
+        if !old.take_sole_rmap(me) {
+            return false;
+        }
+        mark_new(new, kind, dirty);
+        space.install(g, li, addr, entry_for(new, kind, young, dirty), new, true);
+    } else {
+        if old.sole_mapping() != Some(me) {
+            return false;
+        }
+        let write = kind == crate::mm::MigrationKind::Write;
+        let pte = match old.kind() {
+            MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn, write },
+            _ => Pte::Present { pfn, write, dirty, young },
+        };
+        old.get();
+        g.set(li, pte);
+        if old.kind() == MemoryKind::System {
+            old.set(flags::LRU);
+        }
+    }
+    true
+}
+
+/// Finishes one entry through the reverse map (pages mapped in several places).
+fn finish_slow(pm: &PageMap, s: u64, d: u64, here: Option<(&AddressSpace, u64)>) {
+    let Some(old) = migrate_pfn_to_page(pm, s) else { return };
+    if migrated(s, d) {
+        remap_to(pm, old, migrate_pfn_to_page(pm, d).expect("valid destination"), here);
+    } else {
+        restore_entries(pm, old, here);
+        if old.kind() == MemoryKind::System {
+            old.set(flags::LRU);
+        }
+    }
+}
+
+/// The entry that maps `new` in place of a migration entry of `kind`.
+fn entry_for(new: &Page, kind: crate::mm::MigrationKind, young: bool, dirty: bool) -> Pte {
+    let write = kind == crate::mm::MigrationKind::Write;
+    match new.kind() {
+        MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn: new.pfn(), write },
+        _ => Pte::Present { pfn: new.pfn(), write, dirty, young },
+    }
+}
+
+/// The destination inherits dirtiness, exclusivity and (for system memory) the LRU.
+fn mark_new(new: &Page, kind: crate::mm::MigrationKind, dirty: bool) {
+    let mut f = 0;
+    if dirty {
+        f |= flags::DIRTY;
+    }
+    if kind != crate::mm::MigrationKind::Read {
+        f |= flags::ANON_EXCLUSIVE;
+    }
+    if new.kind() == MemoryKind::System {
+        f |= flags::LRU;
+    }
+    new.set(f);
 }
 
 /// Points every migration entry of `old` at `new`, with the entry's access, young and dirty
@@ -459,21 +554,8 @@ fn remap_to(pm: &PageMap, old: &Page, new: &Page, own: Option<(&AddressSpace, u6
         if pfn != old.pfn() {
             return;
         }
-        let write = kind == crate::mm::MigrationKind::Write;
-        let pte = match new.kind() {
-            MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn: new.pfn(), write },
-            _ => Pte::Present { pfn: new.pfn(), write, dirty, young },
-        };
-        if dirty {
-            new.set(flags::DIRTY);
-        }
-        if kind != crate::mm::MigrationKind::Read {
-            new.set(flags::ANON_EXCLUSIVE);
-        }
-        if new.kind() == MemoryKind::System {
-            new.set(flags::LRU);
-        }
+        mark_new(new, kind, dirty);
         old.remove_rmap(Mapping { space: space.id(), addr });
-        space.install(&g, li, addr, pte, new, true);
+        space.install(&g, li, addr, entry_for(new, kind, young, dirty), new, true);
     });
 }

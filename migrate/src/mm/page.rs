@@ -233,6 +233,18 @@ impl Page {
     pub fn mappings(&self) -> Vec<Mapping> {
         self.rmap.lock().to_vec()
     }
+    /// Forgets mapping `m` if it is the page's only one; false (and nothing changed) otherwise.
+    pub(crate) fn take_sole_rmap(&self, m: Mapping) -> bool {
+        let mut r = self.rmap.lock();
+        if r.rest.is_empty() && r.first == Some(m) {
+            r.first = None;
+            self.mapcount.fetch_sub(1, Ordering::AcqRel);
+            true
+        } else {
+            false
+        }
+    }
+
     /// The page's mapping if it has exactly one.
     pub fn sole_mapping(&self) -> Option<Mapping> {
         let r = self.rmap.lock();
