@@ -22,12 +22,24 @@ impl PagemapOps for FreeOnly {
         self.0.free_page(page.pfn()).expect("free device page");
     }
     fn migrate_to_ram(&self, f: FaultContext<'_>) -> hetmem::Result<()> {
-        Err(hetmem::Error::FaultFailed { addr: f.addr, reason: "bench driver does not fault".into() })
+        Err(hetmem::Error::FaultFailed {
+            addr: f.addr,
+            reason: "bench driver does not fault".into(),
+        })
     }
 }
 
 /// One migration with the copy skipped; returns the time of setup + pages + finalize.
-fn one_way(space: &AddressSpace, dev: &Device, pm: &PageMap, a: u64, n: usize, flags: u32, owner: u64, to_device: bool) -> Duration {
+fn one_way(
+    space: &AddressSpace,
+    dev: &Device,
+    pm: &PageMap,
+    a: u64,
+    n: usize,
+    flags: u32,
+    owner: u64,
+    to_device: bool,
+) -> Duration {
     let mut src = vec![0u64; n];
     let mut dst = vec![0u64; n];
     let mut m = MigrateVma::new(space, a, a + n as u64 * PAGE, &mut src, &mut dst);
@@ -36,7 +48,11 @@ fn one_way(space: &AddressSpace, dev: &Device, pm: &PageMap, a: u64, n: usize, f
     let t0 = Instant::now();
     migrate_vma_setup(&mut m).unwrap();
     let t1 = Instant::now();
-    let pfns = if to_device { dev.alloc_pages(n, false).unwrap() } else { pm.frames().alloc_batch(n, false).unwrap() };
+    let pfns = if to_device {
+        dev.alloc_pages(n, false).unwrap()
+    } else {
+        pm.frames().alloc_batch(n, false).unwrap()
+    };
     for (i, &p) in pfns.iter().enumerate() {
         if to_device {
             pm.init_device_page(p, true).unwrap();
@@ -53,12 +69,26 @@ fn one_way(space: &AddressSpace, dev: &Device, pm: &PageMap, a: u64, n: usize, f
 
 fn bookkeeping(c: &mut Criterion) {
     let mut g = c.benchmark_group("bookkeeping");
-    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
     let max = *SIZES.last().unwrap();
-    let dev = Device::open(DeviceConfig::default().kind(DeviceKind::Host).budget((max * 4096) as u64)).unwrap();
+    let dev = Device::open(
+        DeviceConfig::default()
+            .kind(DeviceKind::Host)
+            .budget((max * 4096) as u64),
+    )
+    .unwrap();
     let pm = PageMap::new(dev.frames().clone()).unwrap();
     let owner = 0xb0;
-    pm.register_device(dev.pfn_range(), MemoryKind::DevicePrivate, owner, Arc::new(FreeOnly(dev.clone())), None).unwrap();
+    pm.register_device(
+        dev.pfn_range(),
+        MemoryKind::DevicePrivate,
+        owner,
+        Arc::new(FreeOnly(dev.clone())),
+        None,
+    )
+    .unwrap();
     for n in SIZES {
         let space = AddressSpace::new(&pm);
         let a = space.mmap(None, n as u64 * PAGE, Prot::RW, false).unwrap();
@@ -70,8 +100,26 @@ fn bookkeeping(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut t = Duration::ZERO;
                 for _ in 0..iters {
-                    t += one_way(&space, &dev, &pm, a, n, MIGRATE_VMA_SELECT_SYSTEM, owner, true);
-                    t += one_way(&space, &dev, &pm, a, n, MIGRATE_VMA_SELECT_DEVICE_PRIVATE, owner, false);
+                    t += one_way(
+                        &space,
+                        &dev,
+                        &pm,
+                        a,
+                        n,
+                        MIGRATE_VMA_SELECT_SYSTEM,
+                        owner,
+                        true,
+                    );
+                    t += one_way(
+                        &space,
+                        &dev,
+                        &pm,
+                        a,
+                        n,
+                        MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+                        owner,
+                        false,
+                    );
                 }
                 t
             })
@@ -84,7 +132,9 @@ const BYTES: usize = 256 << 20;
 
 fn round_trip(c: &mut Criterion) {
     let mut g = c.benchmark_group("round_trip_256MiB");
-    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
     g.throughput(Throughput::Bytes(2 * BYTES as u64));
     let mut base = Baseline::new(BYTES);
     g.bench_function("memcpy_there_and_back", |b| {
@@ -94,11 +144,21 @@ fn round_trip(c: &mut Criterion) {
         })
     });
     drop(base);
-    let config = DeviceConfig::from_env().unwrap().budget(BYTES as u64 + (64 << 20));
+    let config = DeviceConfig::from_env()
+        .unwrap()
+        .budget(BYTES as u64 + (64 << 20));
     let dev = Device::open(config).unwrap();
     eprintln!("device: {} ({:?})", dev.info().name, dev.info().kind);
     let pm = PageMap::new(dev.frames().clone()).unwrap();
-    let d = GpuDriver::new(dev, &pm, DriverConfig { kind: Some(MemoryKind::DevicePrivate), ..Default::default() }).unwrap();
+    let d = GpuDriver::new(
+        dev,
+        &pm,
+        DriverConfig {
+            kind: Some(MemoryKind::DevicePrivate),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let space = AddressSpace::new(&pm);
     let n = BYTES / 4096;
     let a = space.mmap(None, BYTES as u64, Prot::RW, false).unwrap();
@@ -122,7 +182,9 @@ criterion_group!(benches, bookkeeping, round_trip);
 
 fn main() {
     benches();
-    criterion::Criterion::default().configure_from_args().final_summary();
+    criterion::Criterion::default()
+        .configure_from_args()
+        .final_summary();
     println!("\nbookkeeping per page (setup + pages + finalize, both directions, copy excluded)");
     for n in SIZES {
         if let Some(t) = criterion_mean_ns("bookkeeping", &n.to_string()) {
@@ -132,6 +194,11 @@ fn main() {
     print_ratios(
         "256 MiB round trip vs two memcpys (same run)",
         2 * BYTES as u64,
-        &[("hetmem migrate_vma_* + GpuDriver", "round_trip_256MiB", "hetmem_4KiB_pages", "memcpy_there_and_back")],
+        &[(
+            "hetmem migrate_vma_* + GpuDriver",
+            "round_trip_256MiB",
+            "hetmem_4KiB_pages",
+            "memcpy_there_and_back",
+        )],
     );
 }

@@ -19,9 +19,21 @@ impl PagemapOps for FreeOnly {
 
 fn main() {
     let n = 65_536;
-    let dev = Device::open(DeviceConfig::default().kind(DeviceKind::Host).budget((n * 4096) as u64)).unwrap();
+    let dev = Device::open(
+        DeviceConfig::default()
+            .kind(DeviceKind::Host)
+            .budget((n * 4096) as u64),
+    )
+    .unwrap();
     let pm = PageMap::new(dev.frames().clone()).unwrap();
-    pm.register_device(dev.pfn_range(), MemoryKind::DevicePrivate, 9, Arc::new(FreeOnly(dev.clone())), None).unwrap();
+    pm.register_device(
+        dev.pfn_range(),
+        MemoryKind::DevicePrivate,
+        9,
+        Arc::new(FreeOnly(dev.clone())),
+        None,
+    )
+    .unwrap();
     let space = AddressSpace::new(&pm);
     let a = space.mmap(None, n as u64 * PAGE, Prot::RW, false).unwrap();
     for k in 0..n as u64 {
@@ -29,7 +41,10 @@ fn main() {
     }
     for round in 0..10 {
         let mut total = std::time::Duration::ZERO;
-        for (flags, to_dev) in [(MIGRATE_VMA_SELECT_SYSTEM, true), (MIGRATE_VMA_SELECT_DEVICE_PRIVATE, false)] {
+        for (flags, to_dev) in [
+            (MIGRATE_VMA_SELECT_SYSTEM, true),
+            (MIGRATE_VMA_SELECT_DEVICE_PRIVATE, false),
+        ] {
             let mut src = vec![0u64; n];
             let mut dst = vec![0u64; n];
             let mut m = MigrateVma::new(&space, a, a + n as u64 * PAGE, &mut src, &mut dst);
@@ -38,7 +53,11 @@ fn main() {
             let t0 = Instant::now();
             migrate_vma_setup(&mut m).unwrap();
             let t1 = Instant::now();
-            let pfns = if to_dev { dev.alloc_pages(n, false).unwrap() } else { pm.frames().alloc_batch(n, false).unwrap() };
+            let pfns = if to_dev {
+                dev.alloc_pages(n, false).unwrap()
+            } else {
+                pm.frames().alloc_batch(n, false).unwrap()
+            };
             for (i, &p) in pfns.iter().enumerate() {
                 if to_dev {
                     pm.init_device_page(p, true).unwrap();
@@ -64,7 +83,10 @@ fn main() {
             total += (t1 - t0) + (t4 - t2);
         }
         if round == 9 {
-            println!("total {:.0} ns/page per direction", total.as_nanos() as f64 / (2 * n) as f64);
+            println!(
+                "total {:.0} ns/page per direction",
+                total.as_nanos() as f64 / (2 * n) as f64
+            );
         }
     }
 }

@@ -152,3 +152,37 @@ fn stats_count_bytes_each_way() {
     drop(space);
     assert_eq!(d.resident_pages(), 0);
 }
+
+#[test]
+fn large_ranges_move_in_pipelined_chunks() {
+    use hetmem::driver::CHUNK_PAGES;
+    for kind in kinds() {
+        let n = 2 * CHUNK_PAGES + 300;
+        let Some((_pm, d, space)) = driver(kind, MemoryKind::DevicePrivate, n, "pipelined") else {
+            continue;
+        };
+        let a = space.mmap(None, n as u64 * PAGE, Prot::RW, false).unwrap();
+        // Every third page stays a hole; the rest carry their index.
+        for p in (0..n).filter(|p| p % 3 != 0) {
+            space
+                .write(a + p as u64 * PAGE, &(p as u32).to_le_bytes())
+                .unwrap();
+        }
+        let moved = d.migrate_to_device(&space, a, n).unwrap();
+        assert_eq!((moved.cpages, moved.migrated), (n, n));
+        assert_eq!(
+            d.stats().bytes_to_device,
+            (n - n.div_ceil(3)) as u64 * 4096,
+            "holes are not copied"
+        );
+        let back = d.migrate_to_host(&space, a, n).unwrap();
+        assert_eq!(back.migrated, n);
+        for p in 0..n {
+            let mut b = [0u8; 4];
+            space.read(a + p as u64 * PAGE, &mut b).unwrap();
+            let want = if p % 3 == 0 { 0 } else { p as u32 };
+            assert_eq!(u32::from_le_bytes(b), want, "{kind:?} page {p}");
+        }
+        assert_eq!(d.resident_pages(), 0);
+    }
+}

@@ -142,6 +142,24 @@ impl PagemapOps for Ops {
     }
 }
 
+/// Pages per chunk of a pipelined migration (16 MiB).
+pub const CHUNK_PAGES: usize = 4096;
+
+/// A chunk whose copy is in flight.
+struct Chunk {
+    start: u64,
+    end: u64,
+    src: Vec<u64>,
+    dst: Vec<u64>,
+    fault_page: Option<Pfn>,
+    vma: Option<Arc<crate::mm::Vma>>,
+    cpages: usize,
+    pairs: Vec<(Pfn, Pfn)>,
+    pair_index: Vec<usize>,
+    ticket: std::result::Result<hetmem_engine::Ticket, EngineError>,
+    submitted: Instant,
+}
+
 /// The driver. Cloning gives another handle.
 #[derive(Clone)]
 pub struct GpuDriver {
@@ -280,8 +298,9 @@ impl GpuDriver {
 }
 
 impl Inner {
-    /// One migration of `[start, end)`: setup, destinations, one batched copy, pages,
-    /// finalize. `to_device` selects the direction.
+    /// Migrates `[start, end)` in chunks of [`CHUNK_PAGES`], pipelined: while the copy of
+    /// one chunk runs, the next chunk is collected and its copy submitted; then the first
+    /// finishes (pages, finalize). `to_device` selects the direction.
     fn migrate(
         &self,
         space: &AddressSpace,
@@ -291,6 +310,44 @@ impl Inner {
         fault_page: Option<Pfn>,
         to_device: bool,
     ) -> Result<Moved> {
+        let mut total = Moved::default();
+        let mut pending: Option<Chunk> = None;
+        let mut at = start;
+        let mut failure = None;
+        while at < end {
+            let stop = end.min(at + CHUNK_PAGES as u64 * PAGE);
+            match self.begin(space, at, stop, flags, fault_page, to_device) {
+                Ok(next) => {
+                    if let Some(done) = pending.replace(next) {
+                        self.complete(space, done, to_device, &mut total)?;
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+            at = stop;
+        }
+        if let Some(done) = pending {
+            self.complete(space, done, to_device, &mut total)?;
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+
+    /// Collects a chunk, gives it destinations and submits its copy.
+    fn begin(
+        &self,
+        space: &AddressSpace,
+        start: u64,
+        end: u64,
+        flags: u32,
+        fault_page: Option<Pfn>,
+        to_device: bool,
+    ) -> Result<Chunk> {
         let t0 = Instant::now();
         let n = ((end - start) / PAGE) as usize;
         let mut src = vec![0u64; n];
@@ -300,27 +357,84 @@ impl Inner {
         m.flags = flags;
         m.fault_page = fault_page;
         migrate_vma_setup(&mut m)?;
-        let cpages = m.cpages;
+        let (cpages, vma) = (m.cpages, m.vma());
+        drop(m);
         let want: Vec<usize> = (0..n)
-            .filter(|&i| m.src[i] & MIGRATE_PFN_MIGRATE != 0)
+            .filter(|&i| src[i] & MIGRATE_PFN_MIGRATE != 0)
             .collect();
+        let holes = want
+            .iter()
+            .filter(|&&i| src[i] & MIGRATE_PFN_VALID == 0)
+            .count();
         let dsts = if to_device {
-            self.device_pages(want.len())
+            self.device_pages(want.len(), holes)
         } else {
             self.host_pages(want.len())
         };
         let mut pairs = Vec::with_capacity(want.len());
         let mut pair_index = Vec::with_capacity(want.len());
-        for (&i, &d) in want.iter().zip(&dsts) {
-            m.dst[i] = migrate_pfn(d);
-            if let Some(s) = migrate_pfn_to_pfn(m.src[i]) {
+        // Holes first in the allocation (they were asked zeroed), then copied pages.
+        let mut hole_dsts = dsts.iter().take(holes.min(dsts.len()));
+        let mut copy_dsts = dsts.iter().skip(holes.min(dsts.len()));
+        for &i in &want {
+            let d = if src[i] & MIGRATE_PFN_VALID == 0 {
+                hole_dsts.next()
+            } else {
+                copy_dsts.next()
+            };
+            let Some(&d) = d else { continue };
+            dst[i] = migrate_pfn(d);
+            if let Some(s) = migrate_pfn_to_pfn(src[i]) {
                 pairs.push((s, d));
                 pair_index.push(i);
             }
         }
+        let submitted = Instant::now();
+        let ticket = self.device.copy(&pairs);
+        self.counters
+            .book_ns
+            .fetch_add((submitted - t0).as_nanos() as u64, Ordering::Relaxed);
+        Ok(Chunk {
+            start,
+            end,
+            src,
+            dst,
+            fault_page,
+            vma,
+            cpages,
+            pairs,
+            pair_index,
+            ticket,
+            submitted,
+        })
+    }
+
+    /// Waits for a chunk's copy, then runs pages and finalize; failed copies stay behind.
+    fn complete(
+        &self,
+        space: &AddressSpace,
+        c: Chunk,
+        to_device: bool,
+        total: &mut Moved,
+    ) -> Result<()> {
+        let Chunk {
+            start,
+            end,
+            mut src,
+            mut dst,
+            fault_page,
+            vma,
+            cpages,
+            pairs,
+            pair_index,
+            ticket,
+            submitted,
+        } = c;
+        let copied = ticket.and_then(|t| t.wait());
         let t1 = Instant::now();
-        let copied = self.device.copy(&pairs).and_then(|t| t.wait());
-        let t2 = Instant::now();
+        self.counters
+            .copy_ns
+            .fetch_add((t1 - submitted).as_nanos() as u64, Ordering::Relaxed);
         if let Err(e) = copied {
             let failed: Vec<usize> = match e {
                 EngineError::CopyFailed { failed, .. } => failed,
@@ -328,14 +442,17 @@ impl Inner {
             };
             for k in failed {
                 let i = pair_index[k];
-                if let Some(p) = migrate_pfn_to_page(&self.pagemap, m.dst[i]) {
+                if let Some(p) = migrate_pfn_to_page(&self.pagemap, dst[i]) {
                     p.unlock();
                     self.pagemap.put_page(p);
                 }
-                m.dst[i] = 0;
+                dst[i] = 0;
             }
         }
+        let mut m = MigrateVma::resume(space, start, end, &mut src, &mut dst, fault_page, vma);
+        m.pgmap_owner = self.owner;
         migrate_vma_pages(&mut m)?;
+        let n = m.npages;
         let mut migrated = 0;
         for i in 0..n {
             if m.src[i] & MIGRATE_PFN_MIGRATE != 0 && m.dst[i] & MIGRATE_PFN_VALID != 0 {
@@ -348,23 +465,23 @@ impl Inner {
         }
         migrate_vma_finalize(&mut m);
         let bytes = (pairs.len() * PAGE_SIZE) as u64;
-        let c = &self.counters;
         if to_device {
-            c.to_device.fetch_add(bytes, Ordering::Relaxed);
+            self.counters.to_device.fetch_add(bytes, Ordering::Relaxed);
         } else {
-            c.to_host.fetch_add(bytes, Ordering::Relaxed);
+            self.counters.to_host.fetch_add(bytes, Ordering::Relaxed);
         }
-        c.copy_ns
-            .fetch_add((t2 - t1).as_nanos() as u64, Ordering::Relaxed);
-        c.book_ns.fetch_add(
-            ((t1 - t0) + t2.elapsed()).as_nanos() as u64,
-            Ordering::Relaxed,
-        );
-        Ok(Moved { cpages, migrated })
+        self.counters
+            .book_ns
+            .fetch_add(t1.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        total.cpages += cpages;
+        total.migrated += migrated;
+        Ok(())
     }
 
-    /// Up to `n` locked device pages, evicting to stay within the budget.
-    fn device_pages(&self, n: usize) -> Vec<Pfn> {
+    /// Up to `n` locked device pages, evicting to stay within the budget; the first `zeroed`
+    /// of them read as zeros (for holes), the rest hold whatever they held (copies overwrite
+    /// them).
+    fn device_pages(&self, n: usize, zeroed: usize) -> Vec<Pfn> {
         let in_use = self.device.pages_in_use();
         let room = self.budget_pages.saturating_sub(in_use);
         if room < n {
@@ -376,7 +493,20 @@ impl Inner {
             .budget_pages
             .saturating_sub(self.device.pages_in_use())
             .min(n);
-        let pfns = match self.device.alloc_pages(room, true) {
+        let zeroed = zeroed.min(room);
+        let allocated = self.device.alloc_pages(zeroed, true).and_then(|mut z| {
+            match self.device.alloc_pages(room - zeroed, false) {
+                Ok(rest) => {
+                    z.extend(rest);
+                    Ok(z)
+                }
+                Err(e) => {
+                    let _ = self.device.free_pages(&z);
+                    Err(e)
+                }
+            }
+        });
+        let pfns = match allocated {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!("device allocation of {room} pages failed: {e}");

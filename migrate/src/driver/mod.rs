@@ -6,4 +6,4 @@
 mod evict;
 mod gpu;
 
-pub use gpu::{DriverConfig, DriverStats, GpuDriver, Moved};
+pub use gpu::{DriverConfig, DriverStats, GpuDriver, Moved, CHUNK_PAGES};

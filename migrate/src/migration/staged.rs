@@ -139,7 +139,13 @@ impl<S> Migration<'_, S> {
                 self.src[i] & MIGRATE_PFN_MIGRATE != 0 && self.dst[i] & MIGRATE_PFN_VALID != 0
             })
             .count();
-        finalize(&pm, &mut self.src, &self.dst, self.fault_page, Some((self.space, self.start)));
+        finalize(
+            &pm,
+            &mut self.src,
+            &self.dst,
+            self.fault_page,
+            Some((self.space, self.start)),
+        );
         Outcome {
             cpages: self.cpages,
             migrated,

@@ -12,7 +12,12 @@ use crate::mm::PageMap;
 /// and a dirty entry marks the page dirty now, so the bit survives a failed migration.
 pub(crate) fn migration_entry(pte: Pte, page: &Page) -> Pte {
     let (write, dirty, young) = match pte {
-        Pte::Present { write, dirty, young, .. } => (write, dirty, young),
+        Pte::Present {
+            write,
+            dirty,
+            young,
+            ..
+        } => (write, dirty, young),
         Pte::DevicePrivate { write, .. } => (write, false, false),
         other => unreachable!("no migration entry for {other:?}"),
     };
@@ -26,7 +31,12 @@ pub(crate) fn migration_entry(pte: Pte, page: &Page) -> Pte {
     } else {
         MigrationKind::Read
     };
-    Pte::Migration { pfn: page.pfn(), kind, young, dirty }
+    Pte::Migration {
+        pfn: page.pfn(),
+        kind,
+        young,
+        dirty,
+    }
 }
 
 /// Runs `f` on each address space and address where `page` is mapped. `own` (a space and
@@ -38,7 +48,12 @@ pub(crate) fn for_each_mapping(
     mut f: impl FnMut(&AddressSpace, u64),
 ) {
     if let Some((space, addr)) = own {
-        if page.sole_mapping() == Some(Mapping { space: space.id(), addr }) {
+        if page.sole_mapping()
+            == Some(Mapping {
+                space: space.id(),
+                addr,
+            })
+        {
             f(space, addr);
             return;
         }
@@ -62,14 +77,21 @@ pub(crate) enum Unmapped {
 /// swap-cache copy, replaces its remaining entries in every address space, then checks that
 /// only the migration (`expected` references) holds it. `own` is the mapping the caller
 /// already replaced, if any: a page mapped only there needs no reverse-map walk.
-pub(crate) fn unmap_page(pm: &PageMap, page: &Page, expected: u32, own: Option<Mapping>) -> Unmapped {
+pub(crate) fn unmap_page(
+    pm: &PageMap,
+    page: &Page,
+    expected: u32,
+    own: Option<Mapping>,
+) -> Unmapped {
     if page.kind() == MemoryKind::System && !page.test_and_clear(flags::LRU) {
         return Unmapped::Busy;
     }
     page.clear(flags::SWAPCACHE);
     if own.is_none() || page.sole_mapping() != own {
         for_each_mapping(pm, page, None, |space, addr| {
-            let Some(leaf) = space.leaf(addr, false) else { return };
+            let Some(leaf) = space.leaf(addr, false) else {
+                return;
+            };
             let g = leaf.lock();
             let li = leaf_index(addr);
             let pte = g.get(li);
@@ -97,15 +119,28 @@ pub(crate) fn unmap_page(pm: &PageMap, page: &Page, expected: u32, own: Option<M
 /// reference again.
 pub(crate) fn restore_entries(pm: &PageMap, page: &Page, own: Option<(&AddressSpace, u64)>) {
     for_each_mapping(pm, page, own, |space, addr| {
-        let Some(leaf) = space.leaf(addr, false) else { return };
+        let Some(leaf) = space.leaf(addr, false) else {
+            return;
+        };
         let g = leaf.lock();
         let li = leaf_index(addr);
-        if let Pte::Migration { pfn, kind, young, dirty } = g.get(li) {
+        if let Pte::Migration {
+            pfn,
+            kind,
+            young,
+            dirty,
+        } = g.get(li)
+        {
             if pfn == page.pfn() {
                 let write = kind == MigrationKind::Write;
                 let pte = match page.kind() {
                     MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn, write },
-                    _ => Pte::Present { pfn, write, dirty, young },
+                    _ => Pte::Present {
+                        pfn,
+                        write,
+                        dirty,
+                        young,
+                    },
                 };
                 page.get();
                 g.set(li, pte);
@@ -116,7 +151,12 @@ pub(crate) fn restore_entries(pm: &PageMap, page: &Page, own: Option<(&AddressSp
 
 /// Puts a page back where it was: its entries restored, back on the LRU, unlocked (if
 /// `unlock`), and the migration's reference dropped.
-pub(crate) fn restore_page(pm: &PageMap, page: &Page, unlock: bool, own: Option<(&AddressSpace, u64)>) {
+pub(crate) fn restore_page(
+    pm: &PageMap,
+    page: &Page,
+    unlock: bool,
+    own: Option<(&AddressSpace, u64)>,
+) {
     restore_entries(pm, page, own);
     if page.kind() == MemoryKind::System {
         page.set(flags::LRU);

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use hetmem_engine::Pfn;
 
 use super::pfn::*;
-use super::unmap::{for_each_mapping, migration_entry, restore_entries, restore_page, unmap_page, Unmapped};
+use super::unmap::{
+    for_each_mapping, migration_entry, restore_entries, restore_page, unmap_page, Unmapped,
+};
 use crate::error::{Error, Result};
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
 use crate::mm::page::{flags, Mapping, MemoryKind, Page};
@@ -74,9 +76,10 @@ impl<'a> MigrateVma<'a> {
         }
     }
 
-    /// Rebuilds the arguments of a migration whose setup already ran (for the typestate
-    /// wrapper, which owns the arrays between stages).
-    pub(crate) fn resume(
+    /// Rebuilds the arguments of a migration whose setup already ran (for callers that own
+    /// the arrays between stages, like the typestate wrapper and pipelined drivers); `vma`
+    /// is what [`MigrateVma::vma`] returned after setup.
+    pub fn resume(
         space: &'a AddressSpace,
         start: u64,
         end: u64,
@@ -101,8 +104,8 @@ impl<'a> MigrateVma<'a> {
         }
     }
 
-    /// The mapping setup found.
-    pub(crate) fn vma(&self) -> Option<Arc<Vma>> {
+    /// The mapping setup found (`None` before setup).
+    pub fn vma(&self) -> Option<Arc<Vma>> {
         self.vma.clone()
     }
 
@@ -277,7 +280,10 @@ fn migrate_vma_unmap(m: &mut MigrateVma<'_>) {
         };
         let is_fault_page = m.fault_page == Some(page.pfn());
         let addr = m.addr(i);
-        let own = Mapping { space: m.space.id(), addr };
+        let own = Mapping {
+            space: m.space.id(),
+            addr,
+        };
         match unmap_page(&pm, page, if is_fault_page { 2 } else { 1 }, Some(own)) {
             Unmapped::Ready => {}
             Unmapped::Busy => {
@@ -406,7 +412,13 @@ fn insert_page(space: &AddressSpace, vma: &Vma, addr: u64, page: &Page) -> bool 
 pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
     let pm = m.space.pagemap().clone();
     let own = Some((m.space, m.start));
-    finalize(&pm, &mut m.src[..m.npages], &m.dst[..m.npages], m.fault_page, own);
+    finalize(
+        &pm,
+        &mut m.src[..m.npages],
+        &m.dst[..m.npages],
+        m.fault_page,
+        own,
+    );
     m.space.notify_end(NotifyRange {
         start: m.start,
         end: m.end,
@@ -419,13 +431,21 @@ pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
 /// start address of a `migrate_vma` range (entry `i` maps `start + i` pages there): pages
 /// mapped only there are finished under one leaf lock per leaf, without reverse-map lookups;
 /// references are dropped in one batch at the end.
-pub(crate) fn finalize(pm: &PageMap, src: &mut [u64], dst: &[u64], fault_page: Option<Pfn>, own: Option<(&AddressSpace, u64)>) {
+pub(crate) fn finalize(
+    pm: &PageMap,
+    src: &mut [u64],
+    dst: &[u64],
+    fault_page: Option<Pfn>,
+    own: Option<(&AddressSpace, u64)>,
+) {
     let mut put: Vec<&Page> = Vec::with_capacity(2 * src.len());
     let mut slow: Vec<usize> = Vec::new();
     let mut i = 0;
     while i < src.len() {
         let end = match own {
-            Some((_, start)) => src.len().min(i + PTRS_PER_LEAF - leaf_index(start + i as u64 * PAGE)),
+            Some((_, start)) => src
+                .len()
+                .min(i + PTRS_PER_LEAF - leaf_index(start + i as u64 * PAGE)),
             None => src.len(),
         };
         if let Some((space, start)) = own {
@@ -473,11 +493,31 @@ fn migrated(s: u64, d: u64) -> bool {
 
 /// Finishes one entry under its (locked) leaf if its page is mapped only at `addr`; false if
 /// it needs the reverse-map walk instead. Holes need nothing here.
-fn finish_in_leaf(pm: &PageMap, g: &LeafGuard<'_>, space: &AddressSpace, addr: u64, s: u64, d: u64) -> bool {
-    let Some(old) = migrate_pfn_to_page(pm, s) else { return true };
+fn finish_in_leaf(
+    pm: &PageMap,
+    g: &LeafGuard<'_>,
+    space: &AddressSpace,
+    addr: u64,
+    s: u64,
+    d: u64,
+) -> bool {
+    let Some(old) = migrate_pfn_to_page(pm, s) else {
+        return true;
+    };
     let li = leaf_index(addr);
-    let me = Mapping { space: space.id(), addr };
-    let Pte::Migration { pfn, kind, young, dirty } = g.get(li) else { return false };
+    let me = Mapping {
+        space: space.id(),
+        addr,
+    };
+    let Pte::Migration {
+        pfn,
+        kind,
+        young,
+        dirty,
+    } = g.get(li)
+    else {
+        return false;
+    };
     if pfn != old.pfn() {
         return false;
     }
@@ -495,7 +535,12 @@ fn finish_in_leaf(pm: &PageMap, g: &LeafGuard<'_>, space: &AddressSpace, addr: u
         let write = kind == crate::mm::MigrationKind::Write;
         let pte = match old.kind() {
             MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn, write },
-            _ => Pte::Present { pfn, write, dirty, young },
+            _ => Pte::Present {
+                pfn,
+                write,
+                dirty,
+                young,
+            },
         };
         old.get();
         g.set(li, pte);
@@ -508,9 +553,16 @@ fn finish_in_leaf(pm: &PageMap, g: &LeafGuard<'_>, space: &AddressSpace, addr: u
 
 /// Finishes one entry through the reverse map (pages mapped in several places).
 fn finish_slow(pm: &PageMap, s: u64, d: u64, here: Option<(&AddressSpace, u64)>) {
-    let Some(old) = migrate_pfn_to_page(pm, s) else { return };
+    let Some(old) = migrate_pfn_to_page(pm, s) else {
+        return;
+    };
     if migrated(s, d) {
-        remap_to(pm, old, migrate_pfn_to_page(pm, d).expect("valid destination"), here);
+        remap_to(
+            pm,
+            old,
+            migrate_pfn_to_page(pm, d).expect("valid destination"),
+            here,
+        );
     } else {
         restore_entries(pm, old, here);
         if old.kind() == MemoryKind::System {
@@ -523,8 +575,16 @@ fn finish_slow(pm: &PageMap, s: u64, d: u64, here: Option<(&AddressSpace, u64)>)
 fn entry_for(new: &Page, kind: crate::mm::MigrationKind, young: bool, dirty: bool) -> Pte {
     let write = kind == crate::mm::MigrationKind::Write;
     match new.kind() {
-        MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn: new.pfn(), write },
-        _ => Pte::Present { pfn: new.pfn(), write, dirty, young },
+        MemoryKind::DevicePrivate => Pte::DevicePrivate {
+            pfn: new.pfn(),
+            write,
+        },
+        _ => Pte::Present {
+            pfn: new.pfn(),
+            write,
+            dirty,
+            young,
+        },
     }
 }
 
@@ -547,15 +607,28 @@ fn mark_new(new: &Page, kind: crate::mm::MigrationKind, dirty: bool) {
 /// bits (a device-private destination gives device-private entries).
 fn remap_to(pm: &PageMap, old: &Page, new: &Page, own: Option<(&AddressSpace, u64)>) {
     for_each_mapping(pm, old, own, |space, addr| {
-        let Some(leaf) = space.leaf(addr, false) else { return };
+        let Some(leaf) = space.leaf(addr, false) else {
+            return;
+        };
         let g = leaf.lock();
         let li = leaf_index(addr);
-        let Pte::Migration { pfn, kind, young, dirty } = g.get(li) else { return };
+        let Pte::Migration {
+            pfn,
+            kind,
+            young,
+            dirty,
+        } = g.get(li)
+        else {
+            return;
+        };
         if pfn != old.pfn() {
             return;
         }
         mark_new(new, kind, dirty);
-        old.remove_rmap(Mapping { space: space.id(), addr });
+        old.remove_rmap(Mapping {
+            space: space.id(),
+            addr,
+        });
         space.install(&g, li, addr, entry_for(new, kind, young, dirty), new, true);
     });
 }

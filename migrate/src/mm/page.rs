@@ -288,8 +288,14 @@ impl Page {
 
     /// Unlocks the page and wakes every waiter (only if some announced themselves).
     pub fn unlock(&self) {
-        let was = self.flags.fetch_and(!(flags::LOCKED | flags::WAITERS), Ordering::AcqRel);
-        debug_assert!(was & flags::LOCKED != 0, "unlock of unlocked page {}", self.pfn);
+        let was = self
+            .flags
+            .fetch_and(!(flags::LOCKED | flags::WAITERS), Ordering::AcqRel);
+        debug_assert!(
+            was & flags::LOCKED != 0,
+            "unlock of unlocked page {}",
+            self.pfn
+        );
         if was & flags::WAITERS != 0 {
             let key = self as *const Page as usize;
             // SAFETY: waking threads parked on this page's key has no other effect.

@@ -306,7 +306,9 @@ impl PageMap {
             tracing::error!("freeing {} frames: {e}", frames.len());
         }
         device.sort_by_key(|p| p.pfn());
-        for run in device.chunk_by(|a, b| self.range_of(a.pfn()).map(|r| r.range) == self.range_of(b.pfn()).map(|r| r.range)) {
+        for run in device.chunk_by(|a, b| {
+            self.range_of(a.pfn()).map(|r| r.range) == self.range_of(b.pfn()).map(|r| r.range)
+        }) {
             if let Some(ops) = self.ops(run[0].pfn()) {
                 ops.pages_free(run);
             }
