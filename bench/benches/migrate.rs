@@ -29,35 +29,43 @@ impl PagemapOps for FreeOnly {
     }
 }
 
-/// One migration with the copy skipped; returns the time of setup + pages + finalize.
-fn one_way(
-    space: &AddressSpace,
-    dev: &Device,
-    pm: &PageMap,
-    a: u64,
-    n: usize,
-    flags: u32,
+/// What one bookkeeping run works on.
+struct Range<'a> {
+    space: &'a AddressSpace,
+    dev: &'a Device,
+    pm: &'a PageMap,
+    addr: u64,
+    pages: usize,
     owner: u64,
-    to_device: bool,
-) -> Duration {
+}
+
+/// One migration with the copy skipped; returns the time of setup + pages + finalize.
+fn one_way(r: &Range<'_>, flags: u32, to_device: bool) -> Duration {
+    let n = r.pages;
     let mut src = vec![0u64; n];
     let mut dst = vec![0u64; n];
-    let mut m = MigrateVma::new(space, a, a + n as u64 * PAGE, &mut src, &mut dst);
+    let mut m = MigrateVma::new(
+        r.space,
+        r.addr,
+        r.addr + n as u64 * PAGE,
+        &mut src,
+        &mut dst,
+    );
     m.flags = flags;
-    m.pgmap_owner = owner;
+    m.pgmap_owner = r.owner;
     let t0 = Instant::now();
     migrate_vma_setup(&mut m).unwrap();
     let t1 = Instant::now();
     let pfns = if to_device {
-        dev.alloc_pages(n, false).unwrap()
+        r.dev.alloc_pages(n, false).unwrap()
     } else {
-        pm.frames().alloc_batch(n, false).unwrap()
+        r.pm.frames().alloc_batch(n, false).unwrap()
     };
     for (i, &p) in pfns.iter().enumerate() {
         if to_device {
-            pm.init_device_page(p, true).unwrap();
+            r.pm.init_device_page(p, true).unwrap();
         } else {
-            pm.alloc_system_at(p, true);
+            r.pm.alloc_system_at(p, true);
         }
         m.dst[i] = migrate_pfn(p);
     }
@@ -96,30 +104,20 @@ fn bookkeeping(c: &mut Criterion) {
             space.write(a + k * PAGE, &[1]).unwrap();
         }
         g.throughput(Throughput::Elements(2 * n as u64));
-        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+        let range = Range {
+            space: &space,
+            dev: &dev,
+            pm: &pm,
+            addr: a,
+            pages: n,
+            owner,
+        };
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter_custom(|iters| {
                 let mut t = Duration::ZERO;
                 for _ in 0..iters {
-                    t += one_way(
-                        &space,
-                        &dev,
-                        &pm,
-                        a,
-                        n,
-                        MIGRATE_VMA_SELECT_SYSTEM,
-                        owner,
-                        true,
-                    );
-                    t += one_way(
-                        &space,
-                        &dev,
-                        &pm,
-                        a,
-                        n,
-                        MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
-                        owner,
-                        false,
-                    );
+                    t += one_way(&range, MIGRATE_VMA_SELECT_SYSTEM, true);
+                    t += one_way(&range, MIGRATE_VMA_SELECT_DEVICE_PRIVATE, false);
                 }
                 t
             })
