@@ -94,6 +94,27 @@ pub enum Error {
     /// A long-term pin found a device-coherent page: it must be migrated to host first.
     #[error("page {0} is device-coherent: migrate it before a long-term pin")]
     CoherentPin(Pfn),
+    /// The buffer was freed.
+    #[error("the buffer was freed")]
+    Freed,
+    /// A range runs past the end of its buffer.
+    #[error("range {start}..{end} is out of bounds of a {size}-byte buffer")]
+    OutOfBounds {
+        /// First byte.
+        start: usize,
+        /// One past the last byte.
+        end: usize,
+        /// The buffer's size.
+        size: usize,
+    },
+    /// A request needs more device pages at once than the budget holds.
+    #[error("{pages} pages requested at once, the device budget is {budget}")]
+    OverBudget {
+        /// Pages requested.
+        pages: usize,
+        /// The budget in pages.
+        budget: usize,
+    },
     /// An argument out of its domain.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
@@ -108,6 +129,7 @@ impl Error {
         match self {
             Error::ReadDenied(_) | Error::WriteDenied(_) | Error::NoAccess(_) => ErrorKind::Access,
             Error::Busy(_) | Error::FaultFailed { .. } => ErrorKind::Transient,
+            Error::OverBudget { .. } => ErrorKind::OutOfMemory,
             Error::Engine(e) => match e.kind() {
                 hetmem_engine::ErrorKind::OutOfMemory => ErrorKind::OutOfMemory,
                 hetmem_engine::ErrorKind::DeviceLost => ErrorKind::DeviceLost,

@@ -181,6 +181,11 @@ impl AddressSpace {
                     let r = self.fault_device_private(addr, write, pfn, page);
                     pm.put_page(page);
                     r?;
+                    // A page the driver could not move (pinned for a device kernel) would
+                    // fault forever: report it instead.
+                    if matches!(self.pte(addr), Pte::DevicePrivate { pfn: p, .. } if p == pfn) {
+                        return Err(Error::Busy(pfn));
+                    }
                 }
                 Pte::Migration { pfn, .. } => {
                     let page = pm.page_or_err(pfn)?;

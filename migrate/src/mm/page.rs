@@ -209,10 +209,12 @@ impl Page {
         self.refcount.store(1, Ordering::Release);
     }
 
-    pub(crate) fn add_pin(&self) {
+    /// Adds a pin (the caller holds a reference for it).
+    pub fn add_pin(&self) {
         self.pincount.fetch_add(1, Ordering::AcqRel);
     }
-    pub(crate) fn remove_pin(&self) {
+    /// Removes a pin (the caller then drops its reference).
+    pub fn remove_pin(&self) {
         self.pincount.fetch_sub(1, Ordering::AcqRel);
     }
 

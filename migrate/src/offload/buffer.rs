@@ -1,0 +1,274 @@
+//! Managed buffers: a range of the context's address space that moves between host and device
+//! memory on request, on advice and on CPU access.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use hetmem_engine::Pfn;
+use parking_lot::Mutex;
+
+use super::context::Context;
+use crate::driver::Moved;
+use crate::error::{Error, Result};
+use crate::mm::{MemoryKind, PAGE};
+
+/// Where a buffer's pages should be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Location {
+    /// Host memory.
+    Host,
+    /// The context's device.
+    Device,
+}
+
+/// Hints about a buffer's use (CUDA's `cudaMemAdvise`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Advice {
+    /// Keep the pages there: they move there now.
+    PreferredLocation(Location),
+    /// The device will use the pages: eviction passes them over once.
+    AccessedBy(Location),
+}
+
+struct Inner {
+    ctx: Context,
+    addr: u64,
+    len: usize,
+    freed: AtomicBool,
+    preferred: Mutex<Option<Location>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !self.freed.swap(true, Ordering::AcqRel) {
+            let _ = self
+                .ctx
+                .space()
+                .munmap(self.addr, (self.len as u64).div_ceil(PAGE) * PAGE);
+        }
+    }
+}
+
+/// A managed buffer. Cloning gives another handle to the same buffer.
+#[derive(Clone)]
+pub struct Buffer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer")
+            .field("addr", &self.inner.addr)
+            .field("len", &self.inner.len)
+            .finish()
+    }
+}
+
+/// A prefetch in flight; `wait` gives what moved.
+#[must_use = "a prefetch is only known to be done once waited on"]
+pub struct Prefetch {
+    handle: std::thread::JoinHandle<Result<Moved>>,
+}
+
+impl Prefetch {
+    /// Blocks until the pages have moved (or failed to).
+    pub fn wait(self) -> Result<Moved> {
+        self.handle
+            .join()
+            .unwrap_or_else(|_| Err(Error::InvalidArgument("prefetch thread panicked")))
+    }
+    /// True once the prefetch has finished.
+    pub fn is_done(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
+/// Device pages held in place for the lifetime of a device kernel: never evicted, never
+/// migrated, until the guard drops.
+#[must_use = "pages are released when the guard drops"]
+pub struct DevicePin {
+    ctx: Context,
+    pfns: Vec<Pfn>,
+}
+
+impl DevicePin {
+    /// The device pages, one per page of the pinned range, in order.
+    pub fn pfns(&self) -> &[Pfn] {
+        &self.pfns
+    }
+}
+
+impl Drop for DevicePin {
+    fn drop(&mut self) {
+        let pm = self.ctx.driver().pagemap();
+        for &pfn in &self.pfns {
+            if let Some(p) = pm.page(pfn) {
+                p.remove_pin();
+                pm.put_page(p);
+            }
+        }
+    }
+}
+
+impl Buffer {
+    pub(crate) fn new(ctx: Context, addr: u64, len: usize) -> Buffer {
+        Buffer {
+            inner: Arc::new(Inner {
+                ctx,
+                addr,
+                len,
+                freed: AtomicBool::new(false),
+                preferred: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Bytes in the buffer.
+    pub fn len(&self) -> usize {
+        self.inner.len
+    }
+    /// True for an empty buffer (never: allocation refuses 0 bytes).
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+    /// The buffer's address in the context's address space.
+    pub fn addr(&self) -> u64 {
+        self.inner.addr
+    }
+    /// The preferred location last advised.
+    pub fn preferred(&self) -> Option<Location> {
+        *self.inner.preferred.lock()
+    }
+
+    /// The page-aligned address and page count covering `range`, after checks.
+    fn pages(&self, range: Range<usize>) -> Result<(u64, usize)> {
+        if self.inner.freed.load(Ordering::Acquire) {
+            return Err(Error::Freed);
+        }
+        if range.start > range.end || range.end > self.inner.len {
+            return Err(Error::OutOfBounds {
+                start: range.start,
+                end: range.end,
+                size: self.inner.len,
+            });
+        }
+        if range.is_empty() {
+            return Err(Error::EmptyRange);
+        }
+        let first = range.start as u64 / PAGE;
+        let last = (range.end as u64).div_ceil(PAGE);
+        Ok((self.inner.addr + first * PAGE, (last - first) as usize))
+    }
+
+    /// Moves the pages of `range` to `to`, in the background. A device prefetch larger than the
+    /// device budget is refused (`OverBudget`) with nothing moved.
+    pub fn prefetch(&self, range: Range<usize>, to: Location) -> Result<Prefetch> {
+        let (addr, n) = self.pages(range)?;
+        let driver = self.inner.ctx.driver().clone();
+        if to == Location::Device && n > driver.budget_pages() {
+            return Err(Error::OverBudget {
+                pages: n,
+                budget: driver.budget_pages(),
+            });
+        }
+        let space = self.inner.ctx.space().clone();
+        let handle = std::thread::Builder::new()
+            .name("hetmem-prefetch".into())
+            .spawn(move || match to {
+                Location::Device => driver.migrate_to_device(&space, addr, n),
+                Location::Host => driver.migrate_to_host(&space, addr, n),
+            })
+            .map_err(|e| Error::Engine(e.into()))?;
+        Ok(Prefetch { handle })
+    }
+
+    /// Moves the pages of `range` back to host memory now.
+    pub fn evict(&self, range: Range<usize>) -> Result<Moved> {
+        let (addr, n) = self.pages(range)?;
+        self.inner
+            .ctx
+            .driver()
+            .migrate_to_host(self.inner.ctx.space(), addr, n)
+    }
+
+    /// Applies advice to the whole buffer.
+    pub fn advise(&self, advice: Advice) -> Result<()> {
+        let (addr, n) = self.pages(0..self.inner.len)?;
+        match advice {
+            Advice::PreferredLocation(loc) => {
+                *self.inner.preferred.lock() = Some(loc);
+                self.prefetch(0..self.inner.len, loc)?.wait()?;
+            }
+            Advice::AccessedBy(Location::Device) => {
+                self.inner
+                    .ctx
+                    .driver()
+                    .touch(self.inner.ctx.space(), addr, n)
+            }
+            Advice::AccessedBy(Location::Host) => {}
+        }
+        Ok(())
+    }
+
+    /// Copies bytes out of the buffer from `offset` (pages on the device fault back, or are
+    /// read in place if the memory is coherent).
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.pages(offset..offset + out.len())?;
+        self.inner
+            .ctx
+            .space()
+            .read(self.inner.addr + offset as u64, out)
+    }
+
+    /// Copies bytes into the buffer at `offset`.
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
+        self.pages(offset..offset + data.len())?;
+        self.inner
+            .ctx
+            .space()
+            .write(self.inner.addr + offset as u64, data)
+    }
+
+    /// Brings `range` to the device and holds its pages there (no eviction, no migration)
+    /// until the guard drops: what a device kernel needs while it runs.
+    pub fn pin_on_device(&self, range: Range<usize>) -> Result<DevicePin> {
+        let (addr, n) = self.pages(range.clone())?;
+        self.prefetch(range, Location::Device)?.wait()?;
+        let ctx = &self.inner.ctx;
+        let driver = ctx.driver();
+        let pm = driver.pagemap();
+        let mut pin = DevicePin {
+            ctx: ctx.clone(),
+            pfns: Vec::with_capacity(n),
+        };
+        for k in 0..n as u64 {
+            let at = addr + k * PAGE;
+            let page = ctx
+                .space()
+                .pte(at)
+                .pfn()
+                .and_then(|pfn| pm.page(pfn))
+                .filter(|p| {
+                    p.owner() == driver.owner() && p.kind() != MemoryKind::System && p.try_get()
+                });
+            let Some(page) = page else {
+                return Err(Error::Busy(ctx.space().pte(at).pfn().unwrap_or_default()));
+            };
+            page.add_pin();
+            pin.pfns.push(page.pfn());
+        }
+        Ok(pin)
+    }
+
+    /// Frees the buffer; every handle then fails with [`Error::Freed`].
+    pub fn free(&self) -> Result<()> {
+        if self.inner.freed.swap(true, Ordering::AcqRel) {
+            return Err(Error::Freed);
+        }
+        self.inner.ctx.space().munmap(
+            self.inner.addr,
+            (self.inner.len as u64).div_ceil(PAGE) * PAGE,
+        )
+    }
+}

@@ -1,0 +1,9 @@
+//! What ML runtimes call: a [`Context`] that owns a device, its driver and an address space,
+//! and managed [`Buffer`]s that move between host and device on request (prefetch, evict),
+//! on advice, and on CPU access.
+
+mod buffer;
+mod context;
+
+pub use buffer::{Advice, Buffer, DevicePin, Location, Prefetch};
+pub use context::{Context, ContextConfig};

@@ -1,0 +1,158 @@
+//! The offload API: managed buffers, prefetch, advice, eviction, device pins, bad input.
+
+use hetmem::mm::{MemoryKind, PageState};
+use hetmem::offload::{Advice, Context, ContextConfig, Location};
+use hetmem::Error;
+use hetmem_engine::{DeviceConfig, DeviceKind};
+
+fn context(kind: DeviceKind, budget: u64, test: &str) -> Option<Context> {
+    let config = ContextConfig {
+        device: DeviceConfig::default().kind(kind).chunk(1 << 20),
+        budget_bytes: budget,
+        memory: Some(MemoryKind::DevicePrivate),
+        fault_around: 16,
+    };
+    match Context::new(config) {
+        Ok(c) => Some(c),
+        Err(Error::Engine(e @ hetmem_engine::EngineError::NoDevice { .. })) => {
+            assert!(
+                !hetmem_engine::running_in_ci(),
+                "{test}: CI=true and no Vulkan device: {e}"
+            );
+            eprintln!("SKIPPED {test} on {kind:?}: {e}");
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+fn states(ctx: &Context, addr: u64, pages: usize) -> Vec<PageState> {
+    hetmem::mm::snapshot(ctx.space(), addr, pages, ctx.driver().owner())
+}
+
+#[test]
+fn prefetch_evict_and_cpu_access() {
+    for kind in [DeviceKind::Host, DeviceKind::Vulkan] {
+        let Some(ctx) = context(kind, 1 << 20, "prefetch_evict") else {
+            continue;
+        };
+        let buf = ctx.alloc(10 * 4096 + 100).unwrap();
+        let data: Vec<u8> = (0..buf.len()).map(|i| (i % 199) as u8).collect();
+        buf.write(0, &data).unwrap();
+        let t = buf.prefetch(0..buf.len(), Location::Device).unwrap();
+        assert_eq!(t.wait().unwrap().migrated, 11);
+        assert!(states(&ctx, buf.addr(), 11)
+            .iter()
+            .all(|&s| s == PageState::DevicePrivateLocal));
+        let moved = buf.evict(4096..3 * 4096).unwrap();
+        assert_eq!(moved.migrated, 2);
+        let mut got = vec![0; buf.len()];
+        buf.read(0, &mut got).unwrap();
+        assert_eq!(got, data);
+        let s = ctx.stats();
+        assert_eq!(s.bytes_to_device, 11 * 4096);
+        assert!(s.faults >= 1);
+    }
+}
+
+#[test]
+fn advice_moves_and_protects_pages() {
+    let Some(ctx) = context(DeviceKind::Host, 8 * 4096, "advice") else {
+        return;
+    };
+    let hot = ctx.alloc(4 * 4096).unwrap();
+    let cold = ctx.alloc(4 * 4096).unwrap();
+    hot.advise(Advice::PreferredLocation(Location::Device))
+        .unwrap();
+    assert_eq!(hot.preferred(), Some(Location::Device));
+    cold.prefetch(0..cold.len(), Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    hot.advise(Advice::AccessedBy(Location::Device)).unwrap();
+    // The budget is full: a third buffer's prefetch evicts, and the cold pages go first.
+    let third = ctx.alloc(4 * 4096).unwrap();
+    third
+        .prefetch(0..third.len(), Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(states(&ctx, hot.addr(), 4)
+        .iter()
+        .all(|&s| s == PageState::DevicePrivateLocal));
+    assert!(states(&ctx, cold.addr(), 4)
+        .iter()
+        .all(|&s| s != PageState::DevicePrivateLocal));
+    assert!(ctx.stats().evictions >= 4);
+}
+
+#[test]
+fn device_pins_hold_pages_for_a_kernel() {
+    let Some(ctx) = context(DeviceKind::Host, 4 * 4096, "device_pins") else {
+        return;
+    };
+    let a = ctx.alloc(4 * 4096).unwrap();
+    a.write(0, &[6u8; 4 * 4096]).unwrap();
+    let pin = a.pin_on_device(0..2 * 4096).unwrap();
+    assert_eq!(pin.pfns().len(), 2);
+    // A kernel "runs": other work needs the whole budget, but the pinned pages stay.
+    let b = ctx.alloc(4 * 4096).unwrap();
+    b.prefetch(0..b.len(), Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(states(&ctx, a.addr(), 2)
+        .iter()
+        .all(|&s| s == PageState::DevicePrivateLocal));
+    assert!(ctx.driver().resident_pages() <= 4, "the budget holds");
+    // The CPU cannot take a pinned device page away from the kernel.
+    assert!(matches!(a.read(0, &mut [0u8; 4]), Err(Error::Busy(_))));
+    drop(pin);
+    let mut got = vec![0; 4 * 4096];
+    a.read(0, &mut got).unwrap();
+    assert!(got.iter().all(|&x| x == 6));
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_lost() {
+    let Some(ctx) = context(DeviceKind::Host, 4 * 4096, "offload_bad_input") else {
+        return;
+    };
+    let buf = ctx.alloc(8 * 4096).unwrap();
+    buf.write(0, &[9u8; 8 * 4096]).unwrap();
+    assert!(matches!(
+        buf.prefetch(0..9 * 4096, Location::Device),
+        Err(Error::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        buf.read(8 * 4096 - 2, &mut [0; 4]),
+        Err(Error::OutOfBounds { .. })
+    ));
+    let e = buf.prefetch(0..8 * 4096, Location::Device).err().unwrap();
+    assert!(
+        matches!(
+            e,
+            Error::OverBudget {
+                pages: 8,
+                budget: 4
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.kind(), hetmem::ErrorKind::OutOfMemory);
+    let mut got = vec![0; 8 * 4096];
+    buf.read(0, &mut got).unwrap();
+    assert!(
+        got.iter().all(|&x| x == 9),
+        "a refused prefetch loses nothing"
+    );
+    assert!(matches!(ctx.alloc(0), Err(Error::EmptyRange)));
+    let other = buf.clone();
+    buf.free().unwrap();
+    assert!(matches!(
+        other.prefetch(0..4096, Location::Device),
+        Err(Error::Freed)
+    ));
+    assert!(matches!(other.free(), Err(Error::Freed)));
+    assert!(ctx.space().vma(buf.addr()).is_none());
+}
