@@ -76,7 +76,7 @@ impl Prefetch {
     pub fn wait(self) -> Result<Moved> {
         self.handle
             .join()
-            .unwrap_or_else(|_| Err(Error::InvalidArgument("prefetch thread panicked")))
+            .unwrap_or(Err(Error::InvalidArgument("prefetch thread panicked")))
     }
     /// True once the prefetch has finished.
     pub fn is_done(&self) -> bool {
