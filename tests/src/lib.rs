@@ -1,7 +1,8 @@
-//! Shared helpers for hetmem's integration tests: which devices to run a scenario on, and
-//! the dmirror test driver.
+//! Shared helpers for hetmem's integration tests: which devices to run a scenario on, the
+//! dmirror test driver, and the KV-cache scenario the demo runs.
 
 pub mod dmirror;
+pub mod kv;
 
 use hetmem_engine::{Device, DeviceConfig, DeviceKind, EngineError};
 

@@ -156,3 +156,28 @@ fn bad_input_is_refused_and_nothing_is_lost() {
     assert!(matches!(other.free(), Err(Error::Freed)));
     assert!(ctx.space().vma(buf.addr()).is_none());
 }
+
+#[test]
+fn the_demo_scenario_at_small_size() {
+    use hetmem_tests::kv::{run_kv, KvShape};
+    for kind in [DeviceKind::Host, DeviceKind::Vulkan] {
+        let shape = KvShape {
+            blocks: 12,
+            block_bytes: 64 * 4096,
+            working_set: 3,
+            steps: 8,
+        };
+        let Some(ctx) = context(kind, 4 * 64 * 4096, "demo_small") else {
+            continue;
+        };
+        let report = run_kv(&ctx, shape, |_| {}).unwrap();
+        assert_eq!(report.blocks_ok, 12, "{kind:?}: checksums");
+        assert_eq!(report.spot_checks_ok, report.spot_checks);
+        let s = ctx.stats();
+        assert!(s.evictions > 0 && s.faults > 0, "{kind:?}: {s:?}");
+        assert!(
+            ctx.driver().resident_pages() <= 4 * 64,
+            "never over the budget"
+        );
+    }
+}

@@ -231,34 +231,56 @@ impl Buffer {
     }
 
     /// Brings `range` to the device and holds its pages there (no eviction, no migration)
-    /// until the guard drops: what a device kernel needs while it runs.
+    /// until the guard drops: what a device kernel needs while it runs. Pages already on the
+    /// device are pinned first, so bringing in the rest cannot evict them.
     pub fn pin_on_device(&self, range: Range<usize>) -> Result<DevicePin> {
-        let (addr, n) = self.pages(range.clone())?;
-        self.prefetch(range, Location::Device)?.wait()?;
+        let (addr, n) = self.pages(range)?;
+        if n > self.inner.ctx.driver().budget_pages() {
+            return Err(Error::OverBudget {
+                pages: n,
+                budget: self.inner.ctx.driver().budget_pages(),
+            });
+        }
         let ctx = &self.inner.ctx;
         let driver = ctx.driver();
         let pm = driver.pagemap();
+        let mut pinned: Vec<Option<Pfn>> = vec![None; n];
         let mut pin = DevicePin {
             ctx: ctx.clone(),
             pfns: Vec::with_capacity(n),
         };
-        for k in 0..n as u64 {
-            let at = addr + k * PAGE;
-            let page = ctx
-                .space()
-                .pte(at)
-                .pfn()
-                .and_then(|pfn| pm.page(pfn))
-                .filter(|p| {
-                    p.owner() == driver.owner() && p.kind() != MemoryKind::System && p.try_get()
-                });
-            let Some(page) = page else {
-                return Err(Error::Busy(ctx.space().pte(at).pfn().unwrap_or_default()));
-            };
-            page.add_pin();
-            pin.pfns.push(page.pfn());
+        for _attempt in 0..4 {
+            for (k, slot) in pinned.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
+                let page = ctx
+                    .space()
+                    .pte(addr + k as u64 * PAGE)
+                    .pfn()
+                    .and_then(|pfn| pm.page(pfn))
+                    .filter(|p| {
+                        p.owner() == driver.owner() && p.kind() != MemoryKind::System && p.try_get()
+                    });
+                if let Some(page) = page {
+                    page.add_pin();
+                    pin.pfns.push(page.pfn());
+                    *slot = Some(page.pfn());
+                }
+            }
+            if pinned.iter().all(Option::is_some) {
+                pin.pfns = pinned.into_iter().map(|p| p.expect("all pinned")).collect();
+                return Ok(pin);
+            }
+            driver.migrate_to_device(ctx.space(), addr, n)?;
         }
-        Ok(pin)
+        let missing = pinned
+            .iter()
+            .position(Option::is_none)
+            .expect("some page is missing");
+        Err(Error::Busy(
+            ctx.space()
+                .pte(addr + missing as u64 * PAGE)
+                .pfn()
+                .unwrap_or_default(),
+        ))
     }
 
     /// Frees the buffer; every handle then fails with [`Error::Freed`].

@@ -1,0 +1,121 @@
+//! The KV-cache offload scenario that `cargo xtask demo` runs, shared with its integration
+//! test: blocks larger in total than the device budget; each step prefetches its working set
+//! (evicting others), runs a device step that updates its blocks in device memory, and reads
+//! a few blocks back on the CPU (faults); every block is then checked against a reference.
+
+use hetmem::offload::{Buffer, Context, Location};
+use hetmem::Result;
+use hetmem_engine::PAGE_SIZE;
+
+/// Sizes of a run.
+#[derive(Clone, Copy, Debug)]
+pub struct KvShape {
+    /// Number of blocks.
+    pub blocks: usize,
+    /// Bytes per block (a multiple of 4 KiB).
+    pub block_bytes: usize,
+    /// Blocks per step's working set.
+    pub working_set: usize,
+    /// Steps.
+    pub steps: usize,
+}
+
+/// What a run found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvReport {
+    /// Blocks whose every word matched the reference.
+    pub blocks_ok: usize,
+    /// CPU spot checks during the steps that matched.
+    pub spot_checks_ok: usize,
+    /// CPU spot checks made.
+    pub spot_checks: usize,
+}
+
+/// The value word `i` of block `b` starts with.
+fn initial(b: usize, i: usize) -> u32 {
+    (b as u32).wrapping_mul(1_000_003).wrapping_add(i as u32)
+}
+
+/// The working set of `step`: a window that slides by a third of its size each step.
+pub fn working_set(step: usize, s: &KvShape) -> Vec<usize> {
+    let start = step * s.working_set.div_ceil(3);
+    (0..s.working_set).map(|k| (start + k) % s.blocks).collect()
+}
+
+/// The device step on one block: every word += `add`, in the device's memory.
+fn device_step(ctx: &Context, pfns: &[hetmem_engine::Pfn], add: u32) -> Result<()> {
+    let dev = ctx.driver().device();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for &pfn in pfns {
+        dev.read_page(pfn, 0, &mut page)?;
+        for w in page.chunks_exact_mut(4) {
+            let v = u32::from_le_bytes(w.try_into().expect("4 bytes")).wrapping_add(add);
+            w.copy_from_slice(&v.to_le_bytes());
+        }
+        dev.write_page(pfn, 0, &page)?;
+    }
+    Ok(())
+}
+
+fn fill(buf: &Buffer, b: usize) -> Result<()> {
+    let mut bytes = Vec::with_capacity(buf.len());
+    for i in 0..buf.len() / 4 {
+        bytes.extend_from_slice(&initial(b, i).to_le_bytes());
+    }
+    buf.write(0, &bytes)
+}
+
+fn matches(buf: &Buffer, b: usize, added: u32) -> Result<bool> {
+    let mut bytes = vec![0u8; buf.len()];
+    buf.read(0, &mut bytes)?;
+    Ok(bytes.chunks_exact(4).enumerate().all(|(i, w)| {
+        u32::from_le_bytes(w.try_into().expect("4 bytes")) == initial(b, i).wrapping_add(added)
+    }))
+}
+
+/// Runs the scenario on `ctx`; `on_step` is called after each step (for progress).
+pub fn run_kv(ctx: &Context, s: KvShape, mut on_step: impl FnMut(usize)) -> Result<KvReport> {
+    let blocks: Vec<Buffer> = (0..s.blocks)
+        .map(|_| ctx.alloc(s.block_bytes))
+        .collect::<Result<_>>()?;
+    for (b, buf) in blocks.iter().enumerate() {
+        fill(buf, b)?;
+    }
+    let mut added = vec![0u32; s.blocks];
+    let mut report = KvReport {
+        blocks_ok: 0,
+        spot_checks_ok: 0,
+        spot_checks: 0,
+    };
+    for step in 0..s.steps {
+        let set = working_set(step, &s);
+        let tickets: Vec<_> = set
+            .iter()
+            .map(|&b| blocks[b].prefetch(0..s.block_bytes, Location::Device))
+            .collect::<Result<_>>()?;
+        for t in tickets {
+            t.wait()?;
+        }
+        for &b in &set {
+            let pin = blocks[b].pin_on_device(0..s.block_bytes)?;
+            let add = (step as u32 + 1).wrapping_mul(b as u32 + 1);
+            device_step(ctx, pin.pfns(), add)?;
+            added[b] = added[b].wrapping_add(add);
+        }
+        for &b in set.iter().step_by(4) {
+            let mut w = [0u8; 4];
+            blocks[b].read(s.block_bytes / 2, &mut w)?;
+            report.spot_checks += 1;
+            if u32::from_le_bytes(w) == initial(b, s.block_bytes / 8).wrapping_add(added[b]) {
+                report.spot_checks_ok += 1;
+            }
+        }
+        on_step(step);
+    }
+    for (b, buf) in blocks.iter().enumerate() {
+        if matches(buf, b, added[b])? {
+            report.blocks_ok += 1;
+        }
+    }
+    Ok(report)
+}
