@@ -142,8 +142,9 @@ impl PagemapOps for Ops {
     }
 }
 
-/// Pages per chunk of a pipelined migration (16 MiB).
-pub const CHUNK_PAGES: usize = 4096;
+/// Pages per chunk of a pipelined migration (64 MiB): on lavapipe, 16 MiB chunks measured
+/// 152 ms per 256 MiB round trip, 64 MiB chunks 83 ms, one 256 MiB batch 74-87 ms.
+pub const CHUNK_PAGES: usize = 16384;
 
 /// A chunk whose copy is in flight.
 struct Chunk {
