@@ -16,7 +16,7 @@ pub struct Args {
     #[arg(long, default_value_t = 48)]
     blocks: usize,
     /// MiB per block.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 8)]
     block_mib: usize,
     /// Device budget in MiB (default: a third of all blocks).
     #[arg(long)]
@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(long, default_value_t = 12)]
     working_set: usize,
     /// Steps to run.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     steps: usize,
 }
 

@@ -181,9 +181,11 @@ impl AddressSpace {
                     let r = self.fault_device_private(addr, write, pfn, page);
                     pm.put_page(page);
                     r?;
-                    // A page the driver could not move (pinned for a device kernel) would
-                    // fault forever: report it instead.
-                    if matches!(self.pte(addr), Pte::DevicePrivate { pfn: p, .. } if p == pfn) {
+                    // A page pinned for a device kernel cannot move and would fault forever:
+                    // report it. Anything else (a racing migration held it) is retried.
+                    let still =
+                        matches!(self.pte(addr), Pte::DevicePrivate { pfn: p, .. } if p == pfn);
+                    if still && page.pincount() > 0 {
                         return Err(Error::Busy(pfn));
                     }
                 }
