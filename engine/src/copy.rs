@@ -62,6 +62,22 @@ impl CopyGroup {
             .map(|r| r.size as usize / PAGE_SIZE)
             .sum()
     }
+
+    /// (source page, destination page) index pairs inside the two objects, one per page:
+    /// what the gather kernel reads.
+    pub fn page_pairs(&self) -> Vec<[u32; 2]> {
+        let page = PAGE_SIZE as u64;
+        let mut out = Vec::with_capacity(self.pages());
+        for r in &self.regions {
+            for k in 0..r.size / page {
+                out.push([
+                    (r.src_offset / page + k) as u32,
+                    (r.dst_offset / page + k) as u32,
+                ]);
+            }
+        }
+        out
+    }
 }
 
 /// A resolved, coalesced copy batch.

@@ -15,18 +15,6 @@ use hetmem::{Error, Result};
 use hetmem_engine::{Device, EngineError, Pfn, PAGE_SIZE};
 use parking_lot::Mutex;
 
-/// CPU access to a device's pages (for device-coherent memory).
-struct DeviceAccess(Device);
-
-impl FrameAccess for DeviceAccess {
-    fn read(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<(), EngineError> {
-        self.0.read_page(pfn, offset, out)
-    }
-    fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<(), EngineError> {
-        self.0.write_page(pfn, offset, data)
-    }
-}
-
 /// What the device's pagemap callbacks share with the mirror.
 struct Shared {
     device: Device,
@@ -171,8 +159,8 @@ impl Dmirror {
             fail_addrs: Mutex::new(HashSet::new()),
             alloc_limit: AtomicUsize::new(usize::MAX),
         });
-        let access: Option<Arc<dyn FrameAccess>> = (kind == MemoryKind::DeviceCoherent)
-            .then(|| Arc::new(DeviceAccess(device.clone())) as _);
+        let access: Option<Arc<dyn FrameAccess>> =
+            (kind == MemoryKind::DeviceCoherent).then(|| Arc::new(device.clone()) as _);
         let pgmap = pagemap
             .register_device(
                 device.pfn_range(),

@@ -5,9 +5,7 @@ use ash::vk;
 
 use super::context::Context;
 use super::conv::error;
-use crate::copy::CopyGroup;
 use crate::error::Result;
-use crate::pfn::PAGE_SIZE;
 
 static SPIRV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gather.spv"));
 
@@ -86,21 +84,6 @@ impl Gather {
         // SAFETY: the device is live and the info outlives the call.
         unsafe { ctx.device.create_descriptor_pool(&info, None) }
             .map_err(|e| error("vkCreateDescriptorPool", e))
-    }
-
-    /// The (source page, destination page) index pairs of `g`, one per page.
-    pub(crate) fn pairs(g: &CopyGroup) -> Vec<[u32; 2]> {
-        let page = PAGE_SIZE as u64;
-        let mut out = Vec::with_capacity(g.pages());
-        for r in &g.regions {
-            for k in 0..r.size / page {
-                out.push([
-                    (r.src_offset / page + k) as u32,
-                    (r.dst_offset / page + k) as u32,
-                ]);
-            }
-        }
-        out
     }
 
     /// Records one dispatch copying `count` pages, whose pairs sit at `pairs_offset` in `pairs`.

@@ -3,7 +3,6 @@
 use ash::vk;
 
 use super::conv::error;
-use super::gather::Gather;
 use super::{Held, Readback, VulkanBackend};
 use crate::copy::{CopyGroup, CopyPlan, Location, MemoryId, Region};
 use crate::device::Submitted;
@@ -253,7 +252,7 @@ fn record_gathers(
 ) -> Result<()> {
     let gather = b.gather.as_ref().expect("gather decided only when present");
     let align = gather.offset_align;
-    let lists: Vec<Vec<[u32; 2]>> = groups.iter().map(|g| Gather::pairs(g)).collect();
+    let lists: Vec<Vec<[u32; 2]>> = groups.iter().map(|g| g.page_pairs()).collect();
     let total: u64 = lists
         .iter()
         .map(|l| (l.len() as u64 * 8).next_multiple_of(align))

@@ -3,7 +3,6 @@
 use wgpu::util::DeviceExt;
 
 use crate::copy::CopyGroup;
-use crate::pfn::PAGE_SIZE;
 
 /// Workgroups per dispatch dimension (the minimum every device supports).
 const MAX_GROUPS_X: u32 = 65_535;
@@ -40,16 +39,7 @@ impl Gather {
         dst: &wgpu::Buffer,
         g: &CopyGroup,
     ) {
-        let page = PAGE_SIZE as u64;
-        let mut pairs: Vec<[u32; 2]> = Vec::with_capacity(g.pages());
-        for r in &g.regions {
-            for k in 0..r.size / page {
-                pairs.push([
-                    (r.src_offset / page + k) as u32,
-                    (r.dst_offset / page + k) as u32,
-                ]);
-            }
-        }
+        let pairs = g.page_pairs();
         let list = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("hetmem gather pairs"),
             contents: bytemuck::cast_slice(&pairs),

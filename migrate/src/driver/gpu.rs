@@ -83,18 +83,6 @@ pub(crate) struct Inner {
     pub(crate) resident: Resident,
 }
 
-/// CPU access to device pages, for device-coherent memory.
-struct DeviceAccess(Device);
-
-impl FrameAccess for DeviceAccess {
-    fn read(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<(), EngineError> {
-        self.0.read_page(pfn, offset, out)
-    }
-    fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<(), EngineError> {
-        self.0.write_page(pfn, offset, data)
-    }
-}
-
 struct Ops(std::sync::Weak<Inner>);
 
 impl PagemapOps for Ops {
@@ -196,8 +184,8 @@ impl GpuDriver {
             counters: Counters::default(),
             resident: Resident::default(),
         });
-        let access: Option<Arc<dyn FrameAccess>> = (kind == MemoryKind::DeviceCoherent)
-            .then(|| Arc::new(DeviceAccess(device.clone())) as _);
+        let access: Option<Arc<dyn FrameAccess>> =
+            (kind == MemoryKind::DeviceCoherent).then(|| Arc::new(device.clone()) as _);
         let ops = Arc::new(Ops(Arc::downgrade(&inner)));
         let pgmap = pagemap.register_device(device.pfn_range(), kind, owner, ops, access)?;
         Ok(GpuDriver { inner, pgmap })

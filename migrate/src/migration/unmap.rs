@@ -39,6 +39,24 @@ pub(crate) fn migration_entry(pte: Pte, page: &Page) -> Pte {
     }
 }
 
+/// The entry that maps `page` in place of a migration entry of `kind` (a device-private page
+/// gives a device-private entry; young and dirty come back from the migration entry).
+pub(crate) fn entry_for(page: &Page, kind: MigrationKind, young: bool, dirty: bool) -> Pte {
+    let write = kind == MigrationKind::Write;
+    match page.kind() {
+        MemoryKind::DevicePrivate => Pte::DevicePrivate {
+            pfn: page.pfn(),
+            write,
+        },
+        _ => Pte::Present {
+            pfn: page.pfn(),
+            write,
+            dirty,
+            young,
+        },
+    }
+}
+
 /// Runs `f` on each address space and address where `page` is mapped. `own` (a space and
 /// address the caller knows maps it) spares the reverse-map lookups when it is the only one.
 pub(crate) fn for_each_mapping(
@@ -132,16 +150,7 @@ pub(crate) fn restore_entries(pm: &PageMap, page: &Page, own: Option<(&AddressSp
         } = g.get(li)
         {
             if pfn == page.pfn() {
-                let write = kind == MigrationKind::Write;
-                let pte = match page.kind() {
-                    MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn, write },
-                    _ => Pte::Present {
-                        pfn,
-                        write,
-                        dirty,
-                        young,
-                    },
-                };
+                let pte = entry_for(page, kind, young, dirty);
                 page.get();
                 g.set(li, pte);
             }

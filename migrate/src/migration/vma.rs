@@ -16,7 +16,8 @@ use hetmem_engine::Pfn;
 
 use super::pfn::*;
 use super::unmap::{
-    for_each_mapping, migration_entry, restore_entries, restore_page, unmap_page, Unmapped,
+    entry_for, for_each_mapping, migration_entry, restore_entries, restore_page, unmap_page,
+    Unmapped,
 };
 use crate::error::{Error, Result};
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
@@ -532,16 +533,7 @@ fn finish_in_leaf(
         if old.sole_mapping() != Some(me) {
             return false;
         }
-        let write = kind == crate::mm::MigrationKind::Write;
-        let pte = match old.kind() {
-            MemoryKind::DevicePrivate => Pte::DevicePrivate { pfn, write },
-            _ => Pte::Present {
-                pfn,
-                write,
-                dirty,
-                young,
-            },
-        };
+        let pte = entry_for(old, kind, young, dirty);
         old.get();
         g.set(li, pte);
         if old.kind() == MemoryKind::System {
@@ -568,23 +560,6 @@ fn finish_slow(pm: &PageMap, s: u64, d: u64, here: Option<(&AddressSpace, u64)>)
         if old.kind() == MemoryKind::System {
             old.set(flags::LRU);
         }
-    }
-}
-
-/// The entry that maps `new` in place of a migration entry of `kind`.
-fn entry_for(new: &Page, kind: crate::mm::MigrationKind, young: bool, dirty: bool) -> Pte {
-    let write = kind == crate::mm::MigrationKind::Write;
-    match new.kind() {
-        MemoryKind::DevicePrivate => Pte::DevicePrivate {
-            pfn: new.pfn(),
-            write,
-        },
-        _ => Pte::Present {
-            pfn: new.pfn(),
-            write,
-            dirty,
-            young,
-        },
     }
 }
 

@@ -36,6 +36,15 @@ impl FrameAccess for HostFramePool {
     }
 }
 
+impl FrameAccess for hetmem_engine::Device {
+    fn read(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<(), EngineError> {
+        self.read_page(pfn, offset, out)
+    }
+    fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<(), EngineError> {
+        self.write_page(pfn, offset, data)
+    }
+}
+
 /// One registered range of frames.
 pub(crate) struct Range {
     pub(crate) range: PfnRange,
