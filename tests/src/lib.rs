@@ -32,7 +32,7 @@ pub fn open_config(config: DeviceConfig, test: &str) -> Option<Device> {
             if kind != DeviceKind::Host && hetmem_engine::running_in_ci() {
                 panic!("{test}: CI=true and no Vulkan device: {e}");
             }
-            eprintln!("SKIPPED {test} on {kind:?}: {e}");
+            say_skipped(test, kind, &e);
             None
         }
         Err(e) => panic!("{test}: opening {kind:?} failed: {e}"),
@@ -41,3 +41,10 @@ pub fn open_config(config: DeviceConfig, test: &str) -> Option<Device> {
 
 /// The device kinds every engine scenario runs on.
 pub const KINDS: [DeviceKind; 3] = [DeviceKind::Host, DeviceKind::Vulkan, DeviceKind::Wgpu];
+
+/// Says by name that a test was skipped, past the test harness's output capture (which only
+/// shows a passing test's `eprintln!` with `--nocapture`).
+pub fn say_skipped(test: &str, kind: DeviceKind, why: &dyn std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test} on {kind:?}: {why}");
+}

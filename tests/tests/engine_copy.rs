@@ -380,7 +380,11 @@ fn staging_path_matches_import_path() {
         let dev = match Device::open(config) {
             Ok(d) => d,
             Err(e) if !hetmem_engine::running_in_ci() => {
-                eprintln!("SKIPPED staging_path_matches_import_path on Vulkan: {e}");
+                hetmem_tests::say_skipped(
+                    "staging_path_matches_import_path",
+                    DeviceKind::Vulkan,
+                    &e,
+                );
                 return;
             }
             Err(e) => panic!("CI=true and no Vulkan device: {e}"),

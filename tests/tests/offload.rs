@@ -19,7 +19,7 @@ fn context(kind: DeviceKind, budget: u64, test: &str) -> Option<Context> {
                 !hetmem_engine::running_in_ci(),
                 "{test}: CI=true and no Vulkan device: {e}"
             );
-            eprintln!("SKIPPED {test} on {kind:?}: {e}");
+            hetmem_tests::say_skipped(test, kind, &e);
             None
         }
         Err(e) => panic!("{test}: {e}"),
