@@ -2,8 +2,10 @@
 //!
 //! - `cargo xtask demo`: set up what is missing, then run the demo.
 //! - `cargo xtask test`: set up what is missing, then run every test of the workspace.
+//! - `cargo xtask bench-report`: tables of the last `cargo bench` results, with ratios.
 
 mod demo;
+mod report;
 mod setup;
 
 use anyhow::{bail, Result};
@@ -20,6 +22,8 @@ struct Cli {
 enum Task {
     /// Run the demo (installs the Vulkan driver for the CPU if it is missing and we may).
     Demo(demo::Args),
+    /// Write target/hetmem-report/report.md from the results of `cargo bench`.
+    BenchReport,
     /// Run the whole test suite (installs the Vulkan driver for the CPU if missing).
     Test {
         /// Extra arguments passed to `cargo test`.
@@ -35,6 +39,7 @@ fn main() -> Result<()> {
             setup::ensure_vulkan_driver();
             demo::run(args)
         }
+        Task::BenchReport => report::run(),
         Task::Test { args } => {
             setup::ensure_vulkan_driver();
             let status = std::process::Command::new(env!("CARGO"))
