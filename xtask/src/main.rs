@@ -23,7 +23,14 @@ enum Task {
     /// Run the demo (installs the Vulkan driver for the CPU if it is missing and we may).
     Demo(demo::Args),
     /// Write target/hetmem-report/report.md from the results of `cargo bench`.
-    BenchReport,
+    BenchReport {
+        /// The machine and device the results come from, for the report's header.
+        #[arg(long)]
+        machine: Option<String>,
+        /// Also copy the report to this path (e.g. to commit it).
+        #[arg(long)]
+        copy_to: Option<std::path::PathBuf>,
+    },
     /// Run the whole test suite (installs the Vulkan driver for the CPU if missing).
     Test {
         /// Extra arguments passed to `cargo test`.
@@ -39,7 +46,7 @@ fn main() -> Result<()> {
             setup::ensure_vulkan_driver();
             demo::run(args)
         }
-        Task::BenchReport => report::run(),
+        Task::BenchReport { machine, copy_to } => report::run(machine, copy_to),
         Task::Test { args } => {
             setup::ensure_vulkan_driver();
             let status = std::process::Command::new(env!("CARGO"))

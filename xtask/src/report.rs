@@ -55,7 +55,7 @@ fn baseline<'a>(case: &str, names: &'a [String]) -> Option<&'a String> {
         .copied()
 }
 
-pub fn run() -> Result<()> {
+pub fn run(machine: Option<String>, copy_to: Option<PathBuf>) -> Result<()> {
     let root = target_dir().join("criterion");
     let mut groups: BTreeMap<String, BTreeMap<String, Case>> = BTreeMap::new();
     for g in std::fs::read_dir(&root).with_context(|| {
@@ -82,9 +82,10 @@ pub fn run() -> Result<()> {
     writeln!(md, "# hetmem benchmark report\n")?;
     writeln!(
         md,
-        "Machine: {} cores; generated from criterion's results by `cargo xtask bench-report`. \
+        "Machine: {} ({} cores). Generated from criterion's results by `cargo xtask bench-report`. \
          Ratios compare each case with the memcpy of the same bytes measured in the same group \
          (same run); above 1 is faster than memcpy.\n",
+        machine.as_deref().unwrap_or("not given"),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     )?;
     for (group, cases) in &groups {
@@ -113,7 +114,11 @@ pub fn run() -> Result<()> {
     let out = target_dir().join("hetmem-report");
     std::fs::create_dir_all(&out)?;
     let path = out.join("report.md");
-    std::fs::write(&path, md)?;
+    std::fs::write(&path, &md)?;
     println!("wrote {} ({} groups)", path.display(), groups.len());
+    if let Some(to) = copy_to {
+        std::fs::write(&to, &md)?;
+        println!("copied to {}", to.display());
+    }
     Ok(())
 }
