@@ -176,7 +176,7 @@ fn round_trip(c: &mut Criterion) {
     assert_eq!(check, chunk, "bytes survived the round trips");
 }
 
-criterion_group!(benches, bookkeeping, round_trip);
+criterion_group!(benches, round_trip, bookkeeping);
 
 fn main() {
     benches();

@@ -28,8 +28,9 @@ pub(crate) trait Backend: Send + Sync {
     fn alloc_chunk(&self, index: usize, bytes: u64) -> Result<()>;
     /// Releases chunk `index` once no submitted work uses it.
     fn free_chunk(&self, index: usize);
-    /// Records and submits a batch.
-    fn submit(&self, plan: &CopyPlan) -> Result<Submitted>;
+    /// Records and submits a batch. With `queue_only`, the calling thread does none of the
+    /// copying (a CPU device may otherwise share it).
+    fn submit(&self, plan: &CopyPlan, queue_only: bool) -> Result<Submitted>;
     /// True once the batch with this value has completed (and its results are visible).
     fn poll(&self, value: u64) -> Result<bool>;
     /// Blocks until the batch with this value has completed.
@@ -230,11 +231,22 @@ impl Device {
     }
 
     /// Copies each `(source, destination)` page pair, in any direction between host frames and
-    /// this device's pages, as one submission. Returns at once with a ticket to wait on.
+    /// this device's pages, as one submission. Returns with a ticket to wait on (on a CPU
+    /// Vulkan device, after the calling thread copied its share of a large batch).
     /// On error nothing was submitted.
     pub fn copy(&self, pairs: &[(Pfn, Pfn)]) -> Result<Ticket> {
+        self.copy_inner(pairs, false)
+    }
+
+    /// Like [`Device::copy`], but the calling thread never copies: for callers that overlap
+    /// their own work (the next batch's page-table work) with the copy.
+    pub fn copy_queued(&self, pairs: &[(Pfn, Pfn)]) -> Result<Ticket> {
+        self.copy_inner(pairs, true)
+    }
+
+    fn copy_inner(&self, pairs: &[(Pfn, Pfn)], queue_only: bool) -> Result<Ticket> {
         let (plan, failed) = self.plan_with_injected_failures(pairs)?;
-        let sub = self.shared.backend.submit(&plan)?;
+        let sub = self.shared.backend.submit(&plan, queue_only)?;
         let c = &self.shared.counters;
         c.batches.fetch_add(1, Ordering::Relaxed);
         c.pages.fetch_add(plan.pages as u64, Ordering::Relaxed);

@@ -143,7 +143,7 @@ impl Backend for HostBackend {
         }
     }
 
-    fn submit(&self, plan: &CopyPlan) -> Result<Submitted> {
+    fn submit(&self, plan: &CopyPlan, _queue_only: bool) -> Result<Submitted> {
         let chunks = self.chunks.read();
         let mut spans = Vec::with_capacity(plan.region_count());
         for g in &plan.groups {

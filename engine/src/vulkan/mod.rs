@@ -420,8 +420,8 @@ impl Backend for VulkanBackend {
         }
     }
 
-    fn submit(&self, plan: &CopyPlan) -> Result<Submitted> {
-        record::submit_plan(self, plan)
+    fn submit(&self, plan: &CopyPlan, queue_only: bool) -> Result<Submitted> {
+        record::submit_plan(self, plan, queue_only)
     }
 
     fn poll(&self, value: u64) -> Result<bool> {

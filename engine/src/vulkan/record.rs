@@ -190,8 +190,17 @@ fn split_for_cpu(b: &VulkanBackend, plan: &CopyPlan) -> Option<(CopyPlan, Vec<Sp
 
 /// Records and submits `plan` as one submission (on a CPU device, part of it is copied by
 /// the calling thread before this returns; see [`split_for_cpu`]).
-pub(crate) fn submit_plan(b: &VulkanBackend, plan: &CopyPlan) -> Result<Submitted> {
-    let Some((queue_part, cpu_part)) = split_for_cpu(b, plan) else {
+pub(crate) fn submit_plan(
+    b: &VulkanBackend,
+    plan: &CopyPlan,
+    queue_only: bool,
+) -> Result<Submitted> {
+    let split = if queue_only {
+        None
+    } else {
+        split_for_cpu(b, plan)
+    };
+    let Some((queue_part, cpu_part)) = split else {
         return submit_on_queue(b, plan);
     };
     // The calling thread's copies must come after every batch submitted before this one,

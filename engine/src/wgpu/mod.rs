@@ -326,7 +326,7 @@ impl Backend for WgpuBackend {
         }
     }
 
-    fn submit(&self, plan: &CopyPlan) -> Result<Submitted> {
+    fn submit(&self, plan: &CopyPlan, _queue_only: bool) -> Result<Submitted> {
         let mut enc = self.device.create_command_encoder(&Default::default());
         let mut gathered_pages = 0;
         // Uploads: every host -> device region of the batch goes through one staging buffer.

@@ -134,6 +134,16 @@ impl PagemapOps for Ops {
 /// 152 ms per 256 MiB round trip, 64 MiB chunks 83 ms, one 256 MiB batch 74-87 ms.
 pub const CHUNK_PAGES: usize = 16384;
 
+/// What every chunk of one migration shares.
+#[derive(Clone, Copy)]
+struct How {
+    flags: u32,
+    fault_page: Option<Pfn>,
+    to_device: bool,
+    /// More than one chunk: the copy is left to the device's queue.
+    pipelined: bool,
+}
+
 /// A chunk whose copy is in flight.
 struct Chunk {
     start: u64,
@@ -301,11 +311,21 @@ impl Inner {
     ) -> Result<Moved> {
         let mut total = Moved::default();
         let mut pending: Option<Chunk> = None;
+        // With more than one chunk, the calling thread's time goes to the next chunk's
+        // page-table work while the device copies (on lavapipe: 0.64x -> 0.75x of two memcpys
+        // for a 256 MiB round trip); a single chunk lets a CPU device share the copy instead.
+        let pipelined = end - start > CHUNK_PAGES as u64 * PAGE;
+        let how = How {
+            flags,
+            fault_page,
+            to_device,
+            pipelined,
+        };
         let mut at = start;
         let mut failure = None;
         while at < end {
             let stop = end.min(at + CHUNK_PAGES as u64 * PAGE);
-            match self.begin(space, at, stop, flags, fault_page, to_device) {
+            match self.begin(space, at, stop, &how) {
                 Ok(next) => {
                     if let Some(done) = pending.replace(next) {
                         self.complete(space, done, to_device, &mut total)?;
@@ -328,15 +348,13 @@ impl Inner {
     }
 
     /// Collects a chunk, gives it destinations and submits its copy.
-    fn begin(
-        &self,
-        space: &AddressSpace,
-        start: u64,
-        end: u64,
-        flags: u32,
-        fault_page: Option<Pfn>,
-        to_device: bool,
-    ) -> Result<Chunk> {
+    fn begin(&self, space: &AddressSpace, start: u64, end: u64, how: &How) -> Result<Chunk> {
+        let How {
+            flags,
+            fault_page,
+            to_device,
+            pipelined,
+        } = *how;
         let t0 = Instant::now();
         let n = ((end - start) / PAGE) as usize;
         let mut src = vec![0u64; n];
@@ -379,7 +397,11 @@ impl Inner {
             }
         }
         let submitted = Instant::now();
-        let ticket = self.device.copy(&pairs);
+        let ticket = if pipelined {
+            self.device.copy_queued(&pairs)
+        } else {
+            self.device.copy(&pairs)
+        };
         self.counters
             .book_ns
             .fetch_add((submitted - t0).as_nanos() as u64, Ordering::Relaxed);
