@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use crate::copy::{plan_batch, CopyPlan, Location};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
+use crate::kernel::{Kernel, PageTable};
 use crate::pagemap::DevicePages;
 use crate::pfn::{Pfn, PfnRange, PAGE_SIZE};
 use crate::select::{DeviceConfig, DeviceInfo};
@@ -41,6 +42,52 @@ pub(crate) trait Backend: Send + Sync {
     fn read(&self, at: Location, out: &mut [u8]) -> Result<()>;
     /// Copies bytes into device memory, synchronously.
     fn write(&self, at: Location, data: &[u8]) -> Result<()>;
+
+    /// The most device chunks one kernel can bind, and the largest chunk it can bind; an
+    /// error says why kernels cannot run on this device.
+    fn kernel_limits(&self) -> Result<(u32, u64)> {
+        Err(EngineError::Unsupported(
+            "kernels run on the Vulkan backend only".into(),
+        ))
+    }
+    /// Builds the pipeline of `entry` in `spirv`, binding `chunks` chunks; returns its id.
+    fn create_kernel(&self, spirv: &[u32], entry: &str, chunks: u32) -> Result<u64> {
+        let _ = (spirv, entry, chunks);
+        Err(EngineError::Unsupported(
+            "kernels run on the Vulkan backend only".into(),
+        ))
+    }
+    /// Destroys a kernel once no dispatch uses it.
+    fn destroy_kernel(&self, id: u64) {
+        let _ = id;
+    }
+    /// Allocates a zeroed table of `words` 32-bit words that the host writes and kernels
+    /// read; returns its id and host address.
+    fn alloc_table(&self, words: usize) -> Result<(u64, std::ptr::NonNull<u32>)> {
+        let _ = words;
+        Err(EngineError::Unsupported(
+            "kernels run on the Vulkan backend only".into(),
+        ))
+    }
+    /// Frees a table once no dispatch uses it.
+    fn free_table(&self, id: u64) {
+        let _ = id;
+    }
+    /// Submits one dispatch of `kernel` over `groups`, binding `table`, `meta` and chunks
+    /// `0..chunks`; returns the completion value.
+    fn dispatch(
+        &self,
+        kernel: u64,
+        table: u64,
+        chunks: u32,
+        meta: &[u32],
+        groups: [u32; 3],
+    ) -> Result<u64> {
+        let _ = (kernel, table, chunks, meta, groups);
+        Err(EngineError::Unsupported(
+            "kernels run on the Vulkan backend only".into(),
+        ))
+    }
 }
 
 /// Counters of a device's copy work since it was opened.
@@ -321,6 +368,110 @@ impl Device {
     }
 }
 
+/// Kernels: compiling, page tables, dispatch.
+impl Device {
+    /// Chunks a kernel binds on this device, once kernels are possible here.
+    fn kernel_chunks(&self) -> Result<(u32, u32)> {
+        let (limit, max_bytes) = self.shared.backend.kernel_limits()?;
+        let (chunks, chunk_pages) = {
+            let p = self.shared.pages.lock();
+            (p.max_chunks() as u32, p.chunk_pages() as u32)
+        };
+        if chunks > limit {
+            return Err(EngineError::Unsupported(format!(
+                "a kernel would bind {chunks} chunks of device memory, the device allows {limit}: use larger chunks or a smaller budget"
+            )));
+        }
+        if chunk_pages as u64 * PAGE_SIZE as u64 > max_bytes {
+            return Err(EngineError::Unsupported(format!(
+                "chunks of {} bytes exceed the largest storage binding of {max_bytes} bytes",
+                chunk_pages as u64 * PAGE_SIZE as u64
+            )));
+        }
+        Ok((chunks, chunk_pages))
+    }
+
+    /// Whether kernels can run on this device (the Vulkan backend): `Err` says why not.
+    pub fn kernel_support(&self) -> Result<()> {
+        self.kernel_chunks().map(|_| ())
+    }
+
+    /// Compiles a WGSL kernel whose compute entry point is `entry`. The source is compiled
+    /// after hetmem's helper ([`crate::KERNEL_HELPER`]), so it can translate managed
+    /// addresses with `hm_ptr`, `hm_load`, `hm_store`, and read its arguments with `hm_arg`.
+    pub fn compile_kernel(&self, wgsl: &str, entry: &str) -> Result<Kernel> {
+        let (chunks, chunk_pages) = self.kernel_chunks()?;
+        let source = crate::kernel::assemble(wgsl, chunks, chunk_pages);
+        let spirv = crate::kernel::compile(&source, entry)?;
+        let id = self.shared.backend.create_kernel(&spirv, entry, chunks)?;
+        Ok(Kernel::new(self.clone(), id, entry))
+    }
+
+    /// A page table of `entries` entries, all empty, in memory this device's kernels read.
+    pub fn page_table(&self, entries: usize) -> Result<PageTable> {
+        self.kernel_chunks()?;
+        if entries > u32::MAX as usize - crate::kernel::TABLE_HEADER_WORDS {
+            return Err(EngineError::InvalidConfig(format!(
+                "page table of {entries} entries"
+            )));
+        }
+        let (id, words) = self
+            .shared
+            .backend
+            .alloc_table(crate::kernel::TABLE_HEADER_WORDS + entries)?;
+        Ok(PageTable::new(self.clone(), id, words, entries))
+    }
+
+    /// Dispatches `kernel` over `groups` workgroups, translating through `table`. `buffers`
+    /// are the first virtual pages (table entries) of the buffers the kernel uses, `args`
+    /// its argument words. The kernel's reads and writes land in device pages; accesses to
+    /// pages the table does not map are counted in the table (see [`PageTable::faults`]).
+    pub fn dispatch(
+        &self,
+        kernel: &Kernel,
+        table: &PageTable,
+        buffers: &[u32],
+        args: &[u32],
+        groups: [u32; 3],
+    ) -> Result<Ticket> {
+        if !Arc::ptr_eq(&kernel.device.shared, &self.shared)
+            || !Arc::ptr_eq(&table.device.shared, &self.shared)
+        {
+            return Err(EngineError::InvalidConfig(
+                "kernel or page table of another device".into(),
+            ));
+        }
+        if groups.iter().any(|&g| g == 0 || g > 65_535) {
+            return Err(EngineError::InvalidConfig(format!(
+                "workgroup counts {groups:?} must each be 1..=65535"
+            )));
+        }
+        let (chunks, _) = self.kernel_chunks()?;
+        let mut meta = Vec::with_capacity(1 + buffers.len() + args.len());
+        meta.push(buffers.len() as u32);
+        meta.extend_from_slice(buffers);
+        meta.extend_from_slice(args);
+        let value = self
+            .shared
+            .backend
+            .dispatch(kernel.id, table.id, chunks, &meta, groups)?;
+        Ok(Ticket {
+            shared: self.shared.clone(),
+            value,
+            pairs: 0,
+            failed: Vec::new(),
+        })
+    }
+
+    pub(crate) fn destroy_kernel(&self, id: u64) {
+        self.shared.backend.destroy_kernel(id);
+    }
+
+    pub(crate) fn free_table(&self, id: u64) {
+        self.shared.backend.free_table(id);
+    }
+}
+
 /// A submitted copy batch. Dropping it does not cancel the copy.
 #[must_use = "a copy is only known to be done once its ticket is waited on"]
 pub struct Ticket {
@@ -328,6 +479,15 @@ pub struct Ticket {
     value: u64,
     pairs: usize,
     failed: Vec<usize>,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("value", &self.value)
+            .field("pairs", &self.pairs)
+            .finish()
+    }
 }
 
 impl Ticket {
@@ -368,6 +528,8 @@ impl Ticket {
     fn all_failed(&self, e: EngineError) -> EngineError {
         match e {
             EngineError::DeviceLost(_) => e,
+            // A dispatch (no pairs) reports the backend's error as it is.
+            other if self.pairs == 0 => other,
             other => EngineError::CopyFailed {
                 failed: (0..self.pairs).collect(),
                 reason: other.to_string(),

@@ -78,6 +78,12 @@ pub enum EngineError {
     /// An error from wgpu.
     #[error("wgpu: {0}")]
     Wgpu(String),
+    /// The device cannot do this (kernels on a device without compute, for one).
+    #[error("not supported by this device: {0}")]
+    Unsupported(String),
+    /// A kernel's WGSL did not compile.
+    #[error("kernel does not compile: {0}")]
+    KernelCompile(String),
     /// An operating-system call failed.
     #[error("os: {0}")]
     Os(#[from] std::io::Error),
@@ -91,7 +97,8 @@ impl EngineError {
             | EngineError::FreedPfn(_)
             | EngineError::DoubleFree(_)
             | EngineError::OverlappingCopy(_)
-            | EngineError::InvalidConfig(_) => ErrorKind::Misuse,
+            | EngineError::InvalidConfig(_)
+            | EngineError::KernelCompile(_) => ErrorKind::Misuse,
             EngineError::OutOfDeviceMemory { .. } | EngineError::OutOfHostFrames { .. } => {
                 ErrorKind::OutOfMemory
             }
@@ -100,7 +107,7 @@ impl EngineError {
                 ErrorKind::Transient
             }
             EngineError::Os(_) => ErrorKind::Transient,
-            EngineError::NoDevice { .. } => ErrorKind::Unavailable,
+            EngineError::NoDevice { .. } | EngineError::Unsupported(_) => ErrorKind::Unavailable,
         }
     }
 }

@@ -34,6 +34,7 @@ mod device;
 mod error;
 pub mod frames;
 mod host;
+mod kernel;
 mod pagemap;
 mod pfn;
 mod select;
@@ -45,6 +46,7 @@ pub use copy::{CopyGroup, CopyPlan, Location, MemoryId, Region};
 pub use device::{CopyStats, Device, Ticket};
 pub use error::{EngineError, ErrorKind, Result};
 pub use frames::HostFramePool;
+pub use kernel::{Kernel, PageTable, KERNEL_HELPER};
 pub use pagemap::DEFAULT_CHUNK_BYTES;
 pub use pfn::{reserve_pfn_range, Pfn, PfnRange, PAGE_SHIFT, PAGE_SIZE};
 pub use select::{

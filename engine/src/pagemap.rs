@@ -59,6 +59,16 @@ impl DevicePages {
     pub(crate) fn available(&self) -> usize {
         self.slots.available()
     }
+    /// Pages per chunk (the last chunk may hold fewer).
+    pub(crate) fn chunk_pages(&self) -> usize {
+        self.chunk_pages
+    }
+
+    /// Chunks the budget allows.
+    pub(crate) fn max_chunks(&self) -> usize {
+        self.budget_pages().div_ceil(self.chunk_pages)
+    }
+
     pub(crate) fn chunks(&self) -> usize {
         self.chunks
     }

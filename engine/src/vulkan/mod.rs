@@ -6,9 +6,12 @@ mod conv;
 mod gather;
 mod instance;
 mod memory;
+mod pipeline;
 mod record;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ash::vk;
@@ -24,6 +27,7 @@ use crate::pfn::PAGE_SIZE;
 use crate::select::{DeviceConfig, DeviceInfo, DeviceKind, GatherMode, HostAccess, HostAccessMode};
 use context::{Context, Queue};
 use memory::Buffer;
+use pipeline::Pipeline;
 
 /// Staging buffers kept for reuse after their batch completes.
 const STAGING_CACHE: usize = 4;
@@ -98,6 +102,9 @@ pub(crate) fn open(
         imports: RwLock::new((0..frames.segments()).map(|_| None).collect()),
         staging: Mutex::new(Vec::new()),
         in_flight: [Mutex::new(VecDeque::new()), Mutex::new(VecDeque::new())],
+        kernels: Mutex::new(HashMap::new()),
+        tables: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
         host_access,
         ctx,
     };
@@ -138,6 +145,11 @@ pub(crate) struct VulkanBackend {
     staging: Mutex<Vec<Buffer>>,
     /// Batches in submission order, per queue (0: transfer, 1: compute).
     in_flight: [Mutex<VecDeque<InFlight>>; 2],
+    /// User kernels by id.
+    kernels: Mutex<HashMap<u64, Pipeline>>,
+    /// Page tables by id.
+    tables: Mutex<HashMap<u64, Buffer>>,
+    next_id: AtomicU64,
     host_access: HostAccess,
     gather: Option<gather::Gather>,
     gather_mode: GatherMode,
@@ -483,6 +495,143 @@ impl Backend for VulkanBackend {
         }
         self.copy_through_staging(at, data.len(), Some(data), None)
     }
+
+    fn kernel_limits(&self) -> Result<(u32, u64)> {
+        let l = &self.ctx.limits;
+        let per_stage = l
+            .max_per_stage_descriptor_storage_buffers
+            .min(l.max_descriptor_set_storage_buffers)
+            .min(l.max_per_stage_resources);
+        Ok((
+            per_stage.saturating_sub(crate::kernel::FIXED_BINDINGS),
+            l.max_storage_buffer_range as u64,
+        ))
+    }
+
+    fn create_kernel(&self, spirv: &[u32], entry: &str, chunks: u32) -> Result<u64> {
+        let name = std::ffi::CString::new(entry)
+            .map_err(|_| EngineError::KernelCompile(format!("entry point {entry:?}")))?;
+        let p = Pipeline::new(
+            &self.ctx,
+            spirv,
+            &name,
+            crate::kernel::FIXED_BINDINGS + chunks,
+        )?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.kernels.lock().insert(id, p);
+        Ok(id)
+    }
+
+    fn destroy_kernel(&self, id: u64) {
+        if let Some(p) = self.kernels.lock().remove(&id) {
+            // SAFETY: after idle no dispatch of this kernel is pending.
+            let _ = unsafe { self.ctx.device.device_wait_idle() };
+            p.destroy(&self.ctx);
+        }
+    }
+
+    fn alloc_table(&self, words: usize) -> Result<(u64, NonNull<u32>)> {
+        let bytes = (words.max(1) * 4) as u64;
+        let mut guard = self.allocator.lock();
+        let allocator = guard.as_mut().expect("allocator lives until drop");
+        let b = memory::allocate(
+            &self.ctx,
+            allocator,
+            bytes,
+            MemoryLocation::CpuToGpu,
+            "hetmem page table",
+        )?;
+        let Some(ptr) = b.host_ptr(0) else {
+            memory::destroy(&self.ctx, allocator, b);
+            return Err(EngineError::Unsupported(
+                "no host-visible memory for page tables".into(),
+            ));
+        };
+        // SAFETY: the mapping covers `bytes` bytes and nothing else uses it yet.
+        unsafe { std::ptr::write_bytes(ptr, 0, bytes as usize) };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.tables.lock().insert(id, b);
+        Ok((id, NonNull::new(ptr.cast()).expect("mapped")))
+    }
+
+    fn free_table(&self, id: u64) {
+        let b = self.tables.lock().remove(&id);
+        if let Some(b) = b {
+            // SAFETY: after idle no dispatch reads the table.
+            let _ = unsafe { self.ctx.device.device_wait_idle() };
+            let mut guard = self.allocator.lock();
+            memory::destroy(
+                &self.ctx,
+                guard.as_mut().expect("allocator lives until drop"),
+                b,
+            );
+        }
+    }
+
+    fn dispatch(
+        &self,
+        kernel: u64,
+        table: u64,
+        chunks: u32,
+        meta: &[u32],
+        groups: [u32; 3],
+    ) -> Result<u64> {
+        let meta_bytes = (meta.len().max(1) * 4) as u64;
+        let args = self.staging_buffer(meta_bytes)?;
+        let at = args.host_ptr(0).expect("staging is mapped");
+        // SAFETY: the staging buffer holds at least `meta_bytes` bytes and is ours alone.
+        unsafe { std::ptr::copy_nonoverlapping(meta.as_ptr().cast(), at, meta.len() * 4) };
+        let mut bound = Vec::with_capacity(2 + chunks as usize);
+        {
+            let tables = self.tables.lock();
+            let Some(t) = tables.get(&table) else {
+                self.release_staging(vec![args]);
+                return Err(EngineError::InvalidConfig(format!("no page table {table}")));
+            };
+            bound.push((t.buffer, 0, t.size));
+        }
+        bound.push((args.buffer, 0, meta_bytes));
+        {
+            let existing = self.chunks.read();
+            for c in 0..chunks as usize {
+                // A chunk not created yet holds no page the table can name; any buffer fills
+                // its binding.
+                bound.push(match existing.get(c).and_then(Option::as_ref) {
+                    Some(b) => (b.buffer, 0, b.size),
+                    None => (args.buffer, 0, meta_bytes),
+                });
+            }
+        }
+        let q = 1;
+        let cb = match self.queue(q).command_buffer(&self.ctx.device) {
+            Ok(cb) => cb,
+            Err(e) => {
+                self.release_staging(vec![args]);
+                return Err(e);
+            }
+        };
+        let mut held = Held {
+            staging: vec![args],
+            ..Held::default()
+        };
+        let recorded = (|| {
+            let kernels = self.kernels.lock();
+            let p = kernels
+                .get(&kernel)
+                .ok_or_else(|| EngineError::InvalidConfig(format!("no kernel {kernel}")))?;
+            let pool = Pipeline::pool(&self.ctx, 1, bound.len() as u32)?;
+            held.descriptors = Some(pool);
+            let set = p.bind(&self.ctx, pool, &bound)?;
+            record::begin(&self.ctx, cb)?;
+            p.dispatch(&self.ctx, cb, set, groups);
+            record::end(&self.ctx, cb)
+        })();
+        if let Err(e) = recorded {
+            self.abandon(q, cb, held);
+            return Err(e);
+        }
+        self.submit_recorded(q, cb, held)
+    }
 }
 
 impl Drop for VulkanBackend {
@@ -496,6 +645,9 @@ impl Drop for VulkanBackend {
         if let Some(g) = &self.gather {
             g.destroy(&self.ctx);
         }
+        for (_, p) in self.kernels.get_mut().drain() {
+            p.destroy(&self.ctx);
+        }
         let mut guard = self.allocator.lock();
         let allocator = guard.as_mut().expect("allocator lives until drop");
         let bufs = self
@@ -504,6 +656,7 @@ impl Drop for VulkanBackend {
             .drain(..)
             .chain(self.imports.get_mut().drain(..))
             .flatten()
+            .chain(self.tables.get_mut().drain().map(|(_, b)| b))
             .chain(self.staging.get_mut().drain(..));
         for b in bufs {
             memory::destroy(&self.ctx, allocator, b);

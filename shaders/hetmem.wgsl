@@ -1,0 +1,102 @@
+// hetmem's helper for user kernels: managed addresses translated through the device page
+// table, so a kernel reads and writes managed buffers wherever their pages sit in device
+// memory.
+//
+// The runtime prepends this file to a kernel's source and binds, in group 0:
+//   binding 0  hm_table: a header, then one word per virtual page of the address space's
+//              window: the device page holding it, plus one; 0 when the page is not on the
+//              device (a kernel that touches such a page records a fault, reads zeros and
+//              its writes are dropped; the launch then fails with the faulting page);
+//   binding 1  hm_meta: how many buffers the launch binds, the first virtual page of each
+//              (relative to the window), then the caller's argument words;
+//   binding 2… one binding per chunk of device memory (`hm_chunkN`), generated for the
+//              device in place of the marker line below, with HM_CHUNK_PAGES and the
+//              `hm_chunk_load` / `hm_chunk_store` switches.
+// Kernels use bindings of group 0 only through the functions here; they may not declare
+// their own bindings in group 0.
+
+struct HmTable {
+    // Accesses that found no device page.
+    faults: atomic<u32>,
+    // The first such virtual page (valid when `faults` > 0).
+    fault_page: atomic<u32>,
+    reserved0: u32,
+    reserved1: u32,
+    entries: array<u32>,
+}
+
+@group(0) @binding(0) var<storage, read_write> hm_table: HmTable;
+@group(0) @binding(1) var<storage, read> hm_meta: array<u32>;
+
+// Words in a 4 KiB page.
+const HM_PAGE_WORDS: u32 = 1024u;
+
+//@hetmem-chunks
+
+// Buffers bound to this launch.
+fn hm_buffers() -> u32 {
+    return hm_meta[0];
+}
+
+// First virtual page of bound buffer `i`, relative to the window.
+fn hm_buffer(i: u32) -> u32 {
+    return hm_meta[1u + i];
+}
+
+// The caller's argument word `i`.
+fn hm_arg(i: u32) -> u32 {
+    return hm_meta[1u + hm_meta[0] + i];
+}
+
+// A managed address: a virtual page of the window and a word inside it.
+struct HmPtr {
+    page: u32,
+    word: u32,
+}
+
+// The managed address of byte `offset` (a multiple of 4) of bound buffer `buffer`.
+fn hm_ptr(buffer: u32, offset: u32) -> HmPtr {
+    let w = offset / 4u;
+    return HmPtr(hm_buffer(buffer) + w / HM_PAGE_WORDS, w % HM_PAGE_WORDS);
+}
+
+// The managed address `words` words after `p`.
+fn hm_add(p: HmPtr, words: u32) -> HmPtr {
+    let w = p.word + words;
+    return HmPtr(p.page + w / HM_PAGE_WORDS, w % HM_PAGE_WORDS);
+}
+
+// The device page behind virtual page `page`, plus one; 0 (and a recorded fault) if the
+// page is not on the device.
+fn hm_translate(page: u32) -> u32 {
+    var e = 0u;
+    if (page < arrayLength(&hm_table.entries)) {
+        e = hm_table.entries[page];
+    }
+    if (e == 0u) {
+        if (atomicAdd(&hm_table.faults, 1u) == 0u) {
+            atomicStore(&hm_table.fault_page, page);
+        }
+    }
+    return e;
+}
+
+// Reads the word at `p`.
+fn hm_load(p: HmPtr) -> u32 {
+    let e = hm_translate(p.page);
+    if (e == 0u) {
+        return 0u;
+    }
+    let d = e - 1u;
+    return hm_chunk_load(d / HM_CHUNK_PAGES, (d % HM_CHUNK_PAGES) * HM_PAGE_WORDS + p.word);
+}
+
+// Writes the word at `p`.
+fn hm_store(p: HmPtr, v: u32) {
+    let e = hm_translate(p.page);
+    if (e == 0u) {
+        return;
+    }
+    let d = e - 1u;
+    hm_chunk_store(d / HM_CHUNK_PAGES, (d % HM_CHUNK_PAGES) * HM_PAGE_WORDS + p.word, v);
+}

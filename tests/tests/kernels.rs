@@ -1,0 +1,118 @@
+//! User kernels on the engine: WGSL with hetmem's helper, page tables, dispatch, faults.
+
+use hetmem_engine::{DeviceKind, ErrorKind, PAGE_SIZE};
+use hetmem_tests::open_for_test;
+
+/// Adds `hm_arg(0)` to every word of bound buffer 0, which spans `hm_arg(1)` pages.
+const ADD: &str = r#"
+@compute @workgroup_size(64)
+fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let words = hm_arg(1) * HM_PAGE_WORDS;
+    if (gid.x >= words) {
+        return;
+    }
+    let p = hm_ptr(0u, gid.x * 4u);
+    hm_store(p, hm_load(p) + hm_arg(0));
+}
+"#;
+
+fn words(page: &[u8]) -> Vec<u32> {
+    page.chunks_exact(4)
+        .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_kernel_translates_through_the_page_table() {
+    let Some(dev) = open_for_test(DeviceKind::Vulkan, 8 << 20, "kernel_translates") else {
+        return;
+    };
+    let kernel = dev.compile_kernel(ADD, "add").expect("compiles");
+    // Three device pages, deliberately out of order in the table: virtual page k of the
+    // window -> device page order[k].
+    let pages = dev.alloc_pages(3, true).unwrap();
+    let order = [pages[2], pages[0], pages[1]];
+    for (k, &p) in order.iter().enumerate() {
+        let data: Vec<u8> = (0..PAGE_SIZE / 4)
+            .flat_map(|i| ((k * 10_000 + i) as u32).to_le_bytes())
+            .collect();
+        dev.write_page(p, 0, &data).unwrap();
+    }
+    let table = dev.page_table(8).unwrap();
+    for (k, &p) in order.iter().enumerate() {
+        table.set(k + 2, Some(p)).unwrap();
+    }
+    assert_eq!(table.get(3), Some(order[1]));
+    assert_eq!(table.get(0), None);
+    // Buffer 0 starts at virtual page 2 and spans 3 pages.
+    let groups = (3 * PAGE_SIZE as u32 / 4).div_ceil(64);
+    dev.dispatch(&kernel, &table, &[2], &[7, 3], [groups, 1, 1])
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(table.faults(), (0, None));
+    for (k, &p) in order.iter().enumerate() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        dev.read_page(p, 0, &mut page).unwrap();
+        let w = words(&page);
+        assert!(
+            w.iter()
+                .enumerate()
+                .all(|(i, &v)| v == (k * 10_000 + i) as u32 + 7),
+            "virtual page {k} (device page {p}) not updated in place"
+        );
+    }
+
+    // A page the table does not map: the kernel records a fault and writes nothing there.
+    table.set(3, None).unwrap();
+    dev.dispatch(&kernel, &table, &[2], &[1, 3], [groups, 1, 1])
+        .unwrap()
+        .wait()
+        .unwrap();
+    let (n, first) = table.faults();
+    assert_eq!(
+        n as usize,
+        2 * PAGE_SIZE / 4,
+        "one load and one store per word"
+    );
+    assert_eq!(first, Some(3));
+    let mut page = vec![0u8; PAGE_SIZE];
+    dev.read_page(order[1], 0, &mut page).unwrap();
+    assert_eq!(words(&page)[5], 10_005 + 7, "unmapped page left alone");
+    dev.read_page(order[2], 0, &mut page).unwrap();
+    assert_eq!(words(&page)[5], 20_005 + 8, "mapped page updated");
+    table.reset_faults();
+    assert_eq!(table.faults(), (0, None));
+    dev.free_pages(&pages).unwrap();
+}
+
+#[test]
+fn bad_kernels_and_bad_dispatches_are_refused() {
+    let Some(dev) = open_for_test(DeviceKind::Vulkan, 4 << 20, "bad_kernels") else {
+        return;
+    };
+    let e = dev.compile_kernel("fn broken( {", "x").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Misuse, "{e}");
+    let e = dev.compile_kernel(ADD, "missing").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Misuse, "{e}");
+    let kernel = dev.compile_kernel(ADD, "add").unwrap();
+    let table = dev.page_table(4).unwrap();
+    let e = dev
+        .dispatch(&kernel, &table, &[0], &[1, 1], [0, 1, 1])
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Misuse, "{e}");
+    assert!(table.set(4, None).is_err(), "entry past the end");
+    let host = open_for_test(DeviceKind::Host, 4 << 20, "bad_kernels").unwrap();
+    assert!(
+        table.set(0, Some(host.pfn_range().start)).is_err(),
+        "foreign page"
+    );
+    let e = host.compile_kernel(ADD, "add").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    let other = open_for_test(DeviceKind::Vulkan, 4 << 20, "bad_kernels").unwrap();
+    let foreign = other.page_table(4).unwrap();
+    let e = dev
+        .dispatch(&kernel, &foreign, &[0], &[1, 1], [1, 1, 1])
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Misuse, "{e}");
+}
