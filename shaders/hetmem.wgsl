@@ -9,9 +9,9 @@
 //              its writes are dropped; the launch then fails with the faulting page);
 //   binding 1  hm_meta: how many buffers the launch binds, the first virtual page of each
 //              (relative to the window), then the caller's argument words;
-//   binding 2… one binding per chunk of device memory (`hm_chunkN`), generated for the
-//              device in place of the marker line below, with HM_CHUNK_PAGES and the
-//              `hm_chunk_load` / `hm_chunk_store` switches.
+//   binding 2… one binding per chunk of device memory (`hm_chunkN`, words in fours),
+//              generated for the device in place of the marker line below, with
+//              HM_CHUNK_PAGES and the `hm_chunk_load[4]` / `hm_chunk_store[4]` switches.
 // Kernels use bindings of group 0 only through the functions here; they may not declare
 // their own bindings in group 0.
 
@@ -99,4 +99,54 @@ fn hm_store(p: HmPtr, v: u32) {
     }
     let d = e - 1u;
     hm_chunk_store(d / HM_CHUNK_PAGES, (d % HM_CHUNK_PAGES) * HM_PAGE_WORDS + p.word, v);
+}
+
+// A device page, translated once for kernels that work a page at a time.
+struct HmPage {
+    // Chunk of device memory, and the page's first word in it.
+    chunk: u32,
+    first: u32,
+    // False when the virtual page is not on the device (a fault was recorded).
+    present: bool,
+}
+
+// Translates virtual page `page` (relative to the window).
+fn hm_page(page: u32) -> HmPage {
+    let e = hm_translate(page);
+    if (e == 0u) {
+        return HmPage(0u, 0u, false);
+    }
+    let d = e - 1u;
+    return HmPage(d / HM_CHUNK_PAGES, (d % HM_CHUNK_PAGES) * HM_PAGE_WORDS, true);
+}
+
+// Reads word `word` (0..HM_PAGE_WORDS) of a translated page; zero if it is not present.
+fn hm_page_load(p: HmPage, word: u32) -> u32 {
+    if (!p.present) {
+        return 0u;
+    }
+    return hm_chunk_load(p.chunk, p.first + word);
+}
+
+// Writes word `word` of a translated page; dropped if it is not present.
+fn hm_page_store(p: HmPage, word: u32, v: u32) {
+    if (p.present) {
+        hm_chunk_store(p.chunk, p.first + word, v);
+    }
+}
+
+// Reads words 4q..4q+3 of a translated page (q in 0..HM_PAGE_WORDS / 4); zeros if it is not
+// present.
+fn hm_page_load4(p: HmPage, q: u32) -> vec4<u32> {
+    if (!p.present) {
+        return vec4<u32>();
+    }
+    return hm_chunk_load4(p.chunk, (p.first >> 2u) + q);
+}
+
+// Writes words 4q..4q+3 of a translated page; dropped if it is not present.
+fn hm_page_store4(p: HmPage, q: u32, v: vec4<u32>) {
+    if (p.present) {
+        hm_chunk_store4(p.chunk, (p.first >> 2u) + q, v);
+    }
 }

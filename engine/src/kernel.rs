@@ -29,18 +29,34 @@ pub(crate) fn assemble(user: &str, chunks: u32, chunk_pages: u32) -> String {
     for c in 0..chunks {
         let _ = writeln!(
             gen,
-            "@group(0) @binding({}) var<storage, read_write> hm_chunk{c}: array<u32>;",
+            "@group(0) @binding({}) var<storage, read_write> hm_chunk{c}: array<vec4<u32>>;",
             c + FIXED_BINDINGS
         );
     }
     gen.push_str("fn hm_chunk_load(c: u32, i: u32) -> u32 {\n    switch c {\n");
     for c in 0..chunks {
-        let _ = writeln!(gen, "        case {c}u: {{ return hm_chunk{c}[i]; }}");
+        let _ = writeln!(
+            gen,
+            "        case {c}u: {{ return hm_chunk{c}[i >> 2u][i & 3u]; }}"
+        );
     }
     gen.push_str("        default: { return 0u; }\n    }\n}\n");
+    gen.push_str("fn hm_chunk_load4(c: u32, q: u32) -> vec4<u32> {\n    switch c {\n");
+    for c in 0..chunks {
+        let _ = writeln!(gen, "        case {c}u: {{ return hm_chunk{c}[q]; }}");
+    }
+    gen.push_str("        default: { return vec4<u32>(); }\n    }\n}\n");
+    gen.push_str("fn hm_chunk_store4(c: u32, q: u32, v: vec4<u32>) {\n    switch c {\n");
+    for c in 0..chunks {
+        let _ = writeln!(gen, "        case {c}u: {{ hm_chunk{c}[q] = v; }}");
+    }
+    gen.push_str("        default: {}\n    }\n}\n");
     gen.push_str("fn hm_chunk_store(c: u32, i: u32, v: u32) {\n    switch c {\n");
     for c in 0..chunks {
-        let _ = writeln!(gen, "        case {c}u: {{ hm_chunk{c}[i] = v; }}");
+        let _ = writeln!(
+            gen,
+            "        case {c}u: {{ hm_chunk{c}[i >> 2u][i & 3u] = v; }}"
+        );
     }
     gen.push_str("        default: {}\n    }\n}\n");
     let helper = KERNEL_HELPER.replacen(CHUNKS_MARKER, &gen, 1);

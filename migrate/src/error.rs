@@ -115,6 +115,14 @@ pub enum Error {
         /// The budget in pages.
         budget: usize,
     },
+    /// A kernel loaded or stored a managed address whose page was not on the device.
+    #[error("a kernel touched {addr:#x}, which is not on the device ({accesses} such accesses)")]
+    KernelFault {
+        /// The first address a kernel touched that its page table did not map.
+        addr: u64,
+        /// Loads and stores that found no device page.
+        accesses: u32,
+    },
     /// An argument out of its domain.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
@@ -127,7 +135,10 @@ impl Error {
     /// Classifies the error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::ReadDenied(_) | Error::WriteDenied(_) | Error::NoAccess(_) => ErrorKind::Access,
+            Error::ReadDenied(_)
+            | Error::WriteDenied(_)
+            | Error::NoAccess(_)
+            | Error::KernelFault { .. } => ErrorKind::Access,
             Error::Busy(_) | Error::FaultFailed { .. } => ErrorKind::Transient,
             Error::OverBudget { .. } => ErrorKind::OutOfMemory,
             Error::Engine(e) => match e.kind() {

@@ -2,10 +2,17 @@
 //! test: blocks larger in total than the device budget; each step prefetches its working set
 //! (evicting others), runs a device step that updates its blocks in device memory, and reads
 //! a few blocks back on the CPU (faults); every block is then checked against a reference.
+//!
+//! Where the device runs kernels (Vulkan), the device step is the WGSL kernel
+//! `shaders/kv_step.wgsl`, which reaches the blocks through the device page table; on the
+//! host device it is the same step as a Rust function over the pinned device pages.
 
 use hetmem::offload::{Buffer, Context, Location};
 use hetmem::Result;
-use hetmem_engine::PAGE_SIZE;
+use hetmem_engine::{Kernel, PAGE_SIZE};
+
+/// The WGSL of the device step.
+pub const KV_STEP_WGSL: &str = include_str!("../../shaders/kv_step.wgsl");
 
 /// Sizes of a run.
 #[derive(Clone, Copy, Debug)]
@@ -29,6 +36,62 @@ pub struct KvReport {
     pub spot_checks_ok: usize,
     /// CPU spot checks made.
     pub spot_checks: usize,
+    /// How the device step ran.
+    pub device_step: DeviceStep,
+}
+
+/// How the device step of a run was done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceStep {
+    /// The WGSL kernel `kv_step`, through the device page table.
+    Kernel,
+    /// A Rust function over the pinned device pages (devices without kernels).
+    HostFunction,
+}
+
+impl std::fmt::Display for DeviceStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceStep::Kernel => "WGSL kernel through the device page table",
+            DeviceStep::HostFunction => "Rust function over the pinned device pages",
+        })
+    }
+}
+
+/// Workgroups for one workgroup per page of `pages` pages: (x, y) within device limits.
+fn groups_for(pages: u64) -> [u32; 3] {
+    let x = pages.clamp(1, 32_768);
+    [x as u32, pages.div_ceil(x) as u32, 1]
+}
+
+/// One step's device work on the blocks `set`, adding `adds[k]` to every word of block
+/// `set[k]`.
+fn run_step(
+    ctx: &Context,
+    kernel: Option<&Kernel>,
+    blocks: &[Buffer],
+    set: &[usize],
+    adds: &[u32],
+    block_bytes: usize,
+) -> Result<()> {
+    match kernel {
+        Some(k) => {
+            let bound: Vec<(&Buffer, std::ops::Range<usize>)> =
+                set.iter().map(|&b| (&blocks[b], 0..block_bytes)).collect();
+            let pages_per_block = block_bytes.div_ceil(PAGE_SIZE);
+            let mut args = vec![pages_per_block as u32];
+            args.extend_from_slice(adds);
+            let pages = (set.len() * pages_per_block) as u64;
+            ctx.launch(k, &bound, &args, groups_for(pages))?.wait()
+        }
+        None => {
+            for (&b, &add) in set.iter().zip(adds) {
+                let pin = blocks[b].pin_on_device(0..block_bytes)?;
+                device_step(ctx, pin.pfns(), add)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// The value word `i` of block `b` starts with.
@@ -82,10 +145,22 @@ pub fn run_kv(ctx: &Context, s: KvShape, mut on_step: impl FnMut(usize)) -> Resu
         fill(buf, b)?;
     }
     let mut added = vec![0u32; s.blocks];
+    let kernel = match ctx.kernel_support() {
+        Ok(()) => Some(ctx.compile_kernel(KV_STEP_WGSL, "kv_step")?),
+        Err(e) => {
+            tracing::info!("device step on the host: {e}");
+            None
+        }
+    };
     let mut report = KvReport {
         blocks_ok: 0,
         spot_checks_ok: 0,
         spot_checks: 0,
+        device_step: if kernel.is_some() {
+            DeviceStep::Kernel
+        } else {
+            DeviceStep::HostFunction
+        },
     };
     for step in 0..s.steps {
         let set = working_set(step, &s);
@@ -96,10 +171,12 @@ pub fn run_kv(ctx: &Context, s: KvShape, mut on_step: impl FnMut(usize)) -> Resu
         for t in tickets {
             t.wait()?;
         }
-        for &b in &set {
-            let pin = blocks[b].pin_on_device(0..s.block_bytes)?;
-            let add = (step as u32 + 1).wrapping_mul(b as u32 + 1);
-            device_step(ctx, pin.pfns(), add)?;
+        let adds: Vec<u32> = set
+            .iter()
+            .map(|&b| (step as u32 + 1).wrapping_mul(b as u32 + 1))
+            .collect();
+        run_step(ctx, kernel.as_ref(), &blocks, &set, &adds, s.block_bytes)?;
+        for (&b, &add) in set.iter().zip(&adds) {
             added[b] = added[b].wrapping_add(add);
         }
         for &b in set.iter().step_by(4) {

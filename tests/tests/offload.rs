@@ -173,6 +173,12 @@ fn the_demo_scenario_at_small_size() {
         let report = run_kv(&ctx, shape, |_| {}).unwrap();
         assert_eq!(report.blocks_ok, 12, "{kind:?}: checksums");
         assert_eq!(report.spot_checks_ok, report.spot_checks);
+        let expected = if kind == DeviceKind::Vulkan {
+            hetmem_tests::kv::DeviceStep::Kernel
+        } else {
+            hetmem_tests::kv::DeviceStep::HostFunction
+        };
+        assert_eq!(report.device_step, expected, "{kind:?}");
         let s = ctx.stats();
         assert!(s.evictions > 0 && s.faults > 0, "{kind:?}: {s:?}");
         assert!(
@@ -180,4 +186,165 @@ fn the_demo_scenario_at_small_size() {
             "never over the budget"
         );
     }
+}
+
+/// Adds `hm_arg(0)` to every word of bound buffer 0 (`hm_arg(1)` pages) and copies the
+/// result into bound buffer 1 when two are bound.
+const ADD: &str = r#"
+@compute @workgroup_size(64)
+fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (gid.x >= hm_arg(1) * HM_PAGE_WORDS) {
+        return;
+    }
+    let p = hm_ptr(0u, gid.x * 4u);
+    let v = hm_load(p) + hm_arg(0);
+    hm_store(p, v);
+    if (hm_buffers() > 1u) {
+        hm_store(hm_ptr(1u, gid.x * 4u), v);
+    }
+}
+"#;
+
+fn word_bytes(n: usize, f: impl Fn(usize) -> u32) -> Vec<u8> {
+    (0..n).flat_map(|i| f(i).to_le_bytes()).collect()
+}
+
+#[test]
+fn a_kernel_between_prefetch_and_unpin_sees_the_right_bytes() {
+    let Some(ctx) = context(DeviceKind::Vulkan, 64 * 4096, "kernel_sees_right_bytes") else {
+        return;
+    };
+    let kernel = ctx.compile_kernel(ADD, "add").unwrap();
+    let pages = 24;
+    let a = ctx.alloc(pages * 4096).unwrap();
+    let out = ctx.alloc(pages * 4096).unwrap();
+    a.write(0, &word_bytes(pages * 1024, |i| i as u32 * 3))
+        .unwrap();
+    // Half of `a` goes to the device first, scattered among other buffers' pages.
+    let filler = ctx.alloc(8 * 4096).unwrap();
+    a.prefetch(0..pages * 4096 / 2, Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    filler
+        .prefetch(0..filler.len(), Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let groups = (pages as u32 * 1024).div_ceil(64);
+    let run = ctx
+        .launch(
+            &kernel,
+            &[(&a, 0..a.len()), (&out, 0..out.len())],
+            &[5, pages as u32],
+            [groups, 1, 1],
+        )
+        .unwrap();
+    // While it runs, its pages are pinned: the CPU cannot take them.
+    assert!(states(&ctx, a.addr(), pages)
+        .iter()
+        .all(|&s| s == PageState::DevicePrivateLocal));
+    // The table maps each page to the device page its PTE names.
+    for k in 0..pages as u64 {
+        let addr = a.addr() + k * 4096;
+        assert_eq!(
+            ctx.driver().table_entry(ctx.space(), addr),
+            ctx.space().pte(addr).pfn()
+        );
+    }
+    run.wait().unwrap();
+    let mut got = vec![0u8; pages * 4096];
+    a.read(0, &mut got).unwrap();
+    assert_eq!(got, word_bytes(pages * 1024, |i| i as u32 * 3 + 5));
+    out.read(0, &mut got).unwrap();
+    assert_eq!(got, word_bytes(pages * 1024, |i| i as u32 * 3 + 5));
+    // The CPU reads faulted pages back: their table entries are gone.
+    let back = a.addr();
+    assert_eq!(ctx.driver().table_entry(ctx.space(), back), None);
+    // A prefetch (a migration) puts entries back without a launch.
+    a.prefetch(0..a.len(), Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let e = ctx.driver().table_entry(ctx.space(), back);
+    assert!(e.is_some());
+    assert_eq!(e, ctx.space().pte(back).pfn());
+    // Eviction clears them again.
+    ctx.driver().evict_all().unwrap();
+    assert_eq!(ctx.driver().table_entry(ctx.space(), back), None);
+    // Second run, from the host: the launch brings the pages in.
+    ctx.launch(
+        &kernel,
+        &[(&a, 0..a.len())],
+        &[1, pages as u32],
+        [groups, 1, 1],
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
+    a.read(0, &mut got).unwrap();
+    assert_eq!(got, word_bytes(pages * 1024, |i| i as u32 * 3 + 6));
+}
+
+#[test]
+fn a_kernel_past_its_buffer_faults_and_bad_launches_are_refused() {
+    let Some(ctx) = context(DeviceKind::Vulkan, 16 * 4096, "kernel_faults") else {
+        return;
+    };
+    let kernel = ctx.compile_kernel(ADD, "add").unwrap();
+    let a = ctx.alloc(4 * 4096).unwrap();
+    a.write(0, &word_bytes(4 * 1024, |i| i as u32)).unwrap();
+    // Only the first two pages are bound, but the kernel is told four.
+    let e = ctx
+        .launch(&kernel, &[(&a, 0..2 * 4096)], &[1, 4], [64, 1, 1])
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    match e {
+        Error::KernelFault { addr, accesses } => {
+            assert!(addr >= a.addr() + 2 * 4096 && addr < a.addr() + 4 * 4096);
+            assert!(accesses > 0);
+        }
+        other => panic!("expected a kernel fault, got {other}"),
+    }
+    let mut got = vec![0u8; 4 * 4096];
+    a.read(0, &mut got).unwrap();
+    assert_eq!(
+        got,
+        word_bytes(4 * 1024, |i| i as u32 + u32::from(i < 2 * 1024)),
+        "bound pages updated, the rest untouched"
+    );
+    // Bad input: typed errors, nothing moves.
+    let big = ctx.alloc(32 * 4096).unwrap();
+    assert!(matches!(
+        ctx.launch(&kernel, &[(&big, 0..big.len())], &[1, 32], [1, 1, 1]),
+        Err(Error::OverBudget { .. })
+    ));
+    assert!(matches!(
+        ctx.launch(&kernel, &[(&a, 0..5 * 4096)], &[1, 1], [1, 1, 1]),
+        Err(Error::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        ctx.launch(&kernel, &[], &[1, 1], [1, 1, 1]),
+        Err(Error::InvalidArgument(_))
+    ));
+    big.free().unwrap();
+    assert!(matches!(
+        ctx.launch(&kernel, &[(&big, 0..4096)], &[1, 1], [1, 1, 1]),
+        Err(Error::Freed)
+    ));
+    a.read(0, &mut got).unwrap();
+    assert_eq!(
+        got,
+        word_bytes(4 * 1024, |i| i as u32 + u32::from(i < 2 * 1024))
+    );
+    let other = context(DeviceKind::Vulkan, 16 * 4096, "kernel_faults").unwrap();
+    let theirs = other.alloc(4096).unwrap();
+    assert!(matches!(
+        ctx.launch(&kernel, &[(&theirs, 0..4096)], &[1, 1], [1, 1, 1]),
+        Err(Error::InvalidArgument(_))
+    ));
+    let host = context(DeviceKind::Host, 16 * 4096, "kernel_faults").unwrap();
+    assert!(host.kernel_support().is_err());
+    assert!(host.compile_kernel(ADD, "add").is_err());
 }

@@ -117,7 +117,7 @@ pub fn run(args: Args) -> Result<()> {
         report.spot_checks_ok,
         report.spot_checks
     );
-    println!("(device step: a Rust function over the device pages; a WGSL kernel through a device page table is not built yet)");
+    println!("{:<28} {}", "device step", report.device_step);
     ensure!(ok, "some block does not match the CPU reference");
     Ok(())
 }

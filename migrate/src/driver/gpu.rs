@@ -6,12 +6,18 @@ use std::time::Instant;
 
 use hetmem_engine::{Device, EngineError, Pfn, PAGE_SIZE};
 
+use std::collections::HashMap;
+
+use hetmem_engine::Kernel;
+use parking_lot::Mutex;
+
 use super::evict::Resident;
+use super::table::{DevicePin, Launch, SpaceTable};
 use crate::error::{Error, Result};
 use crate::migration::*;
 use crate::mm::{
     AddressSpace, DevicePagemap, FaultContext, FrameAccess, MemoryKind, Page, PageMap, PagemapOps,
-    PAGE,
+    SpaceId, PAGE,
 };
 
 /// How to set a driver up.
@@ -81,6 +87,8 @@ pub(crate) struct Inner {
     pub(crate) budget_pages: usize,
     counters: Counters,
     pub(crate) resident: Resident,
+    /// Device page tables, one per address space that launched a kernel.
+    pub(crate) tables: Mutex<HashMap<SpaceId, Arc<SpaceTable>>>,
 }
 
 struct Ops(std::sync::Weak<Inner>);
@@ -157,6 +165,8 @@ struct Chunk {
     pair_index: Vec<usize>,
     ticket: std::result::Result<hetmem_engine::Ticket, EngineError>,
     submitted: Instant,
+    /// The space's invalidation sequence after setup.
+    seq: u64,
 }
 
 /// The driver. Cloning gives another handle.
@@ -193,6 +203,7 @@ impl GpuDriver {
             budget_pages: budget,
             counters: Counters::default(),
             resident: Resident::default(),
+            tables: Mutex::new(HashMap::new()),
         });
         let access: Option<Arc<dyn FrameAccess>> =
             (kind == MemoryKind::DeviceCoherent).then(|| Arc::new(device.clone()) as _);
@@ -268,14 +279,7 @@ impl GpuDriver {
         addr: u64,
         npages: usize,
     ) -> Result<Moved> {
-        self.inner.migrate(
-            space,
-            addr,
-            addr + npages as u64 * PAGE,
-            MIGRATE_VMA_SELECT_SYSTEM,
-            None,
-            true,
-        )
+        self.inner.migrate_range_to_device(space, addr, npages)
     }
 
     /// Migrates this driver's pages among `npages` pages from `addr` back to host memory.
@@ -283,6 +287,41 @@ impl GpuDriver {
         let flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
         self.inner
             .migrate(space, addr, addr + npages as u64 * PAGE, flags, None, false)
+    }
+
+    /// Brings `npages` pages from `addr` to the device and holds them there (no eviction, no
+    /// migration) until the guard drops. Pages already on the device are pinned first, so
+    /// bringing in the rest cannot evict them.
+    pub fn pin_on_device(
+        &self,
+        space: &AddressSpace,
+        addr: u64,
+        npages: usize,
+    ) -> Result<DevicePin> {
+        self.inner.pin_on_device(space, addr, npages)
+    }
+
+    /// Runs `kernel` (see [`hetmem_engine::Device::compile_kernel`]) over `groups`
+    /// workgroups on the pages of `ranges` (address, pages) of `space`: they are brought to
+    /// the device and pinned, the space's device page table is brought up to date, and
+    /// bound buffer `i` of the kernel (`hm_ptr(i, offset)` in WGSL) is `ranges[i]`; `args`
+    /// are its `hm_arg` words. The pins hold until the launch is waited on or dropped.
+    pub fn launch(
+        &self,
+        space: &AddressSpace,
+        kernel: &Kernel,
+        ranges: &[(u64, usize)],
+        args: &[u32],
+        groups: [u32; 3],
+    ) -> Result<Launch> {
+        self.inner.launch(space, kernel, ranges, args, groups)
+    }
+
+    /// The device page behind `addr` in `space`'s device page table, if the table maps it
+    /// (what a kernel would use).
+    pub fn table_entry(&self, space: &AddressSpace, addr: u64) -> Option<Pfn> {
+        let t = self.inner.tables.lock().get(&space.id()).cloned()?;
+        t.entry(addr)
     }
 
     /// Evicts up to `npages` least recently used device pages to host; returns how many moved.
@@ -297,6 +336,23 @@ impl GpuDriver {
 }
 
 impl Inner {
+    /// Migrates `npages` pages from `addr` to the device.
+    pub(crate) fn migrate_range_to_device(
+        &self,
+        space: &AddressSpace,
+        addr: u64,
+        npages: usize,
+    ) -> Result<Moved> {
+        self.migrate(
+            space,
+            addr,
+            addr + npages as u64 * PAGE,
+            MIGRATE_VMA_SELECT_SYSTEM,
+            None,
+            true,
+        )
+    }
+
     /// Migrates `[start, end)` in chunks of [`CHUNK_PAGES`], pipelined: while the copy of
     /// one chunk runs, the next chunk is collected and its copy submitted; then the first
     /// finishes (pages, finalize). `to_device` selects the direction.
@@ -364,6 +420,7 @@ impl Inner {
         m.flags = flags;
         m.fault_page = fault_page;
         migrate_vma_setup(&mut m)?;
+        let seq = space.invalidate_seq();
         let (cpages, vma) = (m.cpages, m.vma());
         drop(m);
         let want: Vec<usize> = (0..n)
@@ -417,6 +474,7 @@ impl Inner {
             pair_index,
             ticket,
             submitted,
+            seq,
         })
     }
 
@@ -440,6 +498,7 @@ impl Inner {
             pair_index,
             ticket,
             submitted,
+            seq,
         } = c;
         let copied = ticket.and_then(|t| t.wait());
         let t1 = Instant::now();
@@ -465,14 +524,27 @@ impl Inner {
         migrate_vma_pages(&mut m)?;
         let n = m.npages;
         let mut migrated = 0;
+        let table = if to_device {
+            self.tables.lock().get(&space.id()).cloned()
+        } else {
+            None
+        };
+        let mut entries = Vec::new();
         for i in 0..n {
             if m.src[i] & MIGRATE_PFN_MIGRATE != 0 && m.dst[i] & MIGRATE_PFN_VALID != 0 {
                 migrated += 1;
                 if to_device {
-                    self.resident
-                        .add(migrate_pfn_to_pfn(m.dst[i]).expect("valid"));
+                    let pfn = migrate_pfn_to_pfn(m.dst[i]).expect("valid");
+                    self.resident.add(pfn);
+                    if table.is_some() {
+                        entries.push((start + i as u64 * PAGE, pfn));
+                    }
                 }
             }
+        }
+        // The new pages are still locked: nobody can move them before their entries exist.
+        if let Some(t) = table {
+            t.migrated(space, seq, &entries);
         }
         migrate_vma_finalize(&mut m);
         let bytes = (pairs.len() * PAGE_SIZE) as u64;

@@ -5,5 +5,7 @@
 
 mod evict;
 mod gpu;
+mod table;
 
 pub use gpu::{DriverConfig, DriverStats, GpuDriver, Moved, CHUNK_PAGES};
+pub use table::{DevicePin, Launch};

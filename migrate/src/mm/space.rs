@@ -207,6 +207,12 @@ impl AddressSpace {
         find_vma(&self.map_read(), addr)
     }
 
+    /// Fails unless `[addr, addr + len)` is page-aligned, non-empty and mapped without gaps.
+    pub fn check_range(&self, addr: u64, len: u64) -> Result<()> {
+        let (start, end) = range_of(addr, len)?;
+        covered(&self.map_read(), start, end)
+    }
+
     /// The leaf holding `addr`'s entry, created if `create`.
     pub(crate) fn leaf(&self, addr: u64, create: bool) -> Option<Arc<Leaf>> {
         let key = addr / LEAF_SPAN;

@@ -5,13 +5,12 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use hetmem_engine::Pfn;
 use parking_lot::Mutex;
 
 use super::context::Context;
-use crate::driver::Moved;
+use crate::driver::{DevicePin, Moved};
 use crate::error::{Error, Result};
-use crate::mm::{MemoryKind, PAGE};
+use crate::mm::PAGE;
 
 /// Where a buffer's pages should be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -81,33 +80,6 @@ impl Prefetch {
     /// True once the prefetch has finished.
     pub fn is_done(&self) -> bool {
         self.handle.is_finished()
-    }
-}
-
-/// Device pages held in place for the lifetime of a device kernel: never evicted, never
-/// migrated, until the guard drops.
-#[must_use = "pages are released when the guard drops"]
-pub struct DevicePin {
-    ctx: Context,
-    pfns: Vec<Pfn>,
-}
-
-impl DevicePin {
-    /// The device pages, one per page of the pinned range, in order.
-    pub fn pfns(&self) -> &[Pfn] {
-        &self.pfns
-    }
-}
-
-impl Drop for DevicePin {
-    fn drop(&mut self) {
-        let pm = self.ctx.driver().pagemap();
-        for &pfn in &self.pfns {
-            if let Some(p) = pm.page(pfn) {
-                p.remove_pin();
-                pm.put_page(p);
-            }
-        }
     }
 }
 
@@ -235,52 +207,18 @@ impl Buffer {
     /// device are pinned first, so bringing in the rest cannot evict them.
     pub fn pin_on_device(&self, range: Range<usize>) -> Result<DevicePin> {
         let (addr, n) = self.pages(range)?;
-        if n > self.inner.ctx.driver().budget_pages() {
-            return Err(Error::OverBudget {
-                pages: n,
-                budget: self.inner.ctx.driver().budget_pages(),
-            });
-        }
         let ctx = &self.inner.ctx;
-        let driver = ctx.driver();
-        let pm = driver.pagemap();
-        let mut pinned: Vec<Option<Pfn>> = vec![None; n];
-        let mut pin = DevicePin {
-            ctx: ctx.clone(),
-            pfns: Vec::with_capacity(n),
-        };
-        for _attempt in 0..4 {
-            for (k, slot) in pinned.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
-                let page = ctx
-                    .space()
-                    .pte(addr + k as u64 * PAGE)
-                    .pfn()
-                    .and_then(|pfn| pm.page(pfn))
-                    .filter(|p| {
-                        p.owner() == driver.owner() && p.kind() != MemoryKind::System && p.try_get()
-                    });
-                if let Some(page) = page {
-                    page.add_pin();
-                    pin.pfns.push(page.pfn());
-                    *slot = Some(page.pfn());
-                }
-            }
-            if pinned.iter().all(Option::is_some) {
-                pin.pfns = pinned.into_iter().map(|p| p.expect("all pinned")).collect();
-                return Ok(pin);
-            }
-            driver.migrate_to_device(ctx.space(), addr, n)?;
-        }
-        let missing = pinned
-            .iter()
-            .position(Option::is_none)
-            .expect("some page is missing");
-        Err(Error::Busy(
-            ctx.space()
-                .pte(addr + missing as u64 * PAGE)
-                .pfn()
-                .unwrap_or_default(),
-        ))
+        ctx.driver().pin_on_device(ctx.space(), addr, n)
+    }
+
+    /// The pages of `range` (address, count), for binding to a kernel launch.
+    pub(crate) fn page_range(&self, range: Range<usize>) -> Result<(u64, usize)> {
+        self.pages(range)
+    }
+
+    /// True if `ctx` is the context the buffer belongs to.
+    pub(crate) fn belongs_to(&self, ctx: &Context) -> bool {
+        std::sync::Arc::ptr_eq(&self.inner.ctx.inner, &ctx.inner)
     }
 
     /// Frees the buffer; every handle then fails with [`Error::Freed`].

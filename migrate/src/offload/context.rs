@@ -2,9 +2,12 @@
 
 use std::sync::Arc;
 
-use hetmem_engine::{Device, DeviceConfig, DeviceInfo};
+use std::ops::Range;
+
+use hetmem_engine::{Device, DeviceConfig, DeviceInfo, Kernel};
 
 use super::buffer::Buffer;
+use crate::driver::Launch;
 use crate::driver::{DriverConfig, DriverStats, GpuDriver};
 use crate::error::{Error, Result};
 use crate::mm::{AddressSpace, MemoryKind, PageMap, Prot, PAGE};
@@ -92,6 +95,76 @@ impl Context {
     /// Counters: bytes each way, faults, evictions, copy and bookkeeping time.
     pub fn stats(&self) -> DriverStats {
         self.inner.driver.stats()
+    }
+
+    /// Compiles a WGSL compute kernel for this context's device, with hetmem's helper
+    /// (`shaders/hetmem.wgsl`) in front: the kernel reaches managed buffers through
+    /// `hm_ptr(buffer, byte_offset)`, `hm_load` and `hm_store`, and its arguments through
+    /// `hm_arg(i)`. Fails with an `Unsupported` engine error on devices that run no kernels
+    /// (the host device, wgpu).
+    pub fn compile_kernel(&self, wgsl: &str, entry: &str) -> Result<Kernel> {
+        Ok(self.device().compile_kernel(wgsl, entry)?)
+    }
+
+    /// Whether kernels run on this context's device; `Err` says why not.
+    pub fn kernel_support(&self) -> Result<()> {
+        Ok(self.device().kernel_support()?)
+    }
+
+    /// Launches `kernel` over `groups` workgroups with `buffers` bound in order and `args`
+    /// as its argument words. Kernel buffer `i` covers the pages of `buffers[i]`'s byte
+    /// range; its offset 0 is the start of the page that holds the range's first byte. The ranges are brought to the device
+    /// and pinned there until the launch is waited on or dropped; the device page table of
+    /// the context's address space maps them for the kernel.
+    ///
+    /// ```
+    /// use hetmem::offload::{Context, ContextConfig};
+    ///
+    /// # fn main() -> hetmem::Result<()> {
+    /// let ctx = Context::new(ContextConfig { budget_bytes: 8 << 20, ..Default::default() })?;
+    /// if ctx.kernel_support().is_err() {
+    ///     return Ok(()); // the host device (no Vulkan here) runs no kernels
+    /// }
+    /// let k = ctx.compile_kernel(
+    ///     r#"
+    /// @compute @workgroup_size(64)
+    /// fn triple(@builtin(global_invocation_id) g: vec3<u32>) {
+    ///     let p = hm_ptr(0u, g.x * 4u);
+    ///     hm_store(p, hm_load(p) * hm_arg(0));
+    /// }"#,
+    ///     "triple",
+    /// )?;
+    /// let buf = ctx.alloc(4096)?;
+    /// buf.write(8, &7u32.to_le_bytes())?;
+    /// ctx.launch(&k, &[(&buf, 0..4096)], &[3], [1024 / 64, 1, 1])?.wait()?;
+    /// let mut w = [0u8; 4];
+    /// buf.read(8, &mut w)?; // faults the page back from the device
+    /// assert_eq!(u32::from_le_bytes(w), 21);
+    /// # Ok(()) }
+    /// ```
+    pub fn launch(
+        &self,
+        kernel: &Kernel,
+        buffers: &[(&Buffer, Range<usize>)],
+        args: &[u32],
+        groups: [u32; 3],
+    ) -> Result<Launch> {
+        let ranges = buffers
+            .iter()
+            .map(|(b, r)| {
+                if !b.belongs_to(self) {
+                    return Err(Error::InvalidArgument("buffer of another context"));
+                }
+                b.page_range(r.clone())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.inner
+            .driver
+            .launch(&self.inner.space, kernel, &ranges, args, groups)
+    }
+
+    fn device(&self) -> &Device {
+        self.inner.driver.device()
     }
 
     /// A managed buffer of `bytes` (rounded up to whole pages), zero-filled, on the host

@@ -5,5 +5,6 @@
 mod buffer;
 mod context;
 
-pub use buffer::{Advice, Buffer, DevicePin, Location, Prefetch};
+pub use crate::driver::{DevicePin, Launch};
+pub use buffer::{Advice, Buffer, Location, Prefetch};
 pub use context::{Context, ContextConfig};

@@ -1,0 +1,401 @@
+//! The device page table of each address space, and kernel launches over it.
+//!
+//! A table maps a window of an address space's virtual pages to the device pages that hold
+//! them. Migrations to the device fill it in (under the page locks of the new pages, and
+//! only if no invalidation came between); every invalidation of the space clears the range
+//! after waiting for the kernel that may be reading it, so a kernel never reads a page that
+//! has moved. A launch pins the pages it binds, which the invalidations of migrations then
+//! cannot move, and writes their entries before the dispatch.
+
+use std::sync::{Arc, OnceLock, Weak};
+
+use hetmem_engine::{Kernel, PageTable, Pfn, Ticket};
+use parking_lot::Mutex;
+
+use super::gpu::Inner;
+use crate::error::{Error, Result};
+use crate::mm::{AddressSpace, MemoryKind, Notifier, NotifyEvent, NotifyRange, Pte, SpaceId, PAGE};
+
+/// Device pages held in place for the lifetime of a device kernel: never evicted, never
+/// migrated, until the guard drops.
+#[must_use = "pages are released when the guard drops"]
+pub struct DevicePin {
+    pub(crate) driver: Arc<Inner>,
+    pub(crate) addr: u64,
+    pub(crate) pfns: Vec<Pfn>,
+}
+
+impl std::fmt::Debug for DevicePin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevicePin")
+            .field("addr", &self.addr)
+            .field("pages", &self.pfns.len())
+            .finish()
+    }
+}
+
+impl DevicePin {
+    /// The device pages, one per page of the pinned range, in order.
+    pub fn pfns(&self) -> &[Pfn] {
+        &self.pfns
+    }
+
+    /// The first address of the pinned range.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+}
+
+impl Drop for DevicePin {
+    fn drop(&mut self) {
+        let pm = &self.driver.pagemap;
+        for &pfn in &self.pfns {
+            if let Some(p) = pm.page(pfn) {
+                p.remove_pin();
+                pm.put_page(p);
+            }
+        }
+    }
+}
+
+/// A dispatched kernel, as the table tracks it until it retires.
+struct Running {
+    ticket: Ticket,
+    /// Set when it retires: faulting accesses and the first faulting window page, or the
+    /// error its wait gave.
+    outcome: OnceLock<std::result::Result<(u32, Option<u32>), String>>,
+}
+
+struct State {
+    table: Option<PageTable>,
+    /// First virtual page of the window.
+    base: u64,
+    /// The kernel dispatched last, until it retires (kernels of a space run one at a time).
+    running: Option<Arc<Running>>,
+}
+
+impl State {
+    /// Waits for the running kernel and records what it found.
+    fn retire(&mut self) {
+        let Some(r) = self.running.take() else { return };
+        let waited = r.ticket.wait();
+        let table = self
+            .table
+            .as_ref()
+            .expect("a kernel ran, so a table exists");
+        let outcome = waited.map(|()| table.faults()).map_err(|e| e.to_string());
+        table.reset_faults();
+        let _ = r.outcome.set(outcome);
+    }
+
+    /// Clears the entries of `[start, end)`.
+    fn clear(&self, start: u64, end: u64) {
+        let Some(t) = &self.table else { return };
+        let (s, e) = (start / PAGE, end.div_ceil(PAGE));
+        let lo = s.max(self.base);
+        let hi = e.min(self.base + t.len() as u64);
+        if lo < hi {
+            t.clear((lo - self.base) as usize..(hi - self.base) as usize);
+        }
+    }
+
+    /// Points the entry of virtual page `vpn` at `pfn`, if the window covers it.
+    fn set(&self, vpn: u64, pfn: Pfn) {
+        if let Some(t) = &self.table {
+            if vpn >= self.base && vpn < self.base + t.len() as u64 {
+                let _ = t.set((vpn - self.base) as usize, Some(pfn));
+            }
+        }
+    }
+}
+
+/// One address space's table.
+pub(crate) struct SpaceTable {
+    state: Mutex<State>,
+}
+
+impl SpaceTable {
+    /// The device page the table maps `addr` to.
+    pub(crate) fn entry(&self, addr: u64) -> Option<Pfn> {
+        let st = self.state.lock();
+        let t = st.table.as_ref()?;
+        let vpn = addr / PAGE;
+        if vpn < st.base || vpn >= st.base + t.len() as u64 {
+            return None;
+        }
+        t.get((vpn - st.base) as usize)
+    }
+
+    /// Records migrated pages: `pages` are (address, device page), all still locked by the
+    /// migration; nothing is written if the space saw an invalidation since `seq`.
+    pub(crate) fn migrated(&self, space: &AddressSpace, seq: u64, pages: &[(u64, Pfn)]) {
+        let st = self.state.lock();
+        if space.invalidate_seq() != seq {
+            return;
+        }
+        for &(addr, pfn) in pages {
+            st.set(addr / PAGE, pfn);
+        }
+    }
+}
+
+/// Clears tables on invalidation.
+pub(crate) struct TableNotifier(pub(crate) Weak<Inner>);
+
+impl Notifier for TableNotifier {
+    fn invalidate(&self, space: SpaceId, range: &NotifyRange) {
+        let Some(d) = self.0.upgrade() else { return };
+        let Some(t) = d.tables.lock().get(&space).cloned() else {
+            return;
+        };
+        let mut st = t.state.lock();
+        // The kernel that may read the range finishes first.
+        st.retire();
+        st.clear(range.start, range.end);
+        if range.event == NotifyEvent::Release {
+            drop(st);
+            d.tables.lock().remove(&space);
+        }
+    }
+}
+
+/// A kernel launched over managed memory; its pages stay pinned on the device until it is
+/// waited on (dropping it waits too).
+#[must_use = "a kernel's results are only known once waited on"]
+pub struct Launch {
+    running: Arc<Running>,
+    table: Arc<SpaceTable>,
+    base: u64,
+    pins: Vec<DevicePin>,
+}
+
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launch")
+            .field("ticket", &self.running.ticket)
+            .finish()
+    }
+}
+
+impl Launch {
+    /// True once the kernel has finished; does not block.
+    pub fn is_done(&self) -> bool {
+        self.running.outcome.get().is_some() || self.running.ticket.is_done().unwrap_or(true)
+    }
+
+    /// Blocks until the kernel has finished, then releases its pins. Fails with
+    /// [`Error::KernelFault`] if the kernel touched a managed page that was not on the
+    /// device.
+    pub fn wait(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        {
+            let mut st = self.table.state.lock();
+            if st
+                .running
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(r, &self.running))
+            {
+                st.retire();
+            }
+        }
+        self.pins.clear();
+        match self.running.outcome.get() {
+            Some(Ok((0, _))) => Ok(()),
+            Some(Ok((n, first))) => Err(Error::KernelFault {
+                addr: (self.base + u64::from(first.unwrap_or(0))) * PAGE,
+                accesses: *n,
+            }),
+            Some(Err(e)) => Err(Error::FaultFailed {
+                addr: self.base * PAGE,
+                reason: format!("kernel did not complete: {e}"),
+            }),
+            None => unreachable!("a retired kernel has an outcome"),
+        }
+    }
+}
+
+impl Drop for Launch {
+    fn drop(&mut self) {
+        if !self.pins.is_empty() {
+            let _ = self.finish();
+        }
+    }
+}
+
+impl Inner {
+    /// The table of `space`, made on first use.
+    fn table_of(self: &Arc<Self>, space: &AddressSpace) -> Arc<SpaceTable> {
+        let mut tables = self.tables.lock();
+        if let Some(t) = tables.get(&space.id()) {
+            return t.clone();
+        }
+        let t = Arc::new(SpaceTable {
+            state: Mutex::new(State {
+                table: None,
+                base: 0,
+                running: None,
+            }),
+        });
+        tables.insert(space.id(), t.clone());
+        drop(tables);
+        space.register_notifier(Arc::new(TableNotifier(Arc::downgrade(self))));
+        t
+    }
+
+    /// Pins `npages` pages from `addr` on the device, migrating those that are not there.
+    pub(crate) fn pin_on_device(
+        self: &Arc<Self>,
+        space: &AddressSpace,
+        addr: u64,
+        npages: usize,
+    ) -> Result<DevicePin> {
+        if npages > self.budget_pages {
+            return Err(Error::OverBudget {
+                pages: npages,
+                budget: self.budget_pages,
+            });
+        }
+        let pm = &self.pagemap;
+        let mut pinned: Vec<Option<Pfn>> = vec![None; npages];
+        let mut pin = DevicePin {
+            driver: self.clone(),
+            addr,
+            pfns: Vec::with_capacity(npages),
+        };
+        for _attempt in 0..4 {
+            for (k, slot) in pinned.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
+                let at = addr + k as u64 * PAGE;
+                // Only a settled entry: a page under migration may be on its way out.
+                let pfn = match space.pte(at) {
+                    Pte::Present { pfn, .. } | Pte::DevicePrivate { pfn, .. } => pfn,
+                    _ => continue,
+                };
+                let Some(page) = pm.page(pfn).filter(|p| {
+                    p.owner() == self.owner && p.kind() != MemoryKind::System && p.try_get()
+                }) else {
+                    continue;
+                };
+                page.add_pin();
+                if space.pte(at).pfn() == Some(pfn) && page.mapcount() > 0 {
+                    pin.pfns.push(pfn);
+                    *slot = Some(pfn);
+                } else {
+                    page.remove_pin();
+                    pm.put_page(page);
+                }
+            }
+            if pinned.iter().all(Option::is_some) {
+                pin.pfns = pinned.into_iter().map(|p| p.expect("all pinned")).collect();
+                return Ok(pin);
+            }
+            self.migrate_range_to_device(space, addr, npages)?;
+        }
+        let missing = pinned
+            .iter()
+            .position(Option::is_none)
+            .expect("some page is missing");
+        Err(Error::Busy(
+            space
+                .pte(addr + missing as u64 * PAGE)
+                .pfn()
+                .unwrap_or_default(),
+        ))
+    }
+
+    /// Pins `ranges` (address, pages) of `space` on the device, writes their table entries
+    /// and dispatches `kernel` over `groups`; buffer `i` of the kernel is `ranges[i]`.
+    pub(crate) fn launch(
+        self: &Arc<Self>,
+        space: &AddressSpace,
+        kernel: &Kernel,
+        ranges: &[(u64, usize)],
+        args: &[u32],
+        groups: [u32; 3],
+    ) -> Result<Launch> {
+        if ranges.is_empty() {
+            return Err(Error::InvalidArgument("a launch binds at least one range"));
+        }
+        let total: usize = ranges.iter().map(|r| r.1).sum();
+        if total > self.budget_pages {
+            return Err(Error::OverBudget {
+                pages: total,
+                budget: self.budget_pages,
+            });
+        }
+        for &(addr, n) in ranges {
+            if n == 0 {
+                return Err(Error::EmptyRange);
+            }
+            space.check_range(addr, n as u64 * PAGE)?;
+        }
+        let pins = ranges
+            .iter()
+            .map(|&(addr, n)| self.pin_on_device(space, addr, n))
+            .collect::<Result<Vec<_>>>()?;
+        let table = self.table_of(space);
+        let mut st = table.state.lock();
+        st.retire();
+        // The window covers every bound range (and what it covered before).
+        let lo = ranges.iter().map(|r| r.0 / PAGE).min().expect("non-empty");
+        let hi = ranges
+            .iter()
+            .map(|r| r.0 / PAGE + r.1 as u64)
+            .max()
+            .expect("non-empty");
+        let covered = st
+            .table
+            .as_ref()
+            .is_some_and(|t| lo >= st.base && hi <= st.base + t.len() as u64);
+        if !covered {
+            let (lo, hi) = match &st.table {
+                Some(t) => (lo.min(st.base), hi.max(st.base + t.len() as u64)),
+                None => (lo, hi),
+            };
+            let len = (hi - lo) as usize;
+            if len > u32::MAX as usize / 2 {
+                return Err(Error::InvalidArgument(
+                    "bound ranges span more than 2^31 pages",
+                ));
+            }
+            // Room to grow upwards, where new buffers are mapped.
+            let fresh = self.device.page_table(len + len / 2)?;
+            if let Some(old) = &st.table {
+                for i in 0..old.len() {
+                    if let Some(p) = old.get(i) {
+                        let _ = fresh.set((st.base - lo) as usize + i, Some(p));
+                    }
+                }
+            }
+            st.table = Some(fresh);
+            st.base = lo;
+        }
+        for pin in &pins {
+            for (k, &pfn) in pin.pfns.iter().enumerate() {
+                st.set(pin.addr / PAGE + k as u64, pfn);
+            }
+        }
+        let firsts: Vec<u32> = ranges
+            .iter()
+            .map(|r| (r.0 / PAGE - st.base) as u32)
+            .collect();
+        let t = st.table.as_ref().expect("made above");
+        t.reset_faults();
+        let ticket = self.device.dispatch(kernel, t, &firsts, args, groups)?;
+        let running = Arc::new(Running {
+            ticket,
+            outcome: OnceLock::new(),
+        });
+        st.running = Some(running.clone());
+        let base = st.base;
+        drop(st);
+        Ok(Launch {
+            running,
+            table,
+            base,
+            pins,
+        })
+    }
+}
