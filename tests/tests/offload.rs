@@ -348,3 +348,83 @@ fn a_kernel_past_its_buffer_faults_and_bad_launches_are_refused() {
     assert!(host.kernel_support().is_err());
     assert!(host.compile_kernel(ADD, "add").is_err());
 }
+
+#[test]
+fn kernels_racing_faults_and_evictions_lose_no_update() {
+    let Some(ctx) = context(DeviceKind::Vulkan, 32 * 4096, "kernels_racing") else {
+        return;
+    };
+    let kernel = ctx.compile_kernel(ADD, "add").unwrap();
+    let pages = 16;
+    let a = ctx.alloc(pages * 4096).unwrap();
+    a.write(0, &word_bytes(pages * 1024, |i| i as u32)).unwrap();
+    let other = ctx.alloc(32 * 4096).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let launches = std::thread::scope(|s| {
+        let churn = s.spawn(|| {
+            let mut rng = 0x2545_f491_u64;
+            let mut w = [0u8; 4];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                match rng % 3 {
+                    // A CPU read faults a page back (or finds it pinned by a kernel).
+                    0 => match a.read((rng as usize >> 8) % (pages * 4096) & !3, &mut w) {
+                        Ok(()) | Err(Error::Busy(_)) => {}
+                        Err(e) => panic!("read: {e}"),
+                    },
+                    // Other work evicts whatever is not pinned.
+                    1 => {
+                        other
+                            .prefetch(0..other.len(), Location::Device)
+                            .unwrap()
+                            .wait()
+                            .unwrap();
+                    }
+                    _ => {
+                        ctx.driver().evict_all().unwrap();
+                    }
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+        let mut n = 0u32;
+        let mut failure = None;
+        let mut busy = 0;
+        while std::time::Instant::now() < deadline {
+            match ctx
+                .launch(
+                    &kernel,
+                    &[(&a, 0..a.len())],
+                    &[1, pages as u32],
+                    [256, 1, 1],
+                )
+                .and_then(|l| l.wait())
+            {
+                Ok(()) => n += 1,
+                // Pages the other thread keeps moving may not settle: nothing ran.
+                Err(Error::Busy(_)) => busy += 1,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        churn.join().unwrap();
+        if let Some(e) = failure {
+            panic!("launch {n} failed: {e}");
+        }
+        eprintln!("{n} launches, {busy} refused as busy");
+        n
+    });
+    assert!(launches > 0);
+    let mut got = vec![0u8; pages * 4096];
+    a.read(0, &mut got).unwrap();
+    assert_eq!(
+        got,
+        word_bytes(pages * 1024, |i| i as u32 + launches),
+        "every launch's update landed exactly once"
+    );
+}

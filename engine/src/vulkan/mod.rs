@@ -602,7 +602,8 @@ impl Backend for VulkanBackend {
                 });
             }
         }
-        let q = 1;
+        // The compute queue where there is one besides the transfer queue.
+        let q = usize::from(self.ctx.compute.is_some());
         let cb = match self.queue(q).command_buffer(&self.ctx.device) {
             Ok(cb) => cb,
             Err(e) => {

@@ -58,6 +58,10 @@ impl Drop for DevicePin {
     }
 }
 
+/// Rounds of pinning what is on the device and migrating the rest before a pin gives up
+/// with [`Error::Busy`] (other threads keep moving the pages).
+const PIN_ATTEMPTS: usize = 8;
+
 /// A dispatched kernel, as the table tracks it until it retires.
 struct Running {
     ticket: Ticket,
@@ -265,7 +269,10 @@ impl Inner {
             addr,
             pfns: Vec::with_capacity(npages),
         };
-        for _attempt in 0..4 {
+        for attempt in 0..PIN_ATTEMPTS {
+            if attempt > 0 {
+                std::thread::yield_now();
+            }
             for (k, slot) in pinned.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
                 let at = addr + k as u64 * PAGE;
                 // Only a settled entry: a page under migration may be on its way out.
