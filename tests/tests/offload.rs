@@ -370,7 +370,7 @@ fn kernels_racing_faults_and_evictions_lose_no_update() {
                 rng ^= rng << 17;
                 match rng % 3 {
                     // A CPU read faults a page back (or finds it pinned by a kernel).
-                    0 => match a.read((rng as usize >> 8) % (pages * 4096) & !3, &mut w) {
+                    0 => match a.read(((rng as usize >> 8) % (pages * 4096)) & !3, &mut w) {
                         Ok(()) | Err(Error::Busy(_)) => {}
                         Err(e) => panic!("read: {e}"),
                     },
