@@ -21,6 +21,11 @@ impl PagemapOps for FreeOnly {
     fn page_free(&self, page: &Page) {
         self.0.free_page(page.pfn()).expect("free device page");
     }
+    fn pages_free(&self, pages: &[&Page]) {
+        // One call for the batch, as GpuDriver does.
+        let pfns: Vec<_> = pages.iter().map(|p| p.pfn()).collect();
+        self.0.free_pages(&pfns).expect("free device page");
+    }
     fn migrate_to_ram(&self, f: FaultContext<'_>) -> hetmem::Result<()> {
         Err(hetmem::Error::FaultFailed {
             addr: f.addr,

@@ -12,6 +12,11 @@ impl PagemapOps for FreeOnly {
     fn page_free(&self, page: &Page) {
         self.0.free_page(page.pfn()).unwrap();
     }
+    fn pages_free(&self, pages: &[&Page]) {
+        // One call for the batch, as GpuDriver does.
+        let pfns: Vec<_> = pages.iter().map(|p| p.pfn()).collect();
+        self.0.free_pages(&pfns).unwrap();
+    }
     fn migrate_to_ram(&self, _: FaultContext<'_>) -> hetmem::Result<()> {
         unreachable!()
     }

@@ -314,13 +314,19 @@ impl PageMap {
         if let Err(e) = self.frames.free_batch(&frames) {
             tracing::error!("freeing {} frames: {e}", frames.len());
         }
-        device.sort_by_key(|p| p.pfn());
-        for run in device.chunk_by(|a, b| {
-            self.range_of(a.pfn()).map(|r| r.range) == self.range_of(b.pfn()).map(|r| r.range)
-        }) {
-            if let Some(ops) = self.ops(run[0].pfn()) {
-                ops.pages_free(run);
+        device.sort_unstable_by_key(|p| p.pfn());
+        // Runs of pages of one registered range, each freed with one call.
+        let mut rest = &device[..];
+        while let Some(first) = rest.first() {
+            let Some(r) = self.range_of(first.pfn()) else {
+                rest = &rest[1..];
+                continue;
+            };
+            let n = rest.partition_point(|p| r.range.contains(p.pfn()));
+            if let Some(ops) = &r.ops {
+                ops.pages_free(&rest[..n]);
             }
+            rest = &rest[n..];
         }
     }
 
