@@ -8,87 +8,13 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, Criterion, Throughput};
-use hetmem_bench::{print_ratios, Baseline, PAGE};
+use hetmem_bench::{print_ratios, Baseline, NaiveWgpu, PAGE};
 use hetmem_engine::{Device, DeviceConfig, Pfn};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 const BLOCKS: usize = 4096;
 const GROUP: &str = "blocks_16MiB";
-
-/// A wgpu device and a device buffer, used the way a runtime without hetmem would.
-struct NaiveWgpu {
-    device: wgpu::Device,
-    queue: wgpu::Queue,
-    buffer: wgpu::Buffer,
-}
-
-impl NaiveWgpu {
-    fn new() -> Option<NaiveWgpu> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
-        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-            power_preference: wgpu::PowerPreference::HighPerformance,
-            ..Default::default()
-        }))
-        .ok()?;
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: None,
-            required_features: wgpu::Features::empty(),
-            required_limits: adapter.limits(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .ok()?;
-        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: (BLOCKS * PAGE) as u64,
-            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        Some(NaiveWgpu {
-            device,
-            queue,
-            buffer,
-        })
-    }
-
-    /// One `write_buffer` per block, then one submit and wait.
-    fn upload(&self, host: &[u8], order: &[usize]) {
-        for (i, &slot) in order.iter().enumerate() {
-            self.queue.write_buffer(
-                &self.buffer,
-                (slot * PAGE) as u64,
-                &host[i * PAGE..(i + 1) * PAGE],
-            );
-        }
-        self.queue.submit([]);
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .unwrap();
-    }
-
-    /// Per block: copy to a mappable buffer, submit, `map_async`, wait, read.
-    fn download(&self, host: &mut [u8], order: &[usize]) {
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: PAGE as u64,
-            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
-            mapped_at_creation: false,
-        });
-        for (i, &slot) in order.iter().enumerate() {
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            enc.copy_buffer_to_buffer(&self.buffer, (slot * PAGE) as u64, &staging, 0, PAGE as u64);
-            self.queue.submit([enc.finish()]);
-            staging.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
-            self.device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .unwrap();
-            host[i * PAGE..(i + 1) * PAGE].copy_from_slice(&staging.get_mapped_range(..).unwrap());
-            staging.unmap();
-        }
-    }
-}
 
 fn bench_peers(c: &mut Criterion) {
     let mut g = c.benchmark_group(GROUP);
@@ -129,11 +55,13 @@ fn bench_peers(c: &mut Criterion) {
             }
         })
     });
-    if let Some(naive) = NaiveWgpu::new() {
+    if let Some(naive) = NaiveWgpu::new(BLOCKS * PAGE) {
         let mut host = vec![3u8; BLOCKS * PAGE];
-        g.bench_function("wgpu_naive_up", |b| b.iter(|| naive.upload(&host, &order)));
+        g.bench_function("wgpu_naive_up", |b| {
+            b.iter(|| naive.upload(&host, &order, PAGE))
+        });
         g.bench_function("wgpu_naive_down", |b| {
-            b.iter(|| naive.download(&mut host, &order))
+            b.iter(|| naive.download(&mut host, &order, PAGE))
         });
     } else {
         eprintln!("no wgpu adapter: the naive wgpu baseline is left out");

@@ -12,22 +12,29 @@ pub const PAGE: usize = 4096;
 pub struct Baseline {
     src: Vec<u8>,
     dst: Vec<u8>,
-    /// `(source page, destination page)` for the scattered case.
+    block: usize,
+    /// `(source block, destination block)` for the scattered case.
     pub pairs: Vec<(usize, usize)>,
 }
 
 impl Baseline {
     /// Buffers of `bytes` each, filled, and a random page pairing.
     pub fn new(bytes: usize) -> Baseline {
+        Baseline::with_block(bytes, PAGE)
+    }
+
+    /// Buffers of `bytes` each, filled, and a random pairing of their `block`-byte blocks.
+    pub fn with_block(bytes: usize, block: usize) -> Baseline {
         let src: Vec<u8> = (0..bytes).map(|i| (i * 31 % 251) as u8).collect();
         let dst = vec![1u8; bytes];
-        let pages = bytes / PAGE;
-        let mut dsts: Vec<usize> = (0..pages).collect();
+        let blocks = bytes / block;
+        let mut dsts: Vec<usize> = (0..blocks).collect();
         dsts.shuffle(&mut rand::rngs::StdRng::seed_from_u64(11));
         Baseline {
             src,
             dst,
-            pairs: (0..pages).zip(dsts).collect(),
+            block,
+            pairs: (0..blocks).zip(dsts).collect(),
         }
     }
 
@@ -37,10 +44,11 @@ impl Baseline {
         std::hint::black_box(&self.dst);
     }
 
-    /// One memcpy per page, in the scattered pairing.
+    /// One memcpy per block, in the scattered pairing.
     pub fn scattered(&mut self) {
+        let b = self.block;
         for &(s, d) in &self.pairs {
-            self.dst[d * PAGE..(d + 1) * PAGE].copy_from_slice(&self.src[s * PAGE..(s + 1) * PAGE]);
+            self.dst[d * b..(d + 1) * b].copy_from_slice(&self.src[s * b..(s + 1) * b]);
         }
         std::hint::black_box(&self.dst);
     }
@@ -83,5 +91,88 @@ pub fn print_ratios(title: &str, bytes: u64, rows: &[(&str, &str, &str, &str)]) 
             continue;
         };
         println!("{name:<44} {:>10.2} {:>12.2}", bytes as f64 / t, b / t);
+    }
+}
+
+/// A wgpu device and a device buffer, used the way a runtime without hetmem would.
+pub struct NaiveWgpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    buffer: wgpu::Buffer,
+}
+
+impl NaiveWgpu {
+    /// A device buffer of `bytes` on the first high-performance adapter, if any.
+    pub fn new(bytes: usize) -> Option<NaiveWgpu> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        }))
+        .ok()?;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: None,
+            required_features: wgpu::Features::empty(),
+            required_limits: adapter.limits(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .ok()?;
+        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes as u64,
+            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        Some(NaiveWgpu {
+            device,
+            queue,
+            buffer,
+        })
+    }
+
+    /// One `write_buffer` per block of `block` bytes (host block `i` to device slot
+    /// `order[i]`), then one submit and wait.
+    pub fn upload(&self, host: &[u8], order: &[usize], block: usize) {
+        for (i, &slot) in order.iter().enumerate() {
+            self.queue.write_buffer(
+                &self.buffer,
+                (slot * block) as u64,
+                &host[i * block..(i + 1) * block],
+            );
+        }
+        self.queue.submit([]);
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .unwrap();
+    }
+
+    /// Per block: copy to a mappable buffer, submit, `map_async`, wait, read.
+    pub fn download(&self, host: &mut [u8], order: &[usize], block: usize) {
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: block as u64,
+            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+            mapped_at_creation: false,
+        });
+        for (i, &slot) in order.iter().enumerate() {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(
+                &self.buffer,
+                (slot * block) as u64,
+                &staging,
+                0,
+                block as u64,
+            );
+            self.queue.submit([enc.finish()]);
+            staging.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .unwrap();
+            host[i * block..(i + 1) * block]
+                .copy_from_slice(&staging.get_mapped_range(..).unwrap());
+            staging.unmap();
+        }
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! - `cargo xtask demo`: set up what is missing, then run the demo.
 //! - `cargo xtask test`: set up what is missing, then run every test of the workspace.
-//! - `cargo xtask bench-report`: tables of the last `cargo bench` results, with ratios.
+//! - `cargo xtask bench-report`: tables and plots of the last `cargo bench` results, with
+//!   ratios.
 
 mod demo;
+mod plots;
 mod report;
 mod setup;
 
@@ -46,7 +48,10 @@ fn main() -> Result<()> {
             setup::ensure_vulkan_driver();
             demo::run(args)
         }
-        Task::BenchReport { machine, copy_to } => report::run(machine, copy_to),
+        Task::BenchReport { machine, copy_to } => {
+            setup::ensure_plot_font();
+            report::run(machine, copy_to)
+        }
         Task::Test { args } => {
             setup::ensure_vulkan_driver();
             let status = std::process::Command::new(env!("CARGO"))

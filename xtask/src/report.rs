@@ -1,6 +1,8 @@
 //! `cargo xtask bench-report`: reads criterion's saved results and writes
-//! `target/hetmem-report/report.md`: for every benchmark group, each case's time, throughput
-//! and ratio to the memcpy baseline measured in the same group (the same run).
+//! `target/hetmem-report/report.md`: the targets of the project, the size sweep as tables
+//! (GB/s and ratio to the memcpy of the same bytes, same run) and, for every other group,
+//! each case's time, throughput and ratio; and PNG plots under `plots/` (throughput against
+//! size per method, bookkeeping ns per page against batch size).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -78,6 +80,16 @@ pub fn run(machine: Option<String>, copy_to: Option<PathBuf>) -> Result<()> {
             }
         }
     }
+    let out = target_dir().join("hetmem-report");
+    let plots_dir = out.join("plots");
+    std::fs::create_dir_all(&plots_dir)?;
+    let plots = match crate::plots::init_font() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("plots left out: {e}");
+            false
+        }
+    };
     let mut md = String::new();
     writeln!(md, "# hetmem benchmark report\n")?;
     writeln!(
@@ -88,9 +100,15 @@ pub fn run(machine: Option<String>, copy_to: Option<PathBuf>) -> Result<()> {
         machine.as_deref().unwrap_or("not given"),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     )?;
-    for (group, cases) in &groups {
+    targets(&mut md, &groups)?;
+    sweep(&mut md, &groups, plots.then_some(plots_dir.as_path()))?;
+    if plots {
+        bookkeeping_plot(&mut md, &groups, &plots_dir)?;
+    }
+    writeln!(md, "## Every other group\n")?;
+    for (group, cases) in groups.iter().filter(|(g, _)| !g.starts_with("sweep_")) {
         let names: Vec<String> = cases.keys().cloned().collect();
-        writeln!(md, "## {group}\n")?;
+        writeln!(md, "### {group}\n")?;
         writeln!(md, "| case | mean | throughput | x memcpy |")?;
         writeln!(md, "|---|---:|---:|---:|")?;
         for (name, c) in cases {
@@ -111,14 +129,257 @@ pub fn run(machine: Option<String>, copy_to: Option<PathBuf>) -> Result<()> {
         }
         writeln!(md)?;
     }
-    let out = target_dir().join("hetmem-report");
-    std::fs::create_dir_all(&out)?;
     let path = out.join("report.md");
     std::fs::write(&path, &md)?;
     println!("wrote {} ({} groups)", path.display(), groups.len());
     if let Some(to) = copy_to {
-        std::fs::write(&to, &md)?;
-        println!("copied to {}", to.display());
+        // Plots go to `<stem>-plots/` beside the copy, and its links follow them.
+        let stem = to
+            .file_stem()
+            .map_or("report".into(), |s| s.to_string_lossy().into_owned());
+        let to_plots = to.with_file_name(format!("{stem}-plots"));
+        std::fs::create_dir_all(&to_plots)?;
+        for f in std::fs::read_dir(&plots_dir)? {
+            let f = f?;
+            std::fs::copy(f.path(), to_plots.join(f.file_name()))?;
+        }
+        std::fs::write(&to, md.replace("](plots/", &format!("]({stem}-plots/")))?;
+        println!("copied to {} and {}", to.display(), to_plots.display());
     }
     Ok(())
+}
+
+type Groups = BTreeMap<String, BTreeMap<String, Case>>;
+
+/// The sweep's methods, in table order, with their labels.
+const METHODS: &[(&str, &str)] = &[
+    ("memcpy", "memcpy"),
+    ("hetmem_batch", "hetmem batch"),
+    ("hetmem_migrate", "hetmem migrate"),
+    ("hetmem_prefetch", "hetmem prefetch"),
+    ("per_block_loop", "per-block loop"),
+    ("wgpu_naive", "naive wgpu"),
+];
+const DIRECTIONS: &[(&str, &str)] = &[
+    ("up", "host -> device"),
+    ("down", "device -> host"),
+    ("round", "round trip"),
+];
+const LAYOUTS: &[(&str, &str)] = &[
+    ("contig", "one contiguous run"),
+    ("blk4k", "scattered 4 KiB blocks"),
+    ("blk16k", "scattered 16 KiB blocks"),
+    ("blk64k", "scattered 64 KiB blocks"),
+];
+
+/// Bytes of a size name such as `64KiB` or `256MiB`.
+fn size_bytes(name: &str) -> Option<u64> {
+    let (num, unit) = name.split_at(name.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    match unit {
+        "KiB" => Some(n << 10),
+        "MiB" => Some(n << 20),
+        "GiB" => Some(n << 30),
+        _ => None,
+    }
+}
+
+/// The sweep's groups of one direction and layout: (bytes, size name, cases), by size.
+fn sweep_rows<'a>(
+    groups: &'a Groups,
+    dir: &str,
+    layout: &str,
+) -> Vec<(u64, &'a str, &'a BTreeMap<String, Case>)> {
+    let prefix = format!("sweep_{dir}_{layout}_");
+    let mut rows: Vec<_> = groups
+        .iter()
+        .filter_map(|(g, c)| {
+            let size = g.strip_prefix(&prefix)?;
+            Some((size_bytes(size)?, size, c))
+        })
+        .collect();
+    rows.sort_by_key(|r| r.0);
+    rows
+}
+
+fn gbps(c: &Case) -> Option<f64> {
+    match c.throughput {
+        Some((b, true)) => Some(b / c.mean_ns),
+        _ => None,
+    }
+}
+
+/// The sweep as one table per direction and layout, with a plot each.
+fn sweep(md: &mut String, groups: &Groups, plots: Option<&Path>) -> Result<()> {
+    if !groups.keys().any(|g| g.starts_with("sweep_")) {
+        return Ok(());
+    }
+    writeln!(md, "## Size sweep (`cargo bench --bench sweep`)\n")?;
+    writeln!(
+        md,
+        "GB/s, and in brackets the ratio to the memcpy of the same bytes in the same group. \
+         hetmem migrate / prefetch move the pages of a virtual range, so they appear in the \
+         contiguous tables only; '-' is a case not run (the per-block paths stop at \
+         `HETMEM_SWEEP_SLOW_MAX`, 16 MiB by default, besides the 256 MiB round trip in 4 KiB \
+         blocks that the targets use).\n"
+    )?;
+    for &(dir, dir_label) in DIRECTIONS {
+        for &(layout, layout_label) in LAYOUTS {
+            let rows = sweep_rows(groups, dir, layout);
+            if rows.is_empty() {
+                continue;
+            }
+            writeln!(md, "### {dir_label}, {layout_label}\n")?;
+            let used: Vec<&(&str, &str)> = METHODS
+                .iter()
+                .filter(|(m, _)| rows.iter().any(|r| r.2.contains_key(*m)))
+                .collect();
+            write!(md, "| size |")?;
+            for (_, label) in &used {
+                write!(md, " {label} |")?;
+            }
+            writeln!(md)?;
+            write!(md, "|---|")?;
+            for _ in &used {
+                write!(md, "---:|")?;
+            }
+            writeln!(md)?;
+            for (_, size, cases) in &rows {
+                write!(md, "| {size} |")?;
+                let base = cases.get("memcpy");
+                for (m, _) in &used {
+                    match cases.get(*m) {
+                        Some(c) => {
+                            let g = gbps(c).unwrap_or(0.0);
+                            match base.filter(|_| *m != "memcpy") {
+                                Some(b) => write!(md, " {g:.2} ({:.2}x) |", b.mean_ns / c.mean_ns)?,
+                                None => write!(md, " {g:.2} |")?,
+                            }
+                        }
+                        None => write!(md, " - |")?,
+                    }
+                }
+                writeln!(md)?;
+            }
+            writeln!(md)?;
+            if let Some(dir_path) = plots {
+                let file = format!("sweep_{dir}_{layout}.png");
+                let series: Vec<crate::plots::Series> = used
+                    .iter()
+                    .map(|(m, label)| crate::plots::Series {
+                        name: label.to_string(),
+                        points: rows
+                            .iter()
+                            .filter_map(|(bytes, _, c)| {
+                                Some(((*bytes as f64) / 1024.0, gbps(c.get(*m)?)?))
+                            })
+                            .collect(),
+                    })
+                    .collect();
+                crate::plots::log_log(
+                    &dir_path.join(&file),
+                    &format!("{dir_label}, {layout_label}"),
+                    "size (KiB)",
+                    "GB/s",
+                    &series,
+                )?;
+                writeln!(md, "![{dir_label}, {layout_label}](plots/{file})\n")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bookkeeping ns per page against batch size.
+fn bookkeeping_plot(md: &mut String, groups: &Groups, dir: &Path) -> Result<()> {
+    let Some(cases) = groups.get("bookkeeping") else {
+        return Ok(());
+    };
+    let mut points: Vec<(f64, f64)> = cases
+        .iter()
+        .filter_map(|(n, c)| {
+            let pages: f64 = n.parse().ok()?;
+            let (elems, false) = c.throughput? else {
+                return None;
+            };
+            Some((pages, c.mean_ns / elems))
+        })
+        .collect();
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    crate::plots::log_log(
+        &dir.join("bookkeeping.png"),
+        "migration bookkeeping (setup + pages + finalize, copy excluded)",
+        "pages per migration",
+        "ns per page",
+        &[crate::plots::Series {
+            name: "ns/page".into(),
+            points,
+        }],
+    )?;
+    writeln!(md, "![bookkeeping](plots/bookkeeping.png)\n")?;
+    Ok(())
+}
+
+/// The project's targets, each with the figures it rests on.
+fn targets(md: &mut String, groups: &Groups) -> Result<()> {
+    let mean = |g: &str, c: &str| groups.get(g).and_then(|x| x.get(c)).map(|c| c.mean_ns);
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let rt = "sweep_round_contig_256MiB";
+    if let (Some(h), Some(m)) = (mean(rt, "hetmem_migrate"), mean(rt, "memcpy")) {
+        let r = m / h;
+        rows.push((
+            "256 MiB round trip (migrate) vs two memcpys".into(),
+            format!("{r:.2}x"),
+            verdict(r >= 0.7, ">= 0.7x"),
+        ));
+    }
+    let rt4 = "sweep_round_blk4k_256MiB";
+    if let Some(h) = mean(rt, "hetmem_migrate") {
+        for (m, label, want) in [
+            ("wgpu_naive", "naive wgpu", 3.0),
+            ("per_block_loop", "per-block loop", 2.0),
+        ] {
+            if let Some(x) = mean(rt4, m) {
+                let r = x / h;
+                rows.push((
+                    format!("256 MiB round trip (migrate) vs {label} in 4 KiB blocks"),
+                    format!("{r:.2}x"),
+                    verdict(r >= want, &format!(">= {want}x")),
+                ));
+            }
+        }
+    }
+    if let Some(cases) = groups.get("bookkeeping") {
+        let worst = cases
+            .iter()
+            .filter(|(n, _)| n.parse::<u64>().is_ok_and(|n| n >= 512))
+            .filter_map(|(_, c)| Some(c.mean_ns / c.throughput?.0))
+            .fold(f64::NAN, f64::max);
+        if worst.is_finite() {
+            rows.push((
+                "bookkeeping, worst batch of >= 512 pages".into(),
+                format!("{worst:.0} ns/page"),
+                verdict(worst <= 100.0, "<= 100 ns"),
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "## Targets\n")?;
+    writeln!(md, "| target | this run | verdict |")?;
+    writeln!(md, "|---|---:|---|")?;
+    for (t, v, ok) in rows {
+        writeln!(md, "| {t} | {v} | {ok} |")?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+fn verdict(ok: bool, want: &str) -> String {
+    if ok {
+        format!("met ({want})")
+    } else {
+        format!("NOT met ({want})")
+    }
 }

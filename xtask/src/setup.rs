@@ -1,4 +1,5 @@
-//! Set-up on a fresh machine: the Vulkan loader and Mesa's CPU driver (lavapipe).
+//! Set-up on a fresh machine: the Vulkan loader and Mesa's CPU driver (lavapipe), and a
+//! font for the bench report's plots.
 
 use std::path::Path;
 use std::process::Command;
@@ -10,12 +11,7 @@ pub fn ensure_vulkan_driver() {
     if has_vulkan() {
         return;
     }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    if !root || !Path::new("/usr/bin/apt-get").exists() {
+    if !can_apt() {
         eprintln!(
             "xtask: no Vulkan driver found; install libvulkan1 and mesa-vulkan-drivers \
              for the Vulkan path (continuing: hetmem falls back to its host device)"
@@ -23,18 +19,44 @@ pub fn ensure_vulkan_driver() {
         return;
     }
     eprintln!("xtask: installing the Vulkan loader and lavapipe (apt-get)...");
-    let ok = Command::new("apt-get")
+    if !apt_install(&["libvulkan1", "mesa-vulkan-drivers"]) {
+        eprintln!("xtask: apt-get failed; continuing without Vulkan");
+    }
+}
+
+/// Installs the DejaVu fonts the report's plots are labelled with, when missing and we may.
+pub fn ensure_plot_font() {
+    if Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists() || !can_apt() {
+        return;
+    }
+    eprintln!("xtask: installing fonts-dejavu-core for the plots (apt-get)...");
+    if !apt_install(&["fonts-dejavu-core"]) {
+        eprintln!("xtask: apt-get failed; the report will have no plots");
+    }
+}
+
+/// Root on a machine with apt-get.
+fn can_apt() -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    root && Path::new("/usr/bin/apt-get").exists()
+}
+
+/// `apt-get update`, then `apt-get install -y` of `packages`; true on success.
+fn apt_install(packages: &[&str]) -> bool {
+    Command::new("apt-get")
         .arg("update")
         .status()
         .is_ok_and(|s| s.success())
         && Command::new("apt-get")
-            .args(["install", "-y", "libvulkan1", "mesa-vulkan-drivers"])
+            .args(["install", "-y"])
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
-            .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("xtask: apt-get failed; continuing without Vulkan");
-    }
+            .is_ok_and(|s| s.success())
 }
 
 fn has_vulkan() -> bool {
