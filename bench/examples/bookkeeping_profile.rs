@@ -23,7 +23,10 @@ impl PagemapOps for FreeOnly {
 }
 
 fn main() {
-    let n = 65_536;
+    // Pages per migration and rounds: `bookkeeping_profile [pages] [rounds]`.
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(65_536);
+    let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
     let dev = Device::open(
         DeviceConfig::default()
             .kind(DeviceKind::Host)
@@ -44,7 +47,8 @@ fn main() {
     for k in 0..n as u64 {
         space.write(a + k * PAGE, &[1]).unwrap();
     }
-    for round in 0..10 {
+    let mut sum = std::time::Duration::ZERO;
+    for round in 0..rounds {
         let mut total = std::time::Duration::ZERO;
         for (flags, to_dev) in [
             (MIGRATE_VMA_SELECT_SYSTEM, true),
@@ -76,7 +80,7 @@ fn main() {
             let t3 = Instant::now();
             migrate_vma_finalize(&mut m);
             let t4 = Instant::now();
-            if round == 9 {
+            if round == rounds - 1 {
                 println!(
                     "{}: setup {:.0} pages {:.0} finalize {:.0} ns/page",
                     if to_dev { "to device" } else { "to host  " },
@@ -87,11 +91,13 @@ fn main() {
             }
             total += (t1 - t0) + (t4 - t2);
         }
-        if round == 9 {
-            println!(
-                "total {:.0} ns/page per direction",
-                total.as_nanos() as f64 / (2 * n) as f64
-            );
+        if round >= rounds / 2 {
+            sum += total;
         }
     }
+    println!(
+        "mean of the last {} rounds: {:.0} ns/page per direction",
+        rounds - rounds / 2,
+        sum.as_nanos() as f64 / (2 * n * (rounds - rounds / 2)) as f64
+    );
 }

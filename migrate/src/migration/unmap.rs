@@ -104,7 +104,9 @@ pub(crate) fn unmap_page(
     if page.kind() == MemoryKind::System && !page.test_and_clear(flags::LRU) {
         return Unmapped::Busy;
     }
-    page.clear(flags::SWAPCACHE);
+    if page.test(flags::SWAPCACHE) {
+        page.clear(flags::SWAPCACHE);
+    }
     if own.is_none() || page.sole_mapping() != own {
         for_each_mapping(pm, page, None, |space, addr| {
             let Some(leaf) = space.leaf(addr, false) else {

@@ -249,10 +249,10 @@ fn collect_one(
     if !anonymous || !selected(m, page.kind(), page.owner()) || page.mapcount() == 0 {
         return 0;
     }
-    page.get();
+    // The mapping's reference keeps the page alive while the leaf lock is held, and passes
+    // to the migration with the entry: no reference is taken or dropped here.
     let is_fault_page = m.fault_page == Some(pfn);
     if !is_fault_page && !page.trylock() {
-        pm.put_page(page);
         return 0;
     }
     // A pinned anon-exclusive page cannot become shared by a migration entry: leave it.
@@ -260,13 +260,10 @@ fn collect_one(
         if !is_fault_page {
             page.unlock();
         }
-        pm.put_page(page);
         return 0;
     }
     g.set(li, migration_entry(pte, page));
-    // The mapping's reference goes with its entry; the migration holds its own.
-    pm.put_page(page);
-    let _ = addr;
+    let _ = (addr, pm);
     migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | if writable { MIGRATE_PFN_WRITE } else { 0 }
 }
 

@@ -1,10 +1,10 @@
 //! `Page`: the metadata of one frame (a host frame or a device page), as the kernel's
 //! `struct page` keeps it: reference, map and pin counts, flags, memory kind, owner.
 
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use hetmem_engine::Pfn;
-use parking_lot::Mutex;
 
 use super::space::SpaceId;
 
@@ -59,7 +59,64 @@ pub struct Page {
     mapcount: AtomicI32,
     flags: AtomicU32,
     driver_data: AtomicU64,
-    rmap: Mutex<Rmap>,
+    rmap: RmapCell,
+}
+
+/// The reverse map behind a spin lock: its critical sections are a few loads and stores, and
+/// releasing it is one plain store (a mutex's release is another locked instruction, which
+/// on a migration's path costs as much as the work it protects).
+#[derive(Debug, Default)]
+struct RmapCell {
+    locked: AtomicBool,
+    rmap: UnsafeCell<Rmap>,
+}
+
+// SAFETY: the rmap is only reached through `RmapCell::lock`, which gives one thread at a
+// time exclusive access.
+unsafe impl Sync for RmapCell {}
+
+impl RmapCell {
+    fn lock(&self) -> RmapGuard<'_> {
+        let mut spins = 0u32;
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        RmapGuard { cell: self }
+    }
+}
+
+struct RmapGuard<'a> {
+    cell: &'a RmapCell,
+}
+
+impl std::ops::Deref for RmapGuard<'_> {
+    type Target = Rmap;
+    fn deref(&self) -> &Rmap {
+        // SAFETY: the guard holds the lock, so no other thread touches the rmap.
+        unsafe { &*self.cell.rmap.get() }
+    }
+}
+
+impl std::ops::DerefMut for RmapGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Rmap {
+        // SAFETY: as for `deref`; the guard is the only way in while it lives.
+        unsafe { &mut *self.cell.rmap.get() }
+    }
+}
+
+impl Drop for RmapGuard<'_> {
+    fn drop(&mut self) {
+        self.cell.locked.store(false, Ordering::Release);
+    }
 }
 
 /// Where a page is mapped: the first mapping inline (the common case allocates nothing),
@@ -111,7 +168,7 @@ impl Page {
             mapcount: AtomicI32::new(0),
             flags: AtomicU32::new(0),
             driver_data: AtomicU64::new(0),
-            rmap: Mutex::new(Rmap::default()),
+            rmap: RmapCell::default(),
         }
     }
 
@@ -204,8 +261,10 @@ impl Page {
             .store(if locked { flags::LOCKED } else { 0 }, Ordering::Release);
         self.driver_data.store(0, Ordering::Release);
         self.pincount.store(0, Ordering::Release);
+        let mut r = self.rmap.lock();
+        r.clear();
         self.mapcount.store(0, Ordering::Release);
-        self.rmap.lock().clear();
+        drop(r);
         self.refcount.store(1, Ordering::Release);
     }
 
@@ -220,14 +279,19 @@ impl Page {
 
     /// Records a mapping of the page.
     pub(crate) fn add_rmap(&self, m: Mapping) {
-        self.rmap.lock().push(m);
-        self.mapcount.fetch_add(1, Ordering::AcqRel);
+        let mut r = self.rmap.lock();
+        r.push(m);
+        // Every change of the map count happens under the rmap lock: no locked add needed.
+        self.mapcount
+            .store(self.mapcount.load(Ordering::Relaxed) + 1, Ordering::Release);
     }
     /// Forgets a mapping of the page; false if it was not recorded.
     pub(crate) fn remove_rmap(&self, m: Mapping) -> bool {
-        let removed = self.rmap.lock().remove(m);
+        let mut r = self.rmap.lock();
+        let removed = r.remove(m);
         if removed {
-            self.mapcount.fetch_sub(1, Ordering::AcqRel);
+            self.mapcount
+                .store(self.mapcount.load(Ordering::Relaxed) - 1, Ordering::Release);
         }
         removed
     }
@@ -240,7 +304,8 @@ impl Page {
         let mut r = self.rmap.lock();
         if r.rest.is_empty() && r.first == Some(m) {
             r.first = None;
-            self.mapcount.fetch_sub(1, Ordering::AcqRel);
+            self.mapcount
+                .store(self.mapcount.load(Ordering::Relaxed) - 1, Ordering::Release);
             true
         } else {
             false

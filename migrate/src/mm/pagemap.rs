@@ -56,16 +56,27 @@ pub(crate) struct Range {
 }
 
 impl Range {
+    #[inline]
     fn page(&self, pfn: Pfn) -> Option<&Page> {
         let i = self.range.index_of(pfn)? as usize;
-        let block = self.blocks[i / BLOCK].get_or_init(|| {
-            let first = self.range.start.add((i / BLOCK * BLOCK) as u64);
-            let n = BLOCK.min(self.range.count as usize - i / BLOCK * BLOCK);
+        let block = match self.blocks[i / BLOCK].get() {
+            Some(b) => b,
+            None => self.make_block(i / BLOCK),
+        };
+        Some(&block[i % BLOCK])
+    }
+
+    /// Creates the page structs of block `b` on first use.
+    #[cold]
+    #[inline(never)]
+    fn make_block(&self, b: usize) -> &[Page] {
+        self.blocks[b].get_or_init(|| {
+            let first = self.range.start.add((b * BLOCK) as u64);
+            let n = BLOCK.min(self.range.count as usize - b * BLOCK);
             (0..n)
                 .map(|k| Page::new(first.add(k as u64), self.kind, self.owner))
                 .collect()
-        });
-        Some(&block[i % BLOCK])
+        })
     }
 }
 
@@ -208,6 +219,7 @@ impl PageMap {
         })
     }
 
+    #[inline]
     fn range_of(&self, pfn: Pfn) -> Option<&Range> {
         let n = self.count.load(Ordering::Acquire);
         self.ranges[..n]
@@ -217,6 +229,7 @@ impl PageMap {
     }
 
     /// The page of any registered frame.
+    #[inline]
     pub fn page(&self, pfn: Pfn) -> Option<&Page> {
         self.range_of(pfn)?.page(pfn)
     }
