@@ -437,22 +437,29 @@ pub(crate) fn finalize(
     own: Option<(&AddressSpace, u64)>,
 ) {
     let mut put: Vec<&Page> = Vec::with_capacity(2 * src.len());
+    let mut released: Vec<&Page> = Vec::with_capacity(src.len());
     let mut slow: Vec<usize> = Vec::new();
+    // Entries whose new page's reference went to its mapping (finished under the leaf).
+    let mut handed = [false; PTRS_PER_LEAF];
     let mut i = 0;
     while i < src.len() {
         let end = match own {
             Some((_, start)) => src
                 .len()
                 .min(i + PTRS_PER_LEAF - leaf_index(start + i as u64 * PAGE)),
-            None => src.len(),
+            None => src.len().min(i + PTRS_PER_LEAF),
         };
+        let handed = &mut handed[..end - i];
+        handed.fill(false);
         if let Some((space, start)) = own {
             if let Some(leaf) = space.leaf(start + i as u64 * PAGE, false) {
                 let g = leaf.lock();
                 for k in i..end {
                     let addr = start + k as u64 * PAGE;
-                    if !finish_in_leaf(pm, &g, space, addr, src[k], dst[k]) {
-                        slow.push(k);
+                    match finish_in_leaf(pm, &g, space, addr, src[k], dst[k]) {
+                        Finished::Slow => slow.push(k),
+                        Finished::Done => {}
+                        Finished::Handed => handed[k - i] = true,
                     }
                 }
             } else {
@@ -468,20 +475,37 @@ pub(crate) fn finalize(
         slow.clear();
         for k in i..end {
             if let Some(old) = migrate_pfn_to_page(pm, src[k]) {
-                if fault_page != Some(old.pfn()) {
+                if fault_page == Some(old.pfn()) {
+                    put.push(old);
+                } else if old.release_if_last() {
+                    released.push(old);
+                } else {
                     old.unlock();
+                    put.push(old);
                 }
-                put.push(old);
             }
             if let Some(new) = migrate_pfn_to_page(pm, dst[k]) {
                 // A hole's new page was mapped by `pages` if it migrated; else it is unused.
                 new.unlock();
-                put.push(new);
+                if !handed[k - i] {
+                    put.push(new);
+                }
             }
         }
         i = end;
     }
+    pm.free_released(&released);
     pm.put_pages(&put);
+}
+
+/// How [`finish_in_leaf`] left an entry.
+enum Finished {
+    /// Not finished: it needs the reverse-map walk.
+    Slow,
+    /// Finished; the migration still holds its reference on the new page (if any).
+    Done,
+    /// Finished by mapping the new page, which took the migration's reference with it.
+    Handed,
 }
 
 /// Whether entry (`s`, `d`) at `addr` migrated.
@@ -489,8 +513,8 @@ fn migrated(s: u64, d: u64) -> bool {
     s & MIGRATE_PFN_MIGRATE != 0 && d & MIGRATE_PFN_VALID != 0
 }
 
-/// Finishes one entry under its (locked) leaf if its page is mapped only at `addr`; false if
-/// it needs the reverse-map walk instead. Holes need nothing here.
+/// Finishes one entry under its (locked) leaf if its page is mapped only at `addr`; `Slow`
+/// if it needs the reverse-map walk instead. Holes need nothing here.
 fn finish_in_leaf(
     pm: &PageMap,
     g: &LeafGuard<'_>,
@@ -498,9 +522,9 @@ fn finish_in_leaf(
     addr: u64,
     s: u64,
     d: u64,
-) -> bool {
+) -> Finished {
     let Some(old) = migrate_pfn_to_page(pm, s) else {
-        return true;
+        return Finished::Done;
     };
     let li = leaf_index(addr);
     let me = Mapping {
@@ -514,21 +538,23 @@ fn finish_in_leaf(
         dirty,
     } = g.get(li)
     else {
-        return false;
+        return Finished::Slow;
     };
     if pfn != old.pfn() {
-        return false;
+        return Finished::Slow;
     }
     if migrated(s, d) {
         let new = migrate_pfn_to_page(pm, d).expect("valid destination");
         if !old.take_sole_rmap(me) {
-            return false;
+            return Finished::Slow;
         }
         mark_new(new, kind, dirty);
-        space.install(g, li, addr, entry_for(new, kind, young, dirty), new, true);
+        // The migration's reference on the new page becomes the mapping's.
+        space.install(g, li, addr, entry_for(new, kind, young, dirty), new, false);
+        return Finished::Handed;
     } else {
         if old.sole_mapping() != Some(me) {
-            return false;
+            return Finished::Slow;
         }
         let pte = entry_for(old, kind, young, dirty);
         old.get();
@@ -537,7 +563,7 @@ fn finish_in_leaf(
             old.set(flags::LRU);
         }
     }
-    true
+    Finished::Done
 }
 
 /// Finishes one entry through the reverse map (pages mapped in several places).

@@ -255,6 +255,24 @@ impl Page {
         assert!(old > 0, "reference dropped on free page {}", self.pfn);
         old == 1
     }
+    /// If the caller holds the page's lock and its only reference, drops both at once (one
+    /// locked instruction instead of an unlock and a put) and returns true: the page is then
+    /// free with clear flags, for [`crate::mm::PageMap`] to give back. Otherwise changes
+    /// nothing and returns false.
+    pub(crate) fn release_if_last(&self) -> bool {
+        if self
+            .refcount
+            .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        // Nobody else holds a reference, so nobody waits for the lock or changes the flags.
+        debug_assert_eq!(self.mapcount(), 0, "releasing mapped page {}", self.pfn);
+        self.flags.store(0, Ordering::Release);
+        true
+    }
+
     /// Makes a free page live with one reference and clean flags.
     pub(crate) fn init_allocated(&self, locked: bool) {
         self.flags

@@ -310,14 +310,24 @@ impl PageMap {
     /// Drops one reference on each page; the pages whose last reference goes are freed in
     /// batches (host frames in one call, device pages per pagemap).
     pub fn put_pages(&self, pages: &[&Page]) {
-        let mut frames = Vec::new();
-        let mut device: Vec<&Page> = Vec::new();
+        let mut released: Vec<&Page> = Vec::new();
         for &p in pages {
             if p.test(flags::ZERO) || !p.put_ref() {
                 continue;
             }
             debug_assert_eq!(p.mapcount(), 0, "freeing mapped page {}", p.pfn());
             p.clear(!0);
+            released.push(p);
+        }
+        self.free_released(&released);
+    }
+
+    /// Frees pages whose last reference is gone and whose flags are clear, in batches (host
+    /// frames in one call, device pages per pagemap).
+    pub(crate) fn free_released(&self, released: &[&Page]) {
+        let mut frames = Vec::new();
+        let mut device: Vec<&Page> = Vec::new();
+        for &p in released {
             if p.is_device() {
                 device.push(p);
             } else {
