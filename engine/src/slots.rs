@@ -21,6 +21,19 @@ impl AtomicBitmap {
     pub(crate) fn get(&self, i: usize) -> bool {
         self.words[i / 64].load(Ordering::Acquire) & (1 << (i % 64)) != 0
     }
+    /// Sets bit `i` to `v` through exclusive access (no locked instruction), returning its
+    /// old value.
+    pub(crate) fn set_mut(&mut self, i: usize, v: bool) -> bool {
+        let mask = 1u64 << (i % 64);
+        let w = self.words[i / 64].get_mut();
+        let old = *w & mask != 0;
+        if v {
+            *w |= mask;
+        } else {
+            *w &= !mask;
+        }
+        old
+    }
     /// Sets bit `i` to `v`, returning its old value.
     pub(crate) fn set(&self, i: usize, v: bool) -> bool {
         let mask = 1u64 << (i % 64);
@@ -104,7 +117,7 @@ impl Slots {
         self.watermark += fresh;
         out.sort_unstable();
         for &i in &out {
-            self.used.set(i as usize, true);
+            self.used.set_mut(i as usize, true);
         }
         Ok(out)
     }
@@ -112,22 +125,19 @@ impl Slots {
     /// Returns every slot of `idx`, or none: `Err(k)` names the first entry that was not
     /// handed out or appears twice.
     pub(crate) fn put_all(&mut self, idx: &[usize]) -> Result<(), usize> {
-        if let Some(k) = idx.iter().position(|&i| !self.is_used(i)) {
-            return Err(k);
-        }
-        // Clear the used bits; meeting a clear bit means the batch names a slot twice, and
-        // the bits cleared so far are set again.
+        // Clear the used bits; meeting a clear bit means the slot was not handed out or the
+        // batch names it twice, and the bits cleared so far are set again.
         for (k, &i) in idx.iter().enumerate() {
-            if !self.used.set(i, false) {
+            if i >= self.limit || !self.used.set_mut(i, false) {
                 for &j in &idx[..k] {
-                    self.used.set(j, true);
+                    self.used.set_mut(j, true);
                 }
                 return Err(k);
             }
         }
         self.free.reserve(idx.len());
         for &i in idx {
-            self.dirty.set(i, true);
+            self.dirty.set_mut(i, true);
             self.free.push(i as u32);
         }
         Ok(())

@@ -39,6 +39,7 @@ pub const fn migrate_pfn_to_pfn(w: u64) -> Option<Pfn> {
 }
 
 /// The page a word names, if `VALID` is set and the frame is registered.
+#[inline]
 pub fn migrate_pfn_to_page(pm: &PageMap, w: u64) -> Option<&Page> {
     pm.page(migrate_pfn_to_pfn(w)?)
 }

@@ -235,6 +235,7 @@ impl PageMap {
     }
 
     /// The page, or `UnknownPfn`.
+    #[inline]
     pub fn page_or_err(&self, pfn: Pfn) -> Result<&Page, MmError> {
         self.page(pfn).ok_or(MmError::UnknownPfn(pfn))
     }
