@@ -1,5 +1,6 @@
 //! Runs 256 MiB host -> device -> host round trips through `GpuDriver`, for profiling, and
-//! prints each round's time.
+//! prints each round's time and copy regions. With `churn` as argument, the host frame pool
+//! is first allocated and freed in batches of growing sizes, as the size sweep leaves it.
 use std::time::Instant;
 
 use hetmem::driver::{DriverConfig, GpuDriver};
@@ -8,12 +9,13 @@ use hetmem_engine::{Device, DeviceConfig};
 
 fn main() {
     let bytes: usize = 256 << 20;
-    let dev = Device::open(
-        DeviceConfig::from_env()
-            .unwrap()
-            .budget(bytes as u64 + (64 << 20)),
-    )
-    .unwrap();
+    let dev = Device::open(DeviceConfig::from_env().unwrap().budget(bytes as u64)).unwrap();
+    if std::env::args().nth(1).as_deref() == Some("churn") {
+        for size in [16usize, 256, 4096, 65536, 65536] {
+            let f = dev.frames().alloc_batch(size, false).unwrap();
+            dev.frames().free_batch(&f).unwrap();
+        }
+    }
     let pm = PageMap::new(dev.frames().clone()).unwrap();
     let d = GpuDriver::new(
         dev,
@@ -32,11 +34,20 @@ fn main() {
         space.write(a + (k << 20), &chunk).unwrap();
     }
     for round in 0..8 {
+        let r0 = d.device().stats().regions;
         let t = Instant::now();
         d.migrate_to_device(&space, a, n).unwrap();
         let t1 = t.elapsed();
+        let r1 = d.device().stats().regions;
         d.migrate_to_host(&space, a, n).unwrap();
-        println!("round {round}: there {:?}, back {:?}", t1, t.elapsed() - t1);
+        let r2 = d.device().stats().regions;
+        println!(
+            "round {round}: there {:?} ({} regions), back {:?} ({} regions)",
+            t1,
+            r1 - r0,
+            t.elapsed() - t1,
+            r2 - r1
+        );
     }
     let s = d.stats();
     println!(

@@ -136,7 +136,10 @@ impl Slots {
             }
         }
         self.free.reserve(idx.len());
-        for &i in idx {
+        // Highest first: the free list is popped from its end, so slots taken one at a time
+        // (a range populated page by page) come out ascending, in runs the copy engine can
+        // coalesce (pushed ascending, they came out descending: one region per page).
+        for &i in idx.iter().rev() {
             self.dirty.set_mut(i, true);
             self.free.push(i as u32);
         }
@@ -181,6 +184,16 @@ mod tests {
         assert_eq!(s.put_all(&[0]), Err(0));
         assert_eq!(s.put_all(&[2, 2]), Err(1));
         assert!(s.is_used(2), "a refused batch frees nothing");
+    }
+
+    #[test]
+    fn a_freed_batch_is_taken_back_one_by_one_in_ascending_order() {
+        let mut s = Slots::new(16);
+        let all = s.take(16).unwrap();
+        let idx: Vec<usize> = all[4..12].iter().map(|&i| i as usize).collect();
+        s.put_all(&idx).unwrap();
+        let singles: Vec<u32> = (0..8).map(|_| s.take(1).unwrap()[0]).collect();
+        assert_eq!(singles, (4..12).collect::<Vec<u32>>());
     }
 
     #[test]

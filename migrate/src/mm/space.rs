@@ -23,6 +23,9 @@ const LEAF_SPAN: u64 = PAGE * PTRS_PER_LEAF as u64;
 /// Where `mmap` without an address starts looking.
 const MMAP_BASE: u64 = 0x7f00_0000_0000;
 
+/// Pages whose references an unmap drops in one batch.
+const ZAP_BATCH: usize = 4096;
+
 /// Identifies an address space (for reverse mappings and notifier callbacks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpaceId(pub u64);
@@ -526,6 +529,10 @@ impl AddressSpace {
 
     /// Clears every entry of `[start, end)`, releasing what they map.
     fn zap_range(&self, start: u64, end: u64) {
+        // References are dropped in batches: frames go back to the pool together, in an
+        // order that later page-by-page allocations take as ascending runs.
+        let pm = self.pagemap().clone();
+        let mut released: Vec<&Page> = Vec::new();
         let mut addr = start;
         while addr < end {
             if let Some(leaf) = self.leaf(addr, false) {
@@ -541,12 +548,17 @@ impl AddressSpace {
                     });
                     // A migration entry holds no reference: the migration holds its own.
                     if !matches!(pte, Pte::Migration { .. }) {
-                        self.pagemap().put_page(p);
+                        released.push(p);
+                        if released.len() == ZAP_BATCH {
+                            pm.put_pages(&released);
+                            released.clear();
+                        }
                     }
                 }
             }
             addr += PAGE;
         }
+        pm.put_pages(&released);
     }
 
     fn write_protect(&self, start: u64, end: u64) {
@@ -599,11 +611,16 @@ impl Drop for SpaceInner {
                 n.invalidate(self.id, &range);
             }
         }
+        let pm = self.pagemap.clone();
+        let mut released: Vec<&Page> = Vec::with_capacity(PTRS_PER_LEAF);
         for (&key, leaf) in self.tables.get_mut().iter() {
+            // One batch per leaf (see `zap_range`).
+            pm.put_pages(&released);
+            released.clear();
             for i in 0..PTRS_PER_LEAF {
                 let pte = leaf.get(i);
                 let Some(pfn) = pte.pfn() else { continue };
-                let Some(p) = self.pagemap.page(pfn) else {
+                let Some(p) = pm.page(pfn) else {
                     continue;
                 };
                 if p.test(flags::ZERO) {
@@ -614,10 +631,12 @@ impl Drop for SpaceInner {
                     addr: key * LEAF_SPAN + i as u64 * PAGE,
                 });
                 if !matches!(pte, Pte::Migration { .. }) {
-                    self.pagemap.put_page(p);
+                    released.push(p);
                 }
             }
         }
+        pm.put_pages(&released);
+        drop(released);
         self.pagemap.remove_space(self.id);
     }
 }
