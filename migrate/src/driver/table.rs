@@ -286,7 +286,15 @@ impl Inner {
                     continue;
                 };
                 page.add_pin();
-                if space.pte(at).pfn() == Some(pfn) && page.mapcount() > 0 {
+                // Still the settled entry: a migration that passed its reference check before
+                // the pin shows a migration entry (whose pfn is still this page's) until it
+                // maps the new page, so only a settled entry proves the pin holds the page
+                // the address maps.
+                let settled = matches!(
+                    space.pte(at),
+                    Pte::Present { pfn: p, .. } | Pte::DevicePrivate { pfn: p, .. } if p == pfn
+                );
+                if settled {
                     pin.pfns.push(pfn);
                     *slot = Some(pfn);
                 } else {
