@@ -65,35 +65,7 @@ pub(crate) fn assemble(user: &str, chunks: u32, chunk_pages: u32) -> String {
 
 /// Compiles WGSL to SPIR-V words for entry point `entry`.
 pub(crate) fn compile(source: &str, entry: &str) -> Result<Vec<u32>> {
-    let bad = |what: &str, msg: String| EngineError::KernelCompile(format!("{what}: {msg}"));
-    let module =
-        naga::front::wgsl::parse_str(source).map_err(|e| bad("WGSL", e.emit_to_string(source)))?;
-    if !module
-        .entry_points
-        .iter()
-        .any(|e| e.name == entry && e.stage == naga::ShaderStage::Compute)
-    {
-        return Err(bad(
-            "entry point",
-            format!("no compute entry point named `{entry}`"),
-        ));
-    }
-    let info = naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::empty(),
-    )
-    .validate(&module)
-    .map_err(|e| bad("validation", e.emit_to_string(source)))?;
-    let options = naga::back::spv::Options {
-        lang_version: (1, 3),
-        ..Default::default()
-    };
-    let pipeline = naga::back::spv::PipelineOptions {
-        shader_stage: naga::ShaderStage::Compute,
-        entry_point: entry.to_string(),
-    };
-    naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
-        .map_err(|e| bad("SPIR-V", e.to_string()))
+    crate::spirv::wgsl_to_spirv(source, entry).map_err(EngineError::KernelCompile)
 }
 
 /// A compiled kernel, ready to dispatch on the device that compiled it.

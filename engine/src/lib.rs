@@ -39,6 +39,7 @@ mod pagemap;
 mod pfn;
 mod select;
 mod slots;
+mod spirv;
 mod vulkan;
 mod wgpu;
 
