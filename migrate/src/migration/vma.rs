@@ -373,19 +373,12 @@ fn insert_page(space: &AddressSpace, vma: &Vma, addr: u64, page: &Page) -> bool 
         Pte::Present { pfn, .. } if pfn == space.pagemap().zero_pfn() => {}
         _ => return false,
     }
-    let write = vma.prot.write;
-    let pte = match page.kind() {
-        MemoryKind::DevicePrivate => Pte::DevicePrivate {
-            pfn: page.pfn(),
-            write,
-        },
-        _ => Pte::Present {
-            pfn: page.pfn(),
-            write,
-            dirty: false,
-            young: false,
-        },
+    let access = if vma.prot.write {
+        crate::mm::MigrationKind::Write
+    } else {
+        crate::mm::MigrationKind::ReadExclusive
     };
+    let pte = entry_for(page, access, false, false);
     page.set(
         flags::ANON_EXCLUSIVE
             | if page.kind() == MemoryKind::System {
