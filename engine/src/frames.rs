@@ -152,10 +152,11 @@ impl HostFramePool {
         let idx = pfns
             .iter()
             .map(|&p| {
-                self.range
-                    .index_of(p)
-                    .map(|i| i as usize)
-                    .ok_or(EngineError::UnknownPfn(p))
+                // A match, not `ok_or`: the error value would be built and dropped per frame.
+                match self.range.index_of(p) {
+                    Some(i) => Ok(i as usize),
+                    None => Err(EngineError::UnknownPfn(p)),
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         self.slots

@@ -80,10 +80,11 @@ impl DevicePages {
     }
 
     pub(crate) fn slot_of(&self, pfn: Pfn) -> Result<usize> {
-        self.range
-            .index_of(pfn)
-            .map(|i| i as usize)
-            .ok_or(EngineError::UnknownPfn(pfn))
+        // A match, not `ok_or`: the error value would be built and dropped per page.
+        match self.range.index_of(pfn) {
+            Some(i) => Ok(i as usize),
+            None => Err(EngineError::UnknownPfn(pfn)),
+        }
     }
 
     /// Where an allocated page lives.

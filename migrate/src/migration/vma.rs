@@ -295,7 +295,11 @@ fn migrate_vma_unmap(m: &mut MigrateVma<'_>) {
 
 /// Checks the driver's `dst` entries; nothing is changed on error.
 pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()> {
-    let mut named = Vec::with_capacity(dst.len());
+    // Destinations allocated in a batch come ascending: then no pfn repeats and nothing
+    // needs collecting; otherwise they are collected and sorted to find repeats.
+    let mut last: Option<Pfn> = None;
+    let mut ascending = true;
+    let mut named = Vec::new();
     for (i, &w) in dst.iter().enumerate() {
         let Some(pfn) = migrate_pfn_to_pfn(w) else {
             continue;
@@ -313,11 +317,27 @@ pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()>
         if !p.test(flags::LOCKED) {
             return Err(Error::NotLocked(pfn));
         }
-        named.push(pfn);
+        if ascending && last.is_some_and(|l| l >= pfn) {
+            ascending = false;
+            // Everything named so far was ascending: rebuild the list once.
+            named.extend(
+                dst[..i]
+                    .iter()
+                    .zip(src)
+                    .filter(|(_, &s)| s & MIGRATE_PFN_MIGRATE != 0)
+                    .filter_map(|(&d, _)| migrate_pfn_to_pfn(d)),
+            );
+        }
+        if ascending {
+            last = Some(pfn);
+        } else {
+            named.push(pfn);
+        }
     }
-    if !named.is_sorted() {
-        named.sort_unstable();
+    if ascending {
+        return Ok(());
     }
+    named.sort_unstable();
     match named.windows(2).find(|w| w[0] == w[1]) {
         Some(w) => Err(Error::PageInUse(w[0])),
         None => Ok(()),
@@ -420,8 +440,8 @@ pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
 
 /// The finalize stage shared with `migrate_device_finalize`. `own` is the address space and
 /// start address of a `migrate_vma` range (entry `i` maps `start + i` pages there): pages
-/// mapped only there are finished under one leaf lock per leaf, without reverse-map lookups;
-/// references are dropped in one batch at the end.
+/// mapped only there are finished, unlocked and released under one leaf lock per leaf,
+/// without reverse-map lookups; references are dropped in one batch at the end.
 pub(crate) fn finalize(
     pm: &PageMap,
     src: &mut [u64],
@@ -429,11 +449,12 @@ pub(crate) fn finalize(
     fault_page: Option<Pfn>,
     own: Option<(&AddressSpace, u64)>,
 ) {
-    let mut put: Vec<&Page> = Vec::with_capacity(2 * src.len());
-    let mut released: Vec<&Page> = Vec::with_capacity(src.len());
+    let mut done = Done {
+        fault_page,
+        put: Vec::new(),
+        released: Vec::with_capacity(src.len()),
+    };
     let mut slow: Vec<usize> = Vec::new();
-    // Entries whose new page's reference went to its mapping (finished under the leaf).
-    let mut handed = [false; PTRS_PER_LEAF];
     let mut i = 0;
     while i < src.len() {
         let end = match own {
@@ -442,21 +463,20 @@ pub(crate) fn finalize(
                 .min(i + PTRS_PER_LEAF - leaf_index(start + i as u64 * PAGE)),
             None => src.len().min(i + PTRS_PER_LEAF),
         };
-        let handed = &mut handed[..end - i];
-        handed.fill(false);
-        if let Some((space, start)) = own {
-            if let Some(leaf) = space.leaf(start + i as u64 * PAGE, false) {
-                let g = leaf.lock();
-                for k in i..end {
-                    let addr = start + k as u64 * PAGE;
-                    match finish_in_leaf(pm, &g, space, addr, src[k], dst[k]) {
-                        Finished::Slow => slow.push(k),
-                        Finished::Done => {}
-                        Finished::Handed => handed[k - i] = true,
-                    }
+        let leaf = own.and_then(|(space, start)| {
+            Some((space, start, space.leaf(start + i as u64 * PAGE, false)?))
+        });
+        if let Some((space, start, leaf)) = leaf {
+            let g = leaf.lock();
+            for k in i..end {
+                let old = migrate_pfn_to_page(pm, src[k]);
+                let new = migrate_pfn_to_page(pm, dst[k]);
+                let addr = start + k as u64 * PAGE;
+                match finish_in_leaf(&g, space, addr, old, new, migrated(src[k], dst[k])) {
+                    Finished::Slow => slow.push(k),
+                    Finished::Done => done.release(old, new, false),
+                    Finished::Handed => done.release(old, new, true),
                 }
-            } else {
-                slow.extend(i..end);
             }
         } else {
             slow.extend(i..end);
@@ -464,31 +484,48 @@ pub(crate) fn finalize(
         for &k in &slow {
             let here = own.map(|(space, start)| (space, start + k as u64 * PAGE));
             finish_slow(pm, src[k], dst[k], here);
+            let old = migrate_pfn_to_page(pm, src[k]);
+            done.release(old, migrate_pfn_to_page(pm, dst[k]), false);
         }
         slow.clear();
-        for k in i..end {
-            if let Some(old) = migrate_pfn_to_page(pm, src[k]) {
-                if fault_page == Some(old.pfn()) {
-                    put.push(old);
-                } else if old.release_if_last() {
-                    released.push(old);
-                } else {
-                    old.unlock();
-                    put.push(old);
-                }
-            }
-            if let Some(new) = migrate_pfn_to_page(pm, dst[k]) {
-                // A hole's new page was mapped by `pages` if it migrated; else it is unused.
-                new.unlock();
-                if !handed[k - i] {
-                    put.push(new);
-                }
-            }
-        }
         i = end;
     }
-    pm.free_released(&released);
-    pm.put_pages(&put);
+    pm.free_released(&done.released);
+    pm.put_pages(&done.put);
+}
+
+/// What finalize does with the migration's hold on each finished entry's pages.
+struct Done<'p> {
+    fault_page: Option<Pfn>,
+    /// References to drop at the end.
+    put: Vec<&'p Page>,
+    /// Pages whose last reference and lock went together: free, to give back.
+    released: Vec<&'p Page>,
+}
+
+impl<'p> Done<'p> {
+    /// Unlocks and lets go of an entry's old page (the fault page stays locked: its caller
+    /// holds it) and its new one (whose reference `handed` went to its mapping). A new page
+    /// unlocks here only if it was handed: the others were never mapped by this entry.
+    fn release(&mut self, old: Option<&'p Page>, new: Option<&'p Page>, handed: bool) {
+        if let Some(old) = old {
+            if self.fault_page == Some(old.pfn()) {
+                self.put.push(old);
+            } else if old.release_if_last() {
+                self.released.push(old);
+            } else {
+                old.unlock();
+                self.put.push(old);
+            }
+        }
+        if let Some(new) = new {
+            if !handed {
+                // A hole's new page was mapped by `pages` if it migrated; else it is unused.
+                new.unlock();
+                self.put.push(new);
+            }
+        }
+    }
 }
 
 /// How [`finish_in_leaf`] left an entry.
@@ -497,26 +534,27 @@ enum Finished {
     Slow,
     /// Finished; the migration still holds its reference on the new page (if any).
     Done,
-    /// Finished by mapping the new page, which took the migration's reference with it.
+    /// Finished by mapping the new page, which took the migration's reference with it and
+    /// is unlocked.
     Handed,
 }
 
-/// Whether entry (`s`, `d`) at `addr` migrated.
+/// Whether entry (`s`, `d`) migrated.
 fn migrated(s: u64, d: u64) -> bool {
     s & MIGRATE_PFN_MIGRATE != 0 && d & MIGRATE_PFN_VALID != 0
 }
 
-/// Finishes one entry under its (locked) leaf if its page is mapped only at `addr`; `Slow`
-/// if it needs the reverse-map walk instead. Holes need nothing here.
+/// Finishes one entry under its (locked) leaf if its old page is mapped only at `addr`;
+/// `Slow` if it needs the reverse-map walk instead. Holes need nothing here.
 fn finish_in_leaf(
-    pm: &PageMap,
     g: &LeafGuard<'_>,
     space: &AddressSpace,
     addr: u64,
-    s: u64,
-    d: u64,
+    old: Option<&Page>,
+    new: Option<&Page>,
+    migrated: bool,
 ) -> Finished {
-    let Some(old) = migrate_pfn_to_page(pm, s) else {
+    let Some(old) = old else {
         return Finished::Done;
     };
     let li = leaf_index(addr);
@@ -536,25 +574,24 @@ fn finish_in_leaf(
     if pfn != old.pfn() {
         return Finished::Slow;
     }
-    if migrated(s, d) {
-        let new = migrate_pfn_to_page(pm, d).expect("valid destination");
+    if migrated {
+        let new = new.expect("valid destination");
         if !old.take_sole_rmap(me) {
             return Finished::Slow;
         }
-        mark_new(new, kind, dirty);
         // The migration's reference on the new page becomes the mapping's.
         space.install(g, li, addr, entry_for(new, kind, young, dirty), new, false);
+        new.unlock_with(new_flags(new, kind, dirty));
         return Finished::Handed;
-    } else {
-        if old.sole_mapping() != Some(me) {
-            return Finished::Slow;
-        }
-        let pte = entry_for(old, kind, young, dirty);
-        old.get();
-        g.set(li, pte);
-        if old.kind() == MemoryKind::System {
-            old.set(flags::LRU);
-        }
+    }
+    if old.sole_mapping() != Some(me) {
+        return Finished::Slow;
+    }
+    let pte = entry_for(old, kind, young, dirty);
+    old.get();
+    g.set(li, pte);
+    if old.kind() == MemoryKind::System {
+        old.set(flags::LRU);
     }
     Finished::Done
 }
@@ -581,6 +618,11 @@ fn finish_slow(pm: &PageMap, s: u64, d: u64, here: Option<(&AddressSpace, u64)>)
 
 /// The destination inherits dirtiness, exclusivity and (for system memory) the LRU.
 fn mark_new(new: &Page, kind: crate::mm::MigrationKind, dirty: bool) {
+    new.set(new_flags(new, kind, dirty));
+}
+
+/// The flags [`mark_new`] sets.
+fn new_flags(new: &Page, kind: crate::mm::MigrationKind, dirty: bool) -> u32 {
     let mut f = 0;
     if dirty {
         f |= flags::DIRTY;
@@ -591,7 +633,7 @@ fn mark_new(new: &Page, kind: crate::mm::MigrationKind, dirty: bool) {
     if new.kind() == MemoryKind::System {
         f |= flags::LRU;
     }
-    new.set(f);
+    f
 }
 
 /// Points every migration entry of `old` at `new`, with the entry's access, young and dirty

@@ -388,6 +388,32 @@ impl Page {
         }
     }
 
+    /// Sets flag bits and unlocks the page in one step, waking every waiter (as
+    /// [`Page::unlock`]).
+    pub fn unlock_with(&self, f: u32) {
+        let mut was = self.flags.load(Ordering::Relaxed);
+        loop {
+            let now = (was | f) & !(flags::LOCKED | flags::WAITERS);
+            match self
+                .flags
+                .compare_exchange_weak(was, now, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(seen) => was = seen,
+            }
+        }
+        debug_assert!(
+            was & flags::LOCKED != 0,
+            "unlock of unlocked page {}",
+            self.pfn
+        );
+        if was & flags::WAITERS != 0 {
+            let key = self as *const Page as usize;
+            // SAFETY: waking threads parked on this page's key has no other effect.
+            unsafe { parking_lot_core::unpark_all(key, parking_lot_core::DEFAULT_UNPARK_TOKEN) };
+        }
+    }
+
     /// Waits until the page is unlocked (without taking the lock).
     pub fn wait_unlocked(&self) {
         if self.test(flags::LOCKED) {

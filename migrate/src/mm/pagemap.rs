@@ -237,7 +237,11 @@ impl PageMap {
     /// The page, or `UnknownPfn`.
     #[inline]
     pub fn page_or_err(&self, pfn: Pfn) -> Result<&Page, MmError> {
-        self.page(pfn).ok_or(MmError::UnknownPfn(pfn))
+        // A match, not `ok_or`: the error value would be built and dropped per page.
+        match self.page(pfn) {
+            Some(p) => Ok(p),
+            None => Err(MmError::UnknownPfn(pfn)),
+        }
     }
 
     /// CPU access to a frame's bytes, if the CPU may touch it in place.
