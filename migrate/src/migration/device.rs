@@ -73,7 +73,7 @@ pub fn migrate_device_pfns(pm: &PageMap, src: &mut [u64]) -> Result<usize> {
                         | crate::mm::Pte::DevicePrivate { write: true, .. }
                 )
             });
-        match unmap_page(pm, page, 1, None) {
+        match unmap_page(pm, page, 1, None, false) {
             Unmapped::Ready => {
                 *w = migrate_pfn(page.pfn())
                     | MIGRATE_PFN_MIGRATE

@@ -91,21 +91,25 @@ pub(crate) enum Unmapped {
     Busy,
 }
 
-/// Finishes unmapping a locked, referenced page: isolates it from the LRU, drops its
-/// swap-cache copy, replaces its remaining entries in every address space, then checks that
-/// only the migration (`expected` references) holds it. `own` is the mapping the caller
-/// already replaced, if any: a page mapped only there needs no reverse-map walk.
+/// Finishes unmapping a locked, referenced page: isolates it from the LRU (unless the caller
+/// did: `isolated`) and drops its swap-cache copy, replaces its remaining entries in every
+/// address space, then checks that only the migration (`expected` references) holds it.
+/// `own` is the mapping the caller already replaced, if any: a page mapped only there needs
+/// no reverse-map walk.
 pub(crate) fn unmap_page(
     pm: &PageMap,
     page: &Page,
     expected: u32,
     own: Option<Mapping>,
+    isolated: bool,
 ) -> Unmapped {
-    if page.kind() == MemoryKind::System && !page.test_and_clear(flags::LRU) {
-        return Unmapped::Busy;
-    }
-    if page.test(flags::SWAPCACHE) {
-        page.clear(flags::SWAPCACHE);
+    if !isolated {
+        if page.kind() == MemoryKind::System && !page.test_and_clear(flags::LRU) {
+            return Unmapped::Busy;
+        }
+        if page.test(flags::SWAPCACHE) {
+            page.clear(flags::SWAPCACHE);
+        }
     }
     if own.is_none() || page.sole_mapping() != own {
         for_each_mapping(pm, page, None, |space, addr| {

@@ -167,11 +167,11 @@ pub fn migrate_vma_setup(m: &mut MigrateVma<'_>) -> Result<()> {
     m.dst[..m.npages].fill(0);
     m.cpages = 0;
     let _map = m.space.map_read();
-    {
+    let elsewhere = {
         let _v = vma.lock.lock();
-        migrate_vma_collect(m, &vma);
-    }
-    migrate_vma_unmap(m);
+        migrate_vma_collect(m, &vma)
+    };
+    migrate_vma_unmap(m, &elsewhere);
     m.vma = Some(vma);
     Ok(())
 }
@@ -189,12 +189,16 @@ fn selected(m: &MigrateVma<'_>, kind: MemoryKind, owner: u64) -> bool {
     }
 }
 
-/// Walks the range leaf by leaf under the VMA lock: holes are marked, selected pages are
-/// referenced, try-locked and replaced by migration entries, and the mirrors of each leaf's
-/// part are invalidated before its lock drops.
-fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) {
+/// Walks the range leaf by leaf under the VMA lock: holes are marked; selected pages are
+/// try-locked, taken off the LRU and replaced by migration entries; the mirrors of each
+/// leaf's part are invalidated; then, still under the leaf lock, a page mapped only here
+/// is checked for other references (and put back if it has some). Returns the entries whose
+/// pages are mapped elsewhere too, for [`migrate_vma_unmap`].
+fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) -> Vec<usize> {
     let pm = m.space.pagemap().clone();
     let anonymous = !vma.shared;
+    let mut elsewhere = Vec::new();
+    let mut pages: [Option<&Page>; PTRS_PER_LEAF] = [None; PTRS_PER_LEAF];
     let mut i = 0;
     while i < m.npages {
         let leaf_start = m.addr(i);
@@ -204,8 +208,10 @@ fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) {
         loop {
             let addr = m.addr(i);
             let li = leaf_index(addr);
-            m.src[i] = collect_one(m, &pm, anonymous, &g, li, addr);
-            if m.src[i] & MIGRATE_PFN_MIGRATE != 0 {
+            let (w, page) = collect_one(m, &pm, anonymous, &g, li);
+            m.src[i] = w;
+            pages[i - first] = page;
+            if w & MIGRATE_PFN_MIGRATE != 0 {
                 m.cpages += 1;
             }
             i += 1;
@@ -219,60 +225,102 @@ fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) {
             event: NotifyEvent::Migrate,
             owner: m.pgmap_owner,
         });
+        for k in first..i {
+            let Some(page) = pages[k - first].take() else {
+                continue;
+            };
+            let addr = m.addr(k);
+            let own = Mapping {
+                space: m.space.id(),
+                addr,
+            };
+            if page.sole_mapping() != Some(own) {
+                elsewhere.push(k);
+                continue;
+            }
+            let is_fault_page = m.fault_page == Some(page.pfn());
+            if page.refcount() == if is_fault_page { 2 } else { 1 } {
+                continue;
+            }
+            // Held by someone else (a pin, a transient reference): put it back.
+            let li = leaf_index(addr);
+            if let Pte::Migration {
+                kind, young, dirty, ..
+            } = g.get(li)
+            {
+                g.set(li, entry_for(page, kind, young, dirty));
+            }
+            if page.kind() == MemoryKind::System {
+                page.set(flags::LRU);
+            }
+            if !is_fault_page {
+                page.unlock();
+            }
+            m.src[k] = 0;
+            m.cpages -= 1;
+        }
         drop(g);
     }
+    elsewhere
 }
 
-fn collect_one(
+/// Collects one entry: its `src` word, and its page if it was locked, isolated and replaced
+/// by a migration entry.
+fn collect_one<'p>(
     m: &MigrateVma<'_>,
-    pm: &PageMap,
+    pm: &'p PageMap,
     anonymous: bool,
-    g: &crate::mm::pte::LeafGuard<'_>,
+    g: &LeafGuard<'_>,
     li: usize,
-    addr: u64,
-) -> u64 {
+) -> (u64, Option<&'p Page>) {
     let pte = g.get(li);
     let (pfn, writable) = match pte {
-        Pte::None => return if anonymous { MIGRATE_PFN_MIGRATE } else { 0 },
+        Pte::None => return (if anonymous { MIGRATE_PFN_MIGRATE } else { 0 }, None),
         Pte::Present { pfn, write, .. } => (pfn, write),
         Pte::DevicePrivate { pfn, write } => (pfn, write),
-        Pte::Migration { .. } | Pte::Swap { .. } => return 0,
+        Pte::Migration { .. } | Pte::Swap { .. } => return (0, None),
     };
-    let Some(page) = pm.page(pfn) else { return 0 };
+    let Some(page) = pm.page(pfn) else {
+        return (0, None);
+    };
     if page.test(flags::ZERO) {
-        return if anonymous && m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0 {
-            MIGRATE_PFN_MIGRATE
-        } else {
-            0
-        };
+        let hole = anonymous && m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0;
+        return (if hole { MIGRATE_PFN_MIGRATE } else { 0 }, None);
     }
     if !anonymous || !selected(m, page.kind(), page.owner()) || page.mapcount() == 0 {
-        return 0;
+        return (0, None);
     }
     // The mapping's reference keeps the page alive while the leaf lock is held, and passes
-    // to the migration with the entry: no reference is taken or dropped here.
+    // to the migration with the entry: no reference is taken or dropped here. The fault
+    // page is locked by the caller (and, being device-private, on no LRU).
     let is_fault_page = m.fault_page == Some(pfn);
-    if !is_fault_page && !page.trylock() {
-        return 0;
+    if !is_fault_page && !page.trylock_isolate() {
+        return (0, None);
     }
     // A pinned anon-exclusive page cannot become shared by a migration entry: leave it.
     if page.test(flags::ANON_EXCLUSIVE) && page.pincount() > 0 {
         if !is_fault_page {
+            if page.kind() == MemoryKind::System {
+                page.set(flags::LRU);
+            }
             page.unlock();
         }
-        return 0;
+        return (0, None);
+    }
+    if page.test(flags::SWAPCACHE) {
+        page.clear(flags::SWAPCACHE);
     }
     g.set(li, migration_entry(pte, page));
-    let _ = (addr, pm);
-    migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | if writable { MIGRATE_PFN_WRITE } else { 0 }
+    let w = migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | if writable { MIGRATE_PFN_WRITE } else { 0 };
+    (w, Some(page))
 }
 
-/// Makes sure every collected page can move: isolated from the LRU, no swap-cache copy, no
-/// other mapping, no reference but the migration's. Pages that fail are restored and their
-/// entries cleared.
-fn migrate_vma_unmap(m: &mut MigrateVma<'_>) {
+/// Replaces the other mappings of collected pages mapped elsewhere too, then checks that no
+/// reference but the migration's is left. Pages that fail are restored and their entries
+/// cleared.
+fn migrate_vma_unmap(m: &mut MigrateVma<'_>, elsewhere: &[usize]) {
     let pm = m.space.pagemap().clone();
-    for i in 0..m.npages {
+    for &i in elsewhere {
         let Some(page) = migrate_pfn_to_page(&pm, m.src[i]) else {
             continue;
         };
@@ -282,7 +330,8 @@ fn migrate_vma_unmap(m: &mut MigrateVma<'_>) {
             space: m.space.id(),
             addr,
         };
-        match unmap_page(&pm, page, if is_fault_page { 2 } else { 1 }, Some(own)) {
+        let expected = if is_fault_page { 2 } else { 1 };
+        match unmap_page(&pm, page, expected, Some(own), true) {
             Unmapped::Ready => {}
             Unmapped::Busy => {
                 restore_page(&pm, page, !is_fault_page, Some((m.space, addr)));

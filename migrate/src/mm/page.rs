@@ -345,6 +345,32 @@ impl Page {
         self.flags.fetch_or(flags::LOCKED, Ordering::AcqRel) & flags::LOCKED == 0
     }
 
+    /// Tries to lock the page and, for a system page, take it off the LRU, in one step:
+    /// false (nothing changed) if it is locked, or is a system page off the LRU (isolated by
+    /// someone else).
+    pub(crate) fn trylock_isolate(&self) -> bool {
+        let lru = if self.kind == MemoryKind::System {
+            flags::LRU
+        } else {
+            0
+        };
+        let mut was = self.flags.load(Ordering::Relaxed);
+        loop {
+            if was & flags::LOCKED != 0 || was & lru != lru {
+                return false;
+            }
+            match self.flags.compare_exchange_weak(
+                was,
+                (was | flags::LOCKED) & !lru,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => was = seen,
+            }
+        }
+    }
+
     /// Locks the page, sleeping (not spinning) while another holder has it.
     pub fn lock(&self) {
         while !self.trylock() {
