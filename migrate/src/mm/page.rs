@@ -2,7 +2,7 @@
 //! `struct page` keeps it: reference, map and pin counts, flags, memory kind, owner.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use hetmem_engine::Pfn;
 
@@ -48,41 +48,70 @@ pub struct Mapping {
     pub addr: u64,
 }
 
-/// Metadata of one frame.
-#[derive(Debug)]
+/// Metadata of one frame: 64 bytes on a cache line of its own, so that walking a batch of
+/// pages touches one line per page.
+#[repr(C, align(64))]
 pub struct Page {
-    pfn: Pfn,
-    kind: MemoryKind,
+    /// The frame number, with the memory kind in the top two bits.
+    pfn_kind: u64,
     owner: u64,
+    driver_data: AtomicU64,
     refcount: AtomicU32,
     pincount: AtomicU32,
-    mapcount: AtomicI32,
     flags: AtomicU32,
-    driver_data: AtomicU64,
-    rmap: RmapCell,
-}
-
-/// The reverse map behind a spin lock: its critical sections are a few loads and stores, and
-/// releasing it is one plain store (a mutex's release is another locked instruction, which
-/// on a migration's path costs as much as the work it protects).
-#[derive(Debug, Default)]
-struct RmapCell {
-    locked: AtomicBool,
+    /// The map count, and in its top bit the lock of `rmap` (see [`Page::rmap_lock`]).
+    map_count: AtomicU32,
     rmap: UnsafeCell<Rmap>,
 }
 
-// SAFETY: the rmap is only reached through `RmapCell::lock`, which gives one thread at a
-// time exclusive access.
-unsafe impl Sync for RmapCell {}
+// SAFETY: every field but `rmap` is atomic or immutable, and `rmap` is only reached through
+// `Page::rmap_lock`, which gives one thread at a time exclusive access.
+unsafe impl Sync for Page {}
 
-impl RmapCell {
-    fn lock(&self) -> RmapGuard<'_> {
+// The layout promise of the doc comment.
+const _: () = assert!(std::mem::size_of::<Page>() == 64);
+
+impl std::fmt::Debug for Page {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Page")
+            .field("pfn", &self.pfn())
+            .field("kind", &self.kind())
+            .field("owner", &self.owner)
+            .field("refcount", &self.refcount())
+            .field("mapcount", &self.mapcount())
+            .field("pincount", &self.pincount())
+            .field("flags", &format_args!("{:#x}", self.flags()))
+            .finish()
+    }
+}
+
+/// Bit position of the memory kind in `Page::pfn_kind`.
+const KIND_SHIFT: u32 = 62;
+
+/// The lock bit of `Page::map_count` (the other bits are the map count).
+const RMAP_LOCKED: u32 = 1 << 31;
+
+impl Page {
+    /// Locks the reverse map. The lock shares the map count's word: taking it is one
+    /// compare-exchange, and releasing it is one plain store that also publishes the new
+    /// count (critical sections are a few loads and stores; a mutex's release would be
+    /// another locked instruction, which on a migration's path costs as much as the work it
+    /// protects).
+    fn rmap_lock(&self) -> RmapGuard<'_> {
         let mut spins = 0u32;
-        while self
-            .locked
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        loop {
+            let c = self.map_count.load(Ordering::Relaxed);
+            if c & RMAP_LOCKED == 0
+                && self
+                    .map_count
+                    .compare_exchange_weak(c, c | RMAP_LOCKED, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return RmapGuard {
+                    page: self,
+                    count: c,
+                };
+            }
             spins += 1;
             if spins < 64 {
                 std::hint::spin_loop();
@@ -90,99 +119,140 @@ impl RmapCell {
                 std::thread::yield_now();
             }
         }
-        RmapGuard { cell: self }
     }
 }
 
+/// The locked rmap, with the map count to publish on release.
 struct RmapGuard<'a> {
-    cell: &'a RmapCell,
+    page: &'a Page,
+    count: u32,
 }
 
 impl std::ops::Deref for RmapGuard<'_> {
     type Target = Rmap;
     fn deref(&self) -> &Rmap {
         // SAFETY: the guard holds the lock, so no other thread touches the rmap.
-        unsafe { &*self.cell.rmap.get() }
+        unsafe { &*self.page.rmap.get() }
     }
 }
 
 impl std::ops::DerefMut for RmapGuard<'_> {
     fn deref_mut(&mut self) -> &mut Rmap {
         // SAFETY: as for `deref`; the guard is the only way in while it lives.
-        unsafe { &mut *self.cell.rmap.get() }
+        unsafe { &mut *self.page.rmap.get() }
     }
 }
 
 impl Drop for RmapGuard<'_> {
     fn drop(&mut self) {
-        self.cell.locked.store(false, Ordering::Release);
+        self.page.map_count.store(self.count, Ordering::Release);
     }
 }
 
-/// Where a page is mapped: the first mapping inline (the common case allocates nothing),
-/// further ones (after fork) in a vector.
-#[derive(Debug, Default)]
+/// Where a page is mapped: the first mapping inline (the common case allocates nothing;
+/// space id 0, which no address space has, marks it empty), further ones (after fork) in a
+/// vector behind one pointer.
+#[derive(Default)]
 struct Rmap {
-    first: Option<Mapping>,
-    rest: Vec<Mapping>,
+    first: (u64, u64),
+    #[allow(
+        clippy::box_collection,
+        reason = "one pointer (a Vec is three words) keeps Page at 64 bytes"
+    )]
+    rest: Option<Box<Vec<Mapping>>>,
 }
 
 impl Rmap {
+    fn first(&self) -> Option<Mapping> {
+        (self.first.0 != 0).then_some(Mapping {
+            space: SpaceId(self.first.0),
+            addr: self.first.1,
+        })
+    }
+    fn set_first(&mut self, m: Option<Mapping>) {
+        self.first = m.map_or((0, 0), |m| (m.space.0, m.addr));
+    }
+    fn rest(&self) -> &[Mapping] {
+        self.rest.as_deref().map_or(&[], |v| v.as_slice())
+    }
     fn push(&mut self, m: Mapping) {
-        if self.first.is_none() {
-            self.first = Some(m);
+        debug_assert_ne!(m.space.0, 0, "space id 0 marks an empty rmap slot");
+        if self.first.0 == 0 {
+            self.set_first(Some(m));
         } else {
-            self.rest.push(m);
+            self.rest.get_or_insert_default().push(m);
         }
     }
     fn remove(&mut self, m: Mapping) -> bool {
-        if self.first == Some(m) {
-            self.first = self.rest.pop();
+        if self.first() == Some(m) {
+            let next = self.rest.as_mut().and_then(|v| v.pop());
+            self.set_first(next);
             return true;
         }
-        match self.rest.iter().position(|&x| x == m) {
+        let Some(rest) = self.rest.as_mut() else {
+            return false;
+        };
+        match rest.iter().position(|&x| x == m) {
             Some(i) => {
-                self.rest.swap_remove(i);
+                rest.swap_remove(i);
                 true
             }
             None => false,
         }
     }
     fn to_vec(&self) -> Vec<Mapping> {
-        self.first.iter().chain(&self.rest).copied().collect()
+        self.first().iter().chain(self.rest()).copied().collect()
+    }
+    fn sole(&self) -> Option<Mapping> {
+        if self.rest().is_empty() {
+            self.first()
+        } else {
+            None
+        }
     }
     fn clear(&mut self) {
-        self.first = None;
-        self.rest.clear();
+        self.first = (0, 0);
+        self.rest = None;
     }
 }
 
 impl Page {
     pub(crate) fn new(pfn: Pfn, kind: MemoryKind, owner: u64) -> Page {
+        assert!(pfn.0 >> KIND_SHIFT == 0, "pfn {pfn} too large for a page");
+        let k = match kind {
+            MemoryKind::System => 0,
+            MemoryKind::DevicePrivate => 1,
+            MemoryKind::DeviceCoherent => 2,
+        };
         Page {
-            pfn,
-            kind,
+            pfn_kind: pfn.0 | k << KIND_SHIFT,
             owner,
+            driver_data: AtomicU64::new(0),
             refcount: AtomicU32::new(0),
             pincount: AtomicU32::new(0),
-            mapcount: AtomicI32::new(0),
             flags: AtomicU32::new(0),
-            driver_data: AtomicU64::new(0),
-            rmap: RmapCell::default(),
+            map_count: AtomicU32::new(0),
+            rmap: UnsafeCell::new(Rmap::default()),
         }
     }
 
     /// The frame number.
+    #[inline]
     pub fn pfn(&self) -> Pfn {
-        self.pfn
+        Pfn(self.pfn_kind & ((1 << KIND_SHIFT) - 1))
     }
     /// The memory kind.
+    #[inline]
     pub fn kind(&self) -> MemoryKind {
-        self.kind
+        match self.pfn_kind >> KIND_SHIFT {
+            0 => MemoryKind::System,
+            1 => MemoryKind::DevicePrivate,
+            _ => MemoryKind::DeviceCoherent,
+        }
     }
     /// True for device-private and device-coherent pages.
     pub fn is_device(&self) -> bool {
-        self.kind != MemoryKind::System
+        self.pfn_kind >> KIND_SHIFT != 0
     }
     /// The owner of the device pagemap this page belongs to (0 for system pages).
     pub fn owner(&self) -> u64 {
@@ -198,7 +268,7 @@ impl Page {
     }
     /// Page-table entries that map the page.
     pub fn mapcount(&self) -> i32 {
-        self.mapcount.load(Ordering::Acquire)
+        (self.map_count.load(Ordering::Acquire) & !RMAP_LOCKED) as i32
     }
     /// The flag word (see [`flags`]).
     pub fn flags(&self) -> u32 {
@@ -252,7 +322,7 @@ impl Page {
     /// Drops a reference; returns true if it was the last one (the caller frees the page).
     pub(crate) fn put_ref(&self) -> bool {
         let old = self.refcount.fetch_sub(1, Ordering::AcqRel);
-        assert!(old > 0, "reference dropped on free page {}", self.pfn);
+        assert!(old > 0, "reference dropped on free page {}", self.pfn());
         old == 1
     }
     /// If the caller holds the page's lock and its only reference, drops both at once (one
@@ -268,7 +338,7 @@ impl Page {
             return false;
         }
         // Nobody else holds a reference, so nobody waits for the lock or changes the flags.
-        debug_assert_eq!(self.mapcount(), 0, "releasing mapped page {}", self.pfn);
+        debug_assert_eq!(self.mapcount(), 0, "releasing mapped page {}", self.pfn());
         self.flags.store(0, Ordering::Release);
         true
     }
@@ -279,9 +349,9 @@ impl Page {
             .store(if locked { flags::LOCKED } else { 0 }, Ordering::Release);
         self.driver_data.store(0, Ordering::Release);
         self.pincount.store(0, Ordering::Release);
-        let mut r = self.rmap.lock();
+        let mut r = self.rmap_lock();
         r.clear();
-        self.mapcount.store(0, Ordering::Release);
+        r.count = 0;
         drop(r);
         self.refcount.store(1, Ordering::Release);
     }
@@ -297,33 +367,29 @@ impl Page {
 
     /// Records a mapping of the page.
     pub(crate) fn add_rmap(&self, m: Mapping) {
-        let mut r = self.rmap.lock();
+        let mut r = self.rmap_lock();
         r.push(m);
-        // Every change of the map count happens under the rmap lock: no locked add needed.
-        self.mapcount
-            .store(self.mapcount.load(Ordering::Relaxed) + 1, Ordering::Release);
+        r.count += 1;
     }
     /// Forgets a mapping of the page; false if it was not recorded.
     pub(crate) fn remove_rmap(&self, m: Mapping) -> bool {
-        let mut r = self.rmap.lock();
+        let mut r = self.rmap_lock();
         let removed = r.remove(m);
         if removed {
-            self.mapcount
-                .store(self.mapcount.load(Ordering::Relaxed) - 1, Ordering::Release);
+            r.count -= 1;
         }
         removed
     }
     /// Every place the page is mapped (or held by a migration entry).
     pub fn mappings(&self) -> Vec<Mapping> {
-        self.rmap.lock().to_vec()
+        self.rmap_lock().to_vec()
     }
     /// Forgets mapping `m` if it is the page's only one; false (and nothing changed) otherwise.
     pub(crate) fn take_sole_rmap(&self, m: Mapping) -> bool {
-        let mut r = self.rmap.lock();
-        if r.rest.is_empty() && r.first == Some(m) {
-            r.first = None;
-            self.mapcount
-                .store(self.mapcount.load(Ordering::Relaxed) - 1, Ordering::Release);
+        let mut r = self.rmap_lock();
+        if r.sole() == Some(m) {
+            r.clear();
+            r.count -= 1;
             true
         } else {
             false
@@ -332,12 +398,7 @@ impl Page {
 
     /// The page's mapping if it has exactly one.
     pub fn sole_mapping(&self) -> Option<Mapping> {
-        let r = self.rmap.lock();
-        if r.rest.is_empty() {
-            r.first
-        } else {
-            None
-        }
+        self.rmap_lock().sole()
     }
 
     /// Tries to lock the page without waiting.
@@ -349,7 +410,7 @@ impl Page {
     /// false (nothing changed) if it is locked, or is a system page off the LRU (isolated by
     /// someone else).
     pub(crate) fn trylock_isolate(&self) -> bool {
-        let lru = if self.kind == MemoryKind::System {
+        let lru = if self.kind() == MemoryKind::System {
             flags::LRU
         } else {
             0
@@ -405,7 +466,7 @@ impl Page {
         debug_assert!(
             was & flags::LOCKED != 0,
             "unlock of unlocked page {}",
-            self.pfn
+            self.pfn()
         );
         if was & flags::WAITERS != 0 {
             let key = self as *const Page as usize;
@@ -431,7 +492,7 @@ impl Page {
         debug_assert!(
             was & flags::LOCKED != 0,
             "unlock of unlocked page {}",
-            self.pfn
+            self.pfn()
         );
         if was & flags::WAITERS != 0 {
             let key = self as *const Page as usize;
@@ -445,5 +506,105 @@ impl Page {
         if self.test(flags::LOCKED) {
             self.park_while_locked();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(space: u64, addr: u64) -> Mapping {
+        Mapping {
+            space: SpaceId(space),
+            addr,
+        }
+    }
+
+    #[test]
+    fn kind_and_pfn_share_a_word_and_the_page_fills_one_line() {
+        for kind in [
+            MemoryKind::System,
+            MemoryKind::DevicePrivate,
+            MemoryKind::DeviceCoherent,
+        ] {
+            let p = Page::new(Pfn(0x3_1234_5678), kind, 7);
+            assert_eq!(
+                (p.pfn(), p.kind(), p.owner()),
+                (Pfn(0x3_1234_5678), kind, 7)
+            );
+            assert_eq!(p.is_device(), kind != MemoryKind::System);
+        }
+        assert_eq!(std::mem::align_of::<Page>(), 64);
+    }
+
+    #[test]
+    fn rmap_keeps_every_mapping_and_the_count_in_step() {
+        let p = Page::new(Pfn(1), MemoryKind::System, 0);
+        p.init_allocated(false);
+        assert_eq!((p.mapcount(), p.sole_mapping()), (0, None));
+        p.add_rmap(at(1, 0x1000));
+        assert_eq!((p.mapcount(), p.sole_mapping()), (1, Some(at(1, 0x1000))));
+        p.add_rmap(at(2, 0x1000));
+        p.add_rmap(at(3, 0x5000));
+        assert_eq!(p.mapcount(), 3);
+        assert_eq!(p.sole_mapping(), None);
+        assert!(!p.take_sole_rmap(at(1, 0x1000)), "not the only mapping");
+        assert!(!p.remove_rmap(at(4, 0x1000)), "never recorded");
+        // Removing the inline one moves a later one inline.
+        assert!(p.remove_rmap(at(1, 0x1000)));
+        let mut left = p.mappings();
+        left.sort_by_key(|m| m.space);
+        assert_eq!(left, vec![at(2, 0x1000), at(3, 0x5000)]);
+        assert!(p.remove_rmap(at(3, 0x5000)));
+        assert_eq!((p.mapcount(), p.sole_mapping()), (1, Some(at(2, 0x1000))));
+        assert!(p.take_sole_rmap(at(2, 0x1000)));
+        assert_eq!((p.mapcount(), p.mappings()), (0, vec![]));
+        // Reallocation starts from an empty map.
+        p.add_rmap(at(5, 0));
+        p.add_rmap(at(6, 0));
+        p.init_allocated(true);
+        assert_eq!((p.mapcount(), p.mappings()), (0, vec![]));
+    }
+
+    #[test]
+    fn unlock_with_sets_flags_and_wakes_a_waiter() {
+        let p = std::sync::Arc::new(Page::new(Pfn(2), MemoryKind::System, 0));
+        p.init_allocated(true);
+        let q = p.clone();
+        let waiter = std::thread::spawn(move || {
+            q.lock();
+            let f = q.flags();
+            q.unlock();
+            f
+        });
+        // Let the waiter park (it announces itself with WAITERS).
+        while !p.test(flags::WAITERS) {
+            std::thread::yield_now();
+        }
+        p.unlock_with(flags::DIRTY | flags::LRU);
+        let seen = waiter.join().unwrap();
+        assert_eq!(
+            seen & (flags::DIRTY | flags::LRU),
+            flags::DIRTY | flags::LRU
+        );
+        assert!(!p.test(flags::LOCKED));
+    }
+
+    #[test]
+    fn trylock_isolate_takes_a_system_page_off_the_lru_or_changes_nothing() {
+        let p = Page::new(Pfn(3), MemoryKind::System, 0);
+        p.init_allocated(false);
+        assert!(!p.trylock_isolate(), "off the LRU: isolated elsewhere");
+        assert_eq!(p.flags(), 0);
+        p.set(flags::LRU);
+        assert!(p.trylock_isolate());
+        assert_eq!(p.flags(), flags::LOCKED);
+        p.set(flags::LRU);
+        assert!(!p.trylock_isolate(), "locked");
+        assert_eq!(p.flags(), flags::LOCKED | flags::LRU);
+        let d = Page::new(Pfn(4), MemoryKind::DevicePrivate, 1);
+        d.init_allocated(false);
+        assert!(d.trylock_isolate(), "device pages are on no LRU");
+        assert_eq!(d.flags(), flags::LOCKED);
     }
 }
