@@ -444,3 +444,119 @@ fn notifiers_see_start_and_end_with_event_and_owner() {
     ];
     assert_eq!(events, want);
 }
+
+/// A fork between setup and finalize (before or after the pages stage): the child shares the
+/// pages under migration (its entries are read-only migration entries too), and finalize
+/// points both address spaces at the destination, shared and not anon-exclusive, or, when
+/// the migration is dropped, back at the source; either way both read the bytes of before,
+/// and a write on one side stays on that side.
+#[test]
+fn fork_during_a_migration_shares_the_migrating_pages() {
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum When {
+        BeforePages,
+        AfterPages,
+        Dropped,
+    }
+    for kind in kinds() {
+        for when in [When::BeforePages, When::AfterPages, When::Dropped] {
+            let Some((pm, dev, space)) = setup(kind, MemoryKind::DevicePrivate, "fork_mid") else {
+                continue;
+            };
+            let a = space.mmap(None, 3 * PAGE, Prot::RW, false).unwrap();
+            let bytes: Vec<u8> = (0..3 * 4096).map(|i| (i / 4096 + 1) as u8).collect();
+            space.write(a, &bytes).unwrap();
+            let mut m = Migration::setup(
+                &space,
+                a,
+                a + 3 * PAGE,
+                MIGRATE_VMA_SELECT_SYSTEM,
+                dev.owner(),
+                None,
+            )
+            .unwrap();
+            assert_eq!(m.cpages(), 3);
+            let check_shared = |child: &AddressSpace| {
+                for k in 0..3 {
+                    let (p, c) = (space.pte(a + k * PAGE), child.pte(a + k * PAGE));
+                    assert_eq!(p, c, "{when:?} page {k}: the child has the parent's entry");
+                    assert!(
+                        matches!(
+                            p,
+                            Pte::Migration {
+                                kind: hetmem::mm::MigrationKind::Read,
+                                ..
+                            }
+                        ),
+                        "{when:?} page {k}: shared, so neither writable nor exclusive: {p:?}"
+                    );
+                }
+            };
+            let mut child = None;
+            if when != When::AfterPages {
+                let c = space.fork().unwrap();
+                check_shared(&c);
+                child = Some(c);
+            }
+            if when == When::Dropped {
+                drop(m);
+                let child = child.as_ref().unwrap();
+                for k in 0..3 {
+                    let (p, c) = (space.pte(a + k * PAGE), child.pte(a + k * PAGE));
+                    assert_eq!(p.pfn(), c.pfn(), "page {k}: both back on the source");
+                    assert!(matches!(p, Pte::Present { write: false, .. }));
+                }
+            } else {
+                let entries: Vec<_> = m.collected().collect();
+                let dst = alloc_locked(dev.device(), &pm, 3);
+                let pairs: Vec<_> = entries
+                    .iter()
+                    .filter_map(|&(i, s)| Some((s?, dst[i])))
+                    .collect();
+                for (i, _) in &entries {
+                    m.dst_mut()[*i] = migrate_pfn(dst[*i]);
+                }
+                dev.device().copy(&pairs).unwrap().wait().unwrap();
+                let m = m.copied().unwrap();
+                if when == When::AfterPages {
+                    let c = space.fork().unwrap();
+                    check_shared(&c);
+                    child = Some(c);
+                }
+                assert_eq!(m.finalize().migrated, 3);
+                let child = child.as_ref().unwrap();
+                for k in 0..3 {
+                    let (p, c) = (space.pte(a + k * PAGE), child.pte(a + k * PAGE));
+                    assert_eq!(p, c, "{when:?} page {k}: both point at the destination");
+                    assert!(matches!(p, Pte::DevicePrivate { write: false, .. }));
+                    let page = pm.page(p.pfn().unwrap()).unwrap();
+                    assert_eq!(page.mapcount(), 2);
+                    assert!(
+                        !page.test(flags::ANON_EXCLUSIVE),
+                        "{when:?} page {k}: a shared destination is not anon-exclusive"
+                    );
+                }
+            }
+            let child = child.unwrap();
+            let mut seen = vec![0u8; bytes.len()];
+            child.read(a, &mut seen).unwrap();
+            assert_eq!(seen, bytes, "{when:?}: the child reads the bytes of before");
+            child.write(a, &[0xee; 4096]).unwrap();
+            space.read(a, &mut seen).unwrap();
+            assert_eq!(
+                seen, bytes,
+                "{when:?}: the child's write stays in the child"
+            );
+            space.write(a + PAGE, &[0xdd; 4096]).unwrap();
+            child.read(a + PAGE, &mut seen[..4096]).unwrap();
+            assert_eq!(
+                seen[..4096],
+                bytes[4096..8192],
+                "{when:?}: and the parent's too"
+            );
+            drop(child);
+            space.munmap(a, 3 * PAGE).unwrap();
+            assert_eq!(dev.device().pages_in_use(), 0, "no device page leaked");
+        }
+    }
+}

@@ -686,8 +686,11 @@ fn new_flags(new: &Page, kind: crate::mm::MigrationKind, dirty: bool) -> u32 {
 }
 
 /// Points every migration entry of `old` at `new`, with the entry's access, young and dirty
-/// bits (a device-private destination gives device-private entries).
+/// bits (a device-private destination gives device-private entries). A destination mapped
+/// read-only-shared (a source shared by fork, maybe after the pages stage moved the source's
+/// exclusivity over) is not anon-exclusive.
 fn remap_to(pm: &PageMap, old: &Page, new: &Page, own: Option<(&AddressSpace, u64)>) {
+    let mut shared = false;
     for_each_mapping(pm, old, own, |space, addr| {
         let Some(leaf) = space.leaf(addr, false) else {
             return;
@@ -707,10 +710,14 @@ fn remap_to(pm: &PageMap, old: &Page, new: &Page, own: Option<(&AddressSpace, u6
             return;
         }
         mark_new(new, kind, dirty);
+        shared |= kind == crate::mm::MigrationKind::Read;
         old.remove_rmap(Mapping {
             space: space.id(),
             addr,
         });
         space.install(&g, li, addr, entry_for(new, kind, young, dirty), new, true);
     });
+    if shared || new.mapcount() > 1 {
+        new.clear(flags::ANON_EXCLUSIVE);
+    }
 }

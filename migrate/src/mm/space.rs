@@ -14,7 +14,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use super::notifier::{Notifier, NotifyEvent, NotifyRange};
 use super::page::{flags, Mapping, Page};
 use super::pagemap::PageMap;
-use super::pte::{Leaf, LeafGuard, Pte, PTRS_PER_LEAF};
+use super::pte::{Leaf, LeafGuard, MigrationKind, Pte, PTRS_PER_LEAF};
 use crate::error::{Error, Result};
 
 /// Bytes in a page, as a `u64` for address arithmetic.
@@ -415,7 +415,37 @@ impl AddressSpace {
         let cg = cleaf.lock();
         let pm = self.pagemap();
         match pte {
-            Pte::None | Pte::Swap { .. } | Pte::Migration { .. } => {}
+            Pte::None | Pte::Swap { .. } => {}
+            Pte::Migration {
+                pfn,
+                kind,
+                young,
+                dirty,
+            } => {
+                // A page under migration is shared like a mapped one: the child gets the
+                // entry too (read-only if private), recorded in the reverse map so that
+                // finalize points it at the destination or restores it. Migration entries
+                // hold no reference: the migration holds its own.
+                let page = pm.page_or_err(pfn)?;
+                let kind = if v.shared {
+                    kind
+                } else {
+                    page.clear(flags::ANON_EXCLUSIVE);
+                    MigrationKind::Read
+                };
+                let entry = Pte::Migration {
+                    pfn,
+                    kind,
+                    young,
+                    dirty,
+                };
+                g.set(i, entry);
+                page.add_rmap(Mapping {
+                    space: child.id(),
+                    addr,
+                });
+                cg.set(i, entry);
+            }
             Pte::Present {
                 pfn,
                 write,
