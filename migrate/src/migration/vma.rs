@@ -523,8 +523,8 @@ pub(crate) fn finalize(
                 let addr = start + k as u64 * PAGE;
                 match finish_in_leaf(&g, space, addr, old, new, migrated(src[k], dst[k])) {
                     Finished::Slow => slow.push(k),
-                    Finished::Done => done.release(old, new, false),
-                    Finished::Handed => done.release(old, new, true),
+                    Finished::Done => done.release(old, new),
+                    Finished::Handed(me) => done.release_replaced(old, me),
                 }
             }
         } else {
@@ -534,7 +534,7 @@ pub(crate) fn finalize(
             let here = own.map(|(space, start)| (space, start + k as u64 * PAGE));
             finish_slow(pm, src[k], dst[k], here);
             let old = migrate_pfn_to_page(pm, src[k]);
-            done.release(old, migrate_pfn_to_page(pm, dst[k]), false);
+            done.release(old, migrate_pfn_to_page(pm, dst[k]));
         }
         slow.clear();
         i = end;
@@ -554,9 +554,9 @@ struct Done<'p> {
 
 impl<'p> Done<'p> {
     /// Unlocks and lets go of an entry's old page (the fault page stays locked: its caller
-    /// holds it) and its new one (whose reference `handed` went to its mapping). A new page
-    /// unlocks here only if it was handed: the others were never mapped by this entry.
-    fn release(&mut self, old: Option<&'p Page>, new: Option<&'p Page>, handed: bool) {
+    /// holds it) and its new one, whose entry did not take it (a hole's new page was mapped
+    /// by `pages` if it migrated; else it is unused).
+    fn release(&mut self, old: Option<&'p Page>, new: Option<&'p Page>) {
         if let Some(old) = old {
             if self.fault_page == Some(old.pfn()) {
                 self.put.push(old);
@@ -568,12 +568,29 @@ impl<'p> Done<'p> {
             }
         }
         if let Some(new) = new {
-            if !handed {
-                // A hole's new page was mapped by `pages` if it migrated; else it is unused.
-                new.unlock();
-                self.put.push(new);
-            }
+            new.unlock();
+            self.put.push(new);
         }
+    }
+
+    /// Lets go of the old page of an entry that now maps its new page (`Handed`): the old
+    /// page forgets mapping `me`, which was its only one.
+    fn release_replaced(&mut self, old: Option<&'p Page>, me: Mapping) {
+        let old = old.expect("a handed entry had a page");
+        if self.fault_page != Some(old.pfn()) && old.release_replaced() {
+            self.released.push(old);
+            return;
+        }
+        let forgot = old.take_sole_rmap(me);
+        debug_assert!(
+            forgot,
+            "page {} gained a mapping while migrating",
+            old.pfn()
+        );
+        if self.fault_page != Some(old.pfn()) {
+            old.unlock();
+        }
+        self.put.push(old);
     }
 }
 
@@ -584,8 +601,8 @@ enum Finished {
     /// Finished; the migration still holds its reference on the new page (if any).
     Done,
     /// Finished by mapping the new page, which took the migration's reference with it and
-    /// is unlocked.
-    Handed,
+    /// is unlocked; the old page's one mapping (this one) is still in its reverse map.
+    Handed(Mapping),
 }
 
 /// Whether entry (`s`, `d`) migrated.
@@ -625,13 +642,16 @@ fn finish_in_leaf(
     }
     if migrated {
         let new = new.expect("valid destination");
-        if !old.take_sole_rmap(me) {
+        // Under this leaf lock, with this entry naming `old`, a map count of one says the
+        // entry is the page's only mapping: no path lets the count fall below the entries
+        // that map a page (they add a mapping before its entry and drop it after).
+        if old.mapcount() != 1 {
             return Finished::Slow;
         }
         // The migration's reference on the new page becomes the mapping's.
         space.install(g, li, addr, entry_for(new, kind, young, dirty), new, false);
         new.unlock_with(new_flags(new, kind, dirty));
-        return Finished::Handed;
+        return Finished::Handed(me);
     }
     if old.sole_mapping() != Some(me) {
         return Finished::Slow;

@@ -343,6 +343,33 @@ impl Page {
         true
     }
 
+    /// As [`Page::release_if_last`], for a page whose one mapping the caller has just replaced
+    /// (under that mapping's leaf lock, having seen a map count of one there): on success the
+    /// mapping is forgotten too, without taking the rmap lock.
+    pub(crate) fn release_replaced(&self) -> bool {
+        if self
+            .refcount
+            .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        debug_assert_eq!(
+            self.map_count.load(Ordering::Acquire),
+            1,
+            "page {} mapped elsewhere or its rmap locked",
+            self.pfn()
+        );
+        // SAFETY: every user of a page's rmap holds a reference to the page or an entry that
+        // maps it (under that entry's leaf lock, or just after clearing it, with the count
+        // still counting it). The reference count is now zero, and the caller replaced the
+        // one entry the count of one stood for: no other thread can reach this rmap.
+        unsafe { (*self.rmap.get()).clear() };
+        self.map_count.store(0, Ordering::Release);
+        self.flags.store(0, Ordering::Release);
+        true
+    }
+
     /// Makes a free page live with one reference and clean flags.
     pub(crate) fn init_allocated(&self, locked: bool) {
         self.flags

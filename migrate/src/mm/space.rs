@@ -352,19 +352,27 @@ impl AddressSpace {
         while addr < end {
             let to = new + (addr - start);
             if let Some(src) = self.leaf(addr, false) {
-                let pte = src.get(leaf_index(addr));
+                // The page's reverse map gains the new address before the entry moves and
+                // loses the old one after: its map count never undercounts the entries that
+                // map it (a migration finishing elsewhere trusts a count of one).
+                let g = src.lock();
+                let pte = g.get(leaf_index(addr));
+                let page = self.mapped_page(pte);
                 if pte != Pte::None {
-                    let dst = self.leaf(to, true).expect("created");
-                    src.lock().set(leaf_index(addr), Pte::None);
-                    dst.lock().set(leaf_index(to), pte);
-                    if let Some(p) = self.mapped_page(pte) {
-                        p.remove_rmap(Mapping {
-                            space: self.id(),
-                            addr,
-                        });
+                    if let Some(p) = page {
                         p.add_rmap(Mapping {
                             space: self.id(),
                             addr: to,
+                        });
+                    }
+                    g.set(leaf_index(addr), Pte::None);
+                    drop(g);
+                    let dst = self.leaf(to, true).expect("created");
+                    dst.lock().set(leaf_index(to), pte);
+                    if let Some(p) = page {
+                        p.remove_rmap(Mapping {
+                            space: self.id(),
+                            addr,
                         });
                     }
                 }
