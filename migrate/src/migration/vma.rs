@@ -229,15 +229,13 @@ fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) -> Vec<usize> {
             let Some(page) = pages[k - first].take() else {
                 continue;
             };
-            let addr = m.addr(k);
-            let own = Mapping {
-                space: m.space.id(),
-                addr,
-            };
-            if page.sole_mapping() != Some(own) {
+            // This leaf's entry maps the page, so a map count of one says it is the page's
+            // only mapping (no path lets the count fall below the entries that map a page).
+            if page.mapcount() != 1 {
                 elsewhere.push(k);
                 continue;
             }
+            let addr = m.addr(k);
             let is_fault_page = m.fault_page == Some(page.pfn());
             if page.refcount() == if is_fault_page { 2 } else { 1 } {
                 continue;
