@@ -360,10 +360,11 @@ impl Page {
             "page {} mapped elsewhere or its rmap locked",
             self.pfn()
         );
-        // SAFETY: every user of a page's rmap holds a reference to the page or an entry that
-        // maps it (under that entry's leaf lock, or just after clearing it, with the count
-        // still counting it). The reference count is now zero, and the caller replaced the
-        // one entry the count of one stood for: no other thread can reach this rmap.
+        // SAFETY: the reverse map is crate-private, and each of its users holds the page's
+        // lock, a reference to it, or an entry that maps it (under that entry's leaf lock, or
+        // just after clearing it, with the count still counting it). The caller holds the
+        // lock, the reference count is now zero, and the caller replaced the one entry the
+        // count of one stood for: no other thread can reach this rmap.
         unsafe { (*self.rmap.get()).clear() };
         self.map_count.store(0, Ordering::Release);
         self.flags.store(0, Ordering::Release);
@@ -407,8 +408,10 @@ impl Page {
         }
         removed
     }
-    /// Every place the page is mapped (or held by a migration entry).
-    pub fn mappings(&self) -> Vec<Mapping> {
+    /// Every place the page is mapped (or held by a migration entry). Crate-private, as is
+    /// every way into the reverse map: its users hold the page's lock, a reference to it or
+    /// an entry that maps it, which [`Page::release_replaced`] relies on.
+    pub(crate) fn mappings(&self) -> Vec<Mapping> {
         self.rmap_lock().to_vec()
     }
     /// Forgets mapping `m` if it is the page's only one; false (and nothing changed) otherwise.
@@ -424,7 +427,7 @@ impl Page {
     }
 
     /// The page's mapping if it has exactly one.
-    pub fn sole_mapping(&self) -> Option<Mapping> {
+    pub(crate) fn sole_mapping(&self) -> Option<Mapping> {
         self.rmap_lock().sole()
     }
 
