@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use hetmem::driver::{DriverConfig, GpuDriver};
 use hetmem::mm::{AddressSpace, MemoryKind, PageMap, Prot, PAGE};
+use hetmem_bench::{save_results, Baseline};
 use hetmem_engine::{Device, DeviceConfig};
 
 const SIZES_KIB: [usize; 7] = [512, 1024, 2048, 4096, 8192, 16384, 262_144];
@@ -38,17 +39,19 @@ fn filled(space: &AddressSpace, bytes: usize) -> u64 {
     a
 }
 
-/// The self-test's table: for each size, warm up once, then 5 timed iterations each way.
-fn hmm_table() {
+/// The self-test's table: for each size, warm up once, then 5 timed iterations each way,
+/// beside a memcpy of the same bytes timed the same way. Returns the rows for the report.
+fn hmm_table() -> serde_json::Value {
     let (d, space) = driver(16);
     println!(
         "\nHMM self-test table shape ({}; 4 KiB pages; mean of 5 after a warm-up)",
         d.device().info().name
     );
     println!(
-        "{:>10} {:>14} {:>10} {:>14} {:>10}",
-        "size", "Sys->Dev ms", "GB/s", "Dev->Sys ms", "GB/s"
+        "{:>10} {:>14} {:>10} {:>14} {:>10} {:>12}",
+        "size", "Sys->Dev ms", "GB/s", "Dev->Sys ms", "GB/s", "memcpy ms"
     );
+    let mut rows = Vec::new();
     for kib in SIZES_KIB {
         let bytes = kib << 10;
         let n = bytes / 4096;
@@ -65,6 +68,14 @@ fn hmm_table() {
             back += t.elapsed();
         }
         let (there, back) = (there / 5, back / 5);
+        let mut base = Baseline::new(bytes);
+        base.contiguous();
+        let t = Instant::now();
+        for _ in 0..5 {
+            base.contiguous();
+        }
+        let memcpy = t.elapsed() / 5;
+        drop(base);
         let gbps = |t: Duration| bytes as f64 / t.as_secs_f64() / 1e9;
         let label = if kib >= 1024 {
             format!("{} MiB", kib >> 10)
@@ -72,18 +83,28 @@ fn hmm_table() {
             format!("{kib} KiB")
         };
         println!(
-            "{label:>10} {:>14.3} {:>10.2} {:>14.3} {:>10.2}",
+            "{label:>10} {:>14.3} {:>10.2} {:>14.3} {:>10.2} {:>12.3}",
             there.as_secs_f64() * 1e3,
             gbps(there),
             back.as_secs_f64() * 1e3,
-            gbps(back)
+            gbps(back),
+            memcpy.as_secs_f64() * 1e3
         );
+        rows.push(serde_json::json!({
+            "size": label,
+            "bytes": bytes,
+            "sys_to_dev_ns": there.as_nanos() as f64,
+            "dev_to_sys_ns": back.as_nanos() as f64,
+            "memcpy_ns": memcpy.as_nanos() as f64,
+        }));
         space.munmap(a, bytes as u64).unwrap();
     }
+    serde_json::json!({ "device": d.device().info().name, "rows": rows })
 }
 
-/// CPU fault-back latency of device-private pages: p50 and p99 over 2 000 faults.
-fn fault_latency(window: usize) {
+/// CPU fault-back latency of device-private pages: p50 and p99 over 2 000 faults. Returns
+/// them for the report.
+fn fault_latency(window: usize) -> serde_json::Value {
     let (d, space) = driver(window);
     let n = 2000 * window;
     let a = filled(&space, n * 4096);
@@ -98,12 +119,18 @@ fn fault_latency(window: usize) {
     }
     lat.sort();
     let p = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    let faults = d.stats().faults;
     println!(
-        "fault-back, window {window:>2} page(s): p50 {:>8.1} us  p99 {:>8.1} us  ({} faults)",
+        "fault-back, window {window:>2} page(s): p50 {:>8.1} us  p99 {:>8.1} us  ({faults} faults)",
         p(0.5),
         p(0.99),
-        d.stats().faults
     );
+    serde_json::json!({
+        "window": window,
+        "p50_us": p(0.5),
+        "p99_us": p(0.99),
+        "faults": faults,
+    })
 }
 
 fn eviction(c: &mut Criterion) {
@@ -141,10 +168,15 @@ fn eviction(c: &mut Criterion) {
 criterion_group!(benches, eviction);
 
 fn main() {
-    hmm_table();
+    let table = hmm_table();
     println!();
-    fault_latency(1);
-    fault_latency(16);
+    let faults = [fault_latency(1), fault_latency(16)];
+    let saved = save_results(
+        "hmm",
+        &serde_json::json!({ "table": table, "fault_back": faults }),
+    )
+    .expect("save the table for cargo xtask bench-report");
+    println!("saved for the report: {}", saved.display());
     benches();
     criterion::Criterion::default()
         .configure_from_args()

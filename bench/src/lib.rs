@@ -54,13 +54,28 @@ impl Baseline {
     }
 }
 
+/// Where criterion keeps its results (`target/criterion`, or under `CARGO_TARGET_DIR`).
+fn criterion_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("criterion")
+}
+
+/// Saves results measured outside criterion (tables in another shape, latency percentiles)
+/// as `target/criterion/hetmem-<name>.json`, beside criterion's own, for
+/// `cargo xtask bench-report`; clearing `target/criterion` clears them too.
+pub fn save_results(name: &str, value: &serde_json::Value) -> std::io::Result<PathBuf> {
+    let dir = criterion_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("hetmem-{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(value)?)?;
+    Ok(path)
+}
+
 /// Mean time in nanoseconds of a finished criterion benchmark, from its saved estimates.
 pub fn criterion_mean_ns(group: &str, bench: &str) -> Option<f64> {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = dir
-        .join("criterion")
+    let path = criterion_dir()
         .join(group)
         .join(bench)
         .join("new/estimates.json");

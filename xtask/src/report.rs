@@ -100,10 +100,14 @@ pub fn run(machine: Option<String>, copy_to: Option<PathBuf>) -> Result<()> {
         machine.as_deref().unwrap_or("not given"),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     )?;
-    targets(&mut md, &groups)?;
+    let hmm = read_hmm(&root);
+    targets(&mut md, &groups, hmm.as_ref())?;
     sweep(&mut md, &groups, plots.then_some(plots_dir.as_path()))?;
     if plots {
         bookkeeping_plot(&mut md, &groups, &plots_dir)?;
+    }
+    if let Some(hmm) = &hmm {
+        hmm_tables(&mut md, hmm)?;
     }
     writeln!(md, "## Every other group\n")?;
     for (group, cases) in groups.iter().filter(|(g, _)| !g.starts_with("sweep_")) {
@@ -111,7 +115,10 @@ pub fn run(machine: Option<String>, copy_to: Option<PathBuf>) -> Result<()> {
         writeln!(md, "### {group}\n")?;
         writeln!(md, "| case | mean | throughput | x memcpy |")?;
         writeln!(md, "|---|---:|---:|---:|")?;
-        for (name, c) in cases {
+        // Numeric case names (batch sizes, byte counts) in numeric order, the rest by name.
+        let mut rows: Vec<(&String, &Case)> = cases.iter().collect();
+        rows.sort_by_key(|(name, _)| (name.parse::<u64>().ok(), name.as_str()));
+        for (name, c) in rows {
             let thr = match c.throughput {
                 Some((b, true)) => format!("{:.2} GB/s", b / c.mean_ns),
                 Some((e, false)) => format!("{:.1} ns/elem", c.mean_ns / e),
@@ -321,7 +328,7 @@ fn bookkeeping_plot(md: &mut String, groups: &Groups, dir: &Path) -> Result<()> 
 }
 
 /// The project's targets, each with the figures it rests on.
-fn targets(md: &mut String, groups: &Groups) -> Result<()> {
+fn targets(md: &mut String, groups: &Groups, hmm: Option<&serde_json::Value>) -> Result<()> {
     let mean = |g: &str, c: &str| groups.get(g).and_then(|x| x.get(c)).map(|c| c.mean_ns);
     let mut rows: Vec<(String, String, String)> = Vec::new();
     let own = "round_trip_256MiB";
@@ -376,6 +383,20 @@ fn targets(md: &mut String, groups: &Groups) -> Result<()> {
             ));
         }
     }
+    let one_page = hmm
+        .and_then(|h| h["fault_back"].as_array())
+        .and_then(|f| f.iter().find(|r| r["window"] == 1));
+    if let Some(r) = one_page {
+        rows.push((
+            "CPU fault-back of one 4 KiB page (`--bench hmm`)".into(),
+            format!(
+                "p50 {:.1} us, p99 {:.1} us",
+                r["p50_us"].as_f64().unwrap_or(f64::NAN),
+                r["p99_us"].as_f64().unwrap_or(f64::NAN)
+            ),
+            "reported (no target yet)".into(),
+        ));
+    }
     if rows.is_empty() {
         return Ok(());
     }
@@ -386,6 +407,78 @@ fn targets(md: &mut String, groups: &Groups) -> Result<()> {
         writeln!(md, "| {t} | {v} | {ok} |")?;
     }
     writeln!(md)?;
+    Ok(())
+}
+
+/// The results `cargo bench --bench hmm` saved beside criterion's (see
+/// `hetmem_bench::save_results`), if that bench ran.
+fn read_hmm(root: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(root.join("hetmem-hmm.json")).ok()?).ok()
+}
+
+/// The kernel HMM self-test's table (with the memcpy of the same bytes, timed the same way
+/// in the same run) and the fault-back latencies.
+fn hmm_tables(md: &mut String, hmm: &serde_json::Value) -> Result<()> {
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    if let Some(rows) = hmm["table"]["rows"].as_array() {
+        writeln!(
+            md,
+            "## Kernel HMM self-test table (`cargo bench --bench hmm`)
+"
+        )?;
+        writeln!(
+            md,
+            "The shape of the kernel's `hmm-tests` benchmark: {} through `GpuDriver`, 4 KiB \
+             pages, mean of 5 after a warm-up, each way; x memcpy compares with a memcpy of the \
+             same bytes timed the same way in the same run.\n",
+            hmm["table"]["device"].as_str().unwrap_or("the device")
+        )?;
+        writeln!(
+            md,
+            "| size | Sys->Dev ms | GB/s | x memcpy | Dev->Sys ms | GB/s | x memcpy |"
+        )?;
+        writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
+        for r in rows {
+            let bytes = f(&r["bytes"]);
+            let memcpy = f(&r["memcpy_ns"]);
+            write!(md, "| {} |", r["size"].as_str().unwrap_or("?"))?;
+            for key in ["sys_to_dev_ns", "dev_to_sys_ns"] {
+                let t = f(&r[key]);
+                write!(
+                    md,
+                    " {:.3} | {:.2} | {:.2} |",
+                    t / 1e6,
+                    bytes / t,
+                    memcpy / t
+                )?;
+            }
+            writeln!(md)?;
+        }
+        writeln!(md)?;
+    }
+    if let Some(rows) = hmm["fault_back"].as_array() {
+        writeln!(
+            md,
+            "## CPU fault-back latency (`cargo bench --bench hmm`)
+"
+        )?;
+        writeln!(
+            md,
+            "A CPU read of a device-private page, through `migrate_to_ram`: 2 000 faults each.\n"
+        )?;
+        writeln!(md, "| fault-around window | p50 | p99 |")?;
+        writeln!(md, "|---:|---:|---:|")?;
+        for r in rows {
+            writeln!(
+                md,
+                "| {} page(s) | {:.1} us | {:.1} us |",
+                r["window"],
+                f(&r["p50_us"]),
+                f(&r["p99_us"])
+            )?;
+        }
+        writeln!(md)?;
+    }
     Ok(())
 }
 
