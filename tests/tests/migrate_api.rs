@@ -37,6 +37,19 @@ fn alloc_locked(dev: &Device, pm: &PageMap, n: usize) -> Vec<Pfn> {
         .collect()
 }
 
+/// The driver's part of a migration to `dev`: a locked device page for each collected entry
+/// (holes included), named in `dst`, and one batched copy of the pages that have data.
+fn copy_collected(m: &mut Migration<'_, Collected>, dev: &Device, pm: &PageMap) {
+    let entries: Vec<_> = m.collected().collect();
+    let dst = alloc_locked(dev, pm, entries.len());
+    let mut pairs = Vec::new();
+    for (&(i, s), &d) in entries.iter().zip(&dst) {
+        m.dst_mut()[i] = migrate_pfn(d);
+        pairs.extend(s.map(|s| (s, d)));
+    }
+    dev.copy(&pairs).unwrap().wait().unwrap();
+}
+
 #[test]
 fn typestate_runs_the_stages_in_order() {
     for kind in kinds() {
@@ -61,15 +74,7 @@ fn typestate_runs_the_stages_in_order() {
             1,
             "one hole"
         );
-        let dst = alloc_locked(dev.device(), &pm, 4);
-        let pairs: Vec<_> = entries
-            .iter()
-            .filter_map(|&(i, s)| Some((s?, dst[i])))
-            .collect();
-        for (i, _) in &entries {
-            m.dst_mut()[*i] = migrate_pfn(dst[*i]);
-        }
-        dev.device().copy(&pairs).unwrap().wait().unwrap();
+        copy_collected(&mut m, dev.device(), &pm);
         let outcome = m.copied().unwrap().finalize();
         assert_eq!(
             outcome,
@@ -507,16 +512,7 @@ fn fork_during_a_migration_shares_the_migrating_pages() {
                     assert!(matches!(p, Pte::Present { write: false, .. }));
                 }
             } else {
-                let entries: Vec<_> = m.collected().collect();
-                let dst = alloc_locked(dev.device(), &pm, 3);
-                let pairs: Vec<_> = entries
-                    .iter()
-                    .filter_map(|&(i, s)| Some((s?, dst[i])))
-                    .collect();
-                for (i, _) in &entries {
-                    m.dst_mut()[*i] = migrate_pfn(dst[*i]);
-                }
-                dev.device().copy(&pairs).unwrap().wait().unwrap();
+                copy_collected(&mut m, dev.device(), &pm);
                 let m = m.copied().unwrap();
                 if when == When::AfterPages {
                     let c = space.fork().unwrap();
