@@ -330,11 +330,7 @@ impl Page {
     /// free with clear flags, for [`crate::mm::PageMap`] to give back. Otherwise changes
     /// nothing and returns false.
     pub(crate) fn release_if_last(&self) -> bool {
-        if self
-            .refcount
-            .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
-        {
+        if !self.drop_only_ref() {
             return false;
         }
         // Nobody else holds a reference, so nobody waits for the lock or changes the flags.
@@ -343,15 +339,19 @@ impl Page {
         true
     }
 
+    /// Drops the caller's reference if it is the only one (1 -> 0); false, with nothing
+    /// changed, if anyone else holds one.
+    fn drop_only_ref(&self) -> bool {
+        self.refcount
+            .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
     /// As [`Page::release_if_last`], for a page whose one mapping the caller has just replaced
     /// (under that mapping's leaf lock, having seen a map count of one there): on success the
     /// mapping is forgotten too, without taking the rmap lock.
     pub(crate) fn release_replaced(&self) -> bool {
-        if self
-            .refcount
-            .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
-        {
+        if !self.drop_only_ref() {
             return false;
         }
         debug_assert_eq!(
