@@ -127,6 +127,15 @@ fn copy_pages(s: &Shared, pm: &PageMap, m: &mut MigrateVma<'_>, dir: Direction) 
 }
 
 /// The test device.
+/// Where in a migration [`Dmirror::migrate_to_device_with`] runs its hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Between {
+    /// After `migrate_vma_setup`, before the copy.
+    SetupAndCopy,
+    /// After `migrate_vma_pages`, before `migrate_vma_finalize`.
+    PagesAndFinalize,
+}
+
 pub struct Dmirror {
     shared: Arc<Shared>,
     /// The page map the mirror's address spaces live in.
@@ -232,6 +241,26 @@ impl Dmirror {
         self.migrate(space, addr, npages, flags, Direction::ToSystem)
     }
 
+    /// As [`Dmirror::migrate_to_device`], running `hook` at point `at` of the migration (a
+    /// fork, an unmap, another thread's access: whatever may meet pages under migration).
+    pub fn migrate_to_device_with(
+        &self,
+        space: &AddressSpace,
+        addr: u64,
+        npages: usize,
+        at: Between,
+        hook: impl FnOnce(),
+    ) -> Result<Moved> {
+        self.migrate_hooked(
+            space,
+            addr,
+            npages,
+            self.flags_to_device(),
+            Direction::ToDevice,
+            Some((at, Box::new(hook))),
+        )
+    }
+
     fn migrate(
         &self,
         space: &AddressSpace,
@@ -240,6 +269,23 @@ impl Dmirror {
         flags: u32,
         dir: Direction,
     ) -> Result<Moved> {
+        self.migrate_hooked(space, addr, npages, flags, dir, None)
+    }
+
+    fn migrate_hooked(
+        &self,
+        space: &AddressSpace,
+        addr: u64,
+        npages: usize,
+        flags: u32,
+        dir: Direction,
+        hook: Option<(Between, Box<dyn FnOnce() + '_>)>,
+    ) -> Result<Moved> {
+        let (early, late) = match hook {
+            Some((Between::SetupAndCopy, f)) => (Some(f), None),
+            Some((Between::PagesAndFinalize, f)) => (None, Some(f)),
+            None => (None, None),
+        };
         let mut src = vec![0u64; npages];
         let mut dst = vec![0u64; npages];
         let mut m = MigrateVma::new(space, addr, addr + npages as u64 * PAGE, &mut src, &mut dst);
@@ -248,11 +294,17 @@ impl Dmirror {
         migrate_vma_setup(&mut m)?;
         let cpages = m.cpages;
         self.cpages.store(cpages, Ordering::Relaxed);
+        if let Some(f) = early {
+            f();
+        }
         copy_pages(&self.shared, &self.pagemap, &mut m, dir);
         migrate_vma_pages(&mut m)?;
         let migrated = (0..npages)
             .filter(|&i| m.src[i] & MIGRATE_PFN_MIGRATE != 0 && m.dst[i] & MIGRATE_PFN_VALID != 0)
             .count();
+        if let Some(f) = late {
+            f();
+        }
         migrate_vma_finalize(&mut m);
         Ok(Moved { cpages, migrated })
     }

@@ -1,5 +1,5 @@
-//! Random sequences of CPU writes, migrations, evictions, forks and pins over several
-//! address spaces, checked after every step against a plain byte model; and a concurrent
+//! Random sequences of CPU writes, migrations, evictions, forks (some in the middle of a
+//! migration) and pins over several address spaces, checked after every step against a plain byte model; and a concurrent
 //! stress run of faults, migrations and evictions.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hetmem::mm::{flags, pin_pages, AddressSpace, MemoryKind, PageMap, PinGuard, Prot, PAGE};
 use hetmem_engine::DeviceKind;
-use hetmem_tests::dmirror::Dmirror;
+use hetmem_tests::dmirror::{Between, Dmirror};
 use hetmem_tests::open_for_test;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -36,6 +36,13 @@ enum Op {
     Fork {
         space: usize,
     },
+    /// A fork while some of the space's pages are under migration to the device.
+    ForkMidMigration {
+        space: usize,
+        start: usize,
+        len: usize,
+        late: bool,
+    },
     Pin {
         space: usize,
         page: usize,
@@ -56,6 +63,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (s.clone(), p.clone(), 1usize..PAGES).prop_map(|(space, start, len)| Op::ToSystem { space, start, len }),
         1 => Just(Op::Evict),
         1 => s.clone().prop_map(|space| Op::Fork { space }),
+        1 => (s.clone(), p.clone(), 1usize..PAGES, any::<bool>())
+            .prop_map(|(space, start, len, late)| Op::ForkMidMigration { space, start, len, late }),
         1 => (s.clone(), p.clone()).prop_map(|(space, page)| Op::Pin { space, page }),
         1 => Just(Op::Unpin),
         2 => (s, p).prop_map(|(space, page)| Op::Read { space, page }),
@@ -128,6 +137,32 @@ impl World {
                     let (s, base, model) = &self.spaces[space % n];
                     let child = s.fork().unwrap();
                     self.spaces.push((child, *base, model.clone()));
+                }
+            }
+            Op::ForkMidMigration {
+                space,
+                start,
+                len,
+                late,
+            } => {
+                let (s, base, model) = &self.spaces[space % n];
+                let len = len.min(PAGES - start);
+                let at = if late {
+                    Between::PagesAndFinalize
+                } else {
+                    Between::SetupAndCopy
+                };
+                let mut child = None;
+                self.dev
+                    .migrate_to_device_with(s, *base + start as u64 * PAGE, len, at, || {
+                        if n < 4 {
+                            child = Some(s.fork().unwrap());
+                        }
+                    })
+                    .unwrap();
+                if let Some(child) = child {
+                    let (base, model) = (*base, model.clone());
+                    self.spaces.push((child, base, model));
                 }
             }
             Op::Pin { space, page } => {
