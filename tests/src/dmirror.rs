@@ -227,6 +227,7 @@ impl Dmirror {
             npages,
             self.flags_to_device(),
             Direction::ToDevice,
+            None,
         )
     }
 
@@ -238,7 +239,7 @@ impl Dmirror {
         npages: usize,
     ) -> Result<Moved> {
         let flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
-        self.migrate(space, addr, npages, flags, Direction::ToSystem)
+        self.migrate(space, addr, npages, flags, Direction::ToSystem, None)
     }
 
     /// As [`Dmirror::migrate_to_device`], running `hook` at point `at` of the migration (a
@@ -251,7 +252,7 @@ impl Dmirror {
         at: Between,
         hook: impl FnOnce(),
     ) -> Result<Moved> {
-        self.migrate_hooked(
+        self.migrate(
             space,
             addr,
             npages,
@@ -262,17 +263,6 @@ impl Dmirror {
     }
 
     fn migrate(
-        &self,
-        space: &AddressSpace,
-        addr: u64,
-        npages: usize,
-        flags: u32,
-        dir: Direction,
-    ) -> Result<Moved> {
-        self.migrate_hooked(space, addr, npages, flags, dir, None)
-    }
-
-    fn migrate_hooked(
         &self,
         space: &AddressSpace,
         addr: u64,
