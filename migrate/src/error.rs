@@ -123,6 +123,22 @@ pub enum Error {
         /// Loads and stores that found no device page.
         accesses: u32,
     },
+    /// This thread holds the address space's map lock shared (a migration between setup and
+    /// finalize, or a fault callback): munmap, mremap, mprotect and fork, which need it
+    /// exclusively, would wait for it forever.
+    #[error("this thread has a migration or fault of the address space in progress")]
+    MigrationInProgress,
+    /// No free range of the address space is large enough.
+    #[error("no free range of {0:#x} bytes in the address space")]
+    NoAddressSpace(u64),
+    /// A fault made no progress: the page stayed where it was after every retry.
+    #[error("fault at {addr:#x} made no progress after {tries} tries")]
+    NoProgress {
+        /// The faulting address.
+        addr: u64,
+        /// Attempts made.
+        tries: u32,
+    },
     /// An argument out of its domain.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
@@ -140,7 +156,8 @@ impl Error {
             | Error::NoAccess(_)
             | Error::KernelFault { .. } => ErrorKind::Access,
             Error::Busy(_) | Error::FaultFailed { .. } => ErrorKind::Transient,
-            Error::OverBudget { .. } => ErrorKind::OutOfMemory,
+            Error::OverBudget { .. } | Error::NoAddressSpace(_) => ErrorKind::OutOfMemory,
+            Error::NoProgress { .. } => ErrorKind::Transient,
             Error::Engine(e) => match e.kind() {
                 hetmem_engine::ErrorKind::OutOfMemory => ErrorKind::OutOfMemory,
                 hetmem_engine::ErrorKind::DeviceLost => ErrorKind::DeviceLost,

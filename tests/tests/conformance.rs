@@ -488,6 +488,7 @@ fn setup_einval() {
             migrate_vma_setup(&mut m),
             Err(Error::ShortArray { which: "dst", .. })
         ));
+        drop(m);
         // A fault page that is not a locked device-private page.
         let host_pfn = env.space.pte(a).pfn().unwrap();
         let mut m = MigrateVma::new(&env.space, a, a + PAGE, &mut src, &mut dst);
@@ -496,6 +497,7 @@ fn setup_einval() {
             migrate_vma_setup(&mut m),
             Err(Error::BadFaultPage(_))
         ));
+        drop(m);
         // A mapping with no access at all.
         env.space.mprotect(b, 4 * PAGE, Prot::NONE).unwrap();
         let mut m = MigrateVma::new(&env.space, b, b + PAGE, &mut src, &mut dst);

@@ -80,7 +80,8 @@ fn typestate_runs_the_stages_in_order() {
             outcome,
             Outcome {
                 cpages: 4,
-                migrated: 4
+                migrated: 4,
+                failed: 0
             }
         );
         assert!(dev
@@ -450,13 +451,15 @@ fn notifiers_see_start_and_end_with_event_and_owner() {
     assert_eq!(events, want);
 }
 
-/// A fork between setup and finalize (before or after the pages stage): the child shares the
-/// pages under migration (its entries are read-only migration entries too), and finalize
-/// points both address spaces at the destination, shared and not anon-exclusive, or, when
-/// the migration is dropped, back at the source; either way both read the bytes of before,
-/// and a write on one side stays on that side.
+/// A fork asked for between setup and finalize (before or after the pages stage) waits for
+/// the migration, as the kernel's fork waits for the mmap lock that a migrating driver holds:
+/// on the migrating thread it fails with `MigrationInProgress` (it would wait for itself); on
+/// another thread it runs once the migration is finalized (or dropped), and the child then
+/// shares the pages where the migration left them (the destination, shared and not
+/// anon-exclusive; or the source). Either way both read the bytes of before, and a write on
+/// one side stays on that side.
 #[test]
-fn fork_during_a_migration_shares_the_migrating_pages() {
+fn fork_during_a_migration_waits_for_it() {
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum When {
         BeforePages,
@@ -481,50 +484,41 @@ fn fork_during_a_migration_shares_the_migrating_pages() {
             )
             .unwrap();
             assert_eq!(m.cpages(), 3);
-            let check_shared = |child: &AddressSpace| {
-                for k in 0..3 {
-                    let (p, c) = (space.pte(a + k * PAGE), child.pte(a + k * PAGE));
-                    assert_eq!(p, c, "{when:?} page {k}: the child has the parent's entry");
+            assert!(matches!(space.fork(), Err(Error::MigrationInProgress)));
+            let child = std::thread::scope(|scope| {
+                let forking = scope.spawn(|| space.fork().unwrap());
+                let mut waited = false;
+                if when != When::AfterPages {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
                     assert!(
-                        matches!(
-                            p,
-                            Pte::Migration {
-                                kind: hetmem::mm::MigrationKind::Read,
-                                ..
-                            }
-                        ),
-                        "{when:?} page {k}: shared, so neither writable nor exclusive: {p:?}"
+                        !forking.is_finished(),
+                        "{when:?}: fork waits for the migration"
                     );
+                    waited = true;
                 }
-            };
-            let mut child = None;
-            if when != When::AfterPages {
-                let c = space.fork().unwrap();
-                check_shared(&c);
-                child = Some(c);
-            }
-            if when == When::Dropped {
-                drop(m);
-                let child = child.as_ref().unwrap();
-                for k in 0..3 {
-                    let (p, c) = (space.pte(a + k * PAGE), child.pte(a + k * PAGE));
-                    assert_eq!(p.pfn(), c.pfn(), "page {k}: both back on the source");
-                    assert!(matches!(p, Pte::Present { write: false, .. }));
+                if when == When::Dropped {
+                    drop(m);
+                } else {
+                    copy_collected(&mut m, dev.device(), &pm);
+                    let m = m.copied().unwrap();
+                    if !waited {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        assert!(!forking.is_finished(), "{when:?}: fork waits for finalize");
+                    }
+                    assert_eq!(m.finalize().migrated, 3);
                 }
-            } else {
-                copy_collected(&mut m, dev.device(), &pm);
-                let m = m.copied().unwrap();
-                if when == When::AfterPages {
-                    let c = space.fork().unwrap();
-                    check_shared(&c);
-                    child = Some(c);
-                }
-                assert_eq!(m.finalize().migrated, 3);
-                let child = child.as_ref().unwrap();
-                for k in 0..3 {
-                    let (p, c) = (space.pte(a + k * PAGE), child.pte(a + k * PAGE));
-                    assert_eq!(p, c, "{when:?} page {k}: both point at the destination");
-                    assert!(matches!(p, Pte::DevicePrivate { write: false, .. }));
+                forking.join().unwrap()
+            });
+            for k in 0..3 {
+                let (p, c) = (space.pte(a + k * PAGE), child.pte(a + k * PAGE));
+                assert_eq!(p, c, "{when:?} page {k}: both map the same page");
+                if when == When::Dropped {
+                    assert!(matches!(p, Pte::Present { write: false, .. }), "{p:?}");
+                } else {
+                    assert!(
+                        matches!(p, Pte::DevicePrivate { write: false, .. }),
+                        "{p:?}"
+                    );
                     let page = pm.page(p.pfn().unwrap()).unwrap();
                     assert_eq!(page.mapcount(), 2);
                     assert!(
@@ -533,7 +527,6 @@ fn fork_during_a_migration_shares_the_migrating_pages() {
                     );
                 }
             }
-            let child = child.unwrap();
             let mut seen = vec![0u8; bytes.len()];
             child.read(a, &mut seen).unwrap();
             assert_eq!(seen, bytes, "{when:?}: the child reads the bytes of before");

@@ -152,14 +152,20 @@ impl World {
                 } else {
                     Between::SetupAndCopy
                 };
-                let mut child = None;
-                self.dev
-                    .migrate_to_device_with(s, *base + start as u64 * PAGE, len, at, || {
+                // The fork asked for mid-migration waits for it (on this thread it would wait
+                // for itself, and fails instead); it runs once the migration is finalized.
+                let dev = &self.dev;
+                let child = std::thread::scope(|scope| {
+                    let mut forking = None;
+                    dev.migrate_to_device_with(s, *base + start as u64 * PAGE, len, at, || {
+                        assert!(matches!(s.fork(), Err(hetmem::Error::MigrationInProgress)));
                         if n < 4 {
-                            child = Some(s.fork().unwrap());
+                            forking = Some(scope.spawn(|| s.fork().unwrap()));
                         }
                     })
                     .unwrap();
+                    forking.map(|f| f.join().unwrap())
+                });
                 if let Some(child) = child {
                     let (base, model) = (*base, model.clone());
                     self.spaces.push((child, base, model));

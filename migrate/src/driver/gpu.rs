@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use hetmem_engine::{Device, EngineError, Pfn, PAGE_SIZE};
+use hetmem_engine::{Device, Pfn, PAGE_SIZE};
 
 use std::collections::HashMap;
 
@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::migration::*;
 use crate::mm::{
     AddressSpace, DevicePagemap, FaultContext, FrameAccess, MemoryKind, Page, PageMap, PagemapOps,
-    SpaceId, PAGE,
+    Pte, SpaceId, PAGE,
 };
 
 /// How to set a driver up.
@@ -69,14 +69,8 @@ struct Counters {
     book_ns: AtomicU64,
 }
 
-/// What one migration did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Moved {
-    /// Entries collected (holes included).
-    pub cpages: usize,
-    /// Entries that moved.
-    pub migrated: usize,
-}
+/// What one migration did: the migration layer's [`Outcome`], summed over chunks.
+pub type Moved = Outcome;
 
 pub(crate) struct Inner {
     pub(crate) device: Device,
@@ -122,52 +116,30 @@ impl PagemapOps for Ops {
         let span = d.fault_around.max(1) as u64 * PAGE;
         let start = (f.addr / span * span).max(vma.start);
         let end = (start + span).min(vma.end);
-        d.migrate(
+        let moved = d.migrate(
             f.space,
             start,
             end,
             MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
             Some(f.page.pfn()),
             false,
-        )
-        .map(|_| ())
-        .map_err(|e| Error::FaultFailed {
-            addr: f.addr,
-            reason: e.to_string(),
-        })
+        )?;
+        // A fault whose page could not be copied back fails (it would fault forever).
+        let stayed =
+            matches!(f.space.pte(f.addr), Pte::DevicePrivate { pfn, .. } if pfn == f.page.pfn());
+        if moved.failed > 0 && stayed {
+            return Err(Error::FaultFailed {
+                addr: f.addr,
+                reason: format!("the copy of device page {} to host failed", f.page.pfn()),
+            });
+        }
+        Ok(())
     }
 }
 
 /// Pages per chunk of a pipelined migration (64 MiB): on lavapipe, 16 MiB chunks measured
 /// 152 ms per 256 MiB round trip, 64 MiB chunks 83 ms, one 256 MiB batch 74-87 ms.
 pub const CHUNK_PAGES: usize = 16384;
-
-/// What every chunk of one migration shares.
-#[derive(Clone, Copy)]
-struct How {
-    flags: u32,
-    fault_page: Option<Pfn>,
-    to_device: bool,
-    /// More than one chunk: the copy is left to the device's queue.
-    pipelined: bool,
-}
-
-/// A chunk whose copy is in flight.
-struct Chunk {
-    start: u64,
-    end: u64,
-    src: Vec<u64>,
-    dst: Vec<u64>,
-    fault_page: Option<Pfn>,
-    vma: Option<Arc<crate::mm::Vma>>,
-    cpages: usize,
-    pairs: Vec<(Pfn, Pfn)>,
-    pair_index: Vec<usize>,
-    ticket: std::result::Result<hetmem_engine::Ticket, EngineError>,
-    submitted: Instant,
-    /// The space's invalidation sequence after setup.
-    seq: u64,
-}
 
 /// The driver. Cloning gives another handle.
 #[derive(Clone)]
@@ -356,6 +328,12 @@ impl Inner {
     /// Migrates `[start, end)` in chunks of [`CHUNK_PAGES`], pipelined: while the copy of
     /// one chunk runs, the next chunk is collected and its copy submitted; then the first
     /// finishes (pages, finalize). `to_device` selects the direction.
+    ///
+    /// Every chunk is a [`Migration`], which owns its pages from setup to finalize: an error
+    /// anywhere (no destinations, a bad destination) drops the chunks in hand, which waits
+    /// for their copies and restores their pages. Destinations that cannot be had are an
+    /// error ([`ErrorKind::OutOfMemory`](crate::ErrorKind)) unless the device budget merely
+    /// leaves room for fewer pages, which migrates what fits.
     fn migrate(
         &self,
         space: &AddressSpace,
@@ -366,179 +344,115 @@ impl Inner {
         to_device: bool,
     ) -> Result<Moved> {
         let mut total = Moved::default();
-        let mut pending: Option<Chunk> = None;
+        let mut failed = 0;
+        let mut pending: Option<(Migration<'_, InFlight>, Instant, u64)> = None;
         // With more than one chunk, the calling thread's time goes to the next chunk's
         // page-table work while the device copies (on lavapipe: 0.64x -> 0.75x of two memcpys
         // for a 256 MiB round trip); a single chunk lets a CPU device share the copy instead.
         let pipelined = end - start > CHUNK_PAGES as u64 * PAGE;
-        let how = How {
-            flags,
-            fault_page,
-            to_device,
-            pipelined,
-        };
         let mut at = start;
-        let mut failure = None;
         while at < end {
             let stop = end.min(at + CHUNK_PAGES as u64 * PAGE);
-            match self.begin(space, at, stop, &how) {
-                Ok(next) => {
-                    if let Some(done) = pending.replace(next) {
-                        self.complete(space, done, to_device, &mut total)?;
-                    }
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
+            let next = self.begin(space, at, stop, flags, fault_page, to_device, pipelined)?;
+            if let Some(done) = pending.replace(next) {
+                failed += self.complete(space, done, to_device, &mut total)?;
             }
             at = stop;
         }
         if let Some(done) = pending {
-            self.complete(space, done, to_device, &mut total)?;
+            failed += self.complete(space, done, to_device, &mut total)?;
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(total),
-        }
+        total.failed = failed;
+        Ok(total)
     }
 
-    /// Collects a chunk, gives it destinations and submits its copy.
-    fn begin(&self, space: &AddressSpace, start: u64, end: u64, how: &How) -> Result<Chunk> {
-        let How {
-            flags,
-            fault_page,
-            to_device,
-            pipelined,
-        } = *how;
+    /// Collects a chunk, gives it destinations and submits its copy; returns it with the
+    /// submission time and the space's invalidation sequence after setup.
+    #[allow(clippy::too_many_arguments)]
+    fn begin<'s>(
+        &self,
+        space: &'s AddressSpace,
+        start: u64,
+        end: u64,
+        flags: u32,
+        fault_page: Option<Pfn>,
+        to_device: bool,
+        pipelined: bool,
+    ) -> Result<(Migration<'s, InFlight>, Instant, u64)> {
         let t0 = Instant::now();
-        let n = ((end - start) / PAGE) as usize;
-        let mut src = vec![0u64; n];
-        let mut dst = vec![0u64; n];
-        let mut m = MigrateVma::new(space, start, end, &mut src, &mut dst);
-        m.pgmap_owner = self.owner;
-        m.flags = flags;
-        m.fault_page = fault_page;
-        migrate_vma_setup(&mut m)?;
+        let mut m = Migration::setup(space, start, end, flags, self.owner, fault_page)?;
         let seq = space.invalidate_seq();
-        let (cpages, vma) = (m.cpages, m.vma());
-        drop(m);
-        let want: Vec<usize> = (0..n)
-            .filter(|&i| src[i] & MIGRATE_PFN_MIGRATE != 0)
-            .collect();
-        let holes = want
-            .iter()
-            .filter(|&&i| src[i] & MIGRATE_PFN_VALID == 0)
-            .count();
+        let want: Vec<(usize, bool)> = m.collected().map(|(i, s)| (i, s.is_none())).collect();
+        let holes = want.iter().filter(|(_, hole)| *hole).count();
         let dsts = if to_device {
-            self.device_pages(want.len(), holes)
+            self.device_pages(want.len(), holes)?
         } else {
-            self.host_pages(want.len())
+            self.host_pages(want.len(), holes)?
         };
-        let mut pairs = Vec::with_capacity(want.len());
-        let mut pair_index = Vec::with_capacity(want.len());
         // Holes first in the allocation (they were asked zeroed), then copied pages.
-        let mut hole_dsts = dsts.iter().take(holes.min(dsts.len()));
-        let mut copy_dsts = dsts.iter().skip(holes.min(dsts.len()));
-        for &i in &want {
-            let d = if src[i] & MIGRATE_PFN_VALID == 0 {
+        let skip = holes.min(dsts.len());
+        let mut hole_dsts = dsts[..skip].iter();
+        let mut copy_dsts = dsts[skip..].iter();
+        let dst = m.dst_mut();
+        for &(i, hole) in &want {
+            let d = if hole {
                 hole_dsts.next()
             } else {
                 copy_dsts.next()
             };
-            let Some(&d) = d else { continue };
-            dst[i] = migrate_pfn(d);
-            if let Some(s) = migrate_pfn_to_pfn(src[i]) {
-                pairs.push((s, d));
-                pair_index.push(i);
+            if let Some(&d) = d {
+                dst[i] = migrate_pfn(d);
+            }
+        }
+        // Destinations the budget left no room for (fewer pages than entries) go back.
+        let unused: Vec<Pfn> = hole_dsts.chain(copy_dsts).copied().collect();
+        for pfn in unused {
+            if let Some(p) = self.pagemap.page(pfn) {
+                p.unlock();
+                self.pagemap.put_page(p);
             }
         }
         let submitted = Instant::now();
-        let ticket = if pipelined {
-            self.device.copy_queued(&pairs)
-        } else {
-            self.device.copy(&pairs)
-        };
+        let device = &self.device;
+        let m = m.submit(|pairs| {
+            if pipelined {
+                device.copy_queued(pairs)
+            } else {
+                device.copy(pairs)
+            }
+        });
         self.counters
             .book_ns
             .fetch_add((submitted - t0).as_nanos() as u64, Ordering::Relaxed);
-        Ok(Chunk {
-            start,
-            end,
-            src,
-            dst,
-            fault_page,
-            vma,
-            cpages,
-            pairs,
-            pair_index,
-            ticket,
-            submitted,
-            seq,
-        })
+        Ok((m, submitted, seq))
     }
 
-    /// Waits for a chunk's copy, then runs pages and finalize; failed copies stay behind.
+    /// Waits for a chunk's copy, then runs pages and finalize; pages whose copy failed stay
+    /// behind. Returns how many did.
     fn complete(
         &self,
         space: &AddressSpace,
-        c: Chunk,
+        (m, submitted, seq): (Migration<'_, InFlight>, Instant, u64),
         to_device: bool,
         total: &mut Moved,
-    ) -> Result<()> {
-        let Chunk {
-            start,
-            end,
-            mut src,
-            mut dst,
-            fault_page,
-            vma,
-            cpages,
-            pairs,
-            pair_index,
-            ticket,
-            submitted,
-            seq,
-        } = c;
-        let copied = ticket.and_then(|t| t.wait());
+    ) -> Result<usize> {
+        let m = m.wait();
         let t1 = Instant::now();
         self.counters
             .copy_ns
             .fetch_add((t1 - submitted).as_nanos() as u64, Ordering::Relaxed);
-        if let Err(e) = copied {
-            let failed: Vec<usize> = match e {
-                EngineError::CopyFailed { failed, .. } => failed,
-                _ => (0..pairs.len()).collect(),
-            };
-            for k in failed {
-                let i = pair_index[k];
-                if let Some(p) = migrate_pfn_to_page(&self.pagemap, dst[i]) {
-                    p.unlock();
-                    self.pagemap.put_page(p);
-                }
-                dst[i] = 0;
-            }
-        }
-        let mut m = MigrateVma::resume(space, start, end, &mut src, &mut dst, fault_page, vma);
-        m.pgmap_owner = self.owner;
-        migrate_vma_pages(&mut m)?;
-        let n = m.npages;
-        let mut migrated = 0;
+        let m = m?;
         let table = if to_device {
             self.tables.lock().get(&space.id()).cloned()
         } else {
             None
         };
         let mut entries = Vec::new();
-        for i in 0..n {
-            if m.src[i] & MIGRATE_PFN_MIGRATE != 0 && m.dst[i] & MIGRATE_PFN_VALID != 0 {
-                migrated += 1;
-                if to_device {
-                    let pfn = migrate_pfn_to_pfn(m.dst[i]).expect("valid");
-                    self.resident.add(pfn);
-                    if table.is_some() {
-                        entries.push((start + i as u64 * PAGE, pfn));
-                    }
+        if to_device {
+            for (i, pfn) in m.moving() {
+                self.resident.add(pfn);
+                if table.is_some() {
+                    entries.push((m.addr(i), pfn));
                 }
             }
         }
@@ -546,8 +460,13 @@ impl Inner {
         if let Some(t) = table {
             t.migrated(space, seq, &entries);
         }
-        migrate_vma_finalize(&mut m);
-        let bytes = (pairs.len() * PAGE_SIZE) as u64;
+        // Bytes copied: holes moved without a copy.
+        let copied = m
+            .moving()
+            .filter(|&(i, _)| m.src()[i] & MIGRATE_PFN_VALID != 0)
+            .count();
+        let outcome = m.finalize();
+        let bytes = (copied * PAGE_SIZE) as u64;
         if to_device {
             self.counters.to_device.fetch_add(bytes, Ordering::Relaxed);
         } else {
@@ -556,15 +475,19 @@ impl Inner {
         self.counters
             .book_ns
             .fetch_add(t1.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        total.cpages += cpages;
-        total.migrated += migrated;
-        Ok(())
+        total.cpages += outcome.cpages;
+        total.migrated += outcome.migrated;
+        Ok(outcome.failed)
     }
 
-    /// Up to `n` locked device pages, evicting to stay within the budget; the first `zeroed`
-    /// of them read as zeros (for holes), the rest hold whatever they held (copies overwrite
-    /// them).
-    fn device_pages(&self, n: usize, zeroed: usize) -> Vec<Pfn> {
+    /// Up to `n` locked device pages (fewer, maybe none, where the budget leaves no more
+    /// room after eviction: what does not fit stays behind), the first `zeroed` of them
+    /// reading as zeros (for holes), the rest holding whatever they held (copies overwrite
+    /// them). Fails if the device's allocator does.
+    fn device_pages(&self, n: usize, zeroed: usize) -> Result<Vec<Pfn>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         let in_use = self.device.pages_in_use();
         let room = self.budget_pages.saturating_sub(in_use);
         if room < n {
@@ -593,7 +516,7 @@ impl Inner {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!("device allocation of {room} pages failed: {e}");
-                return Vec::new();
+                return Err(e.into());
             }
         };
         for &p in &pfns {
@@ -601,75 +524,81 @@ impl Inner {
                 .init_device_page(p, true)
                 .expect("fresh device page");
         }
-        pfns
+        Ok(pfns)
     }
 
-    /// Up to `n` locked host pages.
-    fn host_pages(&self, n: usize) -> Vec<Pfn> {
-        let pfns = match self.pagemap.frames().alloc_batch(n, false) {
-            Ok(p) => p,
+    /// `n` locked host pages, the first `zeroed` of them reading as zeros (for holes: a page
+    /// that reaches an owner unwritten must never show an earlier owner's bytes); all or
+    /// none.
+    fn host_pages(&self, n: usize, zeroed: usize) -> Result<Vec<Pfn>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let frames = self.pagemap.frames();
+        let mut pfns = frames.alloc_batch(zeroed, true)?;
+        match frames.alloc_batch(n - zeroed, false) {
+            Ok(rest) => pfns.extend(rest),
             Err(e) => {
-                tracing::warn!("host allocation of {n} pages failed: {e}");
-                return Vec::new();
+                let _ = frames.free_batch(&pfns);
+                return Err(e.into());
             }
-        };
+        }
         for &p in &pfns {
             self.pagemap.alloc_system_at(p, true);
         }
-        pfns
+        Ok(pfns)
     }
 
-    /// Evicts up to `n` device pages, least recently used first, with
-    /// `migrate_device_pfns`; pinned or busy pages are skipped.
+    /// Evicts up to `n` device pages, least recently used first, as one
+    /// [`DeviceMigration`]; pinned or busy pages are skipped. Host frames that cannot be had
+    /// are an error, with every page left on the device.
     pub(crate) fn evict(&self, n: usize) -> Result<usize> {
         let victims = self.resident.victims(&self.pagemap, n);
         if victims.is_empty() {
             return Ok(0);
         }
         let t0 = Instant::now();
-        let mut src: Vec<u64> = victims.iter().map(|&p| migrate_pfn(p)).collect();
-        migrate_device_pfns(&self.pagemap, &mut src)?;
-        let want = src
-            .iter()
-            .filter(|&&w| w & MIGRATE_PFN_MIGRATE != 0)
-            .count();
-        let hosts = self.host_pages(want);
-        let mut dst = vec![0u64; src.len()];
-        let mut pairs = Vec::with_capacity(want);
-        let mut it = hosts.iter();
-        for (i, &w) in src.iter().enumerate() {
-            if w & MIGRATE_PFN_MIGRATE == 0 {
-                continue;
+        let m = DeviceMigration::pfns(&self.pagemap, &victims);
+        let mut m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                self.resident.restore(&victims);
+                return Err(e);
             }
-            let Some(&h) = it.next() else { break };
+        };
+        let want: Vec<usize> = m.collected().map(|(i, _)| i).collect();
+        let hosts = match self.host_pages(want.len(), 0) {
+            Ok(h) => h,
+            Err(e) => {
+                drop(m);
+                self.resident.restore(&victims);
+                return Err(e);
+            }
+        };
+        let dst = m.dst_mut();
+        for (&i, &h) in want.iter().zip(&hosts) {
             dst[i] = migrate_pfn(h);
-            pairs.push((migrate_pfn_to_pfn(w).expect("valid"), h));
         }
         let t1 = Instant::now();
-        let copied = self.device.copy(&pairs).and_then(|t| t.wait());
+        let m = m.submit(|pairs| self.device.copy(pairs)).wait();
         let t2 = Instant::now();
-        if copied.is_err() {
-            for d in dst.iter_mut() {
-                if let Some(p) = migrate_pfn_to_page(&self.pagemap, *d) {
-                    p.unlock();
-                    self.pagemap.put_page(p);
-                }
-                *d = 0;
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                self.resident.restore(&victims);
+                return Err(e);
             }
-        }
-        migrate_device_pages(&self.pagemap, &mut src, &dst)?;
-        let moved = (0..src.len())
-            .filter(|&i| src[i] & MIGRATE_PFN_MIGRATE != 0 && dst[i] != 0)
-            .count();
+        };
+        let moving: std::collections::HashSet<usize> = m.moving().map(|(i, _)| i).collect();
         let stayed: Vec<Pfn> = victims
             .iter()
-            .zip(&src)
-            .zip(&dst)
-            .filter(|((_, &s), &d)| s & MIGRATE_PFN_MIGRATE == 0 || d == 0)
-            .map(|((&v, _), _)| v)
+            .enumerate()
+            .filter(|(i, _)| !moving.contains(i))
+            .map(|(_, &v)| v)
             .collect();
-        migrate_device_finalize(&self.pagemap, &mut src, &dst);
+        let outcome = m.finalize();
         self.resident.restore(&stayed);
+        let moved = outcome.migrated;
         let c = &self.counters;
         c.evictions.fetch_add(moved as u64, Ordering::Relaxed);
         c.to_host
@@ -680,7 +609,15 @@ impl Inner {
             ((t1 - t0) + t2.elapsed()).as_nanos() as u64,
             Ordering::Relaxed,
         );
-        copied?;
+        if outcome.failed > 0 {
+            return Err(Error::FaultFailed {
+                addr: 0,
+                reason: format!(
+                    "{} device pages could not be copied to host",
+                    outcome.failed
+                ),
+            });
+        }
         Ok(moved)
     }
 }

@@ -5,6 +5,7 @@
 use hetmem_engine::{Pfn, PAGE_SIZE};
 
 use super::pfn::*;
+use super::staged::DeviceMigration;
 use super::unmap::{restore_page, unmap_page, Unmapped};
 use super::vma::{finalize, move_state, validate_dst};
 use crate::error::{Error, Result};
@@ -112,53 +113,55 @@ pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Resul
     Ok(())
 }
 
-/// Stage 3 of a device migration: as `migrate_vma_finalize`.
+/// Stage 3 of a device migration: as `migrate_vma_finalize`. Entries past the end of a
+/// short `dst` have no destination: their pages are restored.
 pub fn migrate_device_finalize(pm: &PageMap, src: &mut [u64], dst: &[u64]) {
-    let n = src.len().min(dst.len());
-    finalize(pm, &mut src[..n], &dst[..n], None, None);
+    if dst.len() < src.len() {
+        let mut padded = dst.to_vec();
+        padded.resize(src.len(), 0);
+        finalize(pm, src, &padded, None, None);
+    } else {
+        finalize(pm, src, &dst[..src.len()], None, None);
+    }
 }
 
 /// Moves one device-coherent page to a new system page (CPU copy), so that a long-term pin
-/// can be granted. Fails with [`Error::Busy`] if the page cannot move.
+/// can be granted. Fails with [`Error::Busy`] if the page cannot move, and with the
+/// allocation's error (out of host frames) if no system page can be had; either way the
+/// page stays where it was, unlocked.
 pub fn migrate_device_coherent_page(pm: &PageMap, pfn: Pfn) -> Result<Pfn> {
     let page = pm.page_or_err(pfn)?;
     if page.kind() != MemoryKind::DeviceCoherent {
         return Err(Error::InvalidArgument("not a device-coherent page"));
     }
-    let mut src = [migrate_pfn(pfn)];
-    if migrate_device_pfns(pm, &mut src)? == 0 {
+    let mut m = DeviceMigration::pfns(pm, &[pfn])?;
+    if m.cpages() == 0 {
         return Err(Error::Busy(pfn));
     }
     let new = pm.alloc_system(false, true)?;
     let copied = (|| -> Result<()> {
         let mut buf = vec![0u8; PAGE_SIZE];
-        pm.access(pfn)
-            .ok_or(Error::UnknownPfn(pfn))?
-            .read(pfn, 0, &mut buf)?;
-        pm.access(new.pfn())
-            .ok_or(Error::UnknownPfn(new.pfn()))?
-            .write(new.pfn(), 0, &buf)?;
-        Ok(())
+        pm.read_frame(pfn, 0, &mut buf)?;
+        pm.write_frame(new.pfn(), 0, &buf)
     })();
-    let dst = [if copied.is_ok() {
-        migrate_pfn(new.pfn())
-    } else {
-        0
-    }];
-    migrate_device_pages(pm, &mut src, &dst)?;
-    let moved = src[0] & MIGRATE_PFN_MIGRATE != 0;
-    migrate_device_finalize(pm, &mut src, &dst);
-    if copied.is_err() {
+    if let Err(e) = copied {
         new.unlock();
         pm.put_page(new);
+        return Err(e);
     }
-    copied?;
+    m.dst_mut()[0] = migrate_pfn(new.pfn());
+    let m = m.copied()?;
+    let moved = m.moving().count() == 1;
+    m.finalize();
     if moved {
         Ok(new.pfn())
     } else {
         Err(Error::Busy(pfn))
     }
 }
+
+/// Rounds of migrating device-coherent pages out before a long-term pin gives up.
+const LONGTERM_ROUNDS: usize = 8;
 
 /// Pins pages for the long term: device-coherent pages are first migrated to system memory
 /// (as the kernel does for FOLL_LONGTERM), then pinned.
@@ -168,12 +171,15 @@ pub fn pin_pages_longterm(
     npages: usize,
     write: bool,
 ) -> Result<crate::mm::PinGuard> {
-    loop {
+    let mut last = None;
+    for _ in 0..LONGTERM_ROUNDS.max(npages.saturating_mul(2)) {
         match crate::mm::pin_pages(space, addr, npages, write, true) {
             Err(Error::CoherentPin(pfn)) => {
                 migrate_device_coherent_page(space.pagemap(), pfn)?;
+                last = Some(pfn);
             }
             other => return other,
         }
     }
+    Err(Error::Busy(last.expect("at least one round")))
 }

@@ -12,5 +12,5 @@ pub use device::{
     migrate_device_pfns, migrate_device_range, pin_pages_longterm,
 };
 pub use pfn::*;
-pub use staged::{Collected, Copied, Migration, Outcome};
+pub use staged::{Collected, Copied, DeviceMigration, InFlight, Migration, Outcome};
 pub use vma::{migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup, MigrateVma};

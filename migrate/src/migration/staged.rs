@@ -1,5 +1,13 @@
-//! A typestate wrapper over `migrate_vma_*`: the stages run in order or not at all, and a
-//! migration dropped before it finishes restores every page.
+//! The owning migration types: [`Migration`] over `migrate_vma_*` and [`DeviceMigration`]
+//! over `migrate_device_*`. Each owns its `src`/`dst` arrays, the map lock between stages and
+//! the copy in flight; the stages run in order or not at all, and a migration dropped at any
+//! point leaves every page in one valid place, unlocked:
+//!
+//! - dropped [`Collected`]: nothing migrates; every page is restored and the destinations
+//!   the driver named are released;
+//! - dropped [`InFlight`]: the copy is waited for first (the device may still be writing the
+//!   destinations), then as for `Collected`;
+//! - dropped [`Copied`]: the migration completes, as `finalize` would.
 //!
 //! ```compile_fail
 //! # fn f(m: hetmem::migration::Migration<'_, hetmem::migration::Collected>) {
@@ -10,43 +18,137 @@
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use hetmem_engine::Pfn;
+use hetmem_engine::{EngineError, Pfn, Ticket};
 
+use super::device::{migrate_device_pages, migrate_device_pfns};
 use super::pfn::*;
-use super::vma::{finalize, migrate_vma_pages, migrate_vma_setup, MigrateVma};
+use super::vma::{abandon, finalize, migrate_vma_pages, setup_holding, Held, MigrateVma, Stage};
 use crate::error::Result;
-use crate::mm::page::flags;
-use crate::mm::{AddressSpace, Vma};
+use crate::mm::space::MapHold;
+use crate::mm::{AddressSpace, PageMap, Vma, PAGE};
 
-/// State: pages are collected, locked and unmapped; the driver fills destinations and copies.
+/// State: pages are collected, locked and unmapped; the driver fills destinations, then
+/// copies ([`Migration::submit`]) or says it has copied ([`Migration::copied`]).
 pub struct Collected;
-/// State: destinations are in place; finalizing (or dropping) completes the migration.
+/// State: the copy is in flight on the device; [`Migration::wait`] waits for it.
+pub struct InFlight;
+/// State: the copy is done and the pages stage has run; finalizing (or dropping) completes
+/// the migration.
 pub struct Copied;
 
-/// A migration of one range in state `S`.
-pub struct Migration<'a, S> {
-    space: &'a AddressSpace,
-    start: u64,
-    src: Vec<u64>,
-    dst: Vec<u64>,
-    fault_page: Option<Pfn>,
-    cpages: usize,
-    vma: Option<Arc<Vma>>,
-    finished: bool,
-    _state: PhantomData<S>,
-}
-
 /// What a finished migration did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     /// Entries collected by setup (holes included).
     pub cpages: usize,
     /// Entries that moved.
     pub migrated: usize,
+    /// Entries whose copy failed (they stayed where they were).
+    pub failed: usize,
+}
+
+/// A copy submitted for a migration: its ticket (or the error that kept it from being
+/// submitted) and, for each of its pairs, the entry it belongs to.
+struct Copy {
+    ticket: std::result::Result<Ticket, EngineError>,
+    entries: Vec<usize>,
+}
+
+/// The parts both owning types share: the arrays and the copy.
+struct Arrays {
+    src: Vec<u64>,
+    dst: Vec<u64>,
+    copy: Option<Copy>,
+    failed: usize,
+}
+
+impl Arrays {
+    /// The copy pairs: (source, destination) of every collected entry that has both (holes
+    /// have no source: the driver gave them zeroed pages), with the entry of each.
+    fn pairs(&self) -> (Vec<(Pfn, Pfn)>, Vec<usize>) {
+        let mut pairs = Vec::new();
+        let mut entries = Vec::new();
+        for (i, (&s, &d)) in self.src.iter().zip(&self.dst).enumerate() {
+            if s & MIGRATE_PFN_MIGRATE == 0 {
+                continue;
+            }
+            if let (Some(s), Some(d)) = (migrate_pfn_to_pfn(s), migrate_pfn_to_pfn(d)) {
+                pairs.push((s, d));
+                entries.push(i);
+            }
+        }
+        (pairs, entries)
+    }
+
+    fn submit(
+        &mut self,
+        copy: impl FnOnce(&[(Pfn, Pfn)]) -> std::result::Result<Ticket, EngineError>,
+    ) {
+        let (pairs, entries) = self.pairs();
+        let ticket = copy(&pairs);
+        self.copy = Some(Copy { ticket, entries });
+    }
+
+    /// Waits for the copy; the destinations of pairs that failed are released and forgotten,
+    /// so those entries stay where they were. Returns the copy's error, if any.
+    fn wait(&mut self, pm: &PageMap) -> Option<EngineError> {
+        let c = self.copy.take()?;
+        let err = c.ticket.and_then(|t| t.wait()).err()?;
+        let failed: Vec<usize> = match &err {
+            EngineError::CopyFailed { failed, .. } => failed.clone(),
+            _ => (0..c.entries.len()).collect(),
+        };
+        for k in failed {
+            let Some(&i) = c.entries.get(k) else { continue };
+            if let Some(p) = migrate_pfn_to_page(pm, self.dst[i]) {
+                p.unlock();
+                pm.put_page(p);
+            }
+            self.dst[i] = 0;
+            self.failed += 1;
+        }
+        Some(err)
+    }
+
+    fn migrated(&self) -> usize {
+        self.src
+            .iter()
+            .zip(&self.dst)
+            .filter(|(&s, &d)| s & MIGRATE_PFN_MIGRATE != 0 && d & MIGRATE_PFN_VALID != 0)
+            .count()
+    }
+
+    /// Entries that migrate (after the pages stage): index and destination.
+    fn moving(&self) -> impl Iterator<Item = (usize, Pfn)> + '_ {
+        self.src
+            .iter()
+            .zip(&self.dst)
+            .enumerate()
+            .filter(|(_, (&s, _))| s & MIGRATE_PFN_MIGRATE != 0)
+            .filter_map(|(i, (_, &d))| Some((i, migrate_pfn_to_pfn(d)?)))
+    }
+}
+
+/// A migration of one range of one mapping, in state `S` (see the module docs).
+pub struct Migration<'a, S> {
+    space: &'a AddressSpace,
+    start: u64,
+    owner: u64,
+    flags: u32,
+    fault_page: Option<Pfn>,
+    cpages: usize,
+    arrays: Arrays,
+    /// The space's map lock, held from setup to finalize.
+    map: Option<MapHold<'a>>,
+    vma: Option<Arc<Vma>>,
+    stage: Stage,
+    _state: PhantomData<S>,
 }
 
 impl<'a> Migration<'a, Collected> {
     /// Runs `migrate_vma_setup` over `[start, end)` with the selection `flags` and `owner`.
+    /// The migration holds the space's map lock until it is finalized or dropped (see
+    /// [`crate::migration::migrate_vma_setup`]).
     pub fn setup(
         space: &'a AddressSpace,
         start: u64,
@@ -55,106 +157,207 @@ impl<'a> Migration<'a, Collected> {
         owner: u64,
         fault_page: Option<Pfn>,
     ) -> Result<Self> {
-        let n = (end.saturating_sub(start) / crate::mm::PAGE) as usize;
+        let n = (end.saturating_sub(start) / PAGE) as usize;
         let mut src = vec![0; n];
         let mut dst = vec![0; n];
         let mut m = MigrateVma::new(space, start, end, &mut src, &mut dst);
         m.pgmap_owner = owner;
         m.flags = flags;
         m.fault_page = fault_page;
-        migrate_vma_setup(&mut m)?;
-        let (cpages, vma) = (m.cpages, m.vma());
+        let (map, vma) = setup_holding(&mut m, space)?;
+        let cpages = m.cpages;
+        drop(m);
         Ok(Migration {
             space,
             start,
-            src,
-            dst,
+            owner,
+            flags,
             fault_page,
             cpages,
-            vma,
-            finished: false,
+            arrays: Arrays {
+                src,
+                dst,
+                copy: None,
+                failed: 0,
+            },
+            map: Some(map),
+            vma: Some(vma),
+            stage: Stage::SetUp,
             _state: PhantomData,
         })
     }
 
     /// The entries to migrate: index and source page (`None` for a hole).
     pub fn collected(&self) -> impl Iterator<Item = (usize, Option<Pfn>)> + '_ {
-        self.src
+        self.arrays
+            .src
             .iter()
             .enumerate()
             .filter(|(_, &w)| w & MIGRATE_PFN_MIGRATE != 0)
             .map(|(i, &w)| (i, migrate_pfn_to_pfn(w)))
     }
 
-    /// Destination words for the driver to fill (`migrate_pfn` of a locked page, or 0).
+    /// Destination words for the driver to fill (`migrate_pfn` of a locked page, or 0). A
+    /// hole's destination must already read as zeros.
     pub fn dst_mut(&mut self) -> &mut [u64] {
-        &mut self.dst
+        &mut self.arrays.dst
     }
 
-    /// Runs `migrate_vma_pages`. On error (a bad destination) the migration is dropped,
-    /// which restores every page.
-    pub fn copied(mut self) -> Result<Migration<'a, Copied>> {
-        let end = self.start + self.src.len() as u64 * crate::mm::PAGE;
-        let mut m = MigrateVma::resume(
-            self.space,
-            self.start,
-            end,
-            &mut self.src,
-            &mut self.dst,
-            self.fault_page,
-            self.vma.clone(),
-        );
-        migrate_vma_pages(&mut m)?;
-        let next = Migration {
-            space: self.space,
-            start: self.start,
-            src: std::mem::take(&mut self.src),
-            dst: std::mem::take(&mut self.dst),
-            fault_page: self.fault_page,
-            cpages: self.cpages,
-            vma: self.vma.take(),
-            finished: false,
-            _state: PhantomData,
-        };
-        self.finished = true;
-        Ok(next)
+    /// The copies the destinations call for: (source, destination) of every collected page
+    /// that has a destination (holes have no source).
+    pub fn pairs(&self) -> Vec<(Pfn, Pfn)> {
+        self.arrays.pairs().0
+    }
+
+    /// Hands the copy of [`Migration::pairs`] to `copy` (for example
+    /// `|p| device.copy_queued(p)`), which returns its ticket; the migration owns the ticket
+    /// from here. An error from `copy` counts as every pair failing.
+    pub fn submit(
+        mut self,
+        copy: impl FnOnce(&[(Pfn, Pfn)]) -> std::result::Result<Ticket, EngineError>,
+    ) -> Migration<'a, InFlight> {
+        self.arrays.submit(copy);
+        self.into_state()
+    }
+
+    /// For a driver that has copied by itself (synchronously): runs `migrate_vma_pages`. On
+    /// error (a bad destination) the migration is dropped, which restores every page.
+    pub fn copied(self) -> Result<Migration<'a, Copied>> {
+        self.pages()
     }
 }
 
-impl<S> Migration<'_, S> {
+impl<'a> Migration<'a, InFlight> {
+    /// True once the copy has finished (or failed); does not block.
+    pub fn is_done(&self) -> bool {
+        match &self.arrays.copy {
+            Some(Copy { ticket: Ok(t), .. }) => t.is_done().unwrap_or(true),
+            _ => true,
+        }
+    }
+
+    /// Waits for the copy, then runs `migrate_vma_pages`. Pages whose copy failed stay where
+    /// they were (counted in [`Outcome::failed`]). Fails only on a bad destination, with
+    /// every page restored.
+    pub fn wait(mut self) -> Result<Migration<'a, Copied>> {
+        let pm = self.space.pagemap().clone();
+        if let Some(e) = self.arrays.wait(&pm) {
+            tracing::debug!("migration copy failed: {e}");
+        }
+        self.pages()
+    }
+}
+
+impl<'a, S> Migration<'a, S> {
     /// Source words as setup left them.
     pub fn src(&self) -> &[u64] {
-        &self.src
+        &self.arrays.src
+    }
+    /// Destination words.
+    pub fn dst(&self) -> &[u64] {
+        &self.arrays.dst
     }
     /// Entries collected by setup.
     pub fn cpages(&self) -> usize {
         self.cpages
     }
+    /// The address of entry `i`.
+    pub fn addr(&self, i: usize) -> u64 {
+        self.start + i as u64 * PAGE
+    }
 
+    fn into_state<T>(mut self) -> Migration<'a, T> {
+        let next = Migration {
+            space: self.space,
+            start: self.start,
+            owner: self.owner,
+            flags: self.flags,
+            fault_page: self.fault_page,
+            cpages: self.cpages,
+            arrays: Arrays {
+                src: std::mem::take(&mut self.arrays.src),
+                dst: std::mem::take(&mut self.arrays.dst),
+                copy: self.arrays.copy.take(),
+                failed: self.arrays.failed,
+            },
+            map: self.map.take(),
+            vma: self.vma.take(),
+            stage: self.stage,
+            _state: PhantomData,
+        };
+        self.stage = Stage::Idle;
+        next
+    }
+
+    /// Runs a stage function of `vma.rs` over this migration's arrays.
+    fn with_vma<R>(&mut self, f: impl FnOnce(&mut MigrateVma<'_>) -> R) -> R {
+        let end = self.start + self.arrays.src.len() as u64 * PAGE;
+        let mut m = MigrateVma::new(
+            self.space,
+            self.start,
+            end,
+            &mut self.arrays.src,
+            &mut self.arrays.dst,
+        );
+        m.pgmap_owner = self.owner;
+        m.flags = self.flags;
+        m.fault_page = self.fault_page;
+        m.cpages = self.cpages;
+        m.npages = m.src.len();
+        m.held = Held {
+            map: None,
+            vma: self.vma.clone(),
+            stage: self.stage,
+        };
+        let r = f(&mut m);
+        self.stage = m.held.stage;
+        // The stage is recorded here: the temporary must not finalize on drop.
+        m.held.stage = Stage::Idle;
+        r
+    }
+
+    fn pages(mut self) -> Result<Migration<'a, Copied>> {
+        self.with_vma(migrate_vma_pages)?;
+        Ok(self.into_state())
+    }
+
+    /// Finalizes whatever state the migration is in (see the module docs).
     fn finish(&mut self) -> Outcome {
-        self.finished = true;
+        if self.stage == Stage::Idle {
+            return Outcome::default();
+        }
         let pm = self.space.pagemap().clone();
-        let migrated = (0..self.src.len())
-            .filter(|&i| {
-                self.src[i] & MIGRATE_PFN_MIGRATE != 0 && self.dst[i] & MIGRATE_PFN_VALID != 0
-            })
-            .count();
+        if self.arrays.copy.is_some() {
+            let _ = self.arrays.wait(&pm);
+        }
+        if self.stage == Stage::SetUp {
+            abandon(&pm, &mut self.arrays.src, &mut self.arrays.dst);
+        }
+        let migrated = self.arrays.migrated();
         finalize(
             &pm,
-            &mut self.src,
-            &self.dst,
+            &mut self.arrays.src,
+            &self.arrays.dst,
             self.fault_page,
             Some((self.space, self.start)),
         );
+        self.stage = Stage::Idle;
+        self.map = None;
         Outcome {
             cpages: self.cpages,
             migrated,
+            failed: self.arrays.failed,
         }
     }
 }
 
 impl Migration<'_, Copied> {
-    /// Runs `migrate_vma_finalize`.
+    /// The entries that migrate when finalized: index and destination page.
+    pub fn moving(&self) -> impl Iterator<Item = (usize, Pfn)> + '_ {
+        self.arrays.moving()
+    }
+
+    /// Runs `migrate_vma_finalize`; the map lock is released.
     pub fn finalize(mut self) -> Outcome {
         self.finish()
     }
@@ -162,20 +365,165 @@ impl Migration<'_, Copied> {
 
 impl<S> Drop for Migration<'_, S> {
     fn drop(&mut self) {
-        if self.finished {
-            return;
+        self.finish();
+    }
+}
+
+/// A migration of device pages by frame number (`migrate_device_*`: eviction, device
+/// removal), in state `S`. Same stages and drop rules as [`Migration`]; it holds no map lock
+/// (device pages may be mapped in several address spaces, which keep changing meanwhile:
+/// finalize finds their entries through the reverse map).
+pub struct DeviceMigration<'p, S> {
+    pm: &'p PageMap,
+    cpages: usize,
+    arrays: Arrays,
+    stage: Stage,
+    _state: PhantomData<S>,
+}
+
+impl<'p> DeviceMigration<'p, Collected> {
+    /// Collects the device pages `start..start + npages` (`migrate_device_range`).
+    pub fn range(pm: &'p PageMap, start: Pfn, npages: usize) -> Result<Self> {
+        let pfns: Vec<Pfn> = (0..npages as u64).map(|i| start.add(i)).collect();
+        Self::pfns(pm, &pfns)
+    }
+
+    /// Collects the given device pages (`migrate_device_pfns`).
+    pub fn pfns(pm: &'p PageMap, pfns: &[Pfn]) -> Result<Self> {
+        let mut src: Vec<u64> = pfns.iter().map(|&p| migrate_pfn(p)).collect();
+        let cpages = migrate_device_pfns(pm, &mut src)?;
+        let n = src.len();
+        Ok(DeviceMigration {
+            pm,
+            cpages,
+            arrays: Arrays {
+                src,
+                dst: vec![0; n],
+                copy: None,
+                failed: 0,
+            },
+            stage: Stage::SetUp,
+            _state: PhantomData,
+        })
+    }
+
+    /// The collected entries: index and device page.
+    pub fn collected(&self) -> impl Iterator<Item = (usize, Pfn)> + '_ {
+        self.arrays
+            .src
+            .iter()
+            .enumerate()
+            .filter(|(_, &w)| w & MIGRATE_PFN_MIGRATE != 0)
+            .filter_map(|(i, &w)| Some((i, migrate_pfn_to_pfn(w)?)))
+    }
+
+    /// Destination words for the driver to fill (`migrate_pfn` of a locked page, or 0).
+    pub fn dst_mut(&mut self) -> &mut [u64] {
+        &mut self.arrays.dst
+    }
+
+    /// The copies the destinations call for.
+    pub fn pairs(&self) -> Vec<(Pfn, Pfn)> {
+        self.arrays.pairs().0
+    }
+
+    /// Hands the copy to `copy`, which returns its ticket (see [`Migration::submit`]).
+    pub fn submit(
+        mut self,
+        copy: impl FnOnce(&[(Pfn, Pfn)]) -> std::result::Result<Ticket, EngineError>,
+    ) -> DeviceMigration<'p, InFlight> {
+        self.arrays.submit(copy);
+        self.into_state()
+    }
+
+    /// For a driver that has copied by itself: runs `migrate_device_pages`.
+    pub fn copied(self) -> Result<DeviceMigration<'p, Copied>> {
+        self.pages()
+    }
+}
+
+impl<'p> DeviceMigration<'p, InFlight> {
+    /// Waits for the copy, then runs `migrate_device_pages` (failed pages stay).
+    pub fn wait(mut self) -> Result<DeviceMigration<'p, Copied>> {
+        if let Some(e) = self.arrays.wait(self.pm) {
+            tracing::debug!("device migration copy failed: {e}");
         }
-        // Unfinished: nothing migrates. Destinations that are live, locked, unmapped pages are
-        // released by finalize; anything else in `dst` is not ours to touch.
-        let pm = self.space.pagemap().clone();
-        for (s, d) in self.src.iter_mut().zip(self.dst.iter_mut()) {
-            *s &= !MIGRATE_PFN_MIGRATE;
-            let ok = migrate_pfn_to_page(&pm, *d)
-                .is_some_and(|p| p.refcount() > 0 && p.mapcount() == 0 && p.test(flags::LOCKED));
-            if !ok {
-                *d = 0;
-            }
+        self.pages()
+    }
+}
+
+impl<'p, S> DeviceMigration<'p, S> {
+    /// Source words.
+    pub fn src(&self) -> &[u64] {
+        &self.arrays.src
+    }
+    /// Destination words.
+    pub fn dst(&self) -> &[u64] {
+        &self.arrays.dst
+    }
+    /// Pages collected.
+    pub fn cpages(&self) -> usize {
+        self.cpages
+    }
+
+    fn into_state<T>(mut self) -> DeviceMigration<'p, T> {
+        let next = DeviceMigration {
+            pm: self.pm,
+            cpages: self.cpages,
+            arrays: Arrays {
+                src: std::mem::take(&mut self.arrays.src),
+                dst: std::mem::take(&mut self.arrays.dst),
+                copy: self.arrays.copy.take(),
+                failed: self.arrays.failed,
+            },
+            stage: self.stage,
+            _state: PhantomData,
+        };
+        self.stage = Stage::Idle;
+        next
+    }
+
+    fn pages(mut self) -> Result<DeviceMigration<'p, Copied>> {
+        migrate_device_pages(self.pm, &mut self.arrays.src, &self.arrays.dst)?;
+        self.stage = Stage::Paged;
+        Ok(self.into_state())
+    }
+
+    fn finish(&mut self) -> Outcome {
+        if self.stage == Stage::Idle {
+            return Outcome::default();
         }
+        if self.arrays.copy.is_some() {
+            let _ = self.arrays.wait(self.pm);
+        }
+        if self.stage == Stage::SetUp {
+            abandon(self.pm, &mut self.arrays.src, &mut self.arrays.dst);
+        }
+        let migrated = self.arrays.migrated();
+        finalize(self.pm, &mut self.arrays.src, &self.arrays.dst, None, None);
+        self.stage = Stage::Idle;
+        Outcome {
+            cpages: self.cpages,
+            migrated,
+            failed: self.arrays.failed,
+        }
+    }
+}
+
+impl DeviceMigration<'_, Copied> {
+    /// The entries that migrate when finalized: index and destination page.
+    pub fn moving(&self) -> impl Iterator<Item = (usize, Pfn)> + '_ {
+        self.arrays.moving()
+    }
+
+    /// Runs `migrate_device_finalize`.
+    pub fn finalize(mut self) -> Outcome {
+        self.finish()
+    }
+}
+
+impl<S> Drop for DeviceMigration<'_, S> {
+    fn drop(&mut self) {
         self.finish();
     }
 }

@@ -59,6 +59,7 @@ pub(crate) fn entry_for(page: &Page, kind: MigrationKind, young: bool, dirty: bo
 
 /// Runs `f` on each address space and address where `page` is mapped. `own` (a space and
 /// address the caller knows maps it) spares the reverse-map lookups when it is the only one.
+/// Mappings in address spaces being dropped are passed over (their teardown clears them).
 pub(crate) fn for_each_mapping(
     pm: &PageMap,
     page: &Page,
@@ -79,6 +80,85 @@ pub(crate) fn for_each_mapping(
     for Mapping { space, addr } in page.mappings() {
         if let Some(inner) = pm.space(space) {
             f(&AddressSpace::from_inner(inner), addr);
+        }
+    }
+}
+
+/// Rounds of a reverse-map walk that still finds mappings in address spaces being torn down
+/// before it gives up on them.
+const WALK_ROUNDS: usize = 100_000;
+
+/// Runs `f` on every mapping of the locked page `page` until no mapping is left that `f` has
+/// not seen, so that mappings added while the walk runs (a fork sharing a migration entry,
+/// an mremap moving one) are not missed: each such change happens under the leaf lock of an
+/// entry that maps the page, and adds its mapping before the walk can finish. `f` runs
+/// with the leaf of the mapping locked, and returns whether the page's reverse map lost the
+/// mapping. With `until_unmapped`, the walk also waits for mappings in address spaces being
+/// torn down to go (a page must not be released while a teardown may still touch its
+/// reverse map).
+pub(crate) fn walk_mappings(
+    pm: &PageMap,
+    page: &Page,
+    own: Option<(&AddressSpace, u64)>,
+    until_unmapped: bool,
+    mut f: impl FnMut(&AddressSpace, u64, &crate::mm::pte::LeafGuard<'_>, usize),
+) {
+    if let Some((space, addr)) = own {
+        let me = Mapping {
+            space: space.id(),
+            addr,
+        };
+        if page.sole_mapping() == Some(me) {
+            if let Some(leaf) = space.leaf(addr, false) {
+                let g = leaf.lock();
+                f(space, addr, &g, leaf_index(addr));
+            }
+            if !until_unmapped || page.mapcount() == 0 {
+                return;
+            }
+        }
+    }
+    let mut seen: Vec<Mapping> = Vec::new();
+    for round in 0.. {
+        let now = page.mappings();
+        let mut fresh = false;
+        let mut dying = false;
+        for m in now {
+            if seen.contains(&m) && !until_unmapped {
+                continue;
+            }
+            let Some(inner) = pm.space(m.space) else {
+                dying = true;
+                continue;
+            };
+            fresh |= !seen.contains(&m);
+            let space = AddressSpace::from_inner(inner);
+            if let Some(leaf) = space.leaf(m.addr, false) {
+                let g = leaf.lock();
+                f(&space, m.addr, &g, leaf_index(m.addr));
+            }
+            if !seen.contains(&m) {
+                seen.push(m);
+            }
+        }
+        let left = if until_unmapped {
+            page.mapcount() != 0
+        } else {
+            fresh
+        };
+        if !left {
+            return;
+        }
+        if !fresh || dying {
+            if round >= WALK_ROUNDS {
+                tracing::error!(
+                    "page {}: {} mappings left after {round} rounds of its reverse map",
+                    page.pfn(),
+                    page.mapcount()
+                );
+                return;
+            }
+            std::thread::yield_now();
         }
     }
 }
@@ -116,18 +196,26 @@ pub(crate) fn unmap_page(
             let Some(leaf) = space.leaf(addr, false) else {
                 return;
             };
-            let g = leaf.lock();
             let li = leaf_index(addr);
+            let live = |pte: Pte| {
+                matches!(pte, Pte::Present { .. } | Pte::DevicePrivate { .. })
+                    && pte.pfn() == Some(page.pfn())
+            };
+            if !live(leaf.get(li)) {
+                return;
+            }
+            // Mirrors first, with no leaf lock held (a notifier may sleep).
+            let _inv = space.invalidate(NotifyRange {
+                start: addr,
+                end: addr + PAGE,
+                event: NotifyEvent::Migrate,
+                owner: page.owner(),
+            });
+            let g = leaf.lock();
             let pte = g.get(li);
-            let live = matches!(pte, Pte::Present { .. } | Pte::DevicePrivate { .. });
-            if live && pte.pfn() == Some(page.pfn()) {
+            if live(pte) {
                 g.set(li, migration_entry(pte, page));
-                space.notify(NotifyRange {
-                    start: addr,
-                    end: addr + PAGE,
-                    event: NotifyEvent::Migrate,
-                    owner: page.owner(),
-                });
+                drop(g);
                 pm.put_page(page);
             }
         });
@@ -140,14 +228,9 @@ pub(crate) fn unmap_page(
 }
 
 /// Turns `page`'s migration entries back into the entries they replaced, each taking its
-/// reference again.
+/// reference again (wherever they are now: see [`walk_mappings`]).
 pub(crate) fn restore_entries(pm: &PageMap, page: &Page, own: Option<(&AddressSpace, u64)>) {
-    for_each_mapping(pm, page, own, |space, addr| {
-        let Some(leaf) = space.leaf(addr, false) else {
-            return;
-        };
-        let g = leaf.lock();
-        let li = leaf_index(addr);
+    walk_mappings(pm, page, own, false, |_, _, g, li| {
         if let Pte::Migration {
             pfn,
             kind,

@@ -16,14 +16,13 @@ use hetmem_engine::Pfn;
 
 use super::pfn::*;
 use super::unmap::{
-    entry_for, for_each_mapping, migration_entry, restore_entries, restore_page, unmap_page,
-    Unmapped,
+    entry_for, migration_entry, restore_entries, restore_page, unmap_page, walk_mappings, Unmapped,
 };
 use crate::error::{Error, Result};
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
 use crate::mm::page::{flags, Mapping, MemoryKind, Page};
 use crate::mm::pte::{LeafGuard, Pte, PTRS_PER_LEAF};
-use crate::mm::space::{check_aligned, find_vma, leaf_index, AddressSpace, Vma, PAGE};
+use crate::mm::space::{check_aligned, find_vma, leaf_index, AddressSpace, MapHold, Vma, PAGE};
 use crate::mm::PageMap;
 
 /// The arguments and results of one migration (the kernel's `struct migrate_vma`).
@@ -49,7 +48,40 @@ pub struct MigrateVma<'a> {
     pub cpages: usize,
     /// Pages in the range.
     pub npages: usize,
-    vma: Option<Arc<Vma>>,
+    pub(crate) held: Held<'a>,
+}
+
+/// What a migration holds between its stages: the address space's map lock (shared), so no
+/// munmap, mremap, mprotect or fork of the space runs until finalize; the mapping setup
+/// found; and how far it got.
+#[derive(Default)]
+pub(crate) struct Held<'a> {
+    /// The map lock (`None` where the caller keeps it: the typestate wrapper).
+    #[allow(dead_code, reason = "held for its drop, which releases the map lock")]
+    pub(crate) map: Option<MapHold<'a>>,
+    pub(crate) vma: Option<Arc<Vma>>,
+    pub(crate) stage: Stage,
+}
+
+/// How far a migration got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// Not set up, or finalized.
+    #[default]
+    Idle,
+    /// Setup ran: pages are collected, locked and unmapped.
+    SetUp,
+    /// The pages stage ran.
+    Paged,
+}
+
+impl Drop for MigrateVma<'_> {
+    /// A migration dropped between setup and finalize is finalized: before the pages stage
+    /// nothing migrates (every page is restored, destinations are released); after it, the
+    /// migration completes.
+    fn drop(&mut self) {
+        migrate_vma_finalize(self);
+    }
 }
 
 impl<'a> MigrateVma<'a> {
@@ -73,41 +105,13 @@ impl<'a> MigrateVma<'a> {
             fault_page: None,
             cpages: 0,
             npages: 0,
-            vma: None,
-        }
-    }
-
-    /// Rebuilds the arguments of a migration whose setup already ran (for callers that own
-    /// the arrays between stages, like the typestate wrapper and pipelined drivers); `vma`
-    /// is what [`MigrateVma::vma`] returned after setup.
-    pub fn resume(
-        space: &'a AddressSpace,
-        start: u64,
-        end: u64,
-        src: &'a mut [u64],
-        dst: &'a mut [u64],
-        fault_page: Option<Pfn>,
-        vma: Option<Arc<Vma>>,
-    ) -> Self {
-        let npages = src.len();
-        MigrateVma {
-            space,
-            start,
-            end,
-            src,
-            dst,
-            pgmap_owner: 0,
-            flags: 0,
-            fault_page,
-            cpages: 0,
-            npages,
-            vma,
+            held: Held::default(),
         }
     }
 
     /// The mapping setup found (`None` before setup).
     pub fn vma(&self) -> Option<Arc<Vma>> {
-        self.vma.clone()
+        self.held.vma.clone()
     }
 
     /// The address of entry `i`.
@@ -116,8 +120,13 @@ impl<'a> MigrateVma<'a> {
     }
 }
 
-/// Checks the arguments; nothing is changed on error.
-fn validate(m: &MigrateVma<'_>) -> Result<Arc<Vma>> {
+/// Checks the arguments against the mapping tree `map`; nothing is changed on error.
+fn validate(m: &MigrateVma<'_>, map: &MapHold<'_>) -> Result<Arc<Vma>> {
+    if m.held.stage != Stage::Idle {
+        return Err(Error::InvalidArgument(
+            "setup of a migration already set up",
+        ));
+    }
     check_aligned(m.start)?;
     check_aligned(m.end)?;
     if m.start >= m.end {
@@ -138,8 +147,7 @@ fn validate(m: &MigrateVma<'_>) -> Result<Arc<Vma>> {
             got: m.dst.len(),
         });
     }
-    let map = m.space.map_read();
-    let vma = find_vma(&map, m.start).ok_or(Error::NotMapped(m.start))?;
+    let vma = find_vma(map, m.start).ok_or(Error::NotMapped(m.start))?;
     if vma.end < m.end {
         return Err(Error::AcrossVmas {
             start: m.start,
@@ -160,20 +168,52 @@ fn validate(m: &MigrateVma<'_>) -> Result<Arc<Vma>> {
 
 /// Stage 1: collects and unmaps the pages of the range (see the module docs for what holds
 /// on return). Migration is best effort: a page that is busy is left where it is.
+///
+/// From here until [`migrate_vma_finalize`] (or the drop of `m`) the migration holds the
+/// address space's map lock shared, as the kernel's drivers hold the mmap lock: munmap,
+/// mremap, mprotect and fork of the space wait for it (on this thread they fail with
+/// [`Error::MigrationInProgress`]), so the range keeps its mapping and protection until its
+/// entries are final. Mirrors are invalidated once for the whole range, before the walk and
+/// with no page-table lock held; the invalidation ends when setup returns, and no mirror can
+/// map the range's pages again meanwhile (they are locked behind migration entries).
 pub fn migrate_vma_setup(m: &mut MigrateVma<'_>) -> Result<()> {
-    let vma = validate(m)?;
+    let space = m.space;
+    let (map, vma) = setup_holding(m, space)?;
+    m.held = Held {
+        map: Some(map),
+        vma: Some(vma),
+        stage: Stage::SetUp,
+    };
+    Ok(())
+}
+
+/// Setup proper: returns the map lock it took from `space` (which is `m.space`, borrowed for
+/// as long as the caller keeps the lock) and the mapping.
+pub(crate) fn setup_holding<'s>(
+    m: &mut MigrateVma<'_>,
+    space: &'s AddressSpace,
+) -> Result<(MapHold<'s>, Arc<Vma>)> {
+    debug_assert!(std::ptr::eq(space, m.space));
+    let map = space.map_read();
+    let vma = validate(m, &map)?;
     m.npages = ((m.end - m.start) / PAGE) as usize;
     m.src[..m.npages].fill(0);
     m.dst[..m.npages].fill(0);
     m.cpages = 0;
-    let _map = m.space.map_read();
-    let elsewhere = {
-        let _v = vma.lock.lock();
-        migrate_vma_collect(m, &vma)
-    };
-    migrate_vma_unmap(m, &elsewhere);
-    m.vma = Some(vma);
-    Ok(())
+    {
+        let _inv = space.invalidate(NotifyRange {
+            start: m.start,
+            end: m.end,
+            event: NotifyEvent::Migrate,
+            owner: m.pgmap_owner,
+        });
+        let elsewhere = {
+            let _v = vma.lock.lock();
+            migrate_vma_collect(m, &vma)
+        };
+        migrate_vma_unmap(m, &elsewhere);
+    }
+    Ok((map, vma))
 }
 
 /// Whether a device page of `kind` and `owner` is selected by the migration's flags.
@@ -190,8 +230,8 @@ fn selected(m: &MigrateVma<'_>, kind: MemoryKind, owner: u64) -> bool {
 }
 
 /// Walks the range leaf by leaf under the VMA lock: holes are marked; selected pages are
-/// try-locked, taken off the LRU and replaced by migration entries; the mirrors of each
-/// leaf's part are invalidated; then, still under the leaf lock, a page mapped only here
+/// try-locked, taken off the LRU and replaced by migration entries; then, still under the
+/// leaf lock, a page mapped only here
 /// is checked for other references (and put back if it has some). Returns the entries whose
 /// pages are mapped elsewhere too, for [`migrate_vma_unmap`].
 fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) -> Vec<usize> {
@@ -219,12 +259,6 @@ fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) -> Vec<usize> {
                 break;
             }
         }
-        m.space.notify(NotifyRange {
-            start: m.addr(first),
-            end: m.addr(i),
-            event: NotifyEvent::Migrate,
-            owner: m.pgmap_owner,
-        });
         for k in first..i {
             let Some(page) = pages[k - first].take() else {
                 continue;
@@ -396,12 +430,14 @@ pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()>
 /// A bad `dst` entry (unknown, free, mapped, unlocked or repeated page) fails the call with
 /// nothing changed.
 pub fn migrate_vma_pages(m: &mut MigrateVma<'_>) -> Result<()> {
+    if m.held.stage != Stage::SetUp {
+        return Err(Error::InvalidArgument(
+            "migrate_vma_pages runs once, between setup and finalize",
+        ));
+    }
     let pm = m.space.pagemap().clone();
     validate_dst(&pm, &m.src[..m.npages], &m.dst[..m.npages])?;
-    let vma = m
-        .vma
-        .clone()
-        .ok_or(Error::InvalidArgument("migrate_vma_pages before setup"))?;
+    let vma = m.held.vma.clone().expect("set up");
     for i in 0..m.npages {
         if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
             continue;
@@ -419,6 +455,7 @@ pub fn migrate_vma_pages(m: &mut MigrateVma<'_>) -> Result<()> {
             Some(old) => move_state(old, new),
         }
     }
+    m.held.stage = Stage::Paged;
     Ok(())
 }
 
@@ -429,60 +466,86 @@ pub(crate) fn move_state(old: &Page, new: &Page) {
 }
 
 /// Maps a new page into a hole (or over the zero page); false if the address was populated
-/// meanwhile.
+/// meanwhile. The mapping cannot have changed since setup (the migration holds the map lock).
+/// Replacing the zero page changes the frame a mirror may hold: that is invalidated first,
+/// outside the leaf lock.
 fn insert_page(space: &AddressSpace, vma: &Vma, addr: u64, page: &Page) -> bool {
     let _v = vma.lock.lock();
     let leaf = space.leaf(addr, true).expect("created");
-    let g = leaf.lock();
     let li = leaf_index(addr);
-    match g.get(li) {
-        Pte::None => {}
-        Pte::Present { pfn, .. } if pfn == space.pagemap().zero_pfn() => {}
-        _ => return false,
+    let zero = space.pagemap().zero_pfn();
+    let mut inv = None;
+    loop {
+        let g = leaf.lock();
+        match g.get(li) {
+            Pte::None => {}
+            Pte::Present { pfn, .. } if pfn == zero => {
+                if inv.is_none() {
+                    drop(g);
+                    inv = Some(space.invalidate(NotifyRange {
+                        start: addr,
+                        end: addr + PAGE,
+                        event: NotifyEvent::Migrate,
+                        owner: 0,
+                    }));
+                    continue;
+                }
+            }
+            _ => return false,
+        }
+        let access = if vma.prot.write {
+            crate::mm::MigrationKind::Write
+        } else {
+            crate::mm::MigrationKind::ReadExclusive
+        };
+        let pte = entry_for(page, access, false, false);
+        page.set(
+            flags::ANON_EXCLUSIVE
+                | if page.kind() == MemoryKind::System {
+                    flags::LRU
+                } else {
+                    0
+                },
+        );
+        space.install(&g, li, addr, pte, page, true);
+        return true;
     }
-    let access = if vma.prot.write {
-        crate::mm::MigrationKind::Write
-    } else {
-        crate::mm::MigrationKind::ReadExclusive
-    };
-    let pte = entry_for(page, access, false, false);
-    page.set(
-        flags::ANON_EXCLUSIVE
-            | if page.kind() == MemoryKind::System {
-                flags::LRU
-            } else {
-                0
-            },
-    );
-    space.notify(NotifyRange {
-        start: addr,
-        end: addr + PAGE,
-        event: NotifyEvent::Migrate,
-        owner: 0,
-    });
-    space.install(&g, li, addr, pte, page, true);
-    true
 }
 
 /// Stage 3: every migration entry of a migrated page now maps its destination; every other
 /// page is restored; all pages are unlocked and the migration's references dropped (freeing
 /// old pages and unused destinations).
+///
+/// Finalizing a migration that is not set up (never, or already finalized) does nothing; one
+/// whose pages stage did not run restores every page and releases the destinations the
+/// driver named (live, locked, unmapped pages; anything else in `dst` is not touched).
+/// Returns with the map lock released.
 pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
+    let stage = m.held.stage;
+    if stage == Stage::Idle {
+        return;
+    }
     let pm = m.space.pagemap().clone();
+    let n = m.npages;
+    if stage == Stage::SetUp {
+        abandon(&pm, &mut m.src[..n], &mut m.dst[..n]);
+    }
     let own = Some((m.space, m.start));
-    finalize(
-        &pm,
-        &mut m.src[..m.npages],
-        &m.dst[..m.npages],
-        m.fault_page,
-        own,
-    );
-    m.space.notify_end(NotifyRange {
-        start: m.start,
-        end: m.end,
-        event: NotifyEvent::Migrate,
-        owner: m.pgmap_owner,
-    });
+    finalize(&pm, &mut m.src[..n], &m.dst[..n], m.fault_page, own);
+    m.held = Held::default();
+}
+
+/// Makes a migration whose pages stage did not run migrate nothing: `MIGRATE` is cleared,
+/// and destinations that are not live, locked, unmapped pages are forgotten.
+pub(crate) fn abandon(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
+    for (s, d) in src.iter_mut().zip(dst.iter_mut()) {
+        *s &= !MIGRATE_PFN_MIGRATE;
+        let ours = migrate_pfn_to_page(pm, *d)
+            .is_some_and(|p| p.refcount() > 0 && p.mapcount() == 0 && p.test(flags::LOCKED));
+        if !ours {
+            *d = 0;
+        }
+    }
 }
 
 /// The finalize stage shared with `migrate_device_finalize`. `own` is the address space and
@@ -709,12 +772,9 @@ fn new_flags(new: &Page, kind: crate::mm::MigrationKind, dirty: bool) -> u32 {
 /// exclusivity over) is not anon-exclusive.
 fn remap_to(pm: &PageMap, old: &Page, new: &Page, own: Option<(&AddressSpace, u64)>) {
     let mut shared = false;
-    for_each_mapping(pm, old, own, |space, addr| {
-        let Some(leaf) = space.leaf(addr, false) else {
-            return;
-        };
-        let g = leaf.lock();
-        let li = leaf_index(addr);
+    // Until `old` has no mapping left: each one found is a migration entry (the page is
+    // locked), and it becomes `new`'s.
+    walk_mappings(pm, old, own, true, |space, addr, g, li| {
         let Pte::Migration {
             pfn,
             kind,
@@ -733,7 +793,7 @@ fn remap_to(pm: &PageMap, old: &Page, new: &Page, own: Option<(&AddressSpace, u6
             space: space.id(),
             addr,
         });
-        space.install(&g, li, addr, entry_for(new, kind, young, dirty), new, true);
+        space.install(g, li, addr, entry_for(new, kind, young, dirty), new, true);
     });
     if shared || new.mapcount() > 1 {
         new.clear(flags::ANON_EXCLUSIVE);

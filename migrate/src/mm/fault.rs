@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use hetmem_engine::{Pfn, PAGE_SIZE};
 
+use super::notifier::{NotifyEvent, NotifyRange};
 use super::page::{flags, Page};
 use super::pagemap::FrameAccess;
 use super::pte::Pte;
@@ -38,6 +39,10 @@ pub struct FaultContext<'a> {
     /// The device-private page that the entry maps; referenced and locked.
     pub page: &'a Page,
 }
+
+/// Times a fault retries a device-private page that its driver left on the device (another
+/// thread's migration held it) before failing with [`Error::NoProgress`].
+pub const FAULT_TRIES: u32 = 64;
 
 impl AddressSpace {
     /// Handles a CPU access to `addr`: afterwards the entry is present (and writable for a
@@ -90,6 +95,14 @@ impl AddressSpace {
 
     /// Resolves `addr` for a CPU access and runs `f` on its frame under the leaf lock, so that
     /// no migration can move the page while `f` touches it.
+    ///
+    /// Waiting is never holding: a thread that finds a migration entry, or a device-private
+    /// page locked by another fault or migration, waits for the page's unlock without a
+    /// reference (a waiter's reference would make the page look pinned to the thread that
+    /// holds the lock, which would then skip it: a livelock). A device-private page that is
+    /// still on the device after its driver returned is retried [`FAULT_TRIES`] times, then
+    /// the fault fails with [`Error::NoProgress`]; a driver error (out of host memory, a
+    /// failed copy) ends the fault at once.
     pub(crate) fn with_page<R>(
         &self,
         addr: u64,
@@ -107,9 +120,11 @@ impl AddressSpace {
         let leaf = self.leaf(addr, true).expect("created");
         let i = leaf_index(addr);
         let pm = self.pagemap().clone();
+        let mut tries = 0u32;
         loop {
             let g = leaf.lock();
-            match g.get(i) {
+            let pte = g.get(i);
+            match pte {
                 Pte::Present {
                     pfn,
                     write: w,
@@ -127,9 +142,9 @@ impl AddressSpace {
                     );
                     return f(pfn);
                 }
-                Pte::Present { pfn, dirty, .. } => {
-                    // A write to a read-only entry of a writable mapping: copy on write, or
-                    // reuse the page if this mapping is its only user.
+                Pte::Present { pfn, .. } => {
+                    // A write to a read-only entry of a writable mapping: reuse the page if
+                    // this mapping is its only user, else copy it.
                     let page = pm.page_or_err(pfn)?;
                     let sole = !page.test(flags::ZERO)
                         && (page.test(flags::ANON_EXCLUSIVE)
@@ -147,27 +162,54 @@ impl AddressSpace {
                         );
                         return f(pfn);
                     }
+                    drop(g);
+                    // The frame behind the address changes: mirrors hear of it first (outside
+                    // the leaf lock, since a notifier may sleep), and the copy is made only if
+                    // the entry is still the one seen.
                     let copy = pm.alloc_system(false, false)?;
-                    super::space::copy_frame(&pm, pfn, copy.pfn())?;
-                    copy.set(flags::ANON_EXCLUSIVE | flags::LRU);
-                    if dirty {
-                        copy.set(flags::DIRTY);
+                    let _inv = self.invalidate(NotifyRange {
+                        start: addr,
+                        end: addr + PAGE,
+                        event: NotifyEvent::Clear,
+                        owner: 0,
+                    });
+                    let g = leaf.lock();
+                    if g.get(i) != pte {
+                        drop(g);
+                        pm.put_page(copy);
+                        continue;
                     }
+                    if let Err(e) = super::space::copy_frame(&pm, pfn, copy.pfn()) {
+                        drop(g);
+                        pm.put_page(copy);
+                        return Err(e);
+                    }
+                    let was_dirty = matches!(pte, Pte::Present { dirty: true, .. });
+                    copy.set(
+                        flags::ANON_EXCLUSIVE
+                            | flags::LRU
+                            | if was_dirty { flags::DIRTY } else { 0 },
+                    );
                     let new = Pte::Present {
                         pfn: copy.pfn(),
                         write: true,
                         dirty: true,
                         young: true,
                     };
-                    if !page.test(flags::ZERO) {
+                    let shared_page = !page.test(flags::ZERO);
+                    if shared_page {
                         page.remove_rmap(super::page::Mapping {
                             space: self.id(),
                             addr,
                         });
-                        pm.put_page(page);
                     }
                     self.install(&g, i, addr, new, copy, false);
-                    return f(copy.pfn());
+                    let r = f(copy.pfn());
+                    drop(g);
+                    if shared_page {
+                        pm.put_page(page);
+                    }
+                    return r;
                 }
                 Pte::None => {
                     drop(g);
@@ -175,30 +217,37 @@ impl AddressSpace {
                 }
                 Pte::DevicePrivate { pfn, .. } => {
                     let page = pm.page_or_err(pfn)?;
-                    // Referenced under the leaf lock, so a concurrent migration cannot free it.
+                    // Locked under the leaf lock, where the entry still names it; only then
+                    // referenced, so a concurrent migration cannot free it.
+                    if !page.trylock() {
+                        drop(g);
+                        page.wait_unlocked();
+                        continue;
+                    }
                     page.get();
                     drop(g);
-                    let r = self.fault_device_private(addr, write, pfn, page);
+                    let r = self.fault_device_private(addr, write, page);
+                    page.unlock();
                     pm.put_page(page);
                     r?;
-                    // A page pinned for a device kernel cannot move and would fault forever:
-                    // report it. Anything else (a racing migration held it) is retried.
                     let still =
                         matches!(self.pte(addr), Pte::DevicePrivate { pfn: p, .. } if p == pfn);
-                    if still && page.pincount() > 0 {
-                        return Err(Error::Busy(pfn));
+                    if still {
+                        // A page pinned for a device kernel cannot move: report it.
+                        if page.pincount() > 0 {
+                            return Err(Error::Busy(pfn));
+                        }
+                        tries += 1;
+                        if tries >= FAULT_TRIES {
+                            return Err(Error::NoProgress { addr, tries });
+                        }
+                        std::thread::yield_now();
                     }
                 }
                 Pte::Migration { pfn, .. } => {
                     let page = pm.page_or_err(pfn)?;
-                    let referenced = page.try_get();
                     drop(g);
-                    if referenced {
-                        page.wait_unlocked();
-                        pm.put_page(page);
-                    } else {
-                        std::thread::yield_now();
-                    }
+                    page.wait_unlocked();
                 }
                 Pte::Swap { .. } => {
                     return Err(Error::InvalidArgument("swap entries are not supported"))
@@ -207,15 +256,10 @@ impl AddressSpace {
         }
     }
 
-    fn fault_device_private(&self, addr: u64, write: bool, pfn: Pfn, page: &Page) -> Result<()> {
-        page.lock();
-        // The entry may have changed while we slept on the lock.
-        if self.pte(addr).pfn() != Some(pfn) {
-            page.unlock();
-            return Ok(());
-        }
-        let ops = self.pagemap().ops(pfn).cloned();
-        let r = match ops {
+    /// Calls the owner's `migrate_to_ram` for `page`, which the caller has locked and
+    /// referenced (and found under `addr`'s entry with the leaf locked).
+    fn fault_device_private(&self, addr: u64, write: bool, page: &Page) -> Result<()> {
+        match self.pagemap().ops(page.pfn()).cloned() {
             Some(ops) => ops.migrate_to_ram(FaultContext {
                 space: self,
                 addr,
@@ -226,9 +270,7 @@ impl AddressSpace {
                 addr,
                 reason: "device page without a pagemap".into(),
             }),
-        };
-        page.unlock();
-        r
+        }
     }
 
     /// Fills the hole at `addr`: the shared zero page for a read of a private mapping, else a

@@ -10,11 +10,11 @@ pub mod pte;
 pub mod range_fault;
 pub mod space;
 
-pub use fault::{FaultContext, PagemapOps};
+pub use fault::{FaultContext, PagemapOps, FAULT_TRIES};
 pub use notifier::{Notifier, NotifyEvent, NotifyRange};
 pub use page::{flags, Mapping, MemoryKind, Page};
 pub use pagemap::{DevicePagemap, FrameAccess, PageMap};
 pub use pin::{pin_pages, PinGuard};
 pub use pte::{MigrationKind, Pte};
 pub use range_fault::{hmm_range_fault, snapshot, HmmPfn, PageState};
-pub use space::{AddressSpace, Prot, SpaceId, Vma, PAGE};
+pub use space::{AddressSpace, MremapFlags, NotifierId, Prot, SpaceId, Vma, PAGE};

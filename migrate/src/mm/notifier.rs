@@ -1,5 +1,10 @@
 //! Notifiers: callbacks that a device mirror registers on an address space, run when a range
-//! is invalidated (migrated, unmapped, protected, moved), before the page-table lock drops.
+//! is invalidated (migrated, unmapped, protected, moved, copied on write). Every
+//! `invalidate` is followed by its `invalidate_end`, on every path, success or failure; both
+//! are called with no page-table lock held (a notifier may sleep, for example until a device
+//! kernel that reads the range finishes), before the entries of the range change and after
+//! they settle again. A mirror that builds its view between invalidations pairs
+//! [`crate::mm::AddressSpace::read_begin`] with [`crate::mm::AddressSpace::read_retry`].
 
 use super::space::SpaceId;
 
@@ -16,6 +21,9 @@ pub enum NotifyEvent {
     Remap,
     /// The address space goes away.
     Release,
+    /// A CPU write replaces a shared page (or the zero page) by a private copy (the kernel's
+    /// `MMU_NOTIFY_CLEAR` around a copy-on-write).
+    Clear,
 }
 
 /// The range and reason of an invalidation.

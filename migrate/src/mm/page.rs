@@ -333,10 +333,24 @@ impl Page {
         if !self.drop_only_ref() {
             return false;
         }
-        // Nobody else holds a reference, so nobody waits for the lock or changes the flags.
         debug_assert_eq!(self.mapcount(), 0, "releasing mapped page {}", self.pfn());
-        self.flags.store(0, Ordering::Release);
+        self.clear_all();
         true
+    }
+
+    /// Clears every flag (the page is free), waking threads that wait for its lock: waiters
+    /// hold no reference, so a page may be released under them.
+    pub(crate) fn clear_all(&self) {
+        let was = self.flags.swap(0, Ordering::AcqRel);
+        if was & flags::WAITERS != 0 {
+            self.wake_all();
+        }
+    }
+
+    fn wake_all(&self) {
+        let key = self as *const Page as usize;
+        // SAFETY: waking threads parked on this page's key has no other effect.
+        unsafe { parking_lot_core::unpark_all(key, parking_lot_core::DEFAULT_UNPARK_TOKEN) };
     }
 
     /// Drops the caller's reference if it is the only one (1 -> 0); false, with nothing
@@ -367,7 +381,7 @@ impl Page {
         // count of one stood for: no other thread can reach this rmap.
         unsafe { (*self.rmap.get()).clear() };
         self.map_count.store(0, Ordering::Release);
-        self.flags.store(0, Ordering::Release);
+        self.clear_all();
         true
     }
 
@@ -499,9 +513,7 @@ impl Page {
             self.pfn()
         );
         if was & flags::WAITERS != 0 {
-            let key = self as *const Page as usize;
-            // SAFETY: waking threads parked on this page's key has no other effect.
-            unsafe { parking_lot_core::unpark_all(key, parking_lot_core::DEFAULT_UNPARK_TOKEN) };
+            self.wake_all();
         }
     }
 
@@ -525,13 +537,12 @@ impl Page {
             self.pfn()
         );
         if was & flags::WAITERS != 0 {
-            let key = self as *const Page as usize;
-            // SAFETY: waking threads parked on this page's key has no other effect.
-            unsafe { parking_lot_core::unpark_all(key, parking_lot_core::DEFAULT_UNPARK_TOKEN) };
+            self.wake_all();
         }
     }
 
-    /// Waits until the page is unlocked (without taking the lock).
+    /// Waits until the page is unlocked (without taking the lock). The caller need not hold
+    /// a reference: a page released while locked wakes its waiters too.
     pub fn wait_unlocked(&self) {
         if self.test(flags::LOCKED) {
             self.park_while_locked();

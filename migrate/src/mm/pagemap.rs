@@ -321,7 +321,7 @@ impl PageMap {
                 continue;
             }
             debug_assert_eq!(p.mapcount(), 0, "freeing mapped page {}", p.pfn());
-            p.clear(!0);
+            p.clear_all();
             released.push(p);
         }
         self.free_released(&released);
@@ -360,7 +360,7 @@ impl PageMap {
 
     fn free_page(&self, p: &Page) {
         debug_assert_eq!(p.mapcount(), 0, "freeing mapped page {}", p.pfn());
-        p.clear(!0);
+        p.clear_all();
         if p.is_device() {
             if let Some(ops) = self.ops(p.pfn()) {
                 ops.page_free(p);

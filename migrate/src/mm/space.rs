@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hetmem_engine::{Pfn, PAGE_SIZE};
-use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::notifier::{Notifier, NotifyEvent, NotifyRange};
 use super::page::{flags, Mapping, Page};
@@ -22,6 +22,8 @@ pub const PAGE: u64 = PAGE_SIZE as u64;
 const LEAF_SPAN: u64 = PAGE * PTRS_PER_LEAF as u64;
 /// Where `mmap` without an address starts looking.
 const MMAP_BASE: u64 = 0x7f00_0000_0000;
+/// One past the highest address a mapping may reach (a 56-bit address space).
+const MMAP_TOP: u64 = 1 << 56;
 
 /// Pages whose references an unmap drops in one batch.
 const ZAP_BATCH: usize = 4096;
@@ -113,14 +115,102 @@ impl std::hash::Hasher for LeafHasher {
 
 type LeafTable = HashMap<u64, Arc<Leaf>, std::hash::BuildHasherDefault<LeafHasher>>;
 
+/// The registered notifiers, replaced whole on (un)registration so that an invalidation
+/// takes them with one reference count and calls them with no lock held.
+type Notifiers = Arc<[(NotifierId, Arc<dyn Notifier>)]>;
+
+/// Names a registered notifier, for [`AddressSpace::unregister_notifier`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NotifierId(u64);
+
+static NEXT_NOTIFIER: AtomicU64 = AtomicU64::new(1);
+
 pub(crate) struct SpaceInner {
     pub(crate) id: SpaceId,
     pub(crate) pagemap: Arc<PageMap>,
     pub(crate) map: RwLock<VmaTree>,
     tables: RwLock<LeafTable>,
-    notifiers: RwLock<Vec<Arc<dyn Notifier>>>,
+    notifiers: RwLock<Notifiers>,
+    /// Bumped when an invalidation starts (see [`AddressSpace::read_begin`]).
     seq: AtomicU64,
+    /// Invalidations started and not yet ended.
+    active: AtomicU64,
+    /// Signalled when `active` drops to zero.
+    idle: Condvar,
+    idle_lock: Mutex<()>,
+    /// Where the next `mmap` without an address starts looking.
     next_addr: AtomicU64,
+}
+
+thread_local! {
+    /// The address spaces whose map lock this thread holds shared (a migration between its
+    /// stages, a fault): an operation that needs the lock exclusively would wait forever.
+    static HELD: std::cell::RefCell<Vec<SpaceId>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn held_here(id: SpaceId) -> bool {
+    HELD.with(|h| h.borrow().contains(&id))
+}
+
+/// The map lock held shared: no mapping of the space changes (no munmap, mremap, mprotect or
+/// fork) while it lives. Migrations hold it from setup to finalize, as the kernel's drivers
+/// hold the mmap lock, and faults hold it while they resolve an entry.
+pub(crate) struct MapHold<'a> {
+    map: RwLockReadGuard<'a, VmaTree>,
+    id: SpaceId,
+}
+
+impl std::ops::Deref for MapHold<'_> {
+    type Target = VmaTree;
+    fn deref(&self) -> &VmaTree {
+        &self.map
+    }
+}
+
+impl Drop for MapHold<'_> {
+    fn drop(&mut self) {
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(i) = h.iter().rposition(|&x| x == self.id) {
+                h.swap_remove(i);
+            }
+        });
+    }
+}
+
+/// An invalidation in progress: its notifiers were told it started, and they are told it
+/// ended when this drops, on every path.
+pub(crate) struct Invalidation<'a> {
+    space: &'a SpaceInner,
+    range: NotifyRange,
+}
+
+impl Drop for Invalidation<'_> {
+    fn drop(&mut self) {
+        self.space.invalidate_end(&self.range);
+    }
+}
+
+impl SpaceInner {
+    fn invalidate_start(&self, range: &NotifyRange) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.seq.fetch_add(1, Ordering::AcqRel);
+        let ns = self.notifiers.read().clone();
+        for (_, n) in ns.iter() {
+            n.invalidate(self.id, range);
+        }
+    }
+
+    fn invalidate_end(&self, range: &NotifyRange) {
+        let ns = self.notifiers.read().clone();
+        for (_, n) in ns.iter() {
+            n.invalidate_end(self.id, range);
+        }
+        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _g = self.idle_lock.lock();
+            self.idle.notify_all();
+        }
+    }
 }
 
 /// An address space: mappings, page tables, notifiers. Cloning gives another handle.
@@ -152,8 +242,11 @@ impl AddressSpace {
             pagemap: pagemap.clone(),
             map: RwLock::new(BTreeMap::new()),
             tables: RwLock::new(LeafTable::default()),
-            notifiers: RwLock::new(Vec::new()),
+            notifiers: RwLock::new(Arc::new([])),
             seq: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            idle: Condvar::new(),
+            idle_lock: Mutex::new(()),
             next_addr: AtomicU64::new(MMAP_BASE),
         });
         pagemap.add_space(id, Arc::downgrade(&inner));
@@ -174,35 +267,85 @@ impl AddressSpace {
         &self.inner.pagemap
     }
 
-    /// Registers a notifier for every invalidation of this space.
-    pub fn register_notifier(&self, n: Arc<dyn Notifier>) {
-        self.inner.notifiers.write().push(n);
+    /// Registers a notifier for every invalidation of this space; the id unregisters it.
+    pub fn register_notifier(&self, n: Arc<dyn Notifier>) -> NotifierId {
+        let id = NotifierId(NEXT_NOTIFIER.fetch_add(1, Ordering::Relaxed));
+        let mut ns = self.inner.notifiers.write();
+        let mut v: Vec<_> = ns.iter().cloned().collect();
+        v.push((id, n));
+        *ns = v.into();
+        id
     }
 
-    /// The invalidation sequence number: it changes whenever any range is invalidated, so a
-    /// mirror that read it before a snapshot can tell whether to retry.
+    /// Unregisters a notifier: it sees no invalidation that starts after this returns (one
+    /// already running may still end on it). False if `id` was not registered here.
+    pub fn unregister_notifier(&self, id: NotifierId) -> bool {
+        let mut ns = self.inner.notifiers.write();
+        let v: Vec<_> = ns.iter().filter(|(k, _)| *k != id).cloned().collect();
+        let found = v.len() != ns.len();
+        *ns = v.into();
+        found
+    }
+
+    /// The invalidation sequence number: it changes whenever an invalidation of any range
+    /// starts, so a mirror that read it before a snapshot can tell whether to retry.
     pub fn invalidate_seq(&self) -> u64 {
         self.inner.seq.load(Ordering::Acquire)
     }
 
-    /// Runs the notifiers for `range`.
-    pub(crate) fn notify(&self, range: NotifyRange) {
-        self.inner.seq.fetch_add(1, Ordering::AcqRel);
-        for n in self.inner.notifiers.read().iter() {
-            n.invalidate(self.inner.id, &range);
+    /// Starts a mirror's read (the kernel's `mmu_interval_read_begin`): waits until no
+    /// invalidation of the space is in progress, then returns the sequence number to hand to
+    /// [`AddressSpace::read_retry`] once the mirror has built its view (for example with
+    /// [`crate::mm::hmm_range_fault`]) and before it commits it. Must not be called from a
+    /// notifier callback (it would wait for its own invalidation).
+    pub fn read_begin(&self) -> u64 {
+        loop {
+            let seq = self.inner.seq.load(Ordering::Acquire);
+            if self.inner.active.load(Ordering::Acquire) == 0 {
+                return seq;
+            }
+            let mut g = self.inner.idle_lock.lock();
+            if self.inner.active.load(Ordering::Acquire) != 0 {
+                self.inner.idle.wait(&mut g);
+            }
         }
     }
 
-    /// Ends an invalidation started with `notify`.
-    pub(crate) fn notify_end(&self, range: NotifyRange) {
-        for n in self.inner.notifiers.read().iter() {
-            n.invalidate_end(self.inner.id, &range);
+    /// True if an invalidation started since [`AddressSpace::read_begin`] returned `seq`
+    /// (or is running now): the mirror's view may be stale and must be rebuilt.
+    pub fn read_retry(&self, seq: u64) -> bool {
+        self.inner.seq.load(Ordering::Acquire) != seq
+            || self.inner.active.load(Ordering::Acquire) != 0
+    }
+
+    /// Starts an invalidation of `range`: notifiers are told now, and again (its end) when
+    /// the returned guard drops. Never called under a leaf lock: a notifier may sleep.
+    pub(crate) fn invalidate(&self, range: NotifyRange) -> Invalidation<'_> {
+        self.inner.invalidate_start(&range);
+        Invalidation {
+            space: &self.inner,
+            range,
         }
     }
 
     /// The map lock, shared (faults, migrations, CPU access).
-    pub(crate) fn map_read(&self) -> RwLockReadGuard<'_, VmaTree> {
-        self.inner.map.read_recursive()
+    pub(crate) fn map_read(&self) -> MapHold<'_> {
+        let map = self.inner.map.read_recursive();
+        HELD.with(|h| h.borrow_mut().push(self.inner.id));
+        MapHold {
+            map,
+            id: self.inner.id,
+        }
+    }
+
+    /// The map lock, exclusive (mmap, munmap, mprotect, mremap, fork): waits for every
+    /// migration and fault in the space. Fails instead of waiting forever when this thread
+    /// itself holds the lock shared (a migration it has not finalized, a fault callback).
+    fn map_write(&self) -> Result<RwLockWriteGuard<'_, VmaTree>> {
+        if held_here(self.inner.id) {
+            return Err(Error::MigrationInProgress);
+        }
+        Ok(self.inner.map.write())
     }
 
     /// The mapping that covers `addr`.
@@ -234,179 +377,237 @@ impl AddressSpace {
             .map_or(Pte::None, |l| l.get(leaf_index(addr)))
     }
 
-    /// Maps `len` bytes of anonymous memory at `addr` (or where there is room), and returns
-    /// the address.
+    /// Maps `len` bytes of anonymous memory at `addr` (or, with `None`, at a free range
+    /// with a guard page after it), and returns the address.
     pub fn mmap(&self, addr: Option<u64>, len: u64, prot: Prot, shared: bool) -> Result<u64> {
         if len == 0 {
             return Err(Error::EmptyRange);
         }
         check_aligned(len)?;
-        let mut map = self.inner.map.write();
-        let start = match addr {
-            Some(a) => {
-                check_aligned(a)?;
-                a
-            }
-            None => self
-                .inner
-                .next_addr
-                .fetch_add(len + PAGE, Ordering::Relaxed),
-        };
-        let end = start
-            .checked_add(len)
-            .ok_or(Error::InvalidArgument("range wraps"))?;
-        if map
-            .range(..end)
-            .next_back()
-            .is_some_and(|(_, v)| v.end > start)
-        {
-            return Err(Error::AlreadyMapped(start));
-        }
-        map.insert(start, Vma::new(start, end, prot, shared));
+        let mut map = self.map_write()?;
+        let start =
+            match addr {
+                Some(a) => {
+                    check_aligned(a)?;
+                    let end = a.checked_add(len).filter(|&e| e <= MMAP_TOP).ok_or(
+                        Error::InvalidArgument("range past the top of the address space"),
+                    )?;
+                    if overlaps(&map, a, end) {
+                        return Err(Error::AlreadyMapped(a));
+                    }
+                    a
+                }
+                None => {
+                    let hint = self.inner.next_addr.load(Ordering::Relaxed);
+                    let a = free_range(&map, hint, len)
+                        .or_else(|| free_range(&map, MMAP_BASE, len))
+                        .ok_or(Error::NoAddressSpace(len))?;
+                    self.inner
+                        .next_addr
+                        .store((a + len).saturating_add(PAGE), Ordering::Relaxed);
+                    a
+                }
+            };
+        map.insert(start, Vma::new(start, start + len, prot, shared));
         Ok(start)
     }
 
     /// Unmaps `[addr, addr + len)`, splitting mappings at its edges; pages of every state are
-    /// released (device pages through their pagemap's `page_free`).
+    /// released (device pages through their pagemap's `page_free`). Waits for migrations and
+    /// faults in the space to finish; a migration entry of a device-side migration (eviction)
+    /// is simply dropped, and that migration finds nothing to put back there.
     pub fn munmap(&self, addr: u64, len: u64) -> Result<()> {
         let (start, end) = range_of(addr, len)?;
-        let mut map = self.inner.map.write();
-        split_at(&mut map, start);
-        split_at(&mut map, end);
+        let mut map = self.map_write()?;
+        self.unmap_locked(&mut map, start, end);
+        Ok(())
+    }
+
+    /// `munmap` under the exclusive map lock.
+    fn unmap_locked(&self, map: &mut VmaTree, start: u64, end: u64) {
+        split_at(map, start);
+        split_at(map, end);
         let doomed: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
-        let range = NotifyRange {
+        let _inv = self.invalidate(NotifyRange {
             start,
             end,
             event: NotifyEvent::Unmap,
             owner: 0,
-        };
-        self.notify(range);
+        });
         for k in doomed {
             let v = map.remove(&k).expect("listed above");
             self.zap_range(v.start, v.end);
         }
-        self.notify_end(range);
-        Ok(())
     }
 
     /// Changes the protection of `[addr, addr + len)`; every part must be mapped. Entries of
-    /// a range made read-only lose their write bit.
+    /// a range made read-only lose their write bit, migration entries included (so a page
+    /// that a device-side migration restores or replaces comes back read-only).
     pub fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<()> {
         let (start, end) = range_of(addr, len)?;
-        let mut map = self.inner.map.write();
+        let mut map = self.map_write()?;
         covered(&map, start, end)?;
         split_at(&mut map, start);
         split_at(&mut map, end);
         let keys: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
-        let range = NotifyRange {
+        let _inv = self.invalidate(NotifyRange {
             start,
             end,
             event: NotifyEvent::Protect,
             owner: 0,
-        };
-        self.notify(range);
+        });
         for k in keys {
             let old = map.get(&k).expect("listed above").clone();
             map.insert(k, Vma::new(old.start, old.end, prot, old.shared));
             if !prot.write {
-                self.write_protect(old.start, old.end);
+                self.write_protect(old.start, old.end, old.shared);
             }
         }
-        self.notify_end(range);
         Ok(())
     }
 
     /// Moves the mapping `[old, old + len)` to `new` (which must be unmapped), with its
-    /// entries in whatever state they are.
+    /// entries in whatever state they are. Same as [`AddressSpace::mremap_with`] with no
+    /// flags.
     pub fn mremap(&self, old: u64, len: u64, new: u64) -> Result<()> {
+        self.mremap_with(old, len, new, MremapFlags::default())
+    }
+
+    /// Moves the mapping `[old, old + len)` to `new`, with its entries in whatever state
+    /// they are (device-private and migration entries included: each entry and its page's
+    /// reverse mapping move together, under both leaves' locks, so a migration finishing
+    /// meanwhile finds the entry at one address or the other, never at neither). The ranges
+    /// must not overlap. `flags.fixed_replace` unmaps whatever is mapped at `new` first (else
+    /// that is [`Error::AlreadyMapped`]); `flags.dont_unmap` leaves the old range mapped and
+    /// empty (private mappings only: its pages read as zeros again).
+    pub fn mremap_with(&self, old: u64, len: u64, new: u64, flags: MremapFlags) -> Result<()> {
         let (start, end) = range_of(old, len)?;
         check_aligned(new)?;
-        let mut map = self.inner.map.write();
+        let new_end =
+            new.checked_add(len)
+                .filter(|&e| e <= MMAP_TOP)
+                .ok_or(Error::InvalidArgument(
+                    "range past the top of the address space",
+                ))?;
+        if new < end && start < new_end {
+            return Err(Error::InvalidArgument("mremap ranges overlap"));
+        }
+        let mut map = self.map_write()?;
         covered(&map, start, end)?;
-        let new_end = new
-            .checked_add(len)
-            .ok_or(Error::InvalidArgument("range wraps"))?;
-        if map
-            .range(..new_end)
-            .next_back()
-            .is_some_and(|(_, v)| v.end > new)
+        if flags.dont_unmap
+            && map
+                .range(..end)
+                .rev()
+                .take_while(|(_, v)| v.end > start)
+                .any(|(_, v)| v.shared)
         {
-            return Err(Error::AlreadyMapped(new));
+            return Err(Error::InvalidArgument(
+                "mremap dont_unmap of a shared mapping",
+            ));
+        }
+        if overlaps(&map, new, new_end) {
+            if !flags.fixed_replace {
+                return Err(Error::AlreadyMapped(new));
+            }
+            self.unmap_locked(&mut map, new, new_end);
         }
         split_at(&mut map, start);
         split_at(&mut map, end);
-        let range = NotifyRange {
+        let _inv = self.invalidate(NotifyRange {
             start,
             end,
             event: NotifyEvent::Remap,
             owner: 0,
-        };
-        self.notify(range);
+        });
         let keys: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
         for k in keys {
-            let v = map.remove(&k).expect("listed above");
+            let v = if flags.dont_unmap {
+                map.get(&k).expect("listed above").clone()
+            } else {
+                map.remove(&k).expect("listed above")
+            };
             let to = new + (v.start - start);
             map.insert(to, Vma::new(to, to + (v.end - v.start), v.prot, v.shared));
         }
+        self.move_entries(start, end, new);
+        Ok(())
+    }
+
+    /// Moves every entry of `[start, end)` to the same offset from `new`. Each move holds
+    /// both leaves' locks, and the page's reverse map changes inside that hold.
+    fn move_entries(&self, start: u64, end: u64, new: u64) {
         let mut addr = start;
         while addr < end {
-            let to = new + (addr - start);
-            if let Some(src) = self.leaf(addr, false) {
-                // The page's reverse map gains the new address before the entry moves and
-                // loses the old one after: its map count never undercounts the entries that
-                // map it (a migration finishing elsewhere trusts a count of one).
-                let g = src.lock();
-                let pte = g.get(leaf_index(addr));
-                let page = self.mapped_page(pte);
-                if pte != Pte::None {
-                    if let Some(p) = page {
-                        p.add_rmap(Mapping {
-                            space: self.id(),
-                            addr: to,
-                        });
-                    }
-                    g.set(leaf_index(addr), Pte::None);
-                    drop(g);
-                    let dst = self.leaf(to, true).expect("created");
-                    dst.lock().set(leaf_index(to), pte);
-                    if let Some(p) = page {
-                        p.remove_rmap(Mapping {
-                            space: self.id(),
-                            addr,
-                        });
-                    }
+            let stop = leaf_end(addr).min(end);
+            let Some(src) = self.leaf(addr, false) else {
+                addr = stop;
+                continue;
+            };
+            while addr < stop {
+                let i = leaf_index(addr);
+                if src.get(i) == Pte::None {
+                    addr += PAGE;
+                    continue;
                 }
+                let to = new + (addr - start);
+                let dst = self.leaf(to, true).expect("created");
+                // Two leaf locks at once: only mremap and fork do that, each under its
+                // space's exclusive map lock, and every other path takes one leaf at a time.
+                let gs = src.lock();
+                let gd = (!Arc::ptr_eq(&src, &dst)).then(|| dst.lock());
+                let pte = gs.get(i);
+                if let Some(p) = self.mapped_page(pte) {
+                    p.add_rmap(Mapping {
+                        space: self.id(),
+                        addr: to,
+                    });
+                    p.remove_rmap(Mapping {
+                        space: self.id(),
+                        addr,
+                    });
+                }
+                gs.set(i, Pte::None);
+                gd.as_ref().unwrap_or(&gs).set(leaf_index(to), pte);
+                drop(gd);
+                drop(gs);
+                addr += PAGE;
             }
-            addr += PAGE;
         }
-        self.notify_end(range);
-        Ok(())
     }
 
     /// A copy of this space: private anonymous pages are shared copy-on-write (both sides
     /// read-only, no longer anon-exclusive) except pinned ones, which the child gets a copy
     /// of; shared mappings stay shared; device-private entries are shared read-only.
+    /// Migration entries of a device-side migration are shared too (the migration's finalize
+    /// finds the child's entry through the reverse map).
     pub fn fork(&self) -> Result<AddressSpace> {
+        let map = self.map_write()?;
         let child = AddressSpace::new(self.pagemap());
-        let map = self.inner.map.write();
+        child.inner.next_addr.store(
+            self.inner.next_addr.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         let mut cmap = child.inner.map.write();
         for (&k, v) in map.iter() {
             cmap.insert(k, Vma::new(v.start, v.end, v.prot, v.shared));
-            let range = NotifyRange {
+            let _inv = self.invalidate(NotifyRange {
                 start: v.start,
                 end: v.end,
                 event: NotifyEvent::Protect,
                 owner: 0,
-            };
-            self.notify(range);
+            });
             let mut addr = v.start;
-            let mut done = Ok(());
-            while addr < v.end && done.is_ok() {
-                done = self.fork_one(&child, v, addr);
-                addr += PAGE;
+            while addr < v.end {
+                let stop = leaf_end(addr).min(v.end);
+                if self.leaf(addr, false).is_none() {
+                    addr = stop;
+                    continue;
+                }
+                while addr < stop {
+                    self.fork_one(&child, v, addr)?;
+                    addr += PAGE;
+                }
             }
-            self.notify_end(range);
-            done?;
         }
         drop(cmap);
         Ok(child)
@@ -565,7 +766,8 @@ impl AddressSpace {
         g.set(i, pte);
     }
 
-    /// Clears every entry of `[start, end)`, releasing what they map.
+    /// Clears every entry of `[start, end)`, releasing what they map. Each entry and its
+    /// page's reverse mapping go together under the leaf's lock; references are dropped after.
     fn zap_range(&self, start: u64, end: u64) {
         // References are dropped in batches: frames go back to the pool together, in an
         // order that later page-by-page allocations take as ascending runs.
@@ -573,64 +775,96 @@ impl AddressSpace {
         let mut released: Vec<&Page> = Vec::new();
         let mut addr = start;
         while addr < end {
+            let stop = leaf_end(addr).min(end);
             if let Some(leaf) = self.leaf(addr, false) {
                 let g = leaf.lock();
-                let i = leaf_index(addr);
-                let pte = g.get(i);
-                g.set(i, Pte::None);
-                drop(g);
-                if let Some(p) = self.mapped_page(pte) {
-                    p.remove_rmap(Mapping {
-                        space: self.id(),
-                        addr,
-                    });
-                    // A migration entry holds no reference: the migration holds its own.
-                    if !matches!(pte, Pte::Migration { .. }) {
-                        released.push(p);
-                        if released.len() == ZAP_BATCH {
-                            pm.put_pages(&released);
-                            released.clear();
+                for a in (addr..stop).step_by(PAGE_SIZE) {
+                    let i = leaf_index(a);
+                    let pte = g.get(i);
+                    if pte == Pte::None {
+                        continue;
+                    }
+                    g.set(i, Pte::None);
+                    if let Some(p) = self.mapped_page(pte) {
+                        p.remove_rmap(Mapping {
+                            space: self.id(),
+                            addr: a,
+                        });
+                        // A migration entry holds no reference: the migration holds its own.
+                        if !matches!(pte, Pte::Migration { .. }) {
+                            released.push(p);
                         }
                     }
                 }
             }
-            addr += PAGE;
+            if released.len() >= ZAP_BATCH {
+                pm.put_pages(&released);
+                released.clear();
+            }
+            addr = stop;
         }
         pm.put_pages(&released);
     }
 
-    fn write_protect(&self, start: u64, end: u64) {
+    /// Takes the write bit from every entry of `[start, end)`; a writable migration entry
+    /// becomes a read-only one (exclusive in a private mapping, where writable meant
+    /// exclusive).
+    fn write_protect(&self, start: u64, end: u64, shared: bool) {
         let mut addr = start;
         while addr < end {
+            let stop = leaf_end(addr).min(end);
             if let Some(leaf) = self.leaf(addr, false) {
                 let g = leaf.lock();
-                let i = leaf_index(addr);
-                match g.get(i) {
-                    Pte::Present {
-                        pfn, dirty, young, ..
-                    } => {
-                        if dirty {
-                            if let Some(p) = self.mapped_page(g.get(i)) {
-                                p.set(flags::DIRTY);
+                for a in (addr..stop).step_by(PAGE_SIZE) {
+                    let i = leaf_index(a);
+                    match g.get(i) {
+                        Pte::Present {
+                            pfn,
+                            write: true,
+                            dirty,
+                            young,
+                        } => {
+                            if dirty {
+                                if let Some(p) = self.mapped_page(g.get(i)) {
+                                    p.set(flags::DIRTY);
+                                }
                             }
+                            g.set(
+                                i,
+                                Pte::Present {
+                                    pfn,
+                                    write: false,
+                                    dirty,
+                                    young,
+                                },
+                            )
                         }
-                        g.set(
+                        Pte::DevicePrivate { pfn, write: true } => {
+                            g.set(i, Pte::DevicePrivate { pfn, write: false })
+                        }
+                        Pte::Migration {
+                            pfn,
+                            kind: MigrationKind::Write,
+                            young,
+                            dirty,
+                        } => g.set(
                             i,
-                            Pte::Present {
+                            Pte::Migration {
                                 pfn,
-                                write: false,
-                                dirty,
+                                kind: if shared {
+                                    MigrationKind::Read
+                                } else {
+                                    MigrationKind::ReadExclusive
+                                },
                                 young,
+                                dirty,
                             },
-                        )
+                        ),
+                        _ => {}
                     }
-                    Pte::DevicePrivate { pfn, .. } => {
-                        g.set(i, Pte::DevicePrivate { pfn, write: false })
-                    }
-                    _ => {}
                 }
             }
-            addr += PAGE;
+            addr = stop;
         }
     }
 }
@@ -638,16 +872,20 @@ impl AddressSpace {
 impl Drop for SpaceInner {
     /// Releases every entry: mirrors are told, pages lose this space's mappings.
     fn drop(&mut self) {
-        for v in self.map.get_mut().values() {
-            let range = NotifyRange {
+        let ranges: Vec<NotifyRange> = self
+            .map
+            .get_mut()
+            .values()
+            .map(|v| NotifyRange {
                 start: v.start,
                 end: v.end,
                 event: NotifyEvent::Release,
                 owner: 0,
-            };
-            for n in self.notifiers.get_mut().iter() {
-                n.invalidate(self.id, &range);
-            }
+            })
+            .collect();
+        for range in ranges {
+            self.invalidate_start(&range);
+            self.invalidate_end(&range);
         }
         let pm = self.pagemap.clone();
         let mut released: Vec<&Page> = Vec::with_capacity(PTRS_PER_LEAF);
@@ -715,6 +953,41 @@ fn range_of(addr: u64, len: u64) -> Result<(u64, u64)> {
         addr.checked_add(len)
             .ok_or(Error::InvalidArgument("range wraps"))?,
     ))
+}
+
+/// One past the last address of the leaf that holds `addr`.
+fn leaf_end(addr: u64) -> u64 {
+    (addr / LEAF_SPAN + 1).saturating_mul(LEAF_SPAN)
+}
+
+/// True if any mapping overlaps `[start, end)`.
+fn overlaps(map: &VmaTree, start: u64, end: u64) -> bool {
+    map.range(..end)
+        .next_back()
+        .is_some_and(|(_, v)| v.end > start)
+}
+
+/// The first address from `from` where `len` bytes fit below [`MMAP_TOP`], with a guard
+/// page after each mapping it passes.
+fn free_range(map: &VmaTree, from: u64, len: u64) -> Option<u64> {
+    let mut at = from;
+    loop {
+        let end = at.checked_add(len).filter(|&e| e <= MMAP_TOP)?;
+        match map.range(..end).next_back() {
+            Some((_, v)) if v.end > at => at = v.end.checked_add(PAGE)?,
+            _ => return Some(at),
+        }
+    }
+}
+
+/// Options of [`AddressSpace::mremap_with`] (the kernel's `MREMAP_FIXED` replacing a
+/// mapping, and `MREMAP_DONTUNMAP`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MremapFlags {
+    /// Unmap whatever is mapped at the destination instead of failing.
+    pub fixed_replace: bool,
+    /// Keep the old range mapped, empty (private mappings only).
+    pub dont_unmap: bool,
 }
 
 /// Fails unless `[start, end)` is mapped without gaps.
