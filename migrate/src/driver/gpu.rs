@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 use super::evict::Resident;
 use super::table::{DevicePin, Launch, SpaceTable};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::migration::*;
 use crate::mm::{
     AddressSpace, DevicePagemap, FaultContext, FrameAccess, MemoryKind, Page, PageMap, PagemapOps,
@@ -26,7 +26,8 @@ pub struct DriverConfig {
     /// Private or coherent; `None` picks coherent where the device's memory is host-visible
     /// and coherent, private elsewhere.
     pub kind: Option<MemoryKind>,
-    /// Pages brought back per CPU fault (an aligned window around the faulting page).
+    /// Pages brought back per CPU fault (an aligned window around the faulting page; 1 to
+    /// [`MAX_FAULT_AROUND`], values outside are clamped).
     pub fault_around: usize,
     /// Device pages the driver keeps before it evicts (at most the device's budget).
     pub budget_pages: Option<usize>,
@@ -41,6 +42,9 @@ impl Default for DriverConfig {
         }
     }
 }
+
+/// The largest fault-around window, in pages (one chunk).
+pub const MAX_FAULT_AROUND: usize = CHUNK_PAGES;
 
 /// Counters of a driver's work.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -113,17 +117,18 @@ impl PagemapOps for Ops {
         d.counters.faults.fetch_add(1, Ordering::Relaxed);
         // An aligned window around the fault, clipped to the mapping.
         let vma = f.space.vma(f.addr).ok_or(Error::NotMapped(f.addr))?;
-        let span = d.fault_around.max(1) as u64 * PAGE;
+        let span = d.fault_around as u64 * PAGE;
         let start = (f.addr / span * span).max(vma.start);
-        let end = (start + span).min(vma.end);
-        let moved = d.migrate(
-            f.space,
-            start,
-            end,
-            MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
-            Some(f.page.pfn()),
-            false,
-        )?;
+        let end = start.saturating_add(span).min(vma.end);
+        let flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+        let fault_page = Some(f.page.pfn());
+        let moved = match d.migrate(f.space, start, end, flags, fault_page, false) {
+            // Short of host frames for the window: the faulting page alone may still fit.
+            Err(e) if e.kind() == ErrorKind::OutOfMemory && end - start > PAGE => {
+                d.migrate(f.space, f.addr, f.addr + PAGE, flags, fault_page, false)?
+            }
+            other => other?,
+        };
         // A fault whose page could not be copied back fails (it would fault forever).
         let stayed =
             matches!(f.space.pte(f.addr), Pte::DevicePrivate { pfn, .. } if pfn == f.page.pfn());
@@ -171,7 +176,7 @@ impl GpuDriver {
             pagemap: pagemap.clone(),
             owner,
             kind,
-            fault_around: config.fault_around.max(1),
+            fault_around: config.fault_around.clamp(1, MAX_FAULT_AROUND),
             budget_pages: budget,
             counters: Counters::default(),
             resident: Resident::default(),

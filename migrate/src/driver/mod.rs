@@ -7,5 +7,5 @@ mod evict;
 mod gpu;
 mod table;
 
-pub use gpu::{DriverConfig, DriverStats, GpuDriver, Moved, CHUNK_PAGES};
+pub use gpu::{DriverConfig, DriverStats, GpuDriver, Moved, CHUNK_PAGES, MAX_FAULT_AROUND};
 pub use table::{DevicePin, Launch};
