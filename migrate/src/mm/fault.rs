@@ -41,8 +41,13 @@ pub struct FaultContext<'a> {
 }
 
 /// Times a fault retries a device-private page that its driver left on the device (another
-/// thread's migration held it) before failing with [`Error::NoProgress`].
-pub const FAULT_TRIES: u32 = 64;
+/// thread held a reference to it, so it could not move) before failing with
+/// [`Error::NoProgress`]. Retries after the first few back off (up to a millisecond each), so
+/// the limit spans about a second of contention.
+pub const FAULT_TRIES: u32 = 1024;
+
+/// Retries that only yield before backing off.
+const FAULT_SPINS: u32 = 8;
 
 impl AddressSpace {
     /// Handles a CPU access to `addr`: afterwards the entry is present (and writable for a
@@ -241,7 +246,12 @@ impl AddressSpace {
                         if tries >= FAULT_TRIES {
                             return Err(Error::NoProgress { addr, tries });
                         }
-                        std::thread::yield_now();
+                        if tries < FAULT_SPINS {
+                            std::thread::yield_now();
+                        } else {
+                            let us = 1u64 << (tries - FAULT_SPINS).min(10);
+                            std::thread::sleep(std::time::Duration::from_micros(us));
+                        }
                     }
                 }
                 Pte::Migration { pfn, .. } => {

@@ -489,11 +489,15 @@ impl AddressSpace {
                 .ok_or(Error::InvalidArgument(
                     "range past the top of the address space",
                 ))?;
-        if new < end && start < new_end {
-            return Err(Error::InvalidArgument("mremap ranges overlap"));
-        }
         let mut map = self.map_write()?;
         covered(&map, start, end)?;
+        if new < end && start < new_end {
+            // The source is mapped, so without a replacement that is the usual refusal.
+            if !flags.fixed_replace {
+                return Err(Error::AlreadyMapped(new));
+            }
+            return Err(Error::InvalidArgument("mremap ranges overlap"));
+        }
         if flags.dont_unmap
             && map
                 .range(..end)
