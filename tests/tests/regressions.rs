@@ -1388,6 +1388,82 @@ fn d09_a_failed_chunk_strands_no_page() {
     });
 }
 
+/// Defect 9, the mechanism: a migration dropped with its copy in flight (what a driver's
+/// early return does to a chunk it holds) waits for the copy, then restores every page: no
+/// page locked, no migration entry, the bytes in place, the destinations freed; the same for
+/// a device migration (eviction) dropped mid-copy. The space's mappings can change again
+/// once it is dropped.
+#[test]
+fn d09b_a_migration_dropped_mid_copy_restores_every_page() {
+    watchdog_for("d09b", WATCHDOG, || {
+        let env = mirror(MemoryKind::DevicePrivate);
+        let (pm, dev, space) = (&env.pm, &env.dev, &env.space);
+        let n = 24usize;
+        let a = map(space, n as u64);
+        let data = pattern(n, 29);
+        // Pages 0..20 written, the last 4 holes.
+        space.write(a, &data[..20 * 4096]).unwrap();
+        let in_use = dev.device().pages_in_use();
+        let mut m = Migration::setup(
+            space,
+            a,
+            a + n as u64 * PAGE,
+            MIGRATE_VMA_SELECT_SYSTEM,
+            dev.owner(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(m.cpages(), n);
+        let idx: Vec<usize> = m.collected().map(|(i, _)| i).collect();
+        let pfns = dev.device().alloc_pages(idx.len(), true).unwrap();
+        for (&i, &d) in idx.iter().zip(&pfns) {
+            pm.init_device_page(d, true).unwrap();
+            m.dst_mut()[i] = migrate_pfn(d);
+        }
+        let device = dev.device().clone();
+        let inflight = m.submit(|pairs| device.copy_queued(pairs));
+        drop(inflight);
+        let bad = unsettled(space, pm, a, n);
+        assert!(bad.is_empty(), "a migration dropped mid-copy: {bad:?}");
+        let mut want = data.clone();
+        want[20 * 4096..].fill(0);
+        let diff = differences(&read(space, a, n * 4096), &want);
+        assert!(diff.is_empty(), "bytes differ: {diff:?}");
+        assert_eq!(dev.device().pages_in_use(), in_use, "destinations freed");
+        for i in 0..n as u64 {
+            assert!(
+                !matches!(space.pte(a + i * PAGE), Pte::DevicePrivate { .. }),
+                "page {i} stayed on the host"
+            );
+        }
+
+        // Now on the device, and an eviction dropped mid-copy.
+        assert_eq!(dev.migrate_to_device(space, a, n).unwrap().migrated, n);
+        let range = dev.pgmap.range;
+        let mut m = DeviceMigration::range(pm, range.start, range.count as usize).unwrap();
+        let idx: Vec<usize> = m.collected().map(|(i, _)| i).collect();
+        assert_eq!(idx.len(), n, "every device page collected");
+        for &i in &idx {
+            let host = pm.alloc_system(false, true).unwrap();
+            m.dst_mut()[i] = migrate_pfn(host.pfn());
+        }
+        let inflight = m.submit(|pairs| device.copy(pairs));
+        drop(inflight);
+        let bad = unsettled(space, pm, a, n);
+        assert!(bad.is_empty(), "an eviction dropped mid-copy: {bad:?}");
+        for i in 0..n as u64 {
+            assert!(
+                matches!(space.pte(a + i * PAGE), Pte::DevicePrivate { .. }),
+                "page {i} stayed on the device"
+            );
+        }
+        let diff = differences(&read(space, a, n * 4096), &want);
+        assert!(diff.is_empty(), "bytes differ after the eviction: {diff:?}");
+        space.munmap(a, n as u64 * PAGE).unwrap();
+        assert_eq!(dev.device().pages_in_use(), in_use);
+    });
+}
+
 /// Defect 10a: three threads read one device-private page (GpuDriver) at once: all return
 /// its bytes within the watchdog, after a few faults (today each fault sees the others'
 /// references, restores the page and retries: hundreds of thousands of faults until the
