@@ -549,3 +549,132 @@ fn fork_during_a_migration_waits_for_it() {
         }
     }
 }
+
+/// A mirror's sequence: `read_begin` waits while an invalidation runs and `read_retry` says
+/// whether one started since; an unregistered notifier hears of nothing more.
+#[test]
+fn read_begin_waits_out_invalidations_and_notifiers_unregister() {
+    use hetmem::mm::{Notifier, NotifyRange, SpaceId};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Counts invalidations; the first one waits for `go` (while a reader tries to begin).
+    struct Gate {
+        starts: AtomicUsize,
+        ends: AtomicUsize,
+        entered: parking_lot::Mutex<Option<mpsc::Sender<()>>>,
+        go: parking_lot::Mutex<Option<mpsc::Receiver<()>>>,
+    }
+    impl Notifier for Gate {
+        fn invalidate(&self, _: SpaceId, _: &NotifyRange) {
+            self.starts.fetch_add(1, Ordering::SeqCst);
+            if let Some(tx) = self.entered.lock().take() {
+                tx.send(()).unwrap();
+                let rx = self.go.lock().take().unwrap();
+                rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            }
+        }
+        fn invalidate_end(&self, _: SpaceId, _: &NotifyRange) {
+            self.ends.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let Some((_pm, _dev, space)) = setup(DeviceKind::Host, MemoryKind::DevicePrivate, "seq") else {
+        return;
+    };
+    let a = space.mmap(None, 4 * PAGE, Prot::RW, false).unwrap();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel();
+    let gate = Arc::new(Gate {
+        starts: AtomicUsize::new(0),
+        ends: AtomicUsize::new(0),
+        entered: parking_lot::Mutex::new(Some(entered_tx)),
+        go: parking_lot::Mutex::new(Some(go_rx)),
+    });
+    let id = space.register_notifier(gate.clone());
+    let seq = space.read_begin();
+    assert!(!space.read_retry(seq), "nothing happened since");
+    std::thread::scope(|scope| {
+        let protecting = scope.spawn(|| space.mprotect(a, PAGE, Prot::READ).unwrap());
+        entered_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(space.read_retry(seq), "an invalidation is running");
+        let reader = scope.spawn(|| space.read_begin());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !reader.is_finished(),
+            "read_begin waits for the invalidation"
+        );
+        go_tx.send(()).unwrap();
+        protecting.join().unwrap();
+        let seq2 = reader.join().unwrap();
+        assert_ne!(seq2, seq);
+        assert!(!space.read_retry(seq2));
+    });
+    assert_eq!(gate.starts.load(Ordering::SeqCst), 1);
+    assert_eq!(gate.ends.load(Ordering::SeqCst), 1);
+    assert!(space.unregister_notifier(id));
+    assert!(!space.unregister_notifier(id), "already gone");
+    space.munmap(a, PAGE).unwrap();
+    assert_eq!(gate.starts.load(Ordering::SeqCst), 1, "unregistered");
+}
+
+/// `mremap_with`: `fixed_replace` unmaps what was at the destination (its pages freed), and
+/// `dont_unmap` leaves the old range mapped and empty; the bytes move either way, device
+/// pages included.
+#[test]
+fn mremap_with_replaces_and_keeps_the_old_range() {
+    use hetmem::mm::MremapFlags;
+    for kind in kinds() {
+        let Some((pm, dev, space)) = setup(kind, MemoryKind::DevicePrivate, "mremap_with") else {
+            continue;
+        };
+        let a = space.mmap(None, 4 * PAGE, Prot::RW, false).unwrap();
+        let b = space.mmap(None, 4 * PAGE, Prot::RW, false).unwrap();
+        let bytes: Vec<u8> = (0..4 * 4096).map(|i| (i % 253) as u8 + 1).collect();
+        space.write(a, &bytes).unwrap();
+        space.write(b, &[0x77; 4 * 4096]).unwrap();
+        assert_eq!(dev.migrate_to_device(&space, a, 2).unwrap().migrated, 2);
+        let frames = pm.frames().in_use();
+        assert!(matches!(
+            space.mremap(a, 4 * PAGE, b),
+            Err(Error::AlreadyMapped(_))
+        ));
+        let replace = MremapFlags {
+            fixed_replace: true,
+            ..Default::default()
+        };
+        space.mremap_with(a, 4 * PAGE, b, replace).unwrap();
+        assert!(space.vma(a).is_none(), "the old range is gone");
+        assert_eq!(
+            pm.frames().in_use(),
+            frames - 4,
+            "the replaced pages are freed"
+        );
+        let mut got = vec![0u8; bytes.len()];
+        space.read(b, &mut got).unwrap();
+        assert_eq!(got, bytes);
+        assert_eq!(dev.migrate_to_device(&space, b, 4).unwrap().migrated, 4);
+        let c = space.mmap(None, 4 * PAGE, Prot::RW, false).unwrap();
+        space.munmap(c, 4 * PAGE).unwrap();
+        let keep = MremapFlags {
+            dont_unmap: true,
+            ..Default::default()
+        };
+        space.mremap_with(b, 4 * PAGE, c, keep).unwrap();
+        space.read(c, &mut got).unwrap();
+        assert_eq!(got, bytes, "the bytes moved, from the device too");
+        space.read(b, &mut got).unwrap();
+        assert!(
+            got.iter().all(|&x| x == 0),
+            "the old range is mapped and empty"
+        );
+        let shared = space.mmap(None, PAGE, Prot::RW, true).unwrap();
+        assert!(matches!(
+            space.mremap_with(shared, PAGE, c + 8 * PAGE, keep),
+            Err(Error::InvalidArgument(_))
+        ));
+        space.munmap(b, 4 * PAGE).unwrap();
+        space.munmap(c, 4 * PAGE).unwrap();
+        assert_eq!(dev.device().pages_in_use(), 0, "no device page leaked");
+    }
+}

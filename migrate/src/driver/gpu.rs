@@ -358,7 +358,16 @@ impl Inner {
         let mut at = start;
         while at < end {
             let stop = end.min(at + CHUNK_PAGES as u64 * PAGE);
-            let next = self.begin(space, at, stop, flags, fault_page, to_device, pipelined)?;
+            let next = match self.begin(space, at, stop, flags, fault_page, to_device, pipelined) {
+                Ok(next) => next,
+                Err(e) => {
+                    // The chunk in flight still completes: what it moved stays moved.
+                    if let Some(done) = pending.take() {
+                        let _ = self.complete(space, done, to_device, &mut total);
+                    }
+                    return Err(e);
+                }
+            };
             if let Some(done) = pending.replace(next) {
                 failed += self.complete(space, done, to_device, &mut total)?;
             }

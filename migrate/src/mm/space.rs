@@ -158,6 +158,9 @@ fn held_here(id: SpaceId) -> bool {
 pub(crate) struct MapHold<'a> {
     map: RwLockReadGuard<'a, VmaTree>,
     id: SpaceId,
+    /// Never sent to another thread: the hold is recorded in this thread's `HELD` (whatever
+    /// features the lock's crate was built with).
+    _here: std::marker::PhantomData<*const ()>,
 }
 
 impl std::ops::Deref for MapHold<'_> {
@@ -335,6 +338,7 @@ impl AddressSpace {
         MapHold {
             map,
             id: self.inner.id,
+            _here: std::marker::PhantomData,
         }
     }
 
