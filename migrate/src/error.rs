@@ -128,6 +128,10 @@ pub enum Error {
     /// exclusively, would wait for it forever.
     #[error("this thread has a migration or fault of the address space in progress")]
     MigrationInProgress,
+    /// A callback (a notifier told of a munmap, mprotect, mremap or fork) called back into
+    /// the address space whose mappings this thread is changing: it would wait for itself.
+    #[error("called back into an address space while this thread changes its mappings")]
+    Reentrant,
     /// No free range of the address space is large enough.
     #[error("no free range of {0:#x} bytes in the address space")]
     NoAddressSpace(u64),

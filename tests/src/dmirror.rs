@@ -24,6 +24,20 @@ struct Shared {
     fail_addrs: Mutex<HashSet<u64>>,
     /// Pages the next migration may allocate on the device (usize::MAX: no limit).
     alloc_limit: AtomicUsize,
+    /// Held while the device reads or writes frames it got from `hmm_range_fault`; an
+    /// invalidation of a mirrored space takes it too, so it waits for such an access.
+    mirror: Mutex<()>,
+    /// Address spaces whose invalidations this device hears.
+    mirrored: Mutex<HashSet<hetmem::mm::SpaceId>>,
+}
+
+/// The device's notifier: an invalidation waits for the device access in progress.
+struct MirrorLock(Arc<Shared>);
+
+impl hetmem::mm::Notifier for MirrorLock {
+    fn invalidate(&self, _: hetmem::mm::SpaceId, _: &hetmem::mm::NotifyRange) {
+        drop(self.0.mirror.lock());
+    }
 }
 
 struct Ops(Arc<Shared>);
@@ -167,6 +181,8 @@ impl Dmirror {
             faults: AtomicU64::new(0),
             fail_addrs: Mutex::new(HashSet::new()),
             alloc_limit: AtomicUsize::new(usize::MAX),
+            mirror: Mutex::new(()),
+            mirrored: Mutex::new(HashSet::new()),
         });
         let access: Option<Arc<dyn FrameAccess>> =
             (kind == MemoryKind::DeviceCoherent).then(|| Arc::new(device.clone()) as _);
@@ -335,9 +351,17 @@ impl Dmirror {
     ) -> Result<()> {
         let start = addr & !(PAGE - 1);
         let npages = ((addr + len as u64).div_ceil(PAGE) * PAGE - start) / PAGE;
+        self.mirror_space(space);
         loop {
-            let seq = space.invalidate_seq();
+            // As a real mirror does: the view is built between read_begin and read_retry,
+            // and used under the lock that this device's notifier takes, so an invalidation
+            // waits until the access that used the old frames is over.
+            let seq = space.read_begin();
             let pfns = hmm_range_fault(space, start, npages as usize, write, self.owner())?;
+            let _g = self.shared.mirror.lock();
+            if space.read_retry(seq) {
+                continue;
+            }
             let mut done = 0usize;
             let mut k = 0usize;
             while done < len {
@@ -354,9 +378,14 @@ impl Dmirror {
                 done += n;
                 k += 1;
             }
-            if space.invalidate_seq() == seq {
-                return Ok(());
-            }
+            return Ok(());
+        }
+    }
+
+    /// Registers this device's notifier on `space` once.
+    fn mirror_space(&self, space: &AddressSpace) {
+        if self.shared.mirrored.lock().insert(space.id()) {
+            space.register_notifier(Arc::new(MirrorLock(self.shared.clone())));
         }
     }
 
@@ -365,7 +394,9 @@ impl Dmirror {
         snapshot(space, addr, npages, self.owner())
     }
 
-    /// Evicts every page of the device to system memory with `migrate_device_range`.
+    /// Evicts every page of the device to system memory with `migrate_device_range` (the raw
+    /// calls: the kernel's protocol as a driver writes it). If host frames run out or the copy
+    /// fails, every collected page is restored and the error returned.
     pub fn evict_all(&self) -> Result<usize> {
         let range = self.pgmap.range;
         let n = range.count as usize;
@@ -373,20 +404,45 @@ impl Dmirror {
         migrate_device_range(&self.pagemap, &mut src, range.start, n)?;
         let mut dst = vec![0u64; n];
         let mut pairs = Vec::new();
+        let mut failed = None;
         for i in 0..n {
             if src[i] & MIGRATE_PFN_MIGRATE == 0 {
                 continue;
             }
-            let page = self.pagemap.alloc_system(false, true)?;
-            dst[i] = migrate_pfn(page.pfn());
-            pairs.push((migrate_pfn_to_pfn(src[i]).expect("collected"), page.pfn()));
+            match self.pagemap.alloc_system(false, true) {
+                Ok(page) => {
+                    dst[i] = migrate_pfn(page.pfn());
+                    pairs.push((migrate_pfn_to_pfn(src[i]).expect("collected"), page.pfn()));
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        self.device().copy(&pairs)?.wait()?;
+        if failed.is_none() {
+            if let Err(e) = self.device().copy(&pairs).and_then(|t| t.wait()) {
+                failed = Some(e.into());
+            }
+        }
+        if failed.is_some() {
+            // Nothing moves: the destinations go back, finalize restores every page.
+            for d in dst.iter_mut() {
+                if let Some(p) = migrate_pfn_to_page(&self.pagemap, *d) {
+                    p.unlock();
+                    self.pagemap.put_page(p);
+                }
+                *d = 0;
+            }
+        }
         migrate_device_pages(&self.pagemap, &mut src, &dst)?;
         let moved = (0..n)
             .filter(|&i| src[i] & MIGRATE_PFN_MIGRATE != 0)
             .count();
         migrate_device_finalize(&self.pagemap, &mut src, &dst);
-        Ok(moved)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(moved),
+        }
     }
 }

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use hetmem_engine::{Device, Pfn, PAGE_SIZE};
+use hetmem_engine::{Device, EngineError, Pfn, PAGE_SIZE};
 
 use std::collections::HashMap;
 
@@ -41,6 +41,16 @@ impl Default for DriverConfig {
             budget_pages: None,
         }
     }
+}
+
+/// One past the last byte of `npages` pages from `addr`, or an error if that overflows.
+pub(crate) fn range_end(addr: u64, npages: usize) -> Result<u64> {
+    (npages as u64)
+        .checked_mul(PAGE)
+        .and_then(|b| addr.checked_add(b))
+        .ok_or(Error::InvalidArgument(
+            "range past the end of the address space",
+        ))
 }
 
 /// The largest fault-around window, in pages (one chunk).
@@ -110,10 +120,12 @@ impl PagemapOps for Ops {
     }
 
     fn migrate_to_ram(&self, f: FaultContext<'_>) -> Result<()> {
-        let d = self.0.upgrade().ok_or(Error::FaultFailed {
-            addr: f.addr,
-            reason: "driver gone".into(),
-        })?;
+        let d = self
+            .0
+            .upgrade()
+            .ok_or(Error::Engine(EngineError::DeviceLost(
+                "the page's driver was dropped".into(),
+            )))?;
         d.counters.faults.fetch_add(1, Ordering::Relaxed);
         // An aligned window around the fault, clipped to the mapping.
         let vma = f.space.vma(f.addr).ok_or(Error::NotMapped(f.addr))?;
@@ -262,13 +274,15 @@ impl GpuDriver {
     /// Migrates this driver's pages among `npages` pages from `addr` back to host memory.
     pub fn migrate_to_host(&self, space: &AddressSpace, addr: u64, npages: usize) -> Result<Moved> {
         let flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
-        self.inner
-            .migrate(space, addr, addr + npages as u64 * PAGE, flags, None, false)
+        let end = range_end(addr, npages)?;
+        self.inner.migrate(space, addr, end, flags, None, false)
     }
 
     /// Brings `npages` pages from `addr` to the device and holds them there (no eviction, no
-    /// migration) until the guard drops. Pages already on the device are pinned first, so
-    /// bringing in the rest cannot evict them.
+    /// migration) until the guard drops, writable by a device kernel. Pages already on the
+    /// device are pinned first, so bringing in the rest cannot evict them. A page shared
+    /// after fork is copied first (as a CPU write would copy it); a read-only mapping fails
+    /// with [`Error::WriteDenied`].
     pub fn pin_on_device(
         &self,
         space: &AddressSpace,
@@ -320,14 +334,8 @@ impl Inner {
         addr: u64,
         npages: usize,
     ) -> Result<Moved> {
-        self.migrate(
-            space,
-            addr,
-            addr + npages as u64 * PAGE,
-            MIGRATE_VMA_SELECT_SYSTEM,
-            None,
-            true,
-        )
+        let end = range_end(addr, npages)?;
+        self.migrate(space, addr, end, MIGRATE_VMA_SELECT_SYSTEM, None, true)
     }
 
     /// Migrates `[start, end)` in chunks of [`CHUNK_PAGES`], pipelined: while the copy of
@@ -504,8 +512,10 @@ impl Inner {
         }
         let in_use = self.device.pages_in_use();
         let room = self.budget_pages.saturating_sub(in_use);
+        let mut evicted = Ok(0);
         if room < n {
-            if let Err(e) = self.evict(n - room) {
+            evicted = self.evict(n - room);
+            if let Err(e) = &evicted {
                 tracing::warn!("eviction failed: {e}");
             }
         }
@@ -513,6 +523,14 @@ impl Inner {
             .budget_pages
             .saturating_sub(self.device.pages_in_use())
             .min(n);
+        if room == 0 {
+            // No room, and eviction could not make any for want of memory: say so.
+            if let Err(e) = evicted {
+                if e.kind() == ErrorKind::OutOfMemory {
+                    return Err(e);
+                }
+            }
+        }
         let zeroed = zeroed.min(room);
         let allocated = self.device.alloc_pages(zeroed, true).and_then(|mut z| {
             match self.device.alloc_pages(room - zeroed, false) {
@@ -637,7 +655,20 @@ impl Inner {
 }
 
 impl Drop for Inner {
+    /// Brings every page home before the device goes: nothing on it is lost, and a later
+    /// CPU access to those addresses finds host pages. (Pinned pages cannot be here: a pin
+    /// holds the driver.)
     fn drop(&mut self) {
+        loop {
+            match self.evict(usize::MAX) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!("driver teardown: evicting its pages failed: {e}");
+                    break;
+                }
+            }
+        }
         self.resident.clear();
     }
 }

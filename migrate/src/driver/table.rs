@@ -276,10 +276,19 @@ impl Inner {
             for (k, slot) in pinned.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
                 let at = addr + k as u64 * PAGE;
                 // Only a settled entry: a page under migration may be on its way out.
-                let pfn = match space.pte(at) {
-                    Pte::Present { pfn, .. } | Pte::DevicePrivate { pfn, .. } => pfn,
+                let (pfn, writable) = match space.pte(at) {
+                    Pte::Present { pfn, write, .. } | Pte::DevicePrivate { pfn, write } => {
+                        (pfn, write)
+                    }
                     _ => continue,
                 };
+                // A kernel may write what it is given: a read-only entry is made writable
+                // first, as a CPU write would (a copy of a page shared after fork, or
+                // `WriteDenied` for a read-only mapping), then brought back to the device.
+                if !writable {
+                    space.fault(at, true)?;
+                    continue;
+                }
                 let Some(page) = pm.page(pfn).filter(|p| {
                     p.owner() == self.owner && p.kind() != MemoryKind::System && p.try_get()
                 }) else {
@@ -305,6 +314,15 @@ impl Inner {
             if pinned.iter().all(Option::is_some) {
                 pin.pfns = pinned.into_iter().map(|p| p.expect("all pinned")).collect();
                 return Ok(pin);
+            }
+            // Another device's private pages cannot move device to device: home first.
+            for (k, _) in pinned.iter().enumerate().filter(|(_, s)| s.is_none()) {
+                let at = addr + k as u64 * PAGE;
+                if let Pte::DevicePrivate { pfn, .. } = space.pte(at) {
+                    if pm.page(pfn).is_some_and(|p| p.owner() != self.owner) {
+                        space.fault(at, false)?;
+                    }
+                }
             }
             self.migrate_range_to_device(space, addr, npages)?;
         }

@@ -3,8 +3,9 @@
 
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
 use crate::mm::page::{flags, Mapping, MemoryKind, Page};
+use crate::mm::pte::LeafGuard;
 use crate::mm::pte::{MigrationKind, Pte};
-use crate::mm::space::{leaf_index, AddressSpace, PAGE};
+use crate::mm::space::{leaf_index, AddressSpace, PageTables, PAGE};
 use crate::mm::PageMap;
 
 /// The migration entry that stands in for `pte` (which maps `page`): `Write` if writable,
@@ -84,83 +85,43 @@ pub(crate) fn for_each_mapping(
     }
 }
 
-/// Rounds of a reverse-map walk that still finds mappings in address spaces being torn down
-/// before it gives up on them.
-const WALK_ROUNDS: usize = 100_000;
-
-/// Runs `f` on every mapping of the locked page `page` until no mapping is left that `f` has
-/// not seen, so that mappings added while the walk runs (a fork sharing a migration entry,
-/// an mremap moving one) are not missed: each such change happens under the leaf lock of an
-/// entry that maps the page, and adds its mapping before the walk can finish. `f` runs
-/// with the leaf of the mapping locked, and returns whether the page's reverse map lost the
-/// mapping. With `until_unmapped`, the walk also waits for mappings in address spaces being
-/// torn down to go (a page must not be released while a teardown may still touch its
-/// reverse map).
+/// Runs `f` on every mapping of the locked page `page`, with the mapping's leaf locked. The
+/// walk holds the page's [`RMAP_WALK`](crate::mm::page::RMAP_WALK) bit, so no migration
+/// entry of the page moves (mremap) or is copied (fork) meanwhile, and it reaches the page
+/// tables of address spaces being torn down too: one pass sees every migration entry of the
+/// page. `own` (a space and address the caller knows maps the page) spares the reverse-map
+/// lookups when it is the only mapping.
 pub(crate) fn walk_mappings(
     pm: &PageMap,
     page: &Page,
     own: Option<(&AddressSpace, u64)>,
-    until_unmapped: bool,
-    mut f: impl FnMut(&AddressSpace, u64, &crate::mm::pte::LeafGuard<'_>, usize),
+    mut f: impl FnMut(&PageTables, u64, &LeafGuard<'_>, usize),
 ) {
     if let Some((space, addr)) = own {
         let me = Mapping {
             space: space.id(),
             addr,
         };
+        // The caller's migration holds `space`'s map lock: this mapping cannot move, and a
+        // sole mapping cannot gain a sibling (fork waits for the map lock too).
         if page.sole_mapping() == Some(me) {
             if let Some(leaf) = space.leaf(addr, false) {
                 let g = leaf.lock();
-                f(space, addr, &g, leaf_index(addr));
+                f(&space.inner.tables, addr, &g, leaf_index(addr));
             }
-            if !until_unmapped || page.mapcount() == 0 {
-                return;
-            }
-        }
-    }
-    let mut seen: Vec<Mapping> = Vec::new();
-    for round in 0.. {
-        let now = page.mappings();
-        let mut fresh = false;
-        let mut dying = false;
-        for m in now {
-            if seen.contains(&m) && !until_unmapped {
-                continue;
-            }
-            let Some(inner) = pm.space(m.space) else {
-                dying = true;
-                continue;
-            };
-            fresh |= !seen.contains(&m);
-            let space = AddressSpace::from_inner(inner);
-            if let Some(leaf) = space.leaf(m.addr, false) {
-                let g = leaf.lock();
-                f(&space, m.addr, &g, leaf_index(m.addr));
-            }
-            if !seen.contains(&m) {
-                seen.push(m);
-            }
-        }
-        let left = if until_unmapped {
-            page.mapcount() != 0
-        } else {
-            fresh
-        };
-        if !left {
             return;
         }
-        if !fresh || dying {
-            if round >= WALK_ROUNDS {
-                tracing::error!(
-                    "page {}: {} mappings left after {round} rounds of its reverse map",
-                    page.pfn(),
-                    page.mapcount()
-                );
-                return;
-            }
-            std::thread::yield_now();
+    }
+    for m in page.begin_walk() {
+        let Some(tables) = pm.tables(m.space) else {
+            continue;
+        };
+        if let Some(leaf) = tables.leaf(m.addr, false) {
+            let g = leaf.lock();
+            f(&tables, m.addr, &g, leaf_index(m.addr));
         }
     }
+    page.end_walk();
 }
 
 /// Whether a collected page can move.
@@ -230,7 +191,7 @@ pub(crate) fn unmap_page(
 /// Turns `page`'s migration entries back into the entries they replaced, each taking its
 /// reference again (wherever they are now: see [`walk_mappings`]).
 pub(crate) fn restore_entries(pm: &PageMap, page: &Page, own: Option<(&AddressSpace, u64)>) {
-    walk_mappings(pm, page, own, false, |_, _, g, li| {
+    walk_mappings(pm, page, own, |_, _, g, li| {
         if let Pte::Migration {
             pfn,
             kind,

@@ -194,7 +194,7 @@ pub(crate) fn setup_holding<'s>(
     space: &'s AddressSpace,
 ) -> Result<(MapHold<'s>, Arc<Vma>)> {
     debug_assert!(std::ptr::eq(space, m.space));
-    let map = space.map_read();
+    let map = space.map_read()?;
     let vma = validate(m, &map)?;
     m.npages = ((m.end - m.start) / PAGE) as usize;
     m.src[..m.npages].fill(0);
@@ -382,12 +382,11 @@ pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()>
     let mut ascending = true;
     let mut named = Vec::new();
     for (i, &w) in dst.iter().enumerate() {
+        // Every named destination is checked, collected entry or not: finalize releases
+        // them all (the driver's pages), so each must be a live, locked, unmapped page.
         let Some(pfn) = migrate_pfn_to_pfn(w) else {
             continue;
         };
-        if src[i] & MIGRATE_PFN_MIGRATE == 0 {
-            continue;
-        }
         let p = pm.page_or_err(pfn)?;
         if p.refcount() == 0 {
             return Err(Error::PageFree(pfn));
@@ -401,13 +400,7 @@ pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()>
         if ascending && last.is_some_and(|l| l >= pfn) {
             ascending = false;
             // Everything named so far was ascending: rebuild the list once.
-            named.extend(
-                dst[..i]
-                    .iter()
-                    .zip(src)
-                    .filter(|(_, &s)| s & MIGRATE_PFN_MIGRATE != 0)
-                    .filter_map(|(&d, _)| migrate_pfn_to_pfn(d)),
-            );
+            named.extend(dst[..i].iter().filter_map(|&d| migrate_pfn_to_pfn(d)));
         }
         if ascending {
             last = Some(pfn);
@@ -538,10 +531,13 @@ pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
 /// Makes a migration whose pages stage did not run migrate nothing: `MIGRATE` is cleared,
 /// and destinations that are not live, locked, unmapped pages are forgotten.
 pub(crate) fn abandon(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
+    let mut seen = std::collections::HashSet::new();
     for (s, d) in src.iter_mut().zip(dst.iter_mut()) {
         *s &= !MIGRATE_PFN_MIGRATE;
-        let ours = migrate_pfn_to_page(pm, *d)
-            .is_some_and(|p| p.refcount() > 0 && p.mapcount() == 0 && p.test(flags::LOCKED));
+        // A page named twice is released once.
+        let ours = migrate_pfn_to_page(pm, *d).is_some_and(|p| {
+            p.refcount() > 0 && p.mapcount() == 0 && p.test(flags::LOCKED) && seen.insert(p.pfn())
+        });
         if !ours {
             *d = 0;
         }
@@ -589,7 +585,13 @@ pub(crate) fn finalize(
                 }
             }
         } else {
-            slow.extend(i..end);
+            // Pages by frame number: an entry whose page is no longer locked was finalized
+            // already (a second finalize of the same arrays): it is not this call's.
+            let locked = |w: u64| migrate_pfn_to_page(pm, w).map(|p| p.test(flags::LOCKED));
+            slow.extend((i..end).filter(|&k| match locked(src[k]) {
+                Some(old) => old,
+                None => locked(dst[k]).unwrap_or(false),
+            }));
         }
         for &k in &slow {
             let here = own.map(|(space, start)| (space, start + k as u64 * PAGE));
@@ -772,9 +774,8 @@ fn new_flags(new: &Page, kind: crate::mm::MigrationKind, dirty: bool) -> u32 {
 /// exclusivity over) is not anon-exclusive.
 fn remap_to(pm: &PageMap, old: &Page, new: &Page, own: Option<(&AddressSpace, u64)>) {
     let mut shared = false;
-    // Until `old` has no mapping left: each one found is a migration entry (the page is
-    // locked), and it becomes `new`'s.
-    walk_mappings(pm, old, own, true, |space, addr, g, li| {
+    // Each mapping of the locked `old` is a migration entry, and becomes `new`'s.
+    walk_mappings(pm, old, own, |tables, addr, g, li| {
         let Pte::Migration {
             pfn,
             kind,
@@ -790,10 +791,10 @@ fn remap_to(pm: &PageMap, old: &Page, new: &Page, own: Option<(&AddressSpace, u6
         mark_new(new, kind, dirty);
         shared |= kind == crate::mm::MigrationKind::Read;
         old.remove_rmap(Mapping {
-            space: space.id(),
+            space: tables.id,
             addr,
         });
-        space.install(g, li, addr, entry_for(new, kind, young, dirty), new, true);
+        tables.install(g, li, addr, entry_for(new, kind, young, dirty), new, true);
     });
     if shared || new.mapcount() > 1 {
         new.clear(flags::ANON_EXCLUSIVE);

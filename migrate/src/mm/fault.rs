@@ -114,7 +114,7 @@ impl AddressSpace {
         write: bool,
         f: impl FnOnce(Pfn) -> Result<R>,
     ) -> Result<R> {
-        let map = self.map_read();
+        let map = self.map_read()?;
         let vma = find_vma(&map, addr).ok_or(Error::NotMapped(addr))?;
         if !vma.prot.read && !write {
             return Err(Error::ReadDenied(addr));
@@ -281,6 +281,92 @@ impl AddressSpace {
                 reason: "device page without a pagemap".into(),
             }),
         }
+    }
+
+    /// For a read pin: makes the entry at `addr` map a page of its own, exclusively, without
+    /// asking for write access (the kernel's unsharing for `FOLL_PIN`): a hole gets a zeroed
+    /// page, the zero page is replaced by one, and a page of a private mapping shared with a
+    /// fork is copied (or, if nothing else maps it any more, taken back as exclusive), so a
+    /// later copy-on-write cannot leave the pin holding a page the space no longer maps.
+    /// Mirrors hear of a replaced page first. Entries of any other state are left to the
+    /// access that follows.
+    pub(crate) fn fault_own_page(&self, addr: u64) -> Result<()> {
+        let map = self.map_read()?;
+        let vma = find_vma(&map, addr).ok_or(Error::NotMapped(addr))?;
+        if !vma.prot.read {
+            return Err(Error::ReadDenied(addr));
+        }
+        let leaf = self.leaf(addr, true).expect("created");
+        let i = leaf_index(addr);
+        let pm = self.pagemap();
+        let pte = leaf.get(i);
+        let old = match pte {
+            Pte::None => None,
+            Pte::Present { pfn, .. } if pfn == pm.zero_pfn() => None,
+            Pte::Present { pfn, .. } if !vma.shared => {
+                let p = pm.page_or_err(pfn)?;
+                if p.test(flags::ANON_EXCLUSIVE) {
+                    return Ok(());
+                }
+                Some(p)
+            }
+            _ => return Ok(()),
+        };
+        if let Some(p) = old {
+            let g = leaf.lock();
+            if g.get(i) == pte && p.mapcount() == 1 && p.refcount() == 1 {
+                p.set(flags::ANON_EXCLUSIVE);
+                return Ok(());
+            }
+        }
+        let page = pm.alloc_system(old.is_none(), false)?;
+        page.set(flags::ANON_EXCLUSIVE | flags::LRU);
+        let _inv = (pte != Pte::None).then(|| {
+            self.invalidate(NotifyRange {
+                start: addr,
+                end: addr + PAGE,
+                event: NotifyEvent::Clear,
+                owner: 0,
+            })
+        });
+        let _v = vma.lock.lock();
+        let g = leaf.lock();
+        if g.get(i) != pte {
+            // Changed meanwhile: the access that follows resolves whatever is there now.
+            drop(g);
+            pm.put_page(page);
+            return Ok(());
+        }
+        let (dirty, young) = match pte {
+            Pte::Present { dirty, young, .. } => (dirty, young),
+            _ => (false, true),
+        };
+        if let Some(p) = old {
+            if let Err(e) = super::space::copy_frame(pm, p.pfn(), page.pfn()) {
+                drop(g);
+                pm.put_page(page);
+                return Err(e);
+            }
+            if dirty {
+                page.set(flags::DIRTY);
+            }
+            p.remove_rmap(super::page::Mapping {
+                space: self.id(),
+                addr,
+            });
+        }
+        let own = Pte::Present {
+            pfn: page.pfn(),
+            write: false,
+            dirty,
+            young,
+        };
+        self.install(&g, i, addr, own, page, false);
+        drop(g);
+        if let Some(p) = old {
+            pm.put_page(p);
+        }
+        Ok(())
     }
 
     /// Fills the hole at `addr`: the shared zero page for a read of a private mapping, else a

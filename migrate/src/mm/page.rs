@@ -85,6 +85,12 @@ impl std::fmt::Debug for Page {
     }
 }
 
+/// Flag bit (crate-private, beside [`flags`]): the lock holder is walking the page's
+/// reverse map (restoring or replacing its migration entries), so no migration entry of the
+/// page may move or be copied until the walk ends (mremap and fork wait for it). The kernel
+/// keeps rmap walks and mremap apart with the anon_vma lock in the same way.
+pub(crate) const RMAP_WALK: u32 = 1 << 8;
+
 /// Bit position of the memory kind in `Page::pfn_kind`.
 const KIND_SHIFT: u32 = 62;
 
@@ -438,6 +444,43 @@ impl Page {
         } else {
             false
         }
+    }
+
+    /// Starts a walk of the reverse map (see [`RMAP_WALK`]): returns the mappings, which no
+    /// migration entry can join or leave by a move until [`Page::end_walk`] (an unmap may
+    /// still drop one). The caller holds the page's lock.
+    pub(crate) fn begin_walk(&self) -> Vec<Mapping> {
+        let r = self.rmap_lock();
+        self.flags.fetch_or(RMAP_WALK, Ordering::AcqRel);
+        r.to_vec()
+    }
+
+    /// Ends a walk started by [`Page::begin_walk`].
+    pub(crate) fn end_walk(&self) {
+        self.flags.fetch_and(!RMAP_WALK, Ordering::AcqRel);
+    }
+
+    /// For mremap and fork, under the leaf lock(s) of the entry: records mapping `to` (and
+    /// forgets `from`) unless a walk of the reverse map is running, in which case nothing
+    /// changes and the caller waits for [`Page::walking`] to clear, then retries.
+    pub(crate) fn move_rmap_unless_walked(&self, from: Option<Mapping>, to: Mapping) -> bool {
+        let mut r = self.rmap_lock();
+        if self.flags.load(Ordering::Acquire) & RMAP_WALK != 0 {
+            return false;
+        }
+        r.push(to);
+        r.count += 1;
+        if let Some(f) = from {
+            if r.remove(f) {
+                r.count -= 1;
+            }
+        }
+        true
+    }
+
+    /// True while a reverse-map walk of the page runs.
+    pub(crate) fn walking(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & RMAP_WALK != 0
     }
 
     /// The page's mapping if it has exactly one.

@@ -11,7 +11,7 @@ use parking_lot::RwLock;
 
 use super::fault::PagemapOps;
 use super::page::{flags, MemoryKind, Page};
-use super::space::{SpaceId, SpaceInner};
+use super::space::{PageTables, SpaceId, SpaceInner};
 use crate::error::Error as MmError;
 
 /// Most ranges one page map holds (the host frame pool and the device pagemaps).
@@ -99,13 +99,17 @@ impl DevicePagemap {
     }
 }
 
+/// An address space as the page map knows it: the space (while it lives) and its page
+/// tables (until its teardown has cleared them).
+type Registered = (Weak<SpaceInner>, Arc<PageTables>);
+
 /// The frames of one process: host frames and device pages, each with its [`Page`].
 pub struct PageMap {
     frames: Arc<HostFramePool>,
     ranges: [OnceLock<Range>; MAX_RANGES],
     count: AtomicUsize,
     register: parking_lot::Mutex<()>,
-    spaces: RwLock<HashMap<SpaceId, Weak<SpaceInner>>>,
+    spaces: RwLock<HashMap<SpaceId, Registered>>,
     zero: Pfn,
 }
 
@@ -370,13 +374,19 @@ impl PageMap {
         }
     }
 
-    pub(crate) fn add_space(&self, id: SpaceId, s: Weak<SpaceInner>) {
-        self.spaces.write().insert(id, s);
+    pub(crate) fn add_space(&self, id: SpaceId, s: Weak<SpaceInner>, tables: Arc<PageTables>) {
+        self.spaces.write().insert(id, (s, tables));
     }
     pub(crate) fn remove_space(&self, id: SpaceId) {
         self.spaces.write().remove(&id);
     }
+    /// A live address space (not one being torn down).
     pub(crate) fn space(&self, id: SpaceId) -> Option<Arc<SpaceInner>> {
-        self.spaces.read().get(&id)?.upgrade()
+        self.spaces.read().get(&id)?.0.upgrade()
+    }
+    /// The page tables of an address space, live or being torn down (its teardown clears
+    /// them under their leaves' locks before it leaves the registry).
+    pub(crate) fn tables(&self, id: SpaceId) -> Option<Arc<PageTables>> {
+        Some(self.spaces.read().get(&id)?.1.clone())
     }
 }

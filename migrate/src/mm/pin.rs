@@ -61,27 +61,27 @@ pub fn pin_pages(
     };
     for k in 0..npages as u64 {
         let at = addr + k * PAGE;
-        // A read pin of a hole must not pin the shared zero page: pin a real page.
-        let pfn = space.with_page(at, write || space.pte(at) == super::pte::Pte::None, |pfn| {
-            let p = space.pagemap().page_or_err(pfn)?;
-            if p.test(super::page::flags::ZERO) {
-                return Err(Error::InvalidArgument("zero page"));
+        let pfn = loop {
+            // A pin holds a real page: a read pin of a hole or of the zero page gets one of
+            // its own first (a write access would replace them anyway).
+            if !write {
+                space.fault_own_page(at)?;
             }
-            if longterm && p.kind() == MemoryKind::DeviceCoherent {
-                return Err(Error::CoherentPin(pfn));
-            }
-            p.get();
-            p.add_pin();
-            Ok(pfn)
-        });
-        let pfn = match pfn {
-            Err(Error::InvalidArgument("zero page")) => space.with_page(at, true, |pfn| {
+            let pinned = space.with_page(at, write, |pfn| {
                 let p = space.pagemap().page_or_err(pfn)?;
+                if p.test(super::page::flags::ZERO) {
+                    return Ok(None);
+                }
+                if longterm && p.kind() == MemoryKind::DeviceCoherent {
+                    return Err(Error::CoherentPin(pfn));
+                }
                 p.get();
                 p.add_pin();
-                Ok(pfn)
-            })?,
-            other => other?,
+                Ok(Some(pfn))
+            })?;
+            if let Some(pfn) = pinned {
+                break pfn;
+            }
         };
         guard.pfns.push(pfn);
     }

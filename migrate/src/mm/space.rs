@@ -129,7 +129,7 @@ pub(crate) struct SpaceInner {
     pub(crate) id: SpaceId,
     pub(crate) pagemap: Arc<PageMap>,
     pub(crate) map: RwLock<VmaTree>,
-    tables: RwLock<LeafTable>,
+    pub(crate) tables: Arc<PageTables>,
     notifiers: RwLock<Notifiers>,
     /// Bumped when an invalidation starts (see [`AddressSpace::read_begin`]).
     seq: AtomicU64,
@@ -143,13 +143,59 @@ pub(crate) struct SpaceInner {
 }
 
 thread_local! {
-    /// The address spaces whose map lock this thread holds shared (a migration between its
-    /// stages, a fault): an operation that needs the lock exclusively would wait forever.
-    static HELD: std::cell::RefCell<Vec<SpaceId>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The address spaces whose map lock this thread holds, and whether exclusively: an
+    /// operation that needs the lock exclusively while this thread holds it at all, or a
+    /// shared hold while this thread holds it exclusively (a notifier calling back into the
+    /// space it is told about), would wait forever.
+    static HELD: std::cell::RefCell<Vec<(SpaceId, bool)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn held_here(id: SpaceId) -> bool {
-    HELD.with(|h| h.borrow().contains(&id))
+/// Whether this thread holds `id`'s map lock: `None` if not, else whether exclusively.
+fn held_here(id: SpaceId) -> Option<bool> {
+    HELD.with(|h| {
+        let h = h.borrow();
+        let mut found = None;
+        for &(_, excl) in h.iter().filter(|(s, _)| *s == id) {
+            found = Some(found.unwrap_or(false) || excl);
+        }
+        found
+    })
+}
+
+fn unhold(id: SpaceId, exclusive: bool) {
+    HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        if let Some(i) = h.iter().rposition(|&x| x == (id, exclusive)) {
+            h.swap_remove(i);
+        }
+    });
+}
+
+/// The map lock held exclusively (see [`AddressSpace::map_write`]).
+pub(crate) struct MapWrite<'a> {
+    map: RwLockWriteGuard<'a, VmaTree>,
+    id: SpaceId,
+    _here: std::marker::PhantomData<*const ()>,
+}
+
+impl std::ops::Deref for MapWrite<'_> {
+    type Target = VmaTree;
+    fn deref(&self) -> &VmaTree {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for MapWrite<'_> {
+    fn deref_mut(&mut self) -> &mut VmaTree {
+        &mut self.map
+    }
+}
+
+impl Drop for MapWrite<'_> {
+    fn drop(&mut self) {
+        unhold(self.id, true);
+    }
 }
 
 /// The map lock held shared: no mapping of the space changes (no munmap, mremap, mprotect or
@@ -172,12 +218,7 @@ impl std::ops::Deref for MapHold<'_> {
 
 impl Drop for MapHold<'_> {
     fn drop(&mut self) {
-        HELD.with(|h| {
-            let mut h = h.borrow_mut();
-            if let Some(i) = h.iter().rposition(|&x| x == self.id) {
-                h.swap_remove(i);
-            }
-        });
+        unhold(self.id, false);
     }
 }
 
@@ -244,7 +285,10 @@ impl AddressSpace {
             id,
             pagemap: pagemap.clone(),
             map: RwLock::new(BTreeMap::new()),
-            tables: RwLock::new(LeafTable::default()),
+            tables: Arc::new(PageTables {
+                id,
+                leaves: RwLock::new(LeafTable::default()),
+            }),
             notifiers: RwLock::new(Arc::new([])),
             seq: AtomicU64::new(0),
             active: AtomicU64::new(0),
@@ -252,7 +296,7 @@ impl AddressSpace {
             idle_lock: Mutex::new(()),
             next_addr: AtomicU64::new(MMAP_BASE),
         });
-        pagemap.add_space(id, Arc::downgrade(&inner));
+        pagemap.add_space(id, Arc::downgrade(&inner), inner.tables.clone());
         AddressSpace { inner }
     }
 
@@ -331,48 +375,60 @@ impl AddressSpace {
         }
     }
 
-    /// The map lock, shared (faults, migrations, CPU access).
-    pub(crate) fn map_read(&self) -> MapHold<'_> {
+    /// The map lock, shared (faults, migrations, CPU access). Fails with
+    /// [`Error::Reentrant`] on a thread that holds it exclusively (a notifier called from
+    /// munmap, mprotect, mremap or fork that calls back into the space).
+    pub(crate) fn map_read(&self) -> Result<MapHold<'_>> {
+        if held_here(self.inner.id) == Some(true) {
+            return Err(Error::Reentrant);
+        }
         let map = self.inner.map.read_recursive();
-        HELD.with(|h| h.borrow_mut().push(self.inner.id));
-        MapHold {
+        HELD.with(|h| h.borrow_mut().push((self.inner.id, false)));
+        Ok(MapHold {
             map,
             id: self.inner.id,
             _here: std::marker::PhantomData,
-        }
+        })
     }
 
     /// The map lock, exclusive (mmap, munmap, mprotect, mremap, fork): waits for every
     /// migration and fault in the space. Fails instead of waiting forever when this thread
-    /// itself holds the lock shared (a migration it has not finalized, a fault callback).
-    fn map_write(&self) -> Result<RwLockWriteGuard<'_, VmaTree>> {
-        if held_here(self.inner.id) {
-            return Err(Error::MigrationInProgress);
+    /// itself holds the lock (a migration it has not finalized, a fault callback, a
+    /// notifier of another change).
+    fn map_write(&self) -> Result<MapWrite<'_>> {
+        match held_here(self.inner.id) {
+            Some(false) => return Err(Error::MigrationInProgress),
+            Some(true) => return Err(Error::Reentrant),
+            None => {}
         }
-        Ok(self.inner.map.write())
+        let map = self.inner.map.write();
+        HELD.with(|h| h.borrow_mut().push((self.inner.id, true)));
+        Ok(MapWrite {
+            map,
+            id: self.inner.id,
+            _here: std::marker::PhantomData,
+        })
     }
 
     /// The mapping that covers `addr`.
+    ///
+    /// `None` also from a notifier called while this thread changes the space's mappings
+    /// (the tree is mid-change).
     pub fn vma(&self, addr: u64) -> Option<Arc<Vma>> {
-        find_vma(&self.map_read(), addr)
+        let map = self.map_read().ok()?;
+        find_vma(&map, addr)
     }
 
     /// Fails unless `[addr, addr + len)` is page-aligned, non-empty and mapped without gaps.
     pub fn check_range(&self, addr: u64, len: u64) -> Result<()> {
         let (start, end) = range_of(addr, len)?;
-        covered(&self.map_read(), start, end)
+        let map = self.map_read()?;
+        covered(&map, start, end)
     }
 
     /// The leaf holding `addr`'s entry, created if `create`.
     pub(crate) fn leaf(&self, addr: u64, create: bool) -> Option<Arc<Leaf>> {
-        let key = addr / LEAF_SPAN;
-        if let Some(l) = self.inner.tables.read().get(&key) {
-            return Some(l.clone());
-        }
-        if !create {
-            return None;
-        }
-        Some(self.inner.tables.write().entry(key).or_default().clone())
+        self.inner.tables.leaf(addr, create)
     }
 
     /// The entry for `addr`, read atomically.
@@ -565,14 +621,28 @@ impl AddressSpace {
                 let gd = (!Arc::ptr_eq(&src, &dst)).then(|| dst.lock());
                 let pte = gs.get(i);
                 if let Some(p) = self.mapped_page(pte) {
-                    p.add_rmap(Mapping {
-                        space: self.id(),
-                        addr: to,
-                    });
-                    p.remove_rmap(Mapping {
-                        space: self.id(),
-                        addr,
-                    });
+                    let (from, to) = (
+                        Mapping {
+                            space: self.id(),
+                            addr,
+                        },
+                        Mapping {
+                            space: self.id(),
+                            addr: to,
+                        },
+                    );
+                    if !matches!(pte, Pte::Migration { .. }) {
+                        p.add_rmap(to);
+                        p.remove_rmap(from);
+                    } else if !p.move_rmap_unless_walked(Some(from), to) {
+                        // The migration is putting its entries back or in place: let it.
+                        drop(gd);
+                        drop(gs);
+                        while p.walking() {
+                            std::thread::yield_now();
+                        }
+                        continue;
+                    }
                 }
                 gs.set(i, Pte::None);
                 gd.as_ref().unwrap_or(&gs).set(leaf_index(to), pte);
@@ -612,8 +682,15 @@ impl AddressSpace {
                     continue;
                 }
                 while addr < stop {
-                    self.fork_one(&child, v, addr)?;
-                    addr += PAGE;
+                    match self.fork_one(&child, v, addr)? {
+                        Forked::Done => addr += PAGE,
+                        Forked::Walked(page) => {
+                            // A migration is walking the page's mappings: wait, then retry.
+                            while page.walking() {
+                                std::thread::yield_now();
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -621,9 +698,9 @@ impl AddressSpace {
         Ok(child)
     }
 
-    fn fork_one(&self, child: &AddressSpace, v: &Vma, addr: u64) -> Result<()> {
+    fn fork_one(&self, child: &AddressSpace, v: &Vma, addr: u64) -> Result<Forked<'_>> {
         let Some(leaf) = self.leaf(addr, false) else {
-            return Ok(());
+            return Ok(Forked::Done);
         };
         let i = leaf_index(addr);
         let g = leaf.lock();
@@ -641,9 +718,17 @@ impl AddressSpace {
             } => {
                 // A page under migration is shared like a mapped one: the child gets the
                 // entry too (read-only if private), recorded in the reverse map so that
-                // finalize points it at the destination or restores it. Migration entries
+                // finalize points it at the destination or restores it (unless finalize is
+                // walking the reverse map right now: then wait for it). Migration entries
                 // hold no reference: the migration holds its own.
                 let page = pm.page_or_err(pfn)?;
+                let mapping = Mapping {
+                    space: child.id(),
+                    addr,
+                };
+                if !page.move_rmap_unless_walked(None, mapping) {
+                    return Ok(Forked::Walked(page));
+                }
                 let kind = if v.shared {
                     kind
                 } else {
@@ -657,10 +742,6 @@ impl AddressSpace {
                     dirty,
                 };
                 g.set(i, entry);
-                page.add_rmap(Mapping {
-                    space: child.id(),
-                    addr,
-                });
                 cg.set(i, entry);
             }
             Pte::Present {
@@ -744,7 +825,7 @@ impl AddressSpace {
                 );
             }
         }
-        Ok(())
+        Ok(Forked::Done)
     }
 
     /// The page an entry maps and holds in its reverse map (not the zero page).
@@ -764,14 +845,7 @@ impl AddressSpace {
         page: &Page,
         take_ref: bool,
     ) {
-        if take_ref {
-            page.get();
-        }
-        page.add_rmap(Mapping {
-            space: self.id(),
-            addr,
-        });
-        g.set(i, pte);
+        self.inner.tables.install(g, i, addr, pte, page, take_ref)
     }
 
     /// Clears every entry of `[start, end)`, releasing what they map. Each entry and its
@@ -878,7 +952,10 @@ impl AddressSpace {
 }
 
 impl Drop for SpaceInner {
-    /// Releases every entry: mirrors are told, pages lose this space's mappings.
+    /// Releases every entry: mirrors are told, pages lose this space's mappings. Entries are
+    /// cleared under their leaves' locks: until this space leaves the page map's registry, a
+    /// migration's reverse-map walk may still reach them through [`PageTables`] (restoring
+    /// or replacing a migration entry here before the teardown clears it).
     fn drop(&mut self) {
         let ranges: Vec<NotifyRange> = self
             .map
@@ -896,14 +973,20 @@ impl Drop for SpaceInner {
             self.invalidate_end(&range);
         }
         let pm = self.pagemap.clone();
+        let leaves: Vec<(u64, Arc<Leaf>)> = self
+            .tables
+            .leaves
+            .read()
+            .iter()
+            .map(|(&k, l)| (k, l.clone()))
+            .collect();
         let mut released: Vec<&Page> = Vec::with_capacity(PTRS_PER_LEAF);
-        for (&key, leaf) in self.tables.get_mut().iter() {
-            // One batch per leaf (see `zap_range`).
-            pm.put_pages(&released);
-            released.clear();
+        for (key, leaf) in leaves {
+            let g = leaf.lock();
             for i in 0..PTRS_PER_LEAF {
-                let pte = leaf.get(i);
+                let pte = g.get(i);
                 let Some(pfn) = pte.pfn() else { continue };
+                g.set(i, Pte::None);
                 let Some(p) = pm.page(pfn) else {
                     continue;
                 };
@@ -918,10 +1001,56 @@ impl Drop for SpaceInner {
                     released.push(p);
                 }
             }
+            drop(g);
+            // One batch per leaf (see `zap_range`).
+            pm.put_pages(&released);
+            released.clear();
         }
-        pm.put_pages(&released);
         drop(released);
         self.pagemap.remove_space(self.id);
+    }
+}
+
+/// The page tables of one address space: its leaves by leaf number. The page map's registry
+/// holds them too, so that a reverse-map walk reaches the entries of a space that is being
+/// torn down.
+pub(crate) struct PageTables {
+    pub(crate) id: SpaceId,
+    leaves: RwLock<LeafTable>,
+}
+
+impl PageTables {
+    /// The leaf holding `addr`'s entry, created if `create`.
+    pub(crate) fn leaf(&self, addr: u64, create: bool) -> Option<Arc<Leaf>> {
+        let key = addr / LEAF_SPAN;
+        if let Some(l) = self.leaves.read().get(&key) {
+            return Some(l.clone());
+        }
+        if !create {
+            return None;
+        }
+        Some(self.leaves.write().entry(key).or_default().clone())
+    }
+
+    /// Sets entry `i` of a locked leaf to map `page` at `addr`: records the mapping and,
+    /// with `take_ref`, a reference (an allocation's own reference is otherwise handed over).
+    pub(crate) fn install(
+        &self,
+        g: &LeafGuard<'_>,
+        i: usize,
+        addr: u64,
+        pte: Pte,
+        page: &Page,
+        take_ref: bool,
+    ) {
+        if take_ref {
+            page.get();
+        }
+        page.add_rmap(Mapping {
+            space: self.id,
+            addr,
+        });
+        g.set(i, pte);
     }
 }
 
@@ -986,6 +1115,14 @@ fn free_range(map: &VmaTree, from: u64, len: u64) -> Option<u64> {
             _ => return Some(at),
         }
     }
+}
+
+/// How [`AddressSpace::fork`] left one entry.
+enum Forked<'p> {
+    /// Shared with the child (or nothing to share).
+    Done,
+    /// A migration entry whose page's reverse map is being walked: retry after the walk.
+    Walked(&'p Page),
 }
 
 /// Options of [`AddressSpace::mremap_with`] (the kernel's `MREMAP_FIXED` replacing a

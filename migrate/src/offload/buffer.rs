@@ -114,6 +114,15 @@ impl Buffer {
     }
 
     /// The page-aligned address and page count covering `range`, after checks.
+    /// `offset + len`, or `OutOfBounds` if that overflows.
+    fn end_of(&self, offset: usize, len: usize) -> Result<usize> {
+        offset.checked_add(len).ok_or(Error::OutOfBounds {
+            start: offset,
+            end: usize::MAX,
+            size: self.inner.len,
+        })
+    }
+
     fn pages(&self, range: Range<usize>) -> Result<(u64, usize)> {
         if self.inner.freed.load(Ordering::Acquire) {
             return Err(Error::Freed);
@@ -186,7 +195,7 @@ impl Buffer {
     /// Copies bytes out of the buffer from `offset` (pages on the device fault back, or are
     /// read in place if the memory is coherent).
     pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
-        self.pages(offset..offset + out.len())?;
+        self.pages(offset..self.end_of(offset, out.len())?)?;
         self.inner
             .ctx
             .space()
@@ -195,7 +204,7 @@ impl Buffer {
 
     /// Copies bytes into the buffer at `offset`.
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
-        self.pages(offset..offset + data.len())?;
+        self.pages(offset..self.end_of(offset, data.len())?)?;
         self.inner
             .ctx
             .space()
