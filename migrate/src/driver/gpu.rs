@@ -43,16 +43,6 @@ impl Default for DriverConfig {
     }
 }
 
-/// One past the last byte of `npages` pages from `addr`, or an error if that overflows.
-pub(crate) fn range_end(addr: u64, npages: usize) -> Result<u64> {
-    (npages as u64)
-        .checked_mul(PAGE)
-        .and_then(|b| addr.checked_add(b))
-        .ok_or(Error::InvalidArgument(
-            "range past the end of the address space",
-        ))
-}
-
 /// The largest fault-around window, in pages (one chunk).
 pub const MAX_FAULT_AROUND: usize = CHUNK_PAGES;
 
@@ -223,19 +213,20 @@ impl GpuDriver {
     }
 
     /// Marks the device pages behind `npages` pages from `addr` as recently used, so that
-    /// eviction passes them over once.
+    /// eviction passes them over once. Counts past the top of the address space stop there;
+    /// only mapped pages are visited.
     pub fn touch(&self, space: &AddressSpace, addr: u64, npages: usize) {
-        for k in 0..npages as u64 {
-            if let Some(p) = space
-                .pte(addr + k * PAGE)
-                .pfn()
-                .and_then(|pfn| self.inner.pagemap.page(pfn))
-            {
+        let end = (npages as u64)
+            .checked_mul(PAGE)
+            .and_then(|b| addr.checked_add(b))
+            .unwrap_or(u64::MAX);
+        space.for_each_entry(addr, end, |_, pte| {
+            if let Some(p) = pte.pfn().and_then(|pfn| self.inner.pagemap.page(pfn)) {
                 if p.owner() == self.inner.owner {
                     p.set_driver_data(p.driver_data() | super::evict::YOUNG);
                 }
             }
-        }
+        });
     }
 
     /// Device pages the driver may hold.
@@ -274,7 +265,7 @@ impl GpuDriver {
     /// Migrates this driver's pages among `npages` pages from `addr` back to host memory.
     pub fn migrate_to_host(&self, space: &AddressSpace, addr: u64, npages: usize) -> Result<Moved> {
         let flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
-        let end = range_end(addr, npages)?;
+        let end = crate::mm::space::pages_end(addr, npages)?;
         self.inner.migrate(space, addr, end, flags, None, false)
     }
 
@@ -334,7 +325,7 @@ impl Inner {
         addr: u64,
         npages: usize,
     ) -> Result<Moved> {
-        let end = range_end(addr, npages)?;
+        let end = crate::mm::space::pages_end(addr, npages)?;
         self.migrate(space, addr, end, MIGRATE_VMA_SELECT_SYSTEM, None, true)
     }
 

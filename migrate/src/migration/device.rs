@@ -28,6 +28,13 @@ pub fn migrate_device_range(
             got: src.len(),
         });
     }
+    if start
+        .0
+        .checked_add(npages as u64)
+        .is_none_or(|end| end > 1 << 50)
+    {
+        return Err(Error::InvalidArgument("device pfn range out of bounds"));
+    }
     for (i, w) in src[..npages].iter_mut().enumerate() {
         *w = migrate_pfn(start.add(i as u64));
     }

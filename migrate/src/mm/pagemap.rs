@@ -121,6 +121,16 @@ impl std::fmt::Debug for PageMap {
     }
 }
 
+impl Drop for PageMap {
+    /// Gives the zero page's frame back to the pool (every other frame went back with the
+    /// last reference to its page).
+    fn drop(&mut self) {
+        if let Err(e) = self.frames.free(self.zero) {
+            tracing::error!("freeing the zero page {}: {e}", self.zero);
+        }
+    }
+}
+
 impl PageMap {
     /// A page map over `frames`, with the shared zero page allocated from it.
     pub fn new(frames: Arc<HostFramePool>) -> Result<Arc<PageMap>, MmError> {

@@ -55,9 +55,10 @@ pub fn pin_pages(
     longterm: bool,
 ) -> Result<PinGuard> {
     super::space::check_aligned(addr)?;
+    super::space::pages_end(addr, npages)?;
     let mut guard = PinGuard {
         pagemap: space.pagemap().clone(),
-        pfns: Vec::with_capacity(npages),
+        pfns: Vec::with_capacity(npages.min(1 << 16)),
     };
     for k in 0..npages as u64 {
         let at = addr + k * PAGE;

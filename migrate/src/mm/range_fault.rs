@@ -55,7 +55,8 @@ pub fn hmm_range_fault(
     owner: u64,
 ) -> Result<Vec<HmmPfn>> {
     check_aligned(start)?;
-    let mut out = Vec::with_capacity(npages);
+    super::space::pages_end(start, npages)?;
+    let mut out = Vec::with_capacity(npages.min(1 << 16));
     for k in 0..npages as u64 {
         let addr = start + k * PAGE;
         let vma = space.vma(addr).ok_or(Error::NotMapped(addr))?;
@@ -86,11 +87,14 @@ pub fn hmm_range_fault(
 }
 
 /// Reports the state of `npages` pages from `start` as seen by a device of `owner`, without
-/// faulting anything in.
+/// faulting anything in. Pages past the top of the address space are reported as
+/// [`PageState::Error`].
 pub fn snapshot(space: &AddressSpace, start: u64, npages: usize, owner: u64) -> Vec<PageState> {
     (0..npages as u64)
         .map(|k| {
-            let addr = start + k * PAGE;
+            let Some(addr) = k.checked_mul(PAGE).and_then(|o| start.checked_add(o)) else {
+                return PageState::Error;
+            };
             match space.vma(addr) {
                 Some(v) if v.prot.read || v.prot.write => {}
                 _ => return PageState::Error,

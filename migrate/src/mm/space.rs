@@ -431,6 +431,31 @@ impl AddressSpace {
         self.inner.tables.leaf(addr, create)
     }
 
+    /// Calls `f` with the address and entry of every page of `[start, end)` that is mapped and
+    /// has a page-table leaf (cost follows what is mapped and touched, not the range's size).
+    pub(crate) fn for_each_entry(&self, start: u64, end: u64, mut f: impl FnMut(u64, Pte)) {
+        let spans: Vec<(u64, u64)> = match self.map_read() {
+            Ok(map) => map
+                .range(..end)
+                .filter(|(_, v)| v.end > start)
+                .map(|(_, v)| (v.start.max(start), v.end.min(end)))
+                .collect(),
+            Err(_) => return,
+        };
+        for (s, e) in spans {
+            let mut a = s;
+            while a < e {
+                let stop = leaf_end(a).min(e);
+                if let Some(leaf) = self.leaf(a, false) {
+                    for x in (a..stop).step_by(PAGE_SIZE) {
+                        f(x, leaf.get(leaf_index(x)));
+                    }
+                }
+                a = stop;
+            }
+        }
+    }
+
     /// The entry for `addr`, read atomically.
     pub fn pte(&self, addr: u64) -> Pte {
         self.leaf(addr, false)
@@ -1090,6 +1115,18 @@ fn range_of(addr: u64, len: u64) -> Result<(u64, u64)> {
         addr.checked_add(len)
             .ok_or(Error::InvalidArgument("range wraps"))?,
     ))
+}
+
+/// One past the last byte of `npages` pages from `addr`, or an error if that passes the
+/// top of the address space.
+pub(crate) fn pages_end(addr: u64, npages: usize) -> Result<u64> {
+    (npages as u64)
+        .checked_mul(PAGE)
+        .and_then(|b| addr.checked_add(b))
+        .filter(|&e| e <= MMAP_TOP)
+        .ok_or(Error::InvalidArgument(
+            "range past the top of the address space",
+        ))
 }
 
 /// One past the last address of the leaf that holds `addr`.

@@ -173,7 +173,9 @@ impl Context {
         if bytes == 0 {
             return Err(Error::EmptyRange);
         }
-        let len = (bytes as u64).div_ceil(PAGE) * PAGE;
+        let len = (bytes as u64)
+            .checked_next_multiple_of(PAGE)
+            .ok_or(Error::NoAddressSpace(bytes as u64))?;
         let addr = self.inner.space.mmap(None, len, Prot::RW, false)?;
         Ok(Buffer::new(self.clone(), addr, bytes))
     }

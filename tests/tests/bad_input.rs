@@ -1,0 +1,146 @@
+//! Bad input gives a typed error, never a panic (the dev profile checks overflow), a hang or
+//! a silent wrong answer, and leaves nothing lost or leaked behind.
+
+use std::time::Duration;
+
+use hetmem::driver::{DriverConfig, GpuDriver};
+use hetmem::migration::*;
+use hetmem::mm::{hmm_range_fault, pin_pages, snapshot, AddressSpace, MemoryKind, PageMap, Prot};
+use hetmem::offload::{Context, ContextConfig};
+use hetmem::{Error, ErrorKind};
+use hetmem_engine::{DeviceConfig, DeviceKind, HostFramePool, Pfn};
+
+/// Runs `f` on a thread and fails if it does not return within 10 s (a hang is a failure).
+fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what}: no answer within 10 s"))
+}
+
+fn host_context() -> Context {
+    Context::new(ContextConfig {
+        device: DeviceConfig::default().kind(DeviceKind::Host),
+        budget_bytes: 64 * 4096,
+        ..ContextConfig::default()
+    })
+    .unwrap()
+}
+
+/// Huge sizes, offsets and page counts are errors of the misuse kind (or out of memory for
+/// an allocation), with everything still usable afterwards.
+#[test]
+fn huge_sizes_and_offsets_are_errors() {
+    within("huge sizes", || {
+        let ctx = host_context();
+        let e = ctx.alloc(usize::MAX).unwrap_err();
+        assert!(
+            matches!(e.kind(), ErrorKind::Misuse | ErrorKind::OutOfMemory),
+            "{e}"
+        );
+        for _ in 0..3 {
+            let _ = ctx.alloc(1 << 62);
+        }
+        let b = ctx.alloc(4096).expect("a small allocation after huge ones");
+        b.write(0, b"still fine").unwrap();
+        let mut out = [0u8; 10];
+        assert!(matches!(
+            b.read(usize::MAX, &mut out),
+            Err(Error::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            b.write(usize::MAX, b"x"),
+            Err(Error::OutOfBounds { .. })
+        ));
+        b.read(0, &mut out).unwrap();
+        assert_eq!(&out, b"still fine");
+
+        let pm = ctx.driver().pagemap().clone();
+        let space = ctx.space().clone();
+        let a = b.addr();
+        let d = ctx.driver();
+        assert_eq!(
+            d.migrate_to_device(&space, a, usize::MAX)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Misuse
+        );
+        assert_eq!(
+            d.migrate_to_host(&space, a, usize::MAX).unwrap_err().kind(),
+            ErrorKind::Misuse
+        );
+        assert!(pin_pages(&space, a, usize::MAX, false, false).is_err());
+        assert!(hmm_range_fault(&space, a, usize::MAX, false, 0).is_err());
+        let top: u64 = !4095;
+        let states = snapshot(&space, top, 4, 0);
+        assert_eq!(states.len(), 4, "one state per page asked for");
+        d.touch(&space, a, usize::MAX);
+        let mut src = vec![0u64; 4];
+        let e = migrate_device_range(&pm, &mut src, Pfn(u64::MAX), 4).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Misuse);
+        b.read(0, &mut out).unwrap();
+        assert_eq!(&out, b"still fine");
+    });
+}
+
+/// A driver's fault-around window out of range is clamped, never a hang or a division by
+/// zero; the faulting page comes back with its bytes.
+#[test]
+fn fault_around_out_of_range_is_clamped() {
+    for fault_around in [0, 1 << 52, usize::MAX] {
+        within("fault_around", move || {
+            let pool = HostFramePool::new(64 << 20).unwrap();
+            let mut config = DeviceConfig::default()
+                .kind(DeviceKind::Host)
+                .budget(1 << 20);
+            config.frames = Some(pool.clone());
+            let dev = hetmem_engine::Device::open(config).unwrap();
+            let pm = PageMap::new(pool).unwrap();
+            let d = GpuDriver::new(
+                dev,
+                &pm,
+                DriverConfig {
+                    kind: Some(MemoryKind::DevicePrivate),
+                    fault_around,
+                    budget_pages: None,
+                },
+            )
+            .unwrap();
+            let space = AddressSpace::new(&pm);
+            let a = space.mmap(None, 8 * 4096, Prot::RW, false).unwrap();
+            space.write(a + 4096, b"page one").unwrap();
+            assert_eq!(d.migrate_to_device(&space, a, 8).unwrap().migrated, 8);
+            let mut out = [0u8; 8];
+            space.read(a + 4096, &mut out).unwrap();
+            assert_eq!(&out, b"page one");
+        });
+    }
+}
+
+/// A context created and dropped gives back every host frame it took (its zero page too).
+#[test]
+fn contexts_leak_no_host_frame() {
+    let pool = HostFramePool::new(64 << 20).unwrap();
+    let make = || {
+        let mut device = DeviceConfig::default().kind(DeviceKind::Host);
+        device.frames = Some(pool.clone());
+        Context::new(ContextConfig {
+            device,
+            budget_bytes: 64 * 4096,
+            ..ContextConfig::default()
+        })
+        .unwrap()
+    };
+    drop(make());
+    let before = pool.in_use();
+    for _ in 0..5 {
+        let ctx = make();
+        let b = ctx.alloc(8 * 4096).unwrap();
+        b.write(0, &[1; 8 * 4096]).unwrap();
+        drop(b);
+        drop(ctx);
+    }
+    assert_eq!(pool.in_use(), before, "host frames leaked by contexts");
+}
