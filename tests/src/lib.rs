@@ -3,6 +3,7 @@
 
 pub mod dmirror;
 pub mod kv;
+pub mod soak;
 
 use hetmem_engine::{Device, DeviceConfig, DeviceKind, EngineError};
 

@@ -1,7 +1,10 @@
 //! `cargo xtask`: the project's task runner.
 //!
 //! - `cargo xtask demo`: set up what is missing, then run the demo.
-//! - `cargo xtask test`: set up what is missing, then run every test of the workspace.
+//! - `cargo xtask test`: set up what is missing, then run every test of the workspace and a
+//!   short soak per device and memory kind.
+//! - `cargo xtask soak`: threads of random operations against a shadow model, with faults
+//!   injected (see `hetmem_tests::soak`).
 //! - `cargo xtask bench-report`: tables and plots of the last `cargo bench` results, with
 //!   ratios.
 
@@ -9,6 +12,7 @@ mod demo;
 mod plots;
 mod report;
 mod setup;
+mod soak;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
@@ -33,6 +37,9 @@ enum Task {
         #[arg(long)]
         copy_to: Option<std::path::PathBuf>,
     },
+    /// Threads of random operations through the migration API and the driver, with failed
+    /// copies and memory exhaustion injected, checked against a shadow model.
+    Soak(soak::Args),
     /// Run the whole test suite (installs the Vulkan driver for the CPU if missing).
     Test {
         /// Extra arguments passed to `cargo test`.
@@ -52,6 +59,10 @@ fn main() -> Result<()> {
             setup::ensure_plot_font();
             report::run(machine, copy_to)
         }
+        Task::Soak(args) => {
+            setup::ensure_vulkan_driver();
+            soak::run(&args)
+        }
         Task::Test { args } => {
             setup::ensure_vulkan_driver();
             let status = std::process::Command::new(env!("CARGO"))
@@ -69,7 +80,7 @@ fn main() -> Result<()> {
             if !status.success() {
                 bail!("doc tests failed");
             }
-            Ok(())
+            soak::ci()
         }
     }
 }

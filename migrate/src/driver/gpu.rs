@@ -329,7 +329,8 @@ impl Inner {
         self.migrate(space, addr, end, MIGRATE_VMA_SELECT_SYSTEM, None, true)
     }
 
-    /// Migrates `[start, end)` in chunks of [`CHUNK_PAGES`], pipelined: while the copy of
+    /// Migrates `[start, end)` in chunks of at most [`CHUNK_PAGES`] inside one mapping each,
+    /// pipelined: while the copy of
     /// one chunk runs, the next chunk is collected and its copy submitted; then the first
     /// finishes (pages, finalize). `to_device` selects the direction.
     ///
@@ -356,7 +357,19 @@ impl Inner {
         let pipelined = end - start > CHUNK_PAGES as u64 * PAGE;
         let mut at = start;
         while at < end {
-            let stop = end.min(at + CHUNK_PAGES as u64 * PAGE);
+            // A chunk stays inside one mapping (a range may span several, after an mprotect
+            // or munmap of part of it): a gap is an error.
+            let vma_end = match space.vma(at) {
+                Some(v) => v.end,
+                None if pending.is_none() => return Err(Error::NotMapped(at)),
+                None => {
+                    if let Some(done) = pending.take() {
+                        let _ = self.complete(space, done, to_device, &mut total);
+                    }
+                    return Err(Error::NotMapped(at));
+                }
+            };
+            let stop = end.min(at + CHUNK_PAGES as u64 * PAGE).min(vma_end);
             let next = match self.begin(space, at, stop, flags, fault_page, to_device, pipelined) {
                 Ok(next) => next,
                 Err(e) => {

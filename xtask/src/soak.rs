@@ -1,0 +1,136 @@
+//! `cargo xtask soak`: runs `hetmem_tests::soak` with options, and the short soaks that
+//! `cargo xtask test` (CI) runs on every device and memory kind.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use hetmem::mm::MemoryKind;
+use hetmem_engine::DeviceKind;
+use hetmem_tests::soak::{SoakConfig, SoakReport};
+
+/// Options of `cargo xtask soak`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Device: host or vulkan (lavapipe without a GPU).
+    #[arg(long, default_value = "host")]
+    device: String,
+    /// Device memory: private or coherent.
+    #[arg(long, default_value = "private")]
+    memory: String,
+    /// Worker threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Stop after this many operations (all threads), if sooner.
+    #[arg(long)]
+    ops: Option<u64>,
+    /// Seed of the first thread.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Pages each thread owns.
+    #[arg(long, default_value_t = 16)]
+    pages: usize,
+    /// Device budget in pages.
+    #[arg(long, default_value_t = 24)]
+    budget: usize,
+    /// Host frames beyond what the regions need (small: exhaustion).
+    #[arg(long, default_value_t = 24)]
+    spare_frames: usize,
+    /// Chance per operation of injecting copy failures.
+    #[arg(long, default_value_t = 0.02)]
+    copy_failures: f64,
+}
+
+fn device(name: &str) -> Result<DeviceKind> {
+    Ok(match name {
+        "host" => DeviceKind::Host,
+        "vulkan" => DeviceKind::Vulkan,
+        "wgpu" => DeviceKind::Wgpu,
+        other => bail!("unknown device {other:?} (host, vulkan, wgpu)"),
+    })
+}
+
+fn memory(name: &str) -> Result<MemoryKind> {
+    Ok(match name {
+        "private" => MemoryKind::DevicePrivate,
+        "coherent" => MemoryKind::DeviceCoherent,
+        other => bail!("unknown memory kind {other:?} (private, coherent)"),
+    })
+}
+
+/// Runs one soak and prints what it did.
+pub fn run(args: &Args) -> Result<()> {
+    let config = SoakConfig {
+        device: device(&args.device)?,
+        memory: memory(&args.memory)?,
+        threads: args.threads.max(1),
+        duration: Duration::from_secs(args.seconds),
+        max_ops: args.ops.unwrap_or(u64::MAX),
+        seed: args.seed,
+        pages_per_thread: args.pages.max(1),
+        budget_pages: args.budget.max(1),
+        spare_host_frames: args.spare_frames,
+        copy_failure_rate: args.copy_failures.clamp(0.0, 1.0),
+        ..SoakConfig::default()
+    };
+    soak(&config)
+}
+
+fn soak(config: &SoakConfig) -> Result<()> {
+    eprintln!(
+        "soak: {:?} {:?}, {} threads, {:?}, seed {}",
+        config.device, config.memory, config.threads, config.duration, config.seed
+    );
+    match hetmem_tests::soak::run(config) {
+        Ok(r) => {
+            print_report(&r);
+            Ok(())
+        }
+        Err(e) => bail!("soak failed ({:?} {:?}): {e}", config.device, config.memory),
+    }
+}
+
+fn print_report(r: &SoakReport) {
+    let secs = r.wall.as_secs_f64();
+    println!(
+        "soak: {} ops in {secs:.1} s ({:.0} ops/s wall), {} ended in an accepted error, \
+         {} copy-failure injections, {} faults, {} evictions; failures: 0",
+        r.ops,
+        r.ops as f64 / secs,
+        r.errors,
+        r.injected,
+        r.faults,
+        r.evictions
+    );
+}
+
+/// The soaks CI runs: the host device and Vulkan (lavapipe), both memory kinds, a few
+/// seconds each. Vulkan's absence fails the run under `CI=true` and is skipped (said by
+/// name) elsewhere.
+pub fn ci() -> Result<()> {
+    for dev in [DeviceKind::Host, DeviceKind::Vulkan] {
+        for mem in [MemoryKind::DevicePrivate, MemoryKind::DeviceCoherent] {
+            let config = SoakConfig {
+                device: dev,
+                memory: mem,
+                duration: Duration::from_secs(12),
+                seed: 0x50a6,
+                ..SoakConfig::default()
+            };
+            if dev == DeviceKind::Vulkan
+                && hetmem_engine::Device::open(hetmem_engine::DeviceConfig::default().kind(dev))
+                    .is_err()
+            {
+                if hetmem_engine::running_in_ci() {
+                    bail!("soak: CI=true and no Vulkan device");
+                }
+                eprintln!("SKIPPED soak on Vulkan: no Vulkan device");
+                continue;
+            }
+            soak(&config)?;
+        }
+    }
+    Ok(())
+}
