@@ -4,10 +4,11 @@
 
 use hetmem_engine::{Pfn, PAGE_SIZE};
 
+use super::finalize::finalize;
 use super::pfn::*;
 use super::staged::DeviceMigration;
 use super::unmap::{restore_page, unmap_page, Unmapped};
-use super::vma::{finalize, move_state, validate_dst};
+use super::vma::{move_state, validate_dst};
 use crate::error::{Error, Result};
 use crate::mm::page::MemoryKind;
 use crate::mm::{AddressSpace, PageMap};

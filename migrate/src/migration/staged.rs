@@ -21,8 +21,9 @@ use std::sync::Arc;
 use hetmem_engine::{EngineError, Pfn, Ticket};
 
 use super::device::{migrate_device_pages, migrate_device_pfns};
+use super::finalize::finalize;
 use super::pfn::*;
-use super::vma::{abandon, finalize, migrate_vma_pages, setup_holding, Held, MigrateVma, Stage};
+use super::vma::{abandon, migrate_vma_pages, setup_holding, Held, MigrateVma, Stage};
 use crate::error::Result;
 use crate::mm::space::MapHold;
 use crate::mm::{AddressSpace, PageMap, Vma, PAGE};

@@ -1,0 +1,125 @@
+//! The map lock as threads hold it: shared by migrations (setup to finalize) and faults,
+//! exclusive for the operations that change mappings, with a per-thread record of what each
+//! thread holds so that a request that would wait for the thread itself fails instead.
+
+use parking_lot::{RwLockReadGuard, RwLockWriteGuard};
+
+use super::{AddressSpace, SpaceId, VmaTree};
+use crate::error::{Error, Result};
+
+thread_local! {
+    /// The address spaces whose map lock this thread holds, and whether exclusively: an
+    /// operation that needs the lock exclusively while this thread holds it at all, or a
+    /// shared hold while this thread holds it exclusively (a notifier calling back into the
+    /// space it is told about), would wait forever.
+    static HELD: std::cell::RefCell<Vec<(SpaceId, bool)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether this thread holds `id`'s map lock: `None` if not, else whether exclusively.
+fn held_here(id: SpaceId) -> Option<bool> {
+    HELD.with(|h| {
+        let h = h.borrow();
+        let mut found = None;
+        for &(_, excl) in h.iter().filter(|(s, _)| *s == id) {
+            found = Some(found.unwrap_or(false) || excl);
+        }
+        found
+    })
+}
+
+fn unhold(id: SpaceId, exclusive: bool) {
+    HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        if let Some(i) = h.iter().rposition(|&x| x == (id, exclusive)) {
+            h.swap_remove(i);
+        }
+    });
+}
+
+/// The map lock held exclusively (see [`AddressSpace::map_write`]).
+pub(crate) struct MapWrite<'a> {
+    map: RwLockWriteGuard<'a, VmaTree>,
+    id: SpaceId,
+    _here: std::marker::PhantomData<*const ()>,
+}
+
+impl std::ops::Deref for MapWrite<'_> {
+    type Target = VmaTree;
+    fn deref(&self) -> &VmaTree {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for MapWrite<'_> {
+    fn deref_mut(&mut self) -> &mut VmaTree {
+        &mut self.map
+    }
+}
+
+impl Drop for MapWrite<'_> {
+    fn drop(&mut self) {
+        unhold(self.id, true);
+    }
+}
+
+/// The map lock held shared: no mapping of the space changes (no munmap, mremap, mprotect or
+/// fork) while it lives. Migrations hold it from setup to finalize, as the kernel's drivers
+/// hold the mmap lock, and faults hold it while they resolve an entry.
+pub(crate) struct MapHold<'a> {
+    map: RwLockReadGuard<'a, VmaTree>,
+    id: SpaceId,
+    /// Never sent to another thread: the hold is recorded in this thread's `HELD` (whatever
+    /// features the lock's crate was built with).
+    _here: std::marker::PhantomData<*const ()>,
+}
+
+impl std::ops::Deref for MapHold<'_> {
+    type Target = VmaTree;
+    fn deref(&self) -> &VmaTree {
+        &self.map
+    }
+}
+
+impl Drop for MapHold<'_> {
+    fn drop(&mut self) {
+        unhold(self.id, false);
+    }
+}
+
+impl AddressSpace {
+    /// The map lock, shared (faults, migrations, CPU access). Fails with
+    /// [`Error::Reentrant`] on a thread that holds it exclusively (a notifier called from
+    /// munmap, mprotect, mremap or fork that calls back into the space).
+    pub(crate) fn map_read(&self) -> Result<MapHold<'_>> {
+        if held_here(self.inner.id) == Some(true) {
+            return Err(Error::Reentrant);
+        }
+        let map = self.inner.map.read_recursive();
+        HELD.with(|h| h.borrow_mut().push((self.inner.id, false)));
+        Ok(MapHold {
+            map,
+            id: self.inner.id,
+            _here: std::marker::PhantomData,
+        })
+    }
+
+    /// The map lock, exclusive (mmap, munmap, mprotect, mremap, fork): waits for every
+    /// migration and fault in the space. Fails instead of waiting forever when this thread
+    /// itself holds the lock (a migration it has not finalized, a fault callback, a
+    /// notifier of another change).
+    pub(super) fn map_write(&self) -> Result<MapWrite<'_>> {
+        match held_here(self.inner.id) {
+            Some(false) => return Err(Error::MigrationInProgress),
+            Some(true) => return Err(Error::Reentrant),
+            None => {}
+        }
+        let map = self.inner.map.write();
+        HELD.with(|h| h.borrow_mut().push((self.inner.id, true)));
+        Ok(MapWrite {
+            map,
+            id: self.inner.id,
+            _here: std::marker::PhantomData,
+        })
+    }
+}
