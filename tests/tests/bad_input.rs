@@ -144,3 +144,19 @@ fn contexts_leak_no_host_frame() {
     }
     assert_eq!(pool.in_use(), before, "host frames leaked by contexts");
 }
+
+/// A `HETMEM_DEVICE` that names no backend is an error when the context leaves the choice
+/// to the environment (not silently the automatic choice).
+#[test]
+fn a_bad_hetmem_device_is_an_error() {
+    // The other tests of this file name their device, so the variable does not reach them.
+    std::env::set_var("HETMEM_DEVICE", "cuda");
+    let r = Context::new(ContextConfig::default());
+    std::env::remove_var("HETMEM_DEVICE");
+    let e = r.err().expect("HETMEM_DEVICE=cuda refused");
+    assert_eq!(e.kind(), ErrorKind::Misuse, "{e}");
+    assert!(
+        e.to_string().contains("cuda"),
+        "the error names the value: {e}"
+    );
+}

@@ -60,6 +60,11 @@ impl Context {
     /// Opens the device `config` selects (and says which, through `tracing`), registers its
     /// memory and makes an empty address space.
     pub fn new(config: ContextConfig) -> Result<Context> {
+        if config.device.kind.is_none() {
+            // Left to the environment: a bad `HETMEM_DEVICE` (or `HETMEM_GATHER`) is an
+            // error here, not silently the automatic choice.
+            DeviceConfig::from_env()?;
+        }
         let device = Device::open(config.device.clone().budget(config.budget_bytes))?;
         let pagemap = PageMap::new(device.frames().clone())?;
         let driver = GpuDriver::new(
