@@ -125,7 +125,8 @@ pub enum Error {
     },
     /// This thread holds the address space's map lock shared (a migration between setup and
     /// finalize, or a fault callback): munmap, mremap, mprotect and fork, which need it
-    /// exclusively, would wait for it forever.
+    /// exclusively, would wait for it forever, and so would an access to a page under
+    /// migration (it may be the thread's own).
     #[error("this thread has a migration or fault of the address space in progress")]
     MigrationInProgress,
     /// A callback (a notifier told of a munmap, mprotect, mremap or fork) called back into

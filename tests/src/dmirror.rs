@@ -439,7 +439,7 @@ impl Dmirror {
         let moved = (0..n)
             .filter(|&i| src[i] & MIGRATE_PFN_MIGRATE != 0)
             .count();
-        migrate_device_finalize(&self.pagemap, &mut src, &dst);
+        migrate_device_finalize(&self.pagemap, &mut src, &mut dst);
         match failed {
             Some(e) => Err(e),
             None => Ok(moved),

@@ -279,7 +279,7 @@ fn bug_dying_space_device_remap_gives_up() {
         let mut src = [migrate_pfn(pfn)];
         assert_eq!(migrate_device_pfns(&g.pm, &mut src).unwrap(), 1);
         let host = g.pm.alloc_system(false, true).unwrap();
-        let dst = [migrate_pfn(host.pfn())];
+        let mut dst = [migrate_pfn(host.pfn())];
         g.d.device()
             .copy(&[(pfn, host.pfn())])
             .unwrap()
@@ -292,7 +292,7 @@ fn bug_dying_space_device_remap_gives_up() {
         }
         let t = Instant::now();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            migrate_device_finalize(&g.pm, &mut src, &dst)
+            migrate_device_finalize(&g.pm, &mut src, &mut dst)
         }));
         eprintln!("finalize returned after {:?}", t.elapsed());
         dropper.join().unwrap();
@@ -1772,17 +1772,17 @@ fn bug_device_finalize_twice_double_releases() {
         let mut src = [0u64; 1];
         migrate_device_range(&g.pm, &mut src, pfn, 1).unwrap();
         let host = g.pm.alloc_system(false, true).unwrap();
-        let dst = [migrate_pfn(host.pfn())];
+        let mut dst = [migrate_pfn(host.pfn())];
         g.d.device()
             .copy(&[(pfn, host.pfn())])
             .unwrap()
             .wait()
             .unwrap();
         migrate_device_pages(&g.pm, &mut src, &dst).unwrap();
-        migrate_device_finalize(&g.pm, &mut src, &dst);
+        migrate_device_finalize(&g.pm, &mut src, &mut dst);
         assert_eq!(read(&g.space, a, 4096), data);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            migrate_device_finalize(&g.pm, &mut src, &dst)
+            migrate_device_finalize(&g.pm, &mut src, &mut dst)
         }));
         std::mem::forget(g);
         if let Err(p) = r {

@@ -1220,9 +1220,9 @@ fn d08b_every_invalidation_of_a_device_migration_ends() {
             migrate_device_range(pm, &mut src, range.start, n).unwrap(),
             4
         );
-        let dst = vec![0u64; n];
+        let mut dst = vec![0u64; n];
         migrate_device_pages(pm, &mut src, &dst).unwrap();
-        migrate_device_finalize(pm, &mut src, &dst);
+        migrate_device_finalize(pm, &mut src, &mut dst);
         bad.extend(unpaired(
             "migrate_device_range/pages/finalize with no destinations",
             &rec.take(),

@@ -87,35 +87,56 @@ pub(crate) struct Inner {
     pub(crate) resident: Resident,
     /// Device page tables, one per address space that launched a kernel.
     pub(crate) tables: Mutex<HashMap<SpaceId, Arc<SpaceTable>>>,
+    /// The pagemap callbacks (they outlive the driver).
+    ops: Arc<Ops>,
 }
 
-struct Ops(std::sync::Weak<Inner>);
+/// The driver's pagemap callbacks. Once the driver is gone, a device that still holds pages
+/// (its teardown could not bring them all home: no host frames) stays here, so that a fault
+/// can still copy a page home and a freed page still goes back to the device.
+struct Ops {
+    driver: std::sync::Weak<Inner>,
+    orphan: Mutex<Option<(Device, u64)>>,
+}
+
+impl Ops {
+    /// The device to free pages into: the driver's, or the orphaned one.
+    fn device(&self) -> Option<Device> {
+        match self.driver.upgrade() {
+            Some(d) => Some(d.device.clone()),
+            None => self.orphan.lock().as_ref().map(|(d, _)| d.clone()),
+        }
+    }
+}
 
 impl PagemapOps for Ops {
     fn page_free(&self, page: &Page) {
-        if let Some(d) = self.0.upgrade() {
-            if let Err(e) = d.device.free_page(page.pfn()) {
+        if let Some(d) = self.device() {
+            if let Err(e) = d.free_page(page.pfn()) {
                 tracing::error!("page_free {}: {e}", page.pfn());
             }
         }
     }
 
     fn pages_free(&self, pages: &[&Page]) {
-        if let Some(d) = self.0.upgrade() {
+        if let Some(d) = self.device() {
             let pfns: Vec<Pfn> = pages.iter().map(|p| p.pfn()).collect();
-            if let Err(e) = d.device.free_pages(&pfns) {
+            if let Err(e) = d.free_pages(&pfns) {
                 tracing::error!("pages_free of {} pages: {e}", pfns.len());
             }
         }
     }
 
     fn migrate_to_ram(&self, f: FaultContext<'_>) -> Result<()> {
-        let d = self
-            .0
-            .upgrade()
-            .ok_or(Error::Engine(EngineError::DeviceLost(
-                "the page's driver was dropped".into(),
-            )))?;
+        let Some(d) = self.driver.upgrade() else {
+            let orphan = self.orphan.lock().clone();
+            return match orphan {
+                Some((device, owner)) => bring_home(&device, owner, &f),
+                None => Err(Error::Engine(EngineError::DeviceLost(
+                    "the page's driver was dropped".into(),
+                ))),
+            };
+        };
         d.counters.faults.fetch_add(1, Ordering::Relaxed);
         // An aligned window around the fault, clipped to the mapping.
         let vma = f.space.vma(f.addr).ok_or(Error::NotMapped(f.addr))?;
@@ -173,7 +194,7 @@ impl GpuDriver {
             return Err(Error::InvalidArgument("driver budget of 0 pages"));
         }
         let owner = NEXT_OWNER.fetch_add(1, Ordering::Relaxed);
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
             device: device.clone(),
             pagemap: pagemap.clone(),
             owner,
@@ -183,10 +204,14 @@ impl GpuDriver {
             counters: Counters::default(),
             resident: Resident::default(),
             tables: Mutex::new(HashMap::new()),
+            ops: Arc::new(Ops {
+                driver: me.clone(),
+                orphan: Mutex::new(None),
+            }),
         });
         let access: Option<Arc<dyn FrameAccess>> =
             (kind == MemoryKind::DeviceCoherent).then(|| Arc::new(device.clone()) as _);
-        let ops = Arc::new(Ops(Arc::downgrade(&inner)));
+        let ops = inner.ops.clone();
         let pgmap = pagemap.register_device(device.pfn_range(), kind, owner, ops, access)?;
         Ok(GpuDriver { inner, pgmap })
     }
@@ -661,8 +686,11 @@ impl Inner {
 impl Drop for Inner {
     /// Brings every page home before the device goes: nothing on it is lost, and a later
     /// CPU access to those addresses finds host pages. (Pinned pages cannot be here: a pin
-    /// holds the driver.)
+    /// holds the driver.) The pagemap callbacks hold the device meanwhile, so the evicted
+    /// pages go back to it; if some cannot come home (no host frames), they keep holding it,
+    /// and a later fault brings each page home then.
     fn drop(&mut self) {
+        *self.ops.orphan.lock() = Some((self.device.clone(), self.owner));
         loop {
             match self.evict(usize::MAX) {
                 Ok(0) => break,
@@ -674,5 +702,39 @@ impl Drop for Inner {
             }
         }
         self.resident.clear();
+        if self.device.pages_in_use() == 0 {
+            *self.ops.orphan.lock() = None;
+        }
     }
+}
+
+/// A fault on a page of a driver that is gone: the page alone comes home through the device
+/// the driver left behind.
+fn bring_home(device: &Device, owner: u64, f: &FaultContext<'_>) -> Result<()> {
+    let pm = f.space.pagemap();
+    let mut m = Migration::setup(
+        f.space,
+        f.addr,
+        f.addr + PAGE,
+        MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+        owner,
+        Some(f.page.pfn()),
+    )?;
+    let want: Vec<usize> = m.collected().map(|(i, _)| i).collect();
+    if want.is_empty() {
+        return Ok(());
+    }
+    let frames = pm.frames().alloc_batch(want.len(), false)?;
+    for (&i, &h) in want.iter().zip(&frames) {
+        pm.alloc_system_at(h, true);
+        m.dst_mut()[i] = migrate_pfn(h);
+    }
+    let out = m.submit(|pairs| device.copy(pairs)).wait()?.finalize();
+    if out.failed > 0 {
+        return Err(Error::FaultFailed {
+            addr: f.addr,
+            reason: format!("the copy of device page {} to host failed", f.page.pfn()),
+        });
+    }
+    Ok(())
 }

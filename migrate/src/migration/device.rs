@@ -122,8 +122,11 @@ pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Resul
 }
 
 /// Stage 3 of a device migration: as `migrate_vma_finalize`. Entries past the end of a
-/// short `dst` have no destination: their pages are restored.
-pub fn migrate_device_finalize(pm: &PageMap, src: &mut [u64], dst: &[u64]) {
+/// short `dst` have no destination: their pages are restored. The arrays are consumed: every
+/// word finalize finished is cleared (in `src` and `dst`), so a second call on the same
+/// arrays does nothing (device pages carry no migration of their own to tell a second call
+/// by, and the pages may since belong to another migration).
+pub fn migrate_device_finalize(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
     if dst.len() < src.len() {
         let mut padded = dst.to_vec();
         padded.resize(src.len(), 0);
@@ -131,6 +134,9 @@ pub fn migrate_device_finalize(pm: &PageMap, src: &mut [u64], dst: &[u64]) {
     } else {
         finalize(pm, src, &dst[..src.len()], None, None);
     }
+    let n = src.len().min(dst.len());
+    src.fill(0);
+    dst[..n].fill(0);
 }
 
 /// Moves one device-coherent page to a new system page (CPU copy), so that a long-term pin

@@ -52,13 +52,7 @@ pub(crate) fn finalize(
                 }
             }
         } else {
-            // Pages by frame number: an entry whose page is no longer locked was finalized
-            // already (a second finalize of the same arrays): it is not this call's.
-            let locked = |w: u64| migrate_pfn_to_page(pm, w).map(|p| p.test(flags::LOCKED));
-            slow.extend((i..end).filter(|&k| match locked(src[k]) {
-                Some(old) => old,
-                None => locked(dst[k]).unwrap_or(false),
-            }));
+            slow.extend(i..end);
         }
         for &k in &slow {
             let here = own.map(|(space, start)| (space, start + k as u64 * PAGE));

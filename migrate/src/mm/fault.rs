@@ -107,13 +107,18 @@ impl AddressSpace {
     /// holds the lock, which would then skip it: a livelock). A device-private page that is
     /// still on the device after its driver returned is retried [`FAULT_TRIES`] times, then
     /// the fault fails with [`Error::NoProgress`]; a driver error (out of host memory, a
-    /// failed copy) ends the fault at once.
+    /// failed copy) ends the fault at once. A thread that holds the space's map lock already
+    /// (a migration of its own between setup and finalize) gets
+    /// [`Error::MigrationInProgress`] instead of waiting: the page may be its own.
     pub(crate) fn with_page<R>(
         &self,
         addr: u64,
         write: bool,
         f: impl FnOnce(Pfn) -> Result<R>,
     ) -> Result<R> {
+        // A thread with a migration of this space in progress must not wait for a page
+        // lock: the page may be one its own migration holds.
+        let migrating_here = self.held_by_this_thread();
         let map = self.map_read()?;
         let vma = find_vma(&map, addr).ok_or(Error::NotMapped(addr))?;
         if !vma.prot.read && !write {
@@ -226,6 +231,9 @@ impl AddressSpace {
                     // referenced, so a concurrent migration cannot free it.
                     if !page.trylock() {
                         drop(g);
+                        if migrating_here {
+                            return Err(Error::MigrationInProgress);
+                        }
                         page.wait_unlocked();
                         continue;
                     }
@@ -257,6 +265,9 @@ impl AddressSpace {
                 Pte::Migration { pfn, .. } => {
                     let page = pm.page_or_err(pfn)?;
                     drop(g);
+                    if migrating_here {
+                        return Err(Error::MigrationInProgress);
+                    }
                     page.wait_unlocked();
                 }
                 Pte::Swap { .. } => {

@@ -62,15 +62,29 @@ pub fn pin_pages(
     };
     for k in 0..npages as u64 {
         let at = addr + k * PAGE;
+        let mut tries = 0;
         let pfn = loop {
             // A pin holds a real page: a read pin of a hole or of the zero page gets one of
             // its own first (a write access would replace them anyway).
+            tries += 1;
+            if tries > 16 {
+                return Err(Error::Busy(space.pte(at).pfn().unwrap_or(Pfn(0))));
+            }
             if !write {
                 space.fault_own_page(at)?;
             }
+            let private = space.vma(at).is_some_and(|v| !v.shared);
             let pinned = space.with_page(at, write, |pfn| {
                 let p = space.pagemap().page_or_err(pfn)?;
                 if p.test(super::page::flags::ZERO) {
+                    return Ok(None);
+                }
+                // A page of a private mapping that is still shared (it came back from a
+                // device shared after fork, say): unshare it first, then pin.
+                if private
+                    && p.kind() == MemoryKind::System
+                    && !p.test(super::page::flags::ANON_EXCLUSIVE)
+                {
                     return Ok(None);
                 }
                 if longterm && p.kind() == MemoryKind::DeviceCoherent {

@@ -122,4 +122,10 @@ impl AddressSpace {
             _here: std::marker::PhantomData,
         })
     }
+
+    /// True if this thread holds the space's map lock (a migration between its stages, a
+    /// fault in progress, a change of the mappings).
+    pub(crate) fn held_by_this_thread(&self) -> bool {
+        held_here(self.inner.id).is_some()
+    }
 }
