@@ -19,8 +19,9 @@ pub(crate) struct Resident {
 }
 
 impl Resident {
-    pub(crate) fn add(&self, pfn: Pfn) {
-        self.queue.lock().push_back(pfn);
+    /// Adds pages in residence, under one hold of the queue's lock.
+    pub(crate) fn add_all(&self, pfns: impl IntoIterator<Item = Pfn>) {
+        self.queue.lock().extend(pfns);
     }
 
     pub(crate) fn clear(&self) {

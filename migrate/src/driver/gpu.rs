@@ -500,11 +500,10 @@ impl Inner {
         };
         let mut entries = Vec::new();
         if to_device {
-            for (i, pfn) in m.moving() {
-                self.resident.add(pfn);
-                if table.is_some() {
-                    entries.push((m.addr(i), pfn));
-                }
+            let moving: Vec<(usize, Pfn)> = m.moving().collect();
+            self.resident.add_all(moving.iter().map(|&(_, pfn)| pfn));
+            if table.is_some() {
+                entries.extend(moving.iter().map(|&(i, pfn)| (m.addr(i), pfn)));
             }
         }
         // The new pages are still locked: nobody can move them before their entries exist.
