@@ -162,3 +162,26 @@ fn a_bad_hetmem_device_is_an_error() {
         "the error names the value: {e}"
     );
 }
+
+/// Advice that fails records nothing; a write across a page held on the device fails before
+/// writing any byte.
+#[test]
+fn failed_advice_and_a_write_across_a_pin_change_nothing() {
+    use hetmem::offload::{Advice, Location};
+    let ctx = host_context();
+    // Larger than the device budget (64 pages): the prefetch the advice implies is refused.
+    let big = ctx.alloc(128 * 4096).unwrap();
+    assert!(big
+        .advise(Advice::PreferredLocation(Location::Device))
+        .is_err());
+    assert_eq!(big.preferred(), None, "failed advice is not recorded");
+
+    let b = ctx.alloc(4 * 4096).unwrap();
+    b.write(0, &[1; 4 * 4096]).unwrap();
+    let pin = b.pin_on_device(3 * 4096..4 * 4096).unwrap();
+    assert!(matches!(b.write(0, &[2; 4 * 4096]), Err(Error::Busy(_))));
+    drop(pin);
+    let mut out = vec![0u8; 4 * 4096];
+    b.read(0, &mut out).unwrap();
+    assert!(out.iter().all(|&x| x == 1), "no byte was written");
+}

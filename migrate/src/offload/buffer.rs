@@ -178,8 +178,9 @@ impl Buffer {
         let (addr, n) = self.pages(0..self.inner.len)?;
         match advice {
             Advice::PreferredLocation(loc) => {
-                *self.inner.preferred.lock() = Some(loc);
+                // Recorded only once the buffer is there: failed advice changes nothing.
                 self.prefetch(0..self.inner.len, loc)?.wait()?;
+                *self.inner.preferred.lock() = Some(loc);
             }
             Advice::AccessedBy(Location::Device) => {
                 self.inner
@@ -202,13 +203,21 @@ impl Buffer {
             .read(self.inner.addr + offset as u64, out)
     }
 
-    /// Copies bytes into the buffer at `offset`.
+    /// Copies bytes into the buffer at `offset`. A range with a page held on the device (by a
+    /// [`Buffer::pin_on_device`] guard or a running launch) fails with [`Error::Busy`] before
+    /// any byte is written.
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
-        self.pages(offset..self.end_of(offset, data.len())?)?;
-        self.inner
-            .ctx
-            .space()
-            .write(self.inner.addr + offset as u64, data)
+        let (addr, n) = self.pages(offset..self.end_of(offset, data.len())?)?;
+        let space = self.inner.ctx.space();
+        let pm = space.pagemap();
+        for k in 0..n as u64 {
+            if let crate::mm::Pte::DevicePrivate { pfn, .. } = space.pte(addr + k * PAGE) {
+                if pm.page(pfn).is_some_and(|p| p.pincount() > 0) {
+                    return Err(Error::Busy(pfn));
+                }
+            }
+        }
+        space.write(self.inner.addr + offset as u64, data)
     }
 
     /// Brings `range` to the device and holds its pages there (no eviction, no migration)
