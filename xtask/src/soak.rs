@@ -110,6 +110,7 @@ fn print_report(r: &SoakReport) {
 /// seconds each. Vulkan's absence fails the run under `CI=true` and is skipped (said by
 /// name) elsewhere.
 pub fn ci() -> Result<()> {
+    let (mut passed, mut skipped) = (0, 0);
     for dev in [DeviceKind::Host, DeviceKind::Vulkan] {
         for mem in [MemoryKind::DevicePrivate, MemoryKind::DeviceCoherent] {
             let config = SoakConfig {
@@ -127,10 +128,14 @@ pub fn ci() -> Result<()> {
                     bail!("soak: CI=true and no Vulkan device");
                 }
                 eprintln!("SKIPPED soak on Vulkan: no Vulkan device");
+                skipped += 1;
                 continue;
             }
             soak(&config)?;
+            passed += 1;
         }
     }
+    // A failed soak returned above with its error.
+    println!("soak: {passed} passed, 0 failed, {skipped} skipped");
     Ok(())
 }
