@@ -185,3 +185,43 @@ fn failed_advice_and_a_write_across_a_pin_change_nothing() {
     b.read(0, &mut out).unwrap();
     assert!(out.iter().all(|&x| x == 1), "no byte was written");
 }
+
+/// Prefetches run on the context's one worker thread, not a thread each.
+#[test]
+fn prefetches_share_one_worker_thread() {
+    use hetmem::offload::Location;
+    fn prefetch_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .map(|d| {
+                d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .filter(|name| name.trim() == "hetmem-prefetch")
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+    let ctx = host_context();
+    let b = ctx.alloc(32 * 4096).unwrap();
+    b.write(0, &[5; 32 * 4096]).unwrap();
+    let before = prefetch_threads();
+    let pending: Vec<_> = (0..64)
+        .map(|k| {
+            let to = if k % 2 == 0 {
+                Location::Device
+            } else {
+                Location::Host
+            };
+            b.prefetch(0..32 * 4096, to).unwrap()
+        })
+        .collect();
+    let during = prefetch_threads();
+    for p in pending {
+        p.wait().unwrap();
+    }
+    assert!(
+        during <= before + 1,
+        "{during} prefetch threads with 64 prefetches in flight ({before} before)"
+    );
+    let mut out = vec![0u8; 32 * 4096];
+    b.read(0, &mut out).unwrap();
+    assert!(out.iter().all(|&x| x == 5));
+}

@@ -67,19 +67,35 @@ impl std::fmt::Debug for Buffer {
 /// A prefetch in flight; `wait` gives what moved.
 #[must_use = "a prefetch is only known to be done once waited on"]
 pub struct Prefetch {
-    handle: std::thread::JoinHandle<Result<Moved>>,
+    rx: std::sync::mpsc::Receiver<Result<Moved>>,
+    /// The result, once `is_done` has taken it from the worker.
+    done: Mutex<Option<Result<Moved>>>,
 }
 
 impl Prefetch {
     /// Blocks until the pages have moved (or failed to).
     pub fn wait(self) -> Result<Moved> {
-        self.handle
-            .join()
-            .unwrap_or(Err(Error::InvalidArgument("prefetch thread panicked")))
+        if let Some(r) = self.done.lock().take() {
+            return r;
+        }
+        self.rx
+            .recv()
+            .unwrap_or(Err(Error::InvalidArgument("the prefetch worker panicked")))
     }
     /// True once the prefetch has finished.
     pub fn is_done(&self) -> bool {
-        self.handle.is_finished()
+        let mut done = self.done.lock();
+        if done.is_some() {
+            return true;
+        }
+        match self.rx.try_recv() {
+            Ok(r) => {
+                *done = Some(r);
+                true
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => false,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => true,
+        }
     }
 }
 
@@ -142,8 +158,9 @@ impl Buffer {
         Ok((self.inner.addr + first * PAGE, (last - first) as usize))
     }
 
-    /// Moves the pages of `range` to `to`, in the background. A device prefetch larger than the
-    /// device budget is refused (`OverBudget`) with nothing moved.
+    /// Moves the pages of `range` to `to`, in the background (on the context's one prefetch
+    /// worker, in the order asked). A device prefetch larger than the device budget is
+    /// refused (`OverBudget`) with nothing moved.
     pub fn prefetch(&self, range: Range<usize>, to: Location) -> Result<Prefetch> {
         let (addr, n) = self.pages(range)?;
         let driver = self.inner.ctx.driver().clone();
@@ -154,14 +171,18 @@ impl Buffer {
             });
         }
         let space = self.inner.ctx.space().clone();
-        let handle = std::thread::Builder::new()
-            .name("hetmem-prefetch".into())
-            .spawn(move || match to {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.inner.ctx.inner.background(Box::new(move || {
+            let moved = match to {
                 Location::Device => driver.migrate_to_device(&space, addr, n),
                 Location::Host => driver.migrate_to_host(&space, addr, n),
-            })
-            .map_err(|e| Error::Engine(e.into()))?;
-        Ok(Prefetch { handle })
+            };
+            let _ = tx.send(moved);
+        }))?;
+        Ok(Prefetch {
+            rx,
+            done: Mutex::new(None),
+        })
     }
 
     /// Moves the pages of `range` back to host memory now.

@@ -39,6 +39,36 @@ impl Default for ContextConfig {
 pub(crate) struct Inner {
     pub(crate) driver: GpuDriver,
     pub(crate) space: AddressSpace,
+    /// The context's background worker for prefetches (started on the first one; it ends
+    /// when the context goes and the jobs sent before are done).
+    prefetcher: parking_lot::Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+}
+
+/// Work for the prefetch worker.
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
+
+impl Inner {
+    /// Runs `job` on the context's prefetch worker (one thread per context, started on first
+    /// use): prefetches run in the order they were asked for, without a thread each.
+    pub(crate) fn background(&self, job: Job) -> Result<()> {
+        let mut slot = self.prefetcher.lock();
+        if slot.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            std::thread::Builder::new()
+                .name("hetmem-prefetch".into())
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                })
+                .map_err(|e| Error::Engine(e.into()))?;
+            *slot = Some(tx);
+        }
+        slot.as_ref()
+            .expect("started above")
+            .send(job)
+            .map_err(|_| Error::InvalidArgument("the prefetch worker is gone"))
+    }
 }
 
 /// A device with its driver and an address space for managed buffers. Cloning gives
@@ -78,7 +108,11 @@ impl Context {
         )?;
         let space = AddressSpace::new(&pagemap);
         Ok(Context {
-            inner: Arc::new(Inner { driver, space }),
+            inner: Arc::new(Inner {
+                driver,
+                space,
+                prefetcher: parking_lot::Mutex::new(None),
+            }),
         })
     }
 
