@@ -225,3 +225,28 @@ fn prefetches_share_one_worker_thread() {
     b.read(0, &mut out).unwrap();
     assert!(out.iter().all(|&x| x == 5));
 }
+
+/// The driver's eviction queue stays bounded by what is resident, however often pages go to
+/// the device and back.
+#[test]
+fn the_eviction_queue_stays_bounded() {
+    let ctx = host_context();
+    let d = ctx.driver();
+    let space = ctx.space();
+    let b = ctx.alloc(16 * 4096).unwrap();
+    b.write(0, &[3; 16 * 4096]).unwrap();
+    for _ in 0..200 {
+        assert_eq!(
+            d.migrate_to_device(space, b.addr(), 16).unwrap().migrated,
+            16
+        );
+        assert_eq!(d.migrate_to_host(space, b.addr(), 16).unwrap().migrated, 16);
+    }
+    let bound = 2 * d.resident_pages() + 1024;
+    assert!(
+        d.eviction_queue_len() <= bound,
+        "{} entries for {} resident pages",
+        d.eviction_queue_len(),
+        d.resident_pages()
+    );
+}

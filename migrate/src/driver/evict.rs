@@ -19,9 +19,27 @@ pub(crate) struct Resident {
 }
 
 impl Resident {
-    /// Adds pages in residence, under one hold of the queue's lock.
-    pub(crate) fn add_all(&self, pfns: impl IntoIterator<Item = Pfn>) {
-        self.queue.lock().extend(pfns);
+    /// Adds pages in residence, under one hold of the queue's lock. Pages freed since they
+    /// joined (migrated home, unmapped) leave lazily; when the queue holds more than twice
+    /// `resident` (the pages in use) plus some slack, they are swept out at once, so the
+    /// queue stays bounded by what is resident.
+    pub(crate) fn add_all(
+        &self,
+        pm: &PageMap,
+        pfns: impl IntoIterator<Item = Pfn>,
+        resident: usize,
+    ) {
+        let mut q = self.queue.lock();
+        q.extend(pfns);
+        if q.len() > 2 * resident + 1024 {
+            let mut seen = std::collections::HashSet::new();
+            q.retain(|&pfn| pm.page(pfn).is_some_and(|p| p.refcount() > 0) && seen.insert(pfn));
+        }
+    }
+
+    /// Entries in the queue (tests and statistics).
+    pub(crate) fn len(&self) -> usize {
+        self.queue.lock().len()
     }
 
     pub(crate) fn clear(&self) {

@@ -258,6 +258,10 @@ impl GpuDriver {
     pub fn budget_pages(&self) -> usize {
         self.inner.budget_pages
     }
+    /// Entries of the eviction queue (bounded by about twice the pages in use).
+    pub fn eviction_queue_len(&self) -> usize {
+        self.inner.resident.len()
+    }
     /// Device pages in use now.
     pub fn resident_pages(&self) -> usize {
         self.inner.device.pages_in_use()
@@ -501,7 +505,11 @@ impl Inner {
         let mut entries = Vec::new();
         if to_device {
             let moving: Vec<(usize, Pfn)> = m.moving().collect();
-            self.resident.add_all(moving.iter().map(|&(_, pfn)| pfn));
+            self.resident.add_all(
+                &self.pagemap,
+                moving.iter().map(|&(_, pfn)| pfn),
+                self.device.pages_in_use(),
+            );
             if table.is_some() {
                 entries.extend(moving.iter().map(|&(i, pfn)| (m.addr(i), pfn)));
             }
