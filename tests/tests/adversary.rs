@@ -40,151 +40,10 @@ use hetmem::mm::{
     PageMap, Prot, Pte, SpaceId, PAGE,
 };
 use hetmem::{Error, ErrorKind};
-use hetmem_engine::{Device, DeviceKind, HostFramePool, Pfn};
+use hetmem_engine::{DeviceKind, HostFramePool, Pfn};
 use hetmem_tests::dmirror::Dmirror;
-use hetmem_tests::{open_config, test_config};
 
-// ---------------------------------------------------------------------------------------
-// Harness
-// ---------------------------------------------------------------------------------------
-
-const WATCHDOG: Duration = Duration::from_secs(15);
-
-/// Runs `f` on its own thread; a panic is raised here, a hang fails the test.
-fn watchdog<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    watchdog_for(what, WATCHDOG, f)
-}
-
-fn watchdog_for<T: Send + 'static>(
-    what: &str,
-    limit: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    let h = thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(v) => {
-            let _ = h.join();
-            v
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
-            Err(p) => std::panic::resume_unwind(p),
-            Ok(()) => unreachable!(),
-        },
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: still running after {limit:?}: HANG")
-        }
-    }
-}
-
-/// Joins racing threads, each under the same deadline; panics (re-raised) and hangs fail.
-fn join_all<T: Send + 'static>(
-    what: &str,
-    hs: Vec<thread::JoinHandle<T>>,
-    limit: Duration,
-) -> Vec<T> {
-    let deadline = Instant::now() + limit;
-    let mut out = Vec::new();
-    for h in hs {
-        while !h.is_finished() {
-            if Instant::now() > deadline {
-                panic!("{what}: a racer is still running {limit:?} after the start: HANG");
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        match h.join() {
-            Ok(v) => out.push(v),
-            Err(p) => std::panic::resume_unwind(p),
-        }
-    }
-    out
-}
-
-fn host_device(budget_pages: usize, frames: &Arc<HostFramePool>) -> Device {
-    let mut config = test_config(DeviceKind::Host, (budget_pages * 4096) as u64);
-    config.frames = Some(frames.clone());
-    open_config(config, "adversary").expect("the host device is always there")
-}
-
-#[derive(Clone)]
-struct Gpu {
-    pool: Arc<HostFramePool>,
-    pm: Arc<PageMap>,
-    d: GpuDriver,
-    space: AddressSpace,
-}
-
-fn gpu(mem: MemoryKind, budget_pages: usize, fault_around: usize, pool_bytes: usize) -> Gpu {
-    gpu_on(
-        DeviceKind::Host,
-        mem,
-        budget_pages,
-        fault_around,
-        pool_bytes,
-    )
-    .unwrap()
-}
-
-fn gpu_on(
-    kind: DeviceKind,
-    mem: MemoryKind,
-    budget_pages: usize,
-    fault_around: usize,
-    pool_bytes: usize,
-) -> Option<Gpu> {
-    let pool = HostFramePool::new(pool_bytes).unwrap();
-    let mut config = test_config(kind, (budget_pages * 4096) as u64);
-    config.frames = Some(pool.clone());
-    let device = open_config(config, "adversary")?;
-    let pm = PageMap::new(pool.clone()).unwrap();
-    let config = DriverConfig {
-        kind: Some(mem),
-        fault_around,
-        budget_pages: Some(budget_pages),
-    };
-    let d = GpuDriver::new(device, &pm, config).unwrap();
-    let space = AddressSpace::new(&pm);
-    Some(Gpu { pool, pm, d, space })
-}
-
-const SMALL_POOL: usize = 64 << 20;
-
-fn pattern(pages: usize, seed: u8) -> Vec<u8> {
-    (0..pages * 4096)
-        .map(|i| (i / 4096) as u8 ^ seed ^ (i % 251) as u8 ^ 0x80)
-        .collect()
-}
-
-fn map(space: &AddressSpace, pages: u64) -> u64 {
-    space.mmap(None, pages * PAGE, Prot::RW, false).unwrap()
-}
-
-fn read(space: &AddressSpace, addr: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    space.read(addr, &mut v).unwrap();
-    v
-}
-
-fn unsettled(space: &AddressSpace, pm: &PageMap, addr: u64, npages: usize) -> Vec<String> {
-    let mut out = Vec::new();
-    for k in 0..npages {
-        let pte = space.pte(addr + k as u64 * PAGE);
-        if matches!(pte, Pte::Migration { .. }) {
-            out.push(format!("page {k}: migration entry left behind: {pte:?}"));
-        }
-        if let Some(p) = pte.pfn().and_then(|pfn| pm.page(pfn)) {
-            if p.test(flags::LOCKED) {
-                out.push(format!("page {k}: {pte:?} left LOCKED"));
-            }
-            if p.refcount() == 0 && !p.test(flags::ZERO) {
-                out.push(format!("page {k}: {pte:?} maps a FREE page"));
-            }
-        }
-    }
-    out
-}
+use hetmem_tests::harness::*;
 
 /// A notifier that sleeps in `invalidate` for events of `event` (a mirror waiting for the
 /// device kernel that reads the range, as `GpuDriver`'s table does).
@@ -200,15 +59,6 @@ impl Notifier for Sleepy {
             self.entered.store(true, Ordering::SeqCst);
             thread::sleep(self.nap);
         }
-    }
-}
-
-/// The device page behind `addr`.
-fn dev_pfn(space: &AddressSpace, addr: u64) -> Pfn {
-    match space.pte(addr) {
-        Pte::DevicePrivate { pfn, .. } => pfn,
-        Pte::Present { pfn, .. } => pfn,
-        other => panic!("no page at {addr:#x}: {other:?}"),
     }
 }
 
