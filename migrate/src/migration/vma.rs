@@ -9,6 +9,9 @@
 //!   page state moves to the destination.
 //! - finalize: migrated entries point at the destination, the rest are restored; all pages
 //!   are unlocked and the migration's references dropped.
+//!
+//! From setup to finalize the migration holds the address space's map lock shared (see
+//! [`migrate_vma_setup`]): the range's mappings and protection cannot change under it.
 
 use std::sync::Arc;
 
