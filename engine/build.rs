@@ -9,7 +9,9 @@ mod spirv;
 const KERNELS: &[(&str, &str)] = &[("gather.wgsl", "gather")];
 
 fn main() {
-    let shaders = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shaders");
+    // Read at run time: cargo may reuse one build-script binary for two checkouts.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR");
+    let shaders = PathBuf::from(manifest).join("../shaders");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     for &(file, entry) in KERNELS {
         let path = shaders.join(file);

@@ -299,9 +299,7 @@ impl AddressSpace {
 
     /// `munmap` under the exclusive map lock.
     fn unmap_locked(&self, map: &mut VmaTree, start: u64, end: u64) {
-        split_at(map, start);
-        split_at(map, end);
-        let doomed: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
+        let doomed = split_range(map, start, end);
         let _inv = self.invalidate(NotifyRange {
             start,
             end,
@@ -321,9 +319,7 @@ impl AddressSpace {
         let (start, end) = range_of(addr, len)?;
         let mut map = self.map_write()?;
         covered(&map, start, end)?;
-        split_at(&mut map, start);
-        split_at(&mut map, end);
-        let keys: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
+        let keys = split_range(&mut map, start, end);
         let _inv = self.invalidate(NotifyRange {
             start,
             end,
@@ -649,6 +645,14 @@ fn covered(map: &VmaTree, start: u64, end: u64) -> Result<()> {
         at = v.end;
     }
     Ok(())
+}
+
+/// Splits the mappings that straddle the edges of `[start, end)` and lists (by start) the
+/// mappings inside it.
+pub(super) fn split_range(map: &mut VmaTree, start: u64, end: u64) -> Vec<u64> {
+    split_at(map, start);
+    split_at(map, end);
+    map.range(start..end).map(|(&k, _)| k).collect()
 }
 
 /// Splits the mapping that straddles `addr`, if one does.

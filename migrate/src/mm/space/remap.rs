@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::{
-    check_aligned, covered, leaf_end, leaf_index, overlaps, range_of, split_at, AddressSpace, Vma,
-    MMAP_TOP, PAGE,
+    check_aligned, covered, leaf_end, leaf_index, overlaps, range_of, split_range, AddressSpace,
+    Vma, MMAP_TOP, PAGE,
 };
 use crate::error::{Error, Result};
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
@@ -71,15 +71,13 @@ impl AddressSpace {
             }
             self.unmap_locked(&mut map, new, new_end);
         }
-        split_at(&mut map, start);
-        split_at(&mut map, end);
+        let keys = split_range(&mut map, start, end);
         let _inv = self.invalidate(NotifyRange {
             start,
             end,
             event: NotifyEvent::Remap,
             owner: 0,
         });
-        let keys: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
         for k in keys {
             let v = if flags.dont_unmap {
                 map.get(&k).expect("listed above").clone()
