@@ -25,6 +25,7 @@ use hetmem::mm::{
 use hetmem::{Error, ErrorKind};
 use hetmem_engine::{Device, DeviceKind, HostFramePool, Pfn};
 use hetmem_tests::dmirror::{Between, Dmirror};
+use hetmem_tests::harness::{map, pattern, read, unsettled};
 use hetmem_tests::{open_config, test_config};
 use parking_lot::Mutex;
 
@@ -253,23 +254,6 @@ impl Mirror {
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// `pages` pages of bytes that differ from page to page and are not all zero in any page.
-fn pattern(pages: usize, seed: u8) -> Vec<u8> {
-    (0..pages * 4096)
-        .map(|i| (i / 4096) as u8 ^ seed ^ (i % 251) as u8 ^ 0x80)
-        .collect()
-}
-
-fn map(space: &AddressSpace, pages: u64) -> u64 {
-    space.mmap(None, pages * PAGE, Prot::RW, false).unwrap()
-}
-
-fn read(space: &AddressSpace, addr: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    space.read(addr, &mut v).unwrap();
-    v
-}
-
 /// Where `got` differs from `want`, page by page, for a failure message.
 fn differences(got: &[u8], want: &[u8]) -> Vec<String> {
     got.chunks(4096)
@@ -281,24 +265,6 @@ fn differences(got: &[u8], want: &[u8]) -> Vec<String> {
             format!("page {p} byte {i}: {:#04x}, want {:#04x}", g[i], w[i])
         })
         .collect()
-}
-
-/// What is wrong with the `npages` entries from `addr` once every operation on them has
-/// returned: migration entries left behind, pages left locked.
-fn unsettled(space: &AddressSpace, pm: &PageMap, addr: u64, npages: usize) -> Vec<String> {
-    let mut out = Vec::new();
-    for k in 0..npages {
-        let pte = space.pte(addr + k as u64 * PAGE);
-        if matches!(pte, Pte::Migration { .. }) {
-            out.push(format!("page {k}: migration entry left behind: {pte:?}"));
-        }
-        if let Some(p) = pte.pfn().and_then(|pfn| pm.page(pfn)) {
-            if p.test(flags::LOCKED) {
-                out.push(format!("page {k}: {pte:?} left LOCKED"));
-            }
-        }
-    }
-    out
 }
 
 /// The entries of `npages` pages from `addr` that are not `Pte::None`.

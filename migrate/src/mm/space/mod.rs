@@ -342,8 +342,7 @@ impl AddressSpace {
         (!p.test(flags::ZERO)).then_some(p)
     }
 
-    /// Sets entry `i` of a locked leaf to map `page` at `addr`: records the mapping and,
-    /// with `take_ref`, a reference (an allocation's own reference is otherwise handed over).
+    /// [`PageTables::install`] in this space's tables.
     pub(crate) fn install(
         &self,
         g: &LeafGuard<'_>,
