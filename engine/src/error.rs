@@ -29,6 +29,10 @@ pub enum EngineError {
     /// The page was freed twice.
     #[error("pfn {0} freed twice")]
     DoubleFree(Pfn),
+    /// A home frame is claimed already, or is not part of a reserved home run; or a home run
+    /// still has a claimed frame.
+    #[error("pfn {0} is in use or is not a free frame of a reserved home run")]
+    FrameInUse(Pfn),
     /// A copy batch names a page twice as destination, or as both source and destination.
     #[error("pfn {0} is written twice, or both read and written, in one copy batch")]
     OverlappingCopy(Pfn),
@@ -96,6 +100,7 @@ impl EngineError {
             EngineError::UnknownPfn(_)
             | EngineError::FreedPfn(_)
             | EngineError::DoubleFree(_)
+            | EngineError::FrameInUse(_)
             | EngineError::OverlappingCopy(_)
             | EngineError::InvalidConfig(_)
             | EngineError::KernelCompile(_) => ErrorKind::Misuse,

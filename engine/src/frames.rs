@@ -4,7 +4,15 @@
 //! into segments; a segment is populated the first time one of its frames is handed out, and
 //! each Vulkan device imports segments on demand so that copies read and write frames in place.
 //! Raw pointers into the arena never leave this crate.
+//!
+//! The arena is a shared mapping of a memfd (an anonymous mapping where memfds are not to be
+//! had), so that a frame can appear a second time elsewhere in the process: runs of frames
+//! reserved as *homes* ([`HostFramePool::reserve_home`]) can be mapped by the CPU-pointer layer
+//! at a fixed offset of the file ([`HostFramePool::home_file`]). The arena is not inherited by
+//! `fork(2)` children (`MADV_DONTFORK`): a child sharing frames with its parent would write
+//! into the parent's memory.
 
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::{Arc, OnceLock};
 
@@ -27,6 +35,8 @@ pub const DEFAULT_CAPACITY: usize = 32 << 30;
 pub struct HostFramePool {
     base: NonNull<u8>,
     bytes: usize,
+    /// The file behind the arena (offset 0 is frame 0), when the arena is a memfd.
+    file: Option<OwnedFd>,
     range: PfnRange,
     slots: Mutex<Slots>,
     populated: AtomicBitmap,
@@ -45,26 +55,41 @@ impl HostFramePool {
                 "host frame pool of 0 bytes".into(),
             ));
         }
-        let bytes = capacity_bytes.div_ceil(SEGMENT_BYTES) * SEGMENT_BYTES;
-        // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches
-        // no existing memory; the result is checked before use.
+        let bytes = capacity_bytes
+            .checked_next_multiple_of(SEGMENT_BYTES)
+            .ok_or_else(|| EngineError::InvalidConfig("host frame pool too large".into()))?;
+        let file = arena_file(bytes);
+        let (flags, fd) = match &file {
+            Some(f) => (libc::MAP_SHARED | libc::MAP_NORESERVE, f.as_raw_fd()),
+            None => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+            ),
+        };
+        // SAFETY: a new mapping (of our own memfd, or anonymous) at an address of the kernel's
+        // choosing touches no existing memory; the result is checked before use.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
+                flags,
+                fd,
                 0,
             )
         };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error().into());
         }
+        // SAFETY: advice on our own fresh mapping; it changes only what fork(2) inherits.
+        if unsafe { libc::madvise(ptr, bytes, libc::MADV_DONTFORK) } != 0 {
+            tracing::debug!("MADV_DONTFORK refused on the frame arena");
+        }
         let frames = bytes / PAGE_SIZE;
         Ok(Arc::new(HostFramePool {
             base: NonNull::new(ptr.cast()).expect("mmap returned null"),
             bytes,
+            file,
             range: reserve_pfn_range(frames as u64),
             slots: Mutex::new(Slots::new(frames)),
             populated: AtomicBitmap::new(bytes / SEGMENT_BYTES),
@@ -140,6 +165,80 @@ impl HostFramePool {
             .into_iter()
             .map(|i| self.range.start.add(i as u64))
             .collect())
+    }
+
+    /// Reserves `n` consecutive frames as a home run: frames that stay out of ordinary
+    /// allocation until [`release_home`](Self::release_home), each claimed in place with
+    /// [`claim_home`](Self::claim_home) and returned with [`free`](Self::free) like any
+    /// other. The run is not in use until its frames are claimed.
+    pub fn reserve_home(&self, n: usize) -> Result<PfnRange> {
+        if n == 0 {
+            return Err(EngineError::InvalidConfig("a home run of 0 frames".into()));
+        }
+        let start =
+            self.slots
+                .lock()
+                .reserve_home(n)
+                .map_err(|s| EngineError::OutOfHostFrames {
+                    requested: s.requested,
+                    available: s.available,
+                })?;
+        Ok(PfnRange {
+            start: self.range.start.add(start as u64),
+            count: n as u64,
+        })
+    }
+
+    /// Ends a home run's reservation. Every frame of it must be unclaimed (freed).
+    pub fn release_home(&self, run: PfnRange) -> Result<()> {
+        let start = self
+            .range
+            .index_of(run.start)
+            .ok_or(EngineError::UnknownPfn(run.start))? as usize;
+        if !self
+            .range
+            .contains(run.start.add(run.count.saturating_sub(1)))
+        {
+            return Err(EngineError::UnknownPfn(run.start.add(run.count - 1)));
+        }
+        self.slots
+            .lock()
+            .release_home(start, run.count as usize)
+            .map_err(|i| EngineError::FrameInUse(self.range.start.add(i as u64)))
+    }
+
+    /// Claims frame `pfn` of a home run; `zeroed` guarantees it reads as zeros. Fails with
+    /// [`EngineError::FrameInUse`] if it is claimed already or is not a reserved home frame.
+    pub fn claim_home(&self, pfn: Pfn, zeroed: bool) -> Result<()> {
+        let i = self
+            .range
+            .index_of(pfn)
+            .ok_or(EngineError::UnknownPfn(pfn))? as usize;
+        let mut slots = self.slots.lock();
+        slots
+            .claim_home(i)
+            .map_err(|()| EngineError::FrameInUse(pfn))?;
+        self.populate_up_to(i + 1);
+        if zeroed && slots.is_dirty(i) {
+            slots.mark_clean(i);
+            // SAFETY: frame `i` is inside the arena and was just claimed by the caller alone.
+            unsafe { self.frame_ptr(i).write_bytes(0, PAGE_SIZE) };
+        }
+        Ok(())
+    }
+
+    /// True if `pfn` belongs to a reserved home run.
+    pub fn is_home(&self, pfn: Pfn) -> bool {
+        self.range
+            .index_of(pfn)
+            .is_some_and(|i| self.slots.lock().is_home(i as usize))
+    }
+
+    /// The file behind the arena and the byte offset of `pfn` in it, for mapping a home run a
+    /// second time (`None` where the arena is anonymous memory).
+    pub fn home_file(&self, pfn: Pfn) -> Option<(BorrowedFd<'_>, u64)> {
+        let i = self.range.index_of(pfn)?;
+        Some((self.file.as_ref()?.as_fd(), i * PAGE_SIZE as u64))
     }
 
     /// Returns a frame to the pool.
@@ -239,9 +338,16 @@ impl HostFramePool {
         self.bytes / SEGMENT_BYTES
     }
 
-    /// Commits memory for every segment below frame `watermark`, so first copies do not fault.
+    /// Commits memory for every segment below frame `watermark` (and for home frames, their
+    /// segment), so first copies do not fault.
     fn populate_up_to(&self, watermark: usize) {
-        for s in 0..watermark.div_ceil(FRAMES_PER_SEGMENT) {
+        let first = if watermark > 0 && self.populated.get(0) {
+            // Homes sit high in the arena: only the segment of the frame itself.
+            (watermark - 1) / FRAMES_PER_SEGMENT
+        } else {
+            0
+        };
+        for s in first..watermark.div_ceil(FRAMES_PER_SEGMENT) {
             if !self.populated.set(s, true) {
                 let (p, len) = self.segment(s);
                 // SAFETY: the span is one whole segment of our own mapping; populating it
@@ -255,6 +361,30 @@ impl HostFramePool {
             }
         }
     }
+}
+
+/// A memfd of `bytes` for the arena, or `None` (with the reason logged) if one cannot be had.
+fn arena_file(bytes: usize) -> Option<OwnedFd> {
+    // SAFETY: the name is a NUL-terminated literal; the call creates a new file descriptor.
+    let fd = unsafe { libc::memfd_create(c"hetmem-frames".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        tracing::debug!(
+            "memfd_create: {}; frames stay anonymous memory",
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a plain ftruncate on our own file descriptor.
+    if unsafe { libc::ftruncate(fd, bytes as libc::off_t) } != 0 {
+        tracing::debug!(
+            "ftruncate of the frame memfd: {}",
+            std::io::Error::last_os_error()
+        );
+        return None;
+    }
+    Some(file)
 }
 
 /// Resolves frames to their segment and offset while holding the pool's allocation state.

@@ -54,34 +54,109 @@ pub(crate) struct Shortfall {
 }
 
 /// Allocation state of `limit` page slots.
+///
+/// Besides slots handed out one by one, runs of slots can be *reserved* as homes (for memory
+/// that must sit at a fixed slot, such as the frames behind a CPU-mapped region): homes are
+/// carved from the top, below `limit`, and lower the `ceiling` under which ordinary slots are
+/// handed out. A home slot is claimed and released in place; it never reaches the free list.
 pub(crate) struct Slots {
     limit: usize,
+    /// Ordinary slots are handed out below it; slots from it up are homes or free home space.
+    ceiling: usize,
     watermark: usize,
     free: Vec<u32>,
     used: AtomicBitmap,
     /// Slots that may hold bytes of an earlier user.
     dirty: AtomicBitmap,
+    /// Slots that belong to a reserved home run.
+    homed: AtomicBitmap,
+    /// Runs above the ceiling whose reservation ended: (start, len).
+    home_free: Vec<(usize, usize)>,
+    /// Home slots claimed and not yet put back.
+    homes_live: usize,
 }
 
 impl Slots {
     pub(crate) fn new(limit: usize) -> Self {
         Slots {
             limit,
+            ceiling: limit,
             watermark: 0,
             free: Vec::new(),
             used: AtomicBitmap::new(limit),
             dirty: AtomicBitmap::new(limit),
+            homed: AtomicBitmap::new(limit),
+            home_free: Vec::new(),
+            homes_live: 0,
         }
     }
 
     /// Slots that could still be handed out.
     pub(crate) fn available(&self) -> usize {
-        self.free.len() + (self.limit - self.watermark)
+        self.free.len() + (self.ceiling - self.watermark)
     }
 
-    /// Slots handed out and not yet returned.
+    /// Slots handed out (ordinary or home slots claimed) and not yet returned.
     pub(crate) fn in_use(&self) -> usize {
-        self.watermark - self.free.len()
+        self.watermark - self.free.len() + self.homes_live
+    }
+
+    /// Reserves a run of `n` consecutive home slots and returns its first index; the slots are
+    /// not in use until claimed.
+    pub(crate) fn reserve_home(&mut self, n: usize) -> Result<usize, Shortfall> {
+        let start = if let Some(k) = self.home_free.iter().position(|&(_, len)| len >= n) {
+            let (start, len) = self.home_free[k];
+            if len == n {
+                self.home_free.swap_remove(k);
+            } else {
+                self.home_free[k] = (start + n, len - n);
+            }
+            start
+        } else if n <= self.ceiling - self.watermark {
+            self.ceiling -= n;
+            self.ceiling
+        } else {
+            return Err(Shortfall {
+                requested: n,
+                available: self.ceiling - self.watermark,
+            });
+        };
+        for i in start..start + n {
+            self.homed.set_mut(i, true);
+        }
+        Ok(start)
+    }
+
+    /// Ends the reservation of the home run `start..start + n`; every slot of it must be
+    /// unclaimed. `Err(i)` names the first slot that is not an unclaimed home slot.
+    pub(crate) fn release_home(&mut self, start: usize, n: usize) -> Result<(), usize> {
+        if let Some(i) = (start..start + n).find(|&i| !self.is_home(i) || self.used.get(i)) {
+            return Err(i);
+        }
+        for i in start..start + n {
+            self.homed.set_mut(i, false);
+        }
+        self.home_free.push((start, n));
+        // Runs that reach down to the ceiling give their space back to ordinary slots.
+        while let Some(k) = self.home_free.iter().position(|&(s, _)| s == self.ceiling) {
+            let (_, len) = self.home_free.swap_remove(k);
+            self.ceiling += len;
+        }
+        Ok(())
+    }
+
+    /// True if slot `i` belongs to a reserved home run.
+    pub(crate) fn is_home(&self, i: usize) -> bool {
+        i < self.limit && self.homed.get(i)
+    }
+
+    /// Claims home slot `i`. `Err(())` if it is not a reserved home slot or is claimed already.
+    pub(crate) fn claim_home(&mut self, i: usize) -> Result<(), ()> {
+        if !self.is_home(i) || self.used.set_mut(i, true) {
+            return Err(());
+        }
+        self.homes_live += 1;
+        Ok(())
     }
 
     /// Highest slot index ever handed out, plus one.
@@ -136,12 +211,17 @@ impl Slots {
             }
         }
         self.free.reserve(idx.len());
+        // Home slots stay where they are: unclaimed, possibly holding an earlier user's bytes.
+        let homes = idx.iter().filter(|&&i| self.homed.get(i)).count();
+        self.homes_live -= homes;
         // Highest first: the free list is popped from its end, so slots taken one at a time
         // (a range populated page by page) come out ascending, in runs the copy engine can
         // coalesce (pushed ascending, they came out descending: one region per page).
         for &i in idx.iter().rev() {
             self.dirty.set_mut(i, true);
-            self.free.push(i as u32);
+            if !self.homed.get(i) {
+                self.free.push(i as u32);
+            }
         }
         Ok(())
     }
@@ -194,6 +274,36 @@ mod tests {
         s.put_all(&idx).unwrap();
         let singles: Vec<u32> = (0..8).map(|_| s.take(1).unwrap()[0]).collect();
         assert_eq!(singles, (4..12).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn homes_come_from_the_top_and_are_claimed_in_place() {
+        let mut s = Slots::new(16);
+        assert_eq!(s.take(4).unwrap(), vec![0, 1, 2, 3]);
+        let h = s.reserve_home(8).unwrap();
+        assert_eq!(h, 8);
+        assert_eq!(s.available(), 4, "ordinary slots stop under the homes");
+        assert_eq!(s.in_use(), 4, "a reservation is not a use");
+        s.claim_home(9).unwrap();
+        assert_eq!(s.claim_home(9), Err(()), "claimed twice");
+        assert_eq!(s.claim_home(3), Err(()), "not a home slot");
+        assert_eq!(s.in_use(), 5);
+        assert_eq!(s.release_home(8, 8), Err(9), "a claimed slot keeps its run");
+        s.put_all(&[9]).unwrap();
+        assert!(s.is_dirty(9) && !s.is_used(9) && s.is_home(9));
+        assert_eq!(
+            s.take(5).unwrap_err().available,
+            4,
+            "a put home slot stays a home"
+        );
+        s.release_home(8, 8).unwrap();
+        assert!(!s.is_home(9));
+        assert_eq!(
+            s.available(),
+            12,
+            "a run at the ceiling gives its space back"
+        );
+        assert_eq!(s.reserve_home(13).unwrap_err().available, 12);
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub enum ErrorKind {
     DeviceLost,
     /// May pass on retry (a busy page, a failed copy).
     Transient,
+    /// This machine or process cannot do it (CPU pointers without userfaultfd).
+    Unavailable,
 }
 
 /// Errors of the migration layer.
@@ -147,6 +149,19 @@ pub enum Error {
     /// An argument out of its domain.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+    /// CPU pointers into managed memory cannot be had here (no userfaultfd, not permitted,
+    /// a kernel too old); the reason says which and what to do. `Buffer::read` and
+    /// `Buffer::write` work regardless.
+    #[error("CPU pointers are unavailable: {0}")]
+    PointersUnavailable(String),
+    /// The buffer was not allocated for CPU pointers (`Context::alloc_mapped` makes one that
+    /// is).
+    #[error("the buffer has no CPU mapping (allocate it with Context::alloc_mapped)")]
+    NotCpuMapped,
+    /// A view of the buffer's memory (`Buffer::view` / `view_mut`) is alive: the call would
+    /// change or free bytes that a Rust reference is reading, or would alias a `&mut`.
+    #[error("a view of the buffer is alive")]
+    ViewActive,
     /// From the engine.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -160,7 +175,8 @@ impl Error {
             | Error::WriteDenied(_)
             | Error::NoAccess(_)
             | Error::KernelFault { .. } => ErrorKind::Access,
-            Error::Busy(_) | Error::FaultFailed { .. } => ErrorKind::Transient,
+            Error::Busy(_) | Error::FaultFailed { .. } | Error::ViewActive => ErrorKind::Transient,
+            Error::PointersUnavailable(_) => ErrorKind::Unavailable,
             Error::OverBudget { .. } | Error::NoAddressSpace(_) => ErrorKind::OutOfMemory,
             Error::NoProgress { .. } => ErrorKind::Transient,
             Error::Engine(e) => match e.kind() {

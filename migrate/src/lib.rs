@@ -36,6 +36,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cpu;
 pub mod driver;
 pub mod error;
 pub mod migration;

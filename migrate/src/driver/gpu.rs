@@ -254,6 +254,11 @@ impl GpuDriver {
         });
     }
 
+    /// Pages brought back per CPU fault.
+    pub(crate) fn fault_around(&self) -> usize {
+        self.inner.fault_around
+    }
+
     /// Device pages the driver may hold.
     pub fn budget_pages(&self) -> usize {
         self.inner.budget_pages
@@ -439,7 +444,18 @@ impl Inner {
         let seq = space.invalidate_seq();
         let want: Vec<(usize, bool)> = m.collected().map(|(i, s)| (i, s.is_none())).collect();
         let holes = want.iter().filter(|(_, hole)| *hole).count();
-        let dsts = if to_device {
+        let home = space.vma(start).and_then(|v| v.home).filter(|_| !to_device);
+        if let Some(home) = home {
+            // Pages of a range mapped for CPU pointers come back to their own frames.
+            let dsts = self.home_pages(home, &m, &want)?;
+            let dst = m.dst_mut();
+            for (&(i, _), d) in want.iter().zip(dsts) {
+                dst[i] = migrate_pfn(d);
+            }
+        }
+        let dsts = if home.is_some() {
+            Vec::new()
+        } else if to_device {
             self.device_pages(want.len(), holes)?
         } else {
             self.host_pages(want.len(), holes)?
@@ -615,6 +631,37 @@ impl Inner {
             self.pagemap.alloc_system_at(p, true);
         }
         Ok(pfns)
+    }
+
+    /// Locked host pages for the collected entries `want` (index, hole) of `m`, in order:
+    /// each entry's home frame, or (if that is still in use) any frame; all or none.
+    fn home_pages(
+        &self,
+        home: crate::mm::Home,
+        m: &Migration<'_, crate::migration::Collected>,
+        want: &[(usize, bool)],
+    ) -> Result<Vec<Pfn>> {
+        let mut got: Vec<Pfn> = Vec::with_capacity(want.len());
+        for &(i, hole) in want {
+            let at = home.of(m.addr(i));
+            let page = match self.pagemap.claim_home(at, hole, true) {
+                Ok(p) => Ok(p),
+                Err(_) => self.pagemap.alloc_system(hole, true),
+            };
+            match page {
+                Ok(p) => got.push(p.pfn()),
+                Err(e) => {
+                    for &pfn in &got {
+                        if let Some(p) = self.pagemap.page(pfn) {
+                            p.unlock();
+                            self.pagemap.put_page(p);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(got)
     }
 
     /// Evicts up to `n` device pages, least recently used first, as one

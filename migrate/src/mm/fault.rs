@@ -176,7 +176,7 @@ impl AddressSpace {
                     // The frame behind the address changes: mirrors hear of it first (outside
                     // the leaf lock, since a notifier may sleep), and the copy is made only if
                     // the entry is still the one seen.
-                    let copy = pm.alloc_system(false, false)?;
+                    let copy = self.alloc_page_for(&vma, addr, false)?;
                     let _inv = self.invalidate(NotifyRange {
                         start: addr,
                         end: addr + PAGE,
@@ -277,6 +277,32 @@ impl AddressSpace {
         }
     }
 
+    /// For a mirror of the CPU's own: the frame a present entry at `addr` maps and whether it
+    /// is writable; with `will_write`, a writable entry is also marked young and dirty (the
+    /// mirror lets writes through without telling). `None` for any other entry.
+    pub(crate) fn mirror_entry(&self, addr: u64, will_write: bool) -> Option<(Pfn, bool)> {
+        let leaf = self.leaf(addr, false)?;
+        let i = leaf_index(addr);
+        let g = leaf.lock();
+        match g.get(i) {
+            Pte::Present { pfn, write, .. } => {
+                if will_write && write {
+                    g.set(
+                        i,
+                        Pte::Present {
+                            pfn,
+                            write,
+                            dirty: true,
+                            young: true,
+                        },
+                    );
+                }
+                Some((pfn, write))
+            }
+            _ => None,
+        }
+    }
+
     /// Calls the owner's `migrate_to_ram` for `page`, which the caller has locked and
     /// referenced (and found under `addr`'s entry with the leaf locked).
     fn fault_device_private(&self, addr: u64, write: bool, page: &Page) -> Result<()> {
@@ -330,7 +356,7 @@ impl AddressSpace {
                 return Ok(());
             }
         }
-        let page = pm.alloc_system(old.is_none(), false)?;
+        let page = self.alloc_page_for(&vma, addr, old.is_none())?;
         page.set(flags::ANON_EXCLUSIVE | flags::LRU);
         let _inv = (pte != Pte::None).then(|| {
             self.invalidate(NotifyRange {
@@ -380,14 +406,24 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// Fills the hole at `addr`: the shared zero page for a read of a private mapping, else a
-    /// new zeroed page. Takes the VMA's lock, so no migration walk is collecting the range.
+    /// A new page for `addr` of `vma`: its home frame in a range mapped for CPU pointers, else
+    /// any frame of the pool.
+    fn alloc_page_for(&self, vma: &Vma, addr: u64, zeroed: bool) -> Result<&Page> {
+        match vma.home_of(addr) {
+            Some(home) => self.pagemap().claim_home(home, zeroed, false),
+            None => self.pagemap().alloc_system(zeroed, false),
+        }
+    }
+
+    /// Fills the hole at `addr`: the shared zero page for a read of a private mapping (not of
+    /// one mapped for CPU pointers, whose pages live in their home frames), else a new zeroed
+    /// page. Takes the VMA's lock, so no migration walk is collecting the range.
     fn populate(&self, vma: &Arc<Vma>, addr: u64, write: bool) -> Result<()> {
         let _v = vma.lock.lock();
         let leaf = self.leaf(addr, true).expect("created");
         let i = leaf_index(addr);
         let pm = self.pagemap();
-        if !write && !vma.shared {
+        if !write && !vma.shared && vma.home.is_none() {
             let g = leaf.lock();
             if g.get(i) == Pte::None {
                 g.set(
@@ -402,7 +438,7 @@ impl AddressSpace {
             }
             return Ok(());
         }
-        let page = pm.alloc_system(true, false)?;
+        let page = self.alloc_page_for(vma, addr, true)?;
         page.set(flags::ANON_EXCLUSIVE | flags::LRU);
         let g = leaf.lock();
         if g.get(i) != Pte::None {

@@ -17,4 +17,4 @@ pub use pagemap::{DevicePagemap, FrameAccess, PageMap};
 pub use pin::{pin_pages, PinGuard};
 pub use pte::{MigrationKind, Pte};
 pub use range_fault::{hmm_range_fault, snapshot, HmmPfn, PageState};
-pub use space::{AddressSpace, MremapFlags, NotifierId, Prot, SpaceId, Vma, PAGE};
+pub use space::{AddressSpace, Home, MremapFlags, NotifierId, Prot, SpaceId, Vma, PAGE};

@@ -294,6 +294,16 @@ impl PageMap {
         Ok(p)
     }
 
+    /// Claims home frame `pfn` (of a run reserved with
+    /// [`HostFramePool::reserve_home`]) as a system page: one reference, LRU state as
+    /// `alloc_system`, optionally zeroed and locked. Fails if the frame is in use.
+    pub fn claim_home(&self, pfn: Pfn, zeroed: bool, locked: bool) -> Result<&Page, MmError> {
+        let p = self.page_or_err(pfn)?;
+        self.frames.claim_home(pfn, zeroed)?;
+        p.init_allocated(locked);
+        Ok(p)
+    }
+
     /// Makes a frame the caller took from the frame pool live: one reference, optionally
     /// locked (for drivers that allocate frames in batches).
     pub fn alloc_system_at(&self, pfn: Pfn, locked: bool) -> &Page {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::context::Context;
+use super::view::{Access, Use, View, ViewMut};
 use crate::driver::{DevicePin, Moved};
 use crate::error::{Error, Result};
 use crate::mm::PAGE;
@@ -36,15 +37,28 @@ struct Inner {
     len: usize,
     freed: AtomicBool,
     preferred: Mutex<Option<Location>>,
+    /// Mapped in the process too (`Context::alloc_mapped`): `addr` is a CPU address.
+    mapped: bool,
+    /// Views alive and library uses of the bytes that views exclude.
+    access: Access,
+}
+
+impl Inner {
+    fn unmap(&self) -> Result<()> {
+        if self.mapped {
+            self.ctx.unmap_cpu(self.addr)
+        } else {
+            self.ctx
+                .space()
+                .munmap(self.addr, (self.len as u64).div_ceil(PAGE) * PAGE)
+        }
+    }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         if !self.freed.swap(true, Ordering::AcqRel) {
-            let _ = self
-                .ctx
-                .space()
-                .munmap(self.addr, (self.len as u64).div_ceil(PAGE) * PAGE);
+            let _ = self.unmap();
         }
     }
 }
@@ -100,7 +114,7 @@ impl Prefetch {
 }
 
 impl Buffer {
-    pub(crate) fn new(ctx: Context, addr: u64, len: usize) -> Buffer {
+    pub(crate) fn new(ctx: Context, addr: u64, len: usize, mapped: bool) -> Buffer {
         Buffer {
             inner: Arc::new(Inner {
                 ctx,
@@ -108,8 +122,73 @@ impl Buffer {
                 len,
                 freed: AtomicBool::new(false),
                 preferred: Mutex::new(None),
+                mapped,
+                access: Access::default(),
             }),
         }
+    }
+
+    /// The buffer's first byte as a CPU pointer, for a buffer made by
+    /// [`Context::alloc_mapped`] ([`Error::NotCpuMapped`] otherwise). Loads and stores through
+    /// it work from any thread while the buffer lives: a page on the device faults back on
+    /// first touch. Dereferencing it is `unsafe` as for any raw pointer: the caller keeps to
+    /// the buffer's bounds, does not race other writers, and stops using it once the buffer
+    /// is freed (an access after that gets `SIGBUS` or `SIGSEGV`). [`Buffer::view`] and
+    /// [`Buffer::view_mut`] are the safe way in.
+    pub fn as_ptr(&self) -> Result<*const u8> {
+        Ok(self.as_mut_ptr()?.cast_const())
+    }
+
+    /// [`Buffer::as_ptr`], for writing.
+    pub fn as_mut_ptr(&self) -> Result<*mut u8> {
+        if !self.inner.mapped {
+            return Err(Error::NotCpuMapped);
+        }
+        if self.inner.freed.load(Ordering::Acquire) {
+            return Err(Error::Freed);
+        }
+        Ok(self.inner.addr as *mut u8)
+    }
+
+    /// The buffer's bytes as `&[T]` (as many whole `T`s as fit), for a buffer made by
+    /// [`Context::alloc_mapped`]. While the view lives, calls that would change the bytes
+    /// (`write`, a kernel launch over the buffer, `free`, an exclusive view) fail with
+    /// [`Error::ViewActive`]; pages may still move, and fault back on access.
+    ///
+    /// ```
+    /// # use hetmem::offload::{Context, ContextConfig};
+    /// # fn main() -> hetmem::Result<()> {
+    /// # let ctx = Context::new(ContextConfig { device: hetmem_engine::DeviceConfig::default().kind(hetmem_engine::DeviceKind::Host), budget_bytes: 1 << 20, ..Default::default() })?;
+    /// let buf = match ctx.alloc_mapped(8192) {
+    ///     Ok(b) => b,
+    ///     Err(hetmem::Error::PointersUnavailable(why)) => { eprintln!("{why}"); return Ok(()) }
+    ///     Err(e) => return Err(e),
+    /// };
+    /// buf.view_mut::<u32>()?[5] = 7;
+    /// assert_eq!(buf.view::<u32>()?[5], 7);
+    /// # Ok(()) }
+    /// ```
+    pub fn view<T: bytemuck::Pod>(&self) -> Result<View<'_, T>> {
+        let p = self.as_ptr()?;
+        // SAFETY: the range is the buffer's own CPU mapping, page-aligned (so aligned for
+        // any `Pod` type up to a page), mapped while `self` lives (freeing needs a token the
+        // view excludes), its faults served by the context's mirror; its bytes do not change
+        // while the view's token is held (every library write takes a token first).
+        unsafe { View::new(p, self.inner.len, &self.inner.access) }
+    }
+
+    /// The buffer's bytes as `&mut [T]` (as many whole `T`s as fit), for a buffer made by
+    /// [`Context::alloc_mapped`]. While it lives, every other use of the bytes through the
+    /// library (`read`, `write`, views, launches, `free`) fails with [`Error::ViewActive`].
+    pub fn view_mut<T: bytemuck::Pod>(&self) -> Result<ViewMut<'_, T>> {
+        let p = self.as_mut_ptr()?;
+        // SAFETY: as in `view`, and the exclusive token keeps every other library access out.
+        unsafe { ViewMut::new(p, self.inner.len, &self.inner.access) }
+    }
+
+    /// A library use of the bytes, checked against live views.
+    pub(crate) fn begin(&self, what: Use) -> Result<super::view::Token<'_>> {
+        self.inner.access.begin(what)
     }
 
     /// Bytes in the buffer.
@@ -218,6 +297,7 @@ impl Buffer {
     /// read in place if the memory is coherent).
     pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
         self.pages(offset..self.end_of(offset, out.len())?)?;
+        let _use = self.begin(Use::Read)?;
         self.inner
             .ctx
             .space()
@@ -229,6 +309,7 @@ impl Buffer {
     /// any byte is written.
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
         let (addr, n) = self.pages(offset..self.end_of(offset, data.len())?)?;
+        let _use = self.begin(Use::Write)?;
         let space = self.inner.ctx.space();
         let pm = space.pagemap();
         for k in 0..n as u64 {
@@ -262,12 +343,10 @@ impl Buffer {
 
     /// Frees the buffer; every handle then fails with [`Error::Freed`].
     pub fn free(&self) -> Result<()> {
+        let _use = self.begin(Use::Write)?;
         if self.inner.freed.swap(true, Ordering::AcqRel) {
             return Err(Error::Freed);
         }
-        self.inner.ctx.space().munmap(
-            self.inner.addr,
-            (self.inner.len as u64).div_ceil(PAGE) * PAGE,
-        )
+        self.inner.unmap()
     }
 }

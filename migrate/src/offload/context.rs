@@ -7,6 +7,7 @@ use std::ops::Range;
 use hetmem_engine::{Device, DeviceConfig, DeviceInfo, Kernel};
 
 use super::buffer::Buffer;
+use crate::cpu::{CpuFaultError, CpuMirror, FaultScope};
 use crate::driver::Launch;
 use crate::driver::{DriverConfig, DriverStats, GpuDriver};
 use crate::error::{Error, Result};
@@ -37,6 +38,9 @@ impl Default for ContextConfig {
 }
 
 pub(crate) struct Inner {
+    /// The mirror of CPU pointers, opened on the first `alloc_mapped` (first field: it goes
+    /// first, stopping its fault thread and unmapping what is left while the driver lives).
+    cpu: std::sync::OnceLock<std::result::Result<CpuMirror, String>>,
     pub(crate) driver: GpuDriver,
     pub(crate) space: AddressSpace,
     /// The context's background worker for prefetches (started on the first one; it ends
@@ -109,6 +113,7 @@ impl Context {
         let space = AddressSpace::new(&pagemap);
         Ok(Context {
             inner: Arc::new(Inner {
+                cpu: std::sync::OnceLock::new(),
                 driver,
                 space,
                 prefetcher: parking_lot::Mutex::new(None),
@@ -216,6 +221,69 @@ impl Context {
             .checked_next_multiple_of(PAGE)
             .ok_or(Error::NoAddressSpace(bytes as u64))?;
         let addr = self.inner.space.mmap(None, len, Prot::RW, false)?;
-        Ok(Buffer::new(self.clone(), addr, bytes))
+        Ok(Buffer::new(self.clone(), addr, bytes, false))
+    }
+
+    /// A managed buffer of `bytes` (rounded up to whole pages), zero-filled, that CPU code
+    /// reaches through plain pointers too ([`Buffer::as_ptr`], [`Buffer::view`]): its address
+    /// in the context's space is its address in the process, and a load or store on a page
+    /// that is on the device faults it back (see [`crate::cpu`]). Fails with
+    /// [`Error::PointersUnavailable`], saying why, where userfaultfd cannot be had; `alloc`
+    /// and the `read`/`write` API work everywhere.
+    pub fn alloc_mapped(&self, bytes: usize) -> Result<Buffer> {
+        if bytes == 0 {
+            return Err(Error::EmptyRange);
+        }
+        let len = (bytes as u64)
+            .checked_next_multiple_of(PAGE)
+            .ok_or(Error::NoAddressSpace(bytes as u64))?;
+        let addr = self.cpu()?.map(len)?;
+        Ok(Buffer::new(self.clone(), addr, bytes, true))
+    }
+
+    /// Whether CPU pointers can be had here, and which faults they serve:
+    /// [`FaultScope::All`] (system calls that touch a managed page are served too) or
+    /// [`FaultScope::UserOnly`] (without privilege: such a system call fails with `EFAULT`).
+    pub fn cpu_pointers(&self) -> Result<FaultScope> {
+        Ok(self.cpu()?.scope())
+    }
+
+    /// The last CPU access through a pointer that could not be served (its thread got
+    /// `SIGBUS`), taken: the address and the error.
+    pub fn take_cpu_fault_error(&self) -> Option<CpuFaultError> {
+        self.inner.cpu.get()?.as_ref().ok()?.take_error()
+    }
+
+    /// CPU faults through pointers served so far.
+    pub fn cpu_faults(&self) -> u64 {
+        match self.inner.cpu.get() {
+            Some(Ok(m)) => m.served(),
+            _ => 0,
+        }
+    }
+
+    pub(crate) fn unmap_cpu(&self, addr: u64) -> Result<()> {
+        self.cpu()?.unmap(addr)
+    }
+
+    fn cpu(&self) -> Result<&CpuMirror> {
+        let m = self.inner.cpu.get_or_init(|| {
+            let driver = self.inner.driver.clone();
+            let space = self.inner.space.clone();
+            let bring: crate::cpu::Bring =
+                Box::new(move |addr, n| driver.migrate_to_host(&space, addr, n).map(|_| ()));
+            CpuMirror::new(
+                &self.inner.space,
+                self.inner.driver.owner(),
+                self.inner.driver.fault_around(),
+                bring,
+            )
+            .map_err(|e| match e {
+                Error::PointersUnavailable(why) => why,
+                other => other.to_string(),
+            })
+        });
+        m.as_ref()
+            .map_err(|why| Error::PointersUnavailable(why.clone()))
     }
 }

@@ -4,7 +4,9 @@
 
 mod buffer;
 mod context;
+mod view;
 
 pub use crate::driver::{DevicePin, Launch};
 pub use buffer::{Advice, Buffer, Location, Prefetch};
 pub use context::{Context, ContextConfig};
+pub use view::{View, ViewMut};

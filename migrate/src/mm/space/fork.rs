@@ -21,7 +21,8 @@ impl AddressSpace {
     /// read-only, no longer anon-exclusive) except pinned ones, which the child gets a copy
     /// of; shared mappings stay shared; device-private entries are shared read-only.
     /// Migration entries of a device-side migration are shared too (the migration's finalize
-    /// finds the child's entry through the reverse map).
+    /// finds the child's entry through the reverse map). Ranges mapped for CPU pointers are
+    /// not inherited: the child has nothing there.
     pub fn fork(&self) -> Result<AddressSpace> {
         let map = self.map_write()?;
         let child = AddressSpace::new(self.pagemap());
@@ -30,7 +31,9 @@ impl AddressSpace {
             Ordering::Relaxed,
         );
         let mut cmap = child.inner.map.write();
-        for (&k, v) in map.iter() {
+        // A range the process reaches through a CPU pointer stays with the parent (as
+        // `MADV_DONTFORK` memory does): its frames are fixed, so they cannot be shared.
+        for (&k, v) in map.iter().filter(|(_, v)| v.home.is_none()) {
             cmap.insert(k, Vma::new(v.start, v.end, v.prot, v.shared));
             let _inv = self.invalidate(NotifyRange {
                 start: v.start,

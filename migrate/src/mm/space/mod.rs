@@ -82,17 +82,50 @@ pub struct Vma {
     pub shared: bool,
     /// Taken by migration walks, so that no fault populates the range behind them.
     pub(crate) lock: Mutex<()>,
+    /// For a mapping the process can also reach through a CPU pointer: the host frame each
+    /// address must live in while it is in host memory (see [`Home`]).
+    pub(crate) home: Option<Home>,
+}
+
+/// The fixed frames of a CPU-mapped range: address `addr + i * PAGE` lives, while in host
+/// memory, in frame `pfn + i` (the frame the process's own mapping shows at that address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Home {
+    /// An address of the range.
+    pub addr: u64,
+    /// The home frame of `addr`.
+    pub pfn: Pfn,
+}
+
+impl Home {
+    /// The home frame of `addr`.
+    pub fn of(&self, addr: u64) -> Pfn {
+        Pfn(self.pfn.0 + (addr - self.addr) / PAGE)
+    }
 }
 
 impl Vma {
     fn new(start: u64, end: u64, prot: Prot, shared: bool) -> Arc<Vma> {
+        Vma::with_home(start, end, prot, shared, None)
+    }
+    fn with_home(start: u64, end: u64, prot: Prot, shared: bool, home: Option<Home>) -> Arc<Vma> {
         Arc::new(Vma {
             start,
             end,
             prot,
             shared,
             lock: Mutex::new(()),
+            home,
         })
+    }
+    /// This mapping's `[start, end)` part with protection `prot` (a split or a protect).
+    fn part(&self, start: u64, end: u64, prot: Prot) -> Arc<Vma> {
+        Vma::with_home(start, end, prot, self.shared, self.home)
+    }
+    /// The home frame of `addr`, for a mapping the process also reaches through a CPU
+    /// pointer (`None` for any other).
+    pub fn home_of(&self, addr: u64) -> Option<Pfn> {
+        Some(self.home?.of(addr))
     }
     /// True if the mapping is anonymous (every mapping hetmem makes is).
     pub fn is_anonymous(&self) -> bool {
@@ -286,13 +319,51 @@ impl AddressSpace {
         Ok(start)
     }
 
+    /// Maps `[addr, addr + len)` (private, read-write) as a range whose pages live in fixed
+    /// host frames while in host memory, `home` for `addr` onwards: the frames the process's
+    /// own mapping of the range shows. Such a mapping is not inherited by [`fork`](Self::fork)
+    /// and cannot be moved by `mremap`.
+    pub(crate) fn mmap_homed(&self, addr: u64, len: u64, home: Pfn) -> Result<()> {
+        if len == 0 {
+            return Err(Error::EmptyRange);
+        }
+        check_aligned(addr)?;
+        check_aligned(len)?;
+        let end =
+            addr.checked_add(len)
+                .filter(|&e| e <= MMAP_TOP)
+                .ok_or(Error::InvalidArgument(
+                    "range past the top of the address space",
+                ))?;
+        let mut map = self.map_write()?;
+        if overlaps(&map, addr, end) {
+            return Err(Error::AlreadyMapped(addr));
+        }
+        let home = Home { addr, pfn: home };
+        map.insert(addr, Vma::with_home(addr, end, Prot::RW, false, Some(home)));
+        Ok(())
+    }
+
     /// Unmaps `[addr, addr + len)`, splitting mappings at its edges; pages of every state are
     /// released (device pages through their pagemap's `page_free`). Waits for migrations and
     /// faults in the space to finish; a migration entry of a device-side migration (eviction)
     /// is simply dropped, and that migration finds nothing to put back there.
+    ///
+    /// A range mapped for CPU pointers (`Context::alloc_mapped`) is refused: it goes with its
+    /// buffer.
     pub fn munmap(&self, addr: u64, len: u64) -> Result<()> {
+        self.munmap_checked(addr, len, false)
+    }
+
+    /// `munmap`, of CPU-mapped ranges too if `homed`.
+    pub(crate) fn munmap_checked(&self, addr: u64, len: u64, homed: bool) -> Result<()> {
         let (start, end) = range_of(addr, len)?;
         let mut map = self.map_write()?;
+        if !homed && any_homed(&map, start, end) {
+            return Err(Error::InvalidArgument(
+                "the range is mapped for CPU pointers: free its buffer instead",
+            ));
+        }
         self.unmap_locked(&mut map, start, end);
         Ok(())
     }
@@ -315,10 +386,28 @@ impl AddressSpace {
     /// Changes the protection of `[addr, addr + len)`; every part must be mapped. Entries of
     /// a range made read-only lose their write bit, migration entries included (so a page
     /// that a device-side migration restores or replaces comes back read-only).
+    ///
+    /// A range mapped for CPU pointers is refused (`Buffer::set_read_only` changes one).
     pub fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<()> {
+        self.mprotect_checked(addr, len, prot, false)
+    }
+
+    /// `mprotect`, of CPU-mapped ranges too if `homed`.
+    pub(crate) fn mprotect_checked(
+        &self,
+        addr: u64,
+        len: u64,
+        prot: Prot,
+        homed: bool,
+    ) -> Result<()> {
         let (start, end) = range_of(addr, len)?;
         let mut map = self.map_write()?;
         covered(&map, start, end)?;
+        if !homed && any_homed(&map, start, end) {
+            return Err(Error::InvalidArgument(
+                "the range is mapped for CPU pointers: use its buffer",
+            ));
+        }
         let keys = split_range(&mut map, start, end);
         let _inv = self.invalidate(NotifyRange {
             start,
@@ -328,7 +417,7 @@ impl AddressSpace {
         });
         for k in keys {
             let old = map.get(&k).expect("listed above").clone();
-            map.insert(k, Vma::new(old.start, old.end, prot, old.shared));
+            map.insert(k, old.part(old.start, old.end, prot));
             if !prot.write {
                 self.write_protect(old.start, old.end, old.shared);
             }
@@ -637,6 +726,14 @@ fn free_range(map: &VmaTree, from: u64, len: u64) -> Option<u64> {
 }
 
 /// Fails unless `[start, end)` is mapped without gaps.
+/// True if a mapping of `[start, end)` is mapped for CPU pointers.
+pub(super) fn any_homed(map: &VmaTree, start: u64, end: u64) -> bool {
+    map.range(..end)
+        .rev()
+        .take_while(|(_, v)| v.end > start)
+        .any(|(_, v)| v.home.is_some())
+}
+
 fn covered(map: &VmaTree, start: u64, end: u64) -> Result<()> {
     let mut at = start;
     while at < end {
@@ -658,8 +755,8 @@ pub(super) fn split_range(map: &mut VmaTree, start: u64, end: u64) -> Vec<u64> {
 fn split_at(map: &mut VmaTree, addr: u64) {
     if let Some(v) = find_vma(map, addr) {
         if v.start < addr {
-            map.insert(v.start, Vma::new(v.start, addr, v.prot, v.shared));
-            map.insert(addr, Vma::new(addr, v.end, v.prot, v.shared));
+            map.insert(v.start, v.part(v.start, addr, v.prot));
+            map.insert(addr, v.part(addr, v.end, v.prot));
         }
     }
 }

@@ -54,6 +54,14 @@ impl AddressSpace {
             }
             return Err(Error::InvalidArgument("mremap ranges overlap"));
         }
+        if super::any_homed(&map, start, end)
+            || (flags.fixed_replace && super::any_homed(&map, new, new_end))
+        {
+            // Its frames are fixed by the process's own mapping of the range.
+            return Err(Error::InvalidArgument(
+                "mremap of a range mapped for CPU pointers",
+            ));
+        }
         if flags.dont_unmap
             && map
                 .range(..end)

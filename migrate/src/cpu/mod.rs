@@ -1,0 +1,526 @@
+//! The process's own page table as one more mirror of an address space: ranges that code
+//! reaches through plain CPU pointers (the kernel's view of a process, kept by hetmem's rules).
+//!
+//! # Design
+//!
+//! The host frame pool is a memfd. A range mapped for CPU pointers reserves a run of *home*
+//! frames, one per page, and the process maps that run of the file a second time (shared, at
+//! an address of the kernel's choosing); hetmem's address space maps the range at the same
+//! address, with every page living in its home frame while it is in host memory (faults,
+//! copy-on-write and migrations back from the device allocate it there; a page that came
+//! back elsewhere, for example through an eviction by frame number, is moved home on its
+//! next CPU fault). So the bytes a plain load sees are the bytes in hetmem's frame, and the
+//! device copies read and write those frames in place, with no copy in between.
+//!
+//! The process's page table may map a page only while hetmem's entry for it is a present
+//! host page in its home frame, and writable only while that entry is writable:
+//! - every invalidation of the space (a migration, an unmap, a protection change, a remap, a
+//!   copy-on-write) first drops the process's entries of the range (`MADV_DONTNEED` on the
+//!   view: the page cache keeps the frames), under the mirror lock;
+//! - an access to a page the process does not map is a userfaultfd fault (missing or minor),
+//!   served on the mirror's own thread: hetmem's fault path resolves the entry (bringing a
+//!   device page back through its owner's `migrate_to_ram`, populating a hole with a zeroed
+//!   home frame), then, under the mirror lock and only if no invalidation started since,
+//!   `UFFDIO_CONTINUE` maps the home frames of the faulting window (write-protected where
+//!   hetmem's entry is read-only; a write there is a write-protect fault, served the same
+//!   way).
+//!
+//! A fault that cannot be served (the range was unmapped, the device is lost, host frames are
+//! exhausted, a write to a read-only range) is not retried forever and is never served with
+//! zeros: the faulting thread gets `SIGBUS`, and the error is kept for
+//! [`crate::offload::Context::take_cpu_fault_error`].
+//!
+//! The alternative, anonymous memory filled with `UFFDIO_COPY` on each fault, would keep a
+//! second copy of every CPU-resident page and copy on each fault; this design copies nothing
+//! on the CPU side at all (the bench `cpu_pointers` measures both).
+
+mod uffd;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hetmem_engine::{PfnRange, PAGE_SIZE};
+use parking_lot::{Mutex, RwLock};
+
+pub use uffd::FaultScope;
+use uffd::{Fault, Uffd, FAULT_WP, FAULT_WRITE};
+
+use crate::error::{Error, Result};
+use crate::migration::{
+    migrate_pfn, Migration, MIGRATE_VMA_SELECT_DEVICE_COHERENT, MIGRATE_VMA_SELECT_SYSTEM,
+};
+use crate::mm::{AddressSpace, Notifier, NotifierId, NotifyRange, SpaceId, PAGE};
+
+/// Most pages one fault maps (and, for a sequential scan, brings back) at once.
+pub const MAX_WINDOW: usize = 512;
+/// Attempts a fault makes before it gives up with the last error (each waits a little when
+/// the page is busy: pinned by a device kernel, or under migration).
+const SERVE_TRIES: u32 = 20_000;
+
+/// Why a CPU access through a pointer could not be served; the faulting thread got `SIGBUS`.
+#[derive(Debug)]
+pub struct CpuFaultError {
+    /// The faulting address.
+    pub addr: u64,
+    /// What went wrong.
+    pub error: Error,
+}
+
+/// One range mapped for CPU pointers.
+#[derive(Clone, Copy, Debug)]
+struct Region {
+    len: u64,
+    home: PfnRange,
+}
+
+/// What the fault thread and the notifier share.
+struct Shared {
+    uffd: Uffd,
+    space: AddressSpace,
+    /// The owner of the context's device pages (for bringing coherent pages home).
+    owner: u64,
+    regions: RwLock<BTreeMap<u64, Region>>,
+    /// Held while the view's entries change: mapping (fault thread) and dropping (notifier).
+    lock: Mutex<()>,
+    stop: AtomicBool,
+    last_error: Mutex<Option<CpuFaultError>>,
+    served: AtomicU64,
+    /// The end of the last window served, and its size, to grow windows on sequential scans.
+    stream: Mutex<(u64, usize)>,
+    /// Pages per window when faults are not sequential.
+    base_window: usize,
+    /// Brings the device pages of `npages` pages from an address back to host memory.
+    bring: Bring,
+}
+
+/// How the mirror asks the driver to bring a window of pages back to host memory.
+pub(crate) type Bring = Box<dyn Fn(u64, usize) -> Result<()> + Send + Sync>;
+
+/// The CPU mirror of one address space: its userfaultfd, fault thread and regions.
+pub(crate) struct CpuMirror {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    notifier: NotifierId,
+}
+
+/// The notifier the space calls; weak, so the space does not keep the mirror alive.
+struct ViewNotifier(Weak<Shared>);
+
+impl Notifier for ViewNotifier {
+    fn invalidate(&self, _space: SpaceId, range: &NotifyRange) {
+        if let Some(s) = self.0.upgrade() {
+            s.drop_view(range.start, range.end);
+        }
+    }
+}
+
+impl CpuMirror {
+    /// Opens a userfaultfd and starts the fault thread for `space`. Fails (with the reason)
+    /// where userfaultfd cannot be had.
+    pub(crate) fn new(
+        space: &AddressSpace,
+        owner: u64,
+        base_window: usize,
+        bring: Bring,
+    ) -> Result<CpuMirror> {
+        let uffd = Uffd::open().map_err(|e| Error::PointersUnavailable(why(&e)))?;
+        let shared = Arc::new(Shared {
+            uffd,
+            space: space.clone(),
+            owner,
+            regions: RwLock::new(BTreeMap::new()),
+            lock: Mutex::new(()),
+            stop: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            served: AtomicU64::new(0),
+            stream: Mutex::new((0, 0)),
+            base_window: base_window.clamp(1, MAX_WINDOW),
+            bring,
+        });
+        let notifier = space.register_notifier(Arc::new(ViewNotifier(Arc::downgrade(&shared))));
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("hetmem-cpu-faults".into())
+            .spawn(move || s.run())
+            .map_err(|e| Error::Engine(e.into()))?;
+        Ok(CpuMirror {
+            shared,
+            thread: Some(thread),
+            notifier,
+        })
+    }
+
+    /// Which faults the mirror serves (all, or user-mode accesses only).
+    pub(crate) fn scope(&self) -> FaultScope {
+        self.shared.uffd.scope()
+    }
+
+    /// Faults served so far.
+    pub(crate) fn served(&self) -> u64 {
+        self.shared.served.load(Ordering::Relaxed)
+    }
+
+    /// The last fault that could not be served, taken.
+    pub(crate) fn take_error(&self) -> Option<CpuFaultError> {
+        self.shared.last_error.lock().take()
+    }
+
+    /// Maps `len` bytes (whole pages) for CPU pointers: reserves home frames, maps them in
+    /// the process, registers them for faults and maps the range in the space at the same
+    /// address. Returns the address.
+    pub(crate) fn map(&self, len: u64) -> Result<u64> {
+        let s = &self.shared;
+        let pm = s.space.pagemap();
+        let frames = pm.frames();
+        let home = frames.reserve_home((len / PAGE) as usize)?;
+        let undo_home = |e: Error| {
+            if let Err(r) = frames.release_home(home) {
+                tracing::error!("releasing home frames {home:?}: {r}");
+            }
+            e
+        };
+        let Some((fd, offset)) = frames.home_file(home.start) else {
+            return Err(undo_home(Error::PointersUnavailable(
+                "the host frame pool is not a memfd (memfd_create failed)".into(),
+            )));
+        };
+        let view = map_view(fd, offset, len).map_err(|e| undo_home(Error::Engine(e.into())))?;
+        let undo_view = |e: Error| {
+            unmap_view(view, len);
+            undo_home(e)
+        };
+        s.uffd
+            .register(view, len)
+            .map_err(|e| undo_view(Error::PointersUnavailable(why(&e))))?;
+        s.regions.write().insert(view, Region { len, home });
+        if let Err(e) = s.space.mmap_homed(view, len, home.start) {
+            s.regions.write().remove(&view);
+            let _ = s.uffd.unregister(view, len);
+            return Err(undo_view(e));
+        }
+        Ok(view)
+    }
+
+    /// Unmaps a range made by [`CpuMirror::map`]: from the space (its pages are released),
+    /// then from the process; its home frames go back to the pool.
+    pub(crate) fn unmap(&self, addr: u64) -> Result<()> {
+        let s = &self.shared;
+        let region = *s.regions.read().get(&addr).ok_or(Error::NotMapped(addr))?;
+        let r = s.space.munmap_checked(addr, region.len, true);
+        s.regions.write().remove(&addr);
+        if let Err(e) = s.uffd.unregister(addr, region.len) {
+            tracing::error!("unregistering {addr:#x}: {e}");
+        }
+        unmap_view(addr, region.len);
+        if let Err(e) = s.space.pagemap().frames().release_home(region.home) {
+            // A page of the range is still referenced (a long-term pin that outlived the
+            // range): its run stays reserved.
+            tracing::warn!("home frames {:?} kept: {e}", region.home);
+        }
+        r
+    }
+}
+
+impl Drop for CpuMirror {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.shared.space.unregister_notifier(self.notifier);
+        let left: Vec<u64> = self.shared.regions.read().keys().copied().collect();
+        for addr in left {
+            if let Err(e) = self.unmap(addr) {
+                tracing::error!("unmapping CPU-mapped range {addr:#x}: {e}");
+            }
+        }
+    }
+}
+
+/// What one attempt at a fault came to.
+enum Step {
+    Done,
+    Retry,
+    /// The page is present but not in its home frame.
+    Rehome,
+}
+
+impl Shared {
+    fn run(self: Arc<Self>) {
+        let mut faults = Vec::new();
+        while !self.stop.load(Ordering::Acquire) {
+            if let Err(e) = self.uffd.read_faults(50, &mut faults) {
+                tracing::error!("reading userfaultfd: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            for f in &faults {
+                self.serve(f);
+            }
+        }
+    }
+
+    /// The region holding `addr`: its start and itself.
+    fn region_of(&self, addr: u64) -> Option<(u64, Region)> {
+        let regions = self.regions.read();
+        let (&start, &r) = regions.range(..=addr).next_back()?;
+        (addr < start + r.len).then_some((start, r))
+    }
+
+    fn serve(&self, f: &Fault) {
+        let addr = f.addr & !(PAGE - 1);
+        let write = f.flags & (FAULT_WRITE | FAULT_WP) != 0;
+        match self.resolve(addr, write) {
+            Ok(()) => {
+                self.served.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                tracing::debug!("CPU fault at {addr:#x}: {error}");
+                *self.last_error.lock() = Some(CpuFaultError { addr, error });
+                signal_bus(f.tid);
+            }
+        }
+        // The faulting thread runs again (into its signal, or into the mapped page); a page
+        // mapped by an earlier fault's window did not wake it.
+        if let Err(e) = self.uffd.wake(addr, PAGE) {
+            tracing::error!("waking the thread faulting at {addr:#x}: {e}");
+        }
+    }
+
+    /// Makes `addr` accessible (for `write`, writable) in the process, or says why not.
+    fn resolve(&self, addr: u64, write: bool) -> Result<()> {
+        let mut last = Error::NoProgress { addr, tries: 0 };
+        for tries in 0..SERVE_TRIES {
+            if self.stop.load(Ordering::Acquire) {
+                return Err(Error::InvalidArgument("the context is shutting down"));
+            }
+            let r = self.attempt(addr, write);
+            match r {
+                Ok(Step::Done) => return Ok(()),
+                Ok(Step::Retry) => continue,
+                Ok(Step::Rehome) => match self.rehome(addr) {
+                    Ok(()) => continue,
+                    Err(e) => last = e,
+                },
+                Err(e @ (Error::Busy(_) | Error::NoProgress { .. })) => last = e,
+                Err(Error::Engine(e)) if e.kind() == hetmem_engine::ErrorKind::Transient => {
+                    last = Error::Engine(e)
+                }
+                Err(e) => return Err(e),
+            }
+            // A page pinned for a device kernel, or one another thread holds: wait a little.
+            let us = 10u64 << (tries / 8).min(7);
+            std::thread::sleep(Duration::from_micros(us));
+        }
+        Err(last)
+    }
+
+    /// One attempt: resolve the entry in the space, then map its window in the process.
+    fn attempt(&self, addr: u64, write: bool) -> Result<Step> {
+        let (start, region) = self.region_of(addr).ok_or(Error::NotMapped(addr))?;
+        let space = &self.space;
+        let seq = space.read_begin();
+        let vma = space.vma(addr).ok_or(Error::NotMapped(addr))?;
+        if vma.home.is_none() {
+            return Err(Error::NotMapped(addr));
+        }
+        if !vma.prot.read {
+            return Err(Error::ReadDenied(addr));
+        }
+        if write && !vma.prot.write {
+            return Err(Error::WriteDenied(addr));
+        }
+        // A window around the fault, inside the mapping and the region.
+        let window = self.window(addr) as u64 * PAGE;
+        let lo = (addr / window * window).max(vma.start).max(start);
+        let hi = (lo + window).min(vma.end).min(start + region.len);
+        if window > PAGE && !matches!(space.pte(addr), crate::mm::Pte::Present { .. }) {
+            // Bring the rest of the window back with the faulting page, in one migration
+            // (what fails here is left to the fault of the page itself).
+            let _ = (self.bring)(lo, ((hi - lo) / PAGE) as usize);
+        }
+        space.fault(addr, write || vma.prot.write)?;
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut at = lo;
+        while at < hi {
+            let want_write = vma.prot.write;
+            match space.mirror_entry(at, want_write) {
+                Some((pfn, w)) if pfn == vma.home_of(at).expect("homed") => {
+                    let wp = !w;
+                    match runs.last_mut() {
+                        Some((s, e, p)) if *e == at && *p == wp => *e = at + PAGE,
+                        _ => runs.push((at, at + PAGE, wp)),
+                    }
+                }
+                Some(_) if at == addr => return Ok(Step::Rehome),
+                None if at == addr => return Ok(Step::Retry),
+                _ => {}
+            }
+            at += PAGE;
+        }
+        let g = self.lock.lock();
+        if space.read_retry(seq) {
+            return Ok(Step::Retry);
+        }
+        for &(s, e, wp) in &runs {
+            self.uffd
+                .map(s, e - s, wp)
+                .map_err(|e| Error::FaultFailed {
+                    addr,
+                    reason: format!("UFFDIO_CONTINUE: {e}"),
+                })?;
+            // Pages that were mapped already get the protection their entries have now.
+            self.uffd
+                .write_protect(s, e - s, wp)
+                .map_err(|e| Error::FaultFailed {
+                    addr,
+                    reason: format!("UFFDIO_WRITEPROTECT: {e}"),
+                })?;
+        }
+        drop(g);
+        *self.stream.lock() = (hi, ((hi - lo) / PAGE) as usize);
+        Ok(Step::Done)
+    }
+
+    /// Pages to map around a fault at `addr`: the base window, doubled while faults follow
+    /// each other through a range (a sequential scan), up to [`MAX_WINDOW`].
+    fn window(&self, addr: u64) -> usize {
+        let (end, last) = *self.stream.lock();
+        if addr == end {
+            (last * 2).clamp(self.base_window, MAX_WINDOW)
+        } else {
+            self.base_window
+        }
+    }
+
+    /// Moves the page at `addr` into its home frame (it came back to host memory elsewhere,
+    /// or sits in coherent device memory).
+    fn rehome(&self, addr: u64) -> Result<()> {
+        let space = &self.space;
+        let pm = space.pagemap().clone();
+        let home = space
+            .vma(addr)
+            .and_then(|v| v.home_of(addr))
+            .ok_or(Error::NotMapped(addr))?;
+        let flags = MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
+        let mut m = Migration::setup(space, addr, addr + PAGE, flags, self.owner, None)?;
+        let Some((i, src)) = m.collected().next() else {
+            // Pinned or busy: the caller waits and retries.
+            return Err(Error::NoProgress { addr, tries: 1 });
+        };
+        let page = pm.claim_home(home, src.is_none(), true)?;
+        if let Some(src) = src {
+            let mut bytes = vec![0u8; PAGE_SIZE];
+            let copied = pm
+                .read_frame(src, 0, &mut bytes)
+                .and_then(|()| pm.write_frame(home, 0, &bytes));
+            if let Err(e) = copied {
+                page.unlock();
+                pm.put_page(page);
+                return Err(e);
+            }
+        }
+        m.dst_mut()[i] = migrate_pfn(home);
+        let out = m.copied()?.finalize();
+        if out.migrated == 0 {
+            return Err(Error::NoProgress { addr, tries: 1 });
+        }
+        Ok(())
+    }
+
+    /// Drops the process's entries of `[start, end)` (the frames stay in the page cache).
+    fn drop_view(&self, start: u64, end: u64) {
+        let _g = self.lock.lock();
+        let regions = self.regions.read();
+        for (&s, r) in regions.range(..end) {
+            let (lo, hi) = (s.max(start), (s + r.len).min(end));
+            if lo >= hi {
+                continue;
+            }
+            // SAFETY: `[lo, hi)` lies inside a view this mirror mapped and still owns (it is
+            // listed in `regions`, which changes only under this same lock's holders); dropping
+            // its entries discards nothing (the pages stay in the memfd).
+            let r = unsafe {
+                libc::madvise(
+                    lo as *mut libc::c_void,
+                    (hi - lo) as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if r != 0 {
+                tracing::error!(
+                    "MADV_DONTNEED on {lo:#x}..{hi:#x}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
+/// Maps `len` bytes of the frame file from `offset`, shared, at an address of the kernel's
+/// choosing; not inherited by fork(2) children (they would have no fault handler).
+fn map_view(fd: std::os::fd::BorrowedFd<'_>, offset: u64, len: u64) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a new shared mapping of our own memfd, at an address the kernel picks: no
+    // existing memory is touched. The result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: advice on the mapping just made; it changes only what fork(2) inherits.
+    unsafe { libc::madvise(p, len as usize, libc::MADV_DONTFORK) };
+    Ok(p as u64)
+}
+
+fn unmap_view(addr: u64, len: u64) {
+    // SAFETY: `[addr, addr + len)` is a view this module mapped and no longer lists; safe
+    // code holds no reference into it (views borrow their buffer, which is gone or freed).
+    if unsafe { libc::munmap(addr as *mut libc::c_void, len as usize) } != 0 {
+        tracing::error!(
+            "munmap of view {addr:#x}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Sends `SIGBUS` to thread `tid` of this process (the whole process if the kernel did not
+/// say which thread faulted).
+fn signal_bus(tid: u32) {
+    // SAFETY: plain signal-sending system calls with this process's own ids.
+    unsafe {
+        let pid = libc::getpid();
+        if tid == 0 {
+            libc::kill(pid, libc::SIGBUS);
+        } else {
+            libc::syscall(libc::SYS_tgkill, pid, tid as libc::pid_t, libc::SIGBUS);
+        }
+    }
+}
+
+/// A user-facing reason for an OS error from userfaultfd.
+fn why(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => format!(
+            "userfaultfd is not permitted ({e}): run with CAP_SYS_PTRACE, or set \
+             vm.unprivileged_userfaultfd=1; Buffer::read and Buffer::write keep working"
+        ),
+        Some(libc::ENOSYS) => format!("this kernel has no userfaultfd ({e})"),
+        Some(libc::EINVAL) => format!(
+            "this kernel lacks a userfaultfd feature hetmem needs (shmem minor faults, \
+             write protection: Linux 6.4 or later): {e}"
+        ),
+        _ => format!("userfaultfd: {e}"),
+    }
+}

@@ -1,0 +1,281 @@
+//! CPU pointers into managed buffers (`Context::alloc_mapped`): plain loads and stores that
+//! fault device pages back through userfaultfd, typed views, and what the docs promise when
+//! an access cannot be served.
+
+use std::sync::Arc;
+
+use hetmem::mm::{MemoryKind, PageState};
+use hetmem::offload::{Buffer, Context, ContextConfig, Location};
+use hetmem::Error;
+use hetmem_engine::{DeviceConfig, DeviceKind};
+
+const PAGE: usize = 4096;
+
+fn context(kind: DeviceKind, budget: u64, test: &str) -> Option<Context> {
+    let config = ContextConfig {
+        device: DeviceConfig::default().kind(kind).chunk(1 << 20),
+        budget_bytes: budget,
+        memory: Some(MemoryKind::DevicePrivate),
+        fault_around: 16,
+    };
+    match Context::new(config) {
+        Ok(c) => Some(c),
+        Err(Error::Engine(e @ hetmem_engine::EngineError::NoDevice { .. })) => {
+            assert!(
+                !hetmem_engine::running_in_ci(),
+                "{test}: CI=true and no Vulkan device: {e}"
+            );
+            hetmem_tests::say_skipped(test, kind, &e);
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+/// A CPU-mapped buffer, or `None` (said by name) where userfaultfd cannot be had; under
+/// `CI=true` (root on Linux 6.x) that is a failure.
+fn mapped(ctx: &Context, bytes: usize, test: &str) -> Option<Buffer> {
+    match ctx.alloc_mapped(bytes) {
+        Ok(b) => Some(b),
+        Err(Error::PointersUnavailable(why)) => {
+            assert!(
+                !hetmem_engine::running_in_ci(),
+                "{test}: CI=true and no CPU pointers: {why}"
+            );
+            hetmem_tests::say_skipped(test, DeviceKind::Host, &why);
+            None
+        }
+        Err(e) => panic!("{test}: alloc_mapped: {e}"),
+    }
+}
+
+fn on_device(ctx: &Context, buf: &Buffer) -> usize {
+    hetmem::mm::snapshot(
+        ctx.space(),
+        buf.addr(),
+        buf.len() / PAGE,
+        ctx.driver().owner(),
+    )
+    .iter()
+    .filter(|s| {
+        matches!(
+            s,
+            PageState::DevicePrivateLocal | PageState::DeviceCoherentLocal
+        )
+    })
+    .count()
+}
+
+fn word(i: usize, salt: u32) -> u32 {
+    (i as u32).wrapping_mul(2_654_435_761) ^ salt
+}
+
+#[test]
+fn plain_loads_and_stores_fault_pages_back_from_the_device() {
+    for kind in [DeviceKind::Host, DeviceKind::Vulkan] {
+        let test = "plain_loads_and_stores";
+        let Some(ctx) = context(kind, 4 << 20, test) else {
+            continue;
+        };
+        let Some(buf) = mapped(&ctx, 64 * PAGE, test) else {
+            return;
+        };
+        assert_eq!(buf.as_ptr().unwrap() as u64, buf.addr());
+        {
+            let v = buf.view::<u32>().unwrap();
+            assert!(v.iter().all(|&w| w == 0), "a new buffer reads as zeros");
+        }
+        {
+            let mut v = buf.view_mut::<u32>().unwrap();
+            for (i, w) in v.iter_mut().enumerate() {
+                *w = word(i, 1);
+            }
+        }
+        let moved = buf
+            .prefetch(0..buf.len(), Location::Device)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(moved.migrated, 64, "{kind:?}");
+        assert_eq!(on_device(&ctx, &buf), 64);
+        let faults = ctx.cpu_faults();
+        {
+            let v = buf.view::<u32>().unwrap();
+            for (i, &w) in v.iter().enumerate() {
+                assert_eq!(w, word(i, 1), "{kind:?}: word {i} after the round trip");
+            }
+        }
+        assert!(ctx.cpu_faults() > faults, "the loads faulted");
+        assert_eq!(on_device(&ctx, &buf), 0, "every page came back");
+        // A store through the raw pointer, seen by `read`.
+        // SAFETY: inside the buffer, no view alive, no other thread writes it.
+        unsafe { buf.as_mut_ptr().unwrap().add(5 * PAGE + 3).write(0xEE) };
+        let mut b = [0u8; 1];
+        buf.read(5 * PAGE + 3, &mut b).unwrap();
+        assert_eq!(b[0], 0xEE);
+        // And a `write` seen through the view.
+        buf.write(7 * PAGE, &0xDEAD_BEEFu32.to_le_bytes()).unwrap();
+        assert_eq!(buf.view::<u32>().unwrap()[7 * PAGE / 4], 0xDEAD_BEEF);
+        assert!(ctx.take_cpu_fault_error().is_none());
+        buf.free().unwrap();
+    }
+}
+
+#[test]
+fn views_exclude_changes_and_the_range_cannot_be_unmapped_under_them() {
+    let test = "views_exclude_changes";
+    let ctx = context(DeviceKind::Host, 1 << 20, test).unwrap();
+    let Some(buf) = mapped(&ctx, 4 * PAGE, test) else {
+        return;
+    };
+    let v = buf.view::<u8>().unwrap();
+    assert!(matches!(buf.write(0, &[1]), Err(Error::ViewActive)));
+    assert!(matches!(buf.free(), Err(Error::ViewActive)));
+    assert!(matches!(buf.view_mut::<u8>(), Err(Error::ViewActive)));
+    let mut b = [9u8; 1];
+    buf.read(0, &mut b).unwrap();
+    assert_eq!(b[0], 0);
+    assert_eq!(v[0], 0);
+    // The space refuses to unmap, protect or move the range behind the buffer's back.
+    let space = ctx.space();
+    assert!(matches!(
+        space.munmap(buf.addr(), PAGE as u64),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        space.mprotect(buf.addr(), PAGE as u64, hetmem::mm::Prot::READ),
+        Err(Error::InvalidArgument(_))
+    ));
+    drop(v);
+    let mut m = buf.view_mut::<u8>().unwrap();
+    m[0] = 3;
+    assert!(matches!(buf.read(0, &mut b), Err(Error::ViewActive)));
+    drop(m);
+    buf.read(0, &mut b).unwrap();
+    assert_eq!(b[0], 3);
+    // A plain buffer has no pointer.
+    let plain = ctx.alloc(PAGE).unwrap();
+    assert!(matches!(plain.as_ptr(), Err(Error::NotCpuMapped)));
+    buf.free().unwrap();
+    assert!(matches!(buf.as_ptr(), Err(Error::Freed)));
+    assert!(matches!(buf.view::<u8>(), Err(Error::Freed)));
+}
+
+#[test]
+fn threads_touching_device_pages_through_pointers_see_every_byte() {
+    for kind in [DeviceKind::Host, DeviceKind::Vulkan] {
+        let test = "threads_touching_device_pages";
+        let Some(ctx) = context(kind, 8 << 20, test) else {
+            continue;
+        };
+        let Some(buf) = mapped(&ctx, 256 * PAGE, test) else {
+            return;
+        };
+        let words = buf.len() / 4;
+        buf.view_mut::<u32>()
+            .unwrap()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, w)| *w = word(i, 7));
+        buf.prefetch(0..buf.len(), Location::Device)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(on_device(&ctx, &buf), 256);
+        let buf = Arc::new(buf);
+        let threads = 4;
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let buf = buf.clone();
+                std::thread::spawn(move || {
+                    let v = buf.view::<u32>().unwrap();
+                    // Overlapping: every thread reads everything, starting at its own quarter.
+                    for k in 0..words {
+                        let i = (k + t * words / threads) % words;
+                        assert_eq!(v[i], word(i, 7), "thread {t} word {i}");
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("reader thread");
+        }
+        assert_eq!(on_device(&ctx, &buf), 0);
+        assert!(
+            ctx.stats().faults <= 256,
+            "{kind:?}: no page migrated twice: {} driver faults",
+            ctx.stats().faults
+        );
+        assert!(ctx.take_cpu_fault_error().is_none());
+    }
+}
+
+#[test]
+fn stores_racing_migrations_and_evictions_are_never_lost() {
+    for kind in [DeviceKind::Host, DeviceKind::Vulkan] {
+        let test = "stores_racing_migrations";
+        let Some(ctx) = context(kind, 1 << 20, test) else {
+            continue;
+        };
+        let pages = 64;
+        let Some(buf) = mapped(&ctx, pages * PAGE, test) else {
+            return;
+        };
+        let buf = Arc::new(buf);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mover = {
+            let (buf, stop, ctx) = (buf.clone(), stop.clone(), ctx.clone());
+            std::thread::spawn(move || {
+                let mut rounds = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let half = (rounds % 2) * (pages / 2) * PAGE;
+                    let r = half..half + pages / 2 * PAGE;
+                    buf.prefetch(r.clone(), Location::Device)
+                        .unwrap()
+                        .wait()
+                        .unwrap();
+                    buf.evict(r).unwrap();
+                    ctx.driver().evict_all().unwrap();
+                    rounds += 1;
+                }
+                rounds
+            })
+        };
+        // Each writer owns every fourth word of every page and counts it up through a raw
+        // pointer; the last value written must be what is there at the end.
+        let writers: Vec<_> = (0..3usize)
+            .map(|t| {
+                let buf = buf.clone();
+                std::thread::spawn(move || {
+                    let p = buf.as_mut_ptr().unwrap() as usize;
+                    for round in 1..=200u32 {
+                        for page in 0..pages {
+                            let at = p + page * PAGE + t * 4;
+                            // SAFETY: inside the buffer; each thread writes only its own
+                            // words, and nothing else writes them.
+                            unsafe { (at as *mut u32).write_volatile(round) };
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().expect("writer");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rounds = mover.join().expect("mover");
+        assert!(rounds > 0);
+        for page in 0..pages {
+            for t in 0..3 {
+                let mut b = [0u8; 4];
+                buf.read(page * PAGE + t * 4, &mut b).unwrap();
+                assert_eq!(
+                    u32::from_le_bytes(b),
+                    200,
+                    "{kind:?} page {page} writer {t}"
+                );
+            }
+        }
+        assert!(ctx.take_cpu_fault_error().is_none());
+    }
+}
