@@ -279,3 +279,135 @@ fn stores_racing_migrations_and_evictions_are_never_lost() {
         assert!(ctx.take_cpu_fault_error().is_none());
     }
 }
+
+/// Runs this test binary again with only `test`, `HETMEM_CHILD=mode`, and returns how it
+/// ended (a child that gets a signal cannot report through the test harness).
+fn run_child(test: &str, mode: &str) -> std::process::ExitStatus {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("HETMEM_CHILD", mode)
+        .status()
+        .unwrap()
+}
+
+#[test]
+fn a_store_to_a_read_only_buffer_is_sigbus_with_the_error_recorded() {
+    use std::os::unix::process::ExitStatusExt;
+    let test = "a_store_to_a_read_only_buffer_is_sigbus_with_the_error_recorded";
+    let Ok(mode) = std::env::var("HETMEM_CHILD") else {
+        // The store kills its process with SIGBUS...
+        let status = run_child(test, "default");
+        assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
+        // ...and, with the signal blocked in the storing thread, the error is there to read.
+        let status = run_child(test, "blocked");
+        assert_eq!(status.code(), Some(77), "{status:?}");
+        return;
+    };
+    let ctx = context(DeviceKind::Host, 1 << 20, test).unwrap();
+    let Some(buf) = mapped(&ctx, 4 * PAGE, test) else {
+        std::process::exit(if mode == "blocked" { 77 } else { 0 });
+    };
+    buf.write(0, &[5]).unwrap();
+    buf.set_read_only(true).unwrap();
+    assert!(matches!(buf.write(0, &[6]), Err(Error::WriteDenied(_))));
+    assert!(matches!(buf.view_mut::<u8>(), Err(Error::WriteDenied(_))));
+    assert_eq!(buf.view::<u8>().unwrap()[0], 5, "reads still work");
+    let target = buf.as_mut_ptr().unwrap() as usize + PAGE;
+    if mode == "default" {
+        // SAFETY: an unsafe store into a read-only managed page: what the test is about.
+        unsafe { (target as *mut u8).write_volatile(1) };
+        unreachable!("the store must not complete");
+    }
+    std::thread::spawn(move || {
+        // SAFETY: blocking SIGBUS for this thread only, through a zeroed signal set.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGBUS);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            // The store faults again and again (each fault refused): it never completes.
+            (target as *mut u8).write_volatile(1);
+        }
+    });
+    for _ in 0..500 {
+        if let Some(e) = ctx.take_cpu_fault_error() {
+            assert_eq!(e.addr, target as u64);
+            assert!(matches!(e.error, Error::WriteDenied(_)), "{:?}", e.error);
+            std::process::exit(77);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("no fault error recorded");
+}
+
+#[test]
+fn a_read_syscall_into_a_device_resident_page_sees_the_right_bytes() {
+    let test = "a_read_syscall_into_a_device_resident_page";
+    let ctx = context(DeviceKind::Host, 1 << 20, test).unwrap();
+    let Some(buf) = mapped(&ctx, 8 * PAGE, test) else {
+        return;
+    };
+    buf.write(0, &[0x11; 8 * PAGE]).unwrap();
+    buf.prefetch(0..buf.len(), Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(on_device(&ctx, &buf), 8);
+    let mut fds = [0i32; 2];
+    // SAFETY: a pipe into a two-element array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let msg = b"written by the kernel";
+    // SAFETY: writing our own bytes into our own pipe.
+    assert_eq!(
+        unsafe { libc::write(fds[1], msg.as_ptr().cast(), msg.len()) },
+        msg.len() as isize
+    );
+    let dst = buf.as_mut_ptr().unwrap() as usize + 3 * PAGE + 100;
+    // SAFETY: the destination lies inside the buffer; nothing else uses it now.
+    let got = unsafe { libc::read(fds[0], dst as *mut libc::c_void, msg.len()) };
+    // SAFETY: closing the pipe's two ends.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    match ctx.cpu_pointers().unwrap() {
+        hetmem::cpu::FaultScope::All => {
+            assert_eq!(got, msg.len() as isize, "the kernel's access was served");
+            let mut back = vec![0u8; PAGE];
+            buf.read(3 * PAGE, &mut back).unwrap();
+            assert_eq!(&back[100..100 + msg.len()], msg);
+            assert!(
+                back[..100].iter().all(|&b| b == 0x11),
+                "the rest came back too"
+            );
+        }
+        hetmem::cpu::FaultScope::UserOnly => {
+            assert_eq!(got, -1, "without privilege the system call fails (EFAULT)");
+        }
+    }
+}
+
+#[test]
+fn a_forked_child_does_not_inherit_mapped_ranges_and_their_pages_stay() {
+    let test = "a_forked_child_does_not_inherit";
+    let ctx = context(DeviceKind::Host, 1 << 20, test).unwrap();
+    let Some(buf) = mapped(&ctx, 2 * PAGE, test) else {
+        return;
+    };
+    buf.write(0, b"parent").unwrap();
+    let child = ctx.space().fork().unwrap();
+    assert!(
+        child.vma(buf.addr()).is_none(),
+        "the child has nothing there"
+    );
+    assert!(matches!(
+        child.read(buf.addr(), &mut [0u8; 6]),
+        Err(Error::NotMapped(_))
+    ));
+    buf.view_mut::<u8>().unwrap()[0] = b'P';
+    assert_eq!(&buf.view::<u8>().unwrap()[..6], b"Parent");
+    assert!(matches!(
+        ctx.space().mremap(buf.addr(), PAGE as u64, 1 << 40),
+        Err(Error::InvalidArgument(_))
+    ));
+}

@@ -183,7 +183,36 @@ impl Buffer {
     pub fn view_mut<T: bytemuck::Pod>(&self) -> Result<ViewMut<'_, T>> {
         let p = self.as_mut_ptr()?;
         // SAFETY: as in `view`, and the exclusive token keeps every other library access out.
-        unsafe { ViewMut::new(p, self.inner.len, &self.inner.access) }
+        let view = unsafe { ViewMut::new(p, self.inner.len, &self.inner.access) }?;
+        // Checked with the view's token held: the protection cannot change while it lives.
+        let space = self.inner.ctx.space();
+        if space.vma(self.inner.addr).is_some_and(|v| !v.prot.write) {
+            return Err(Error::WriteDenied(self.inner.addr));
+        }
+        Ok(view)
+    }
+
+    /// Makes a buffer made by [`Context::alloc_mapped`] read-only (`true`) or writable again.
+    /// Afterwards a store through its pointer to a read-only page is a fault that cannot be
+    /// served: the storing thread gets `SIGBUS`, and
+    /// [`Context::take_cpu_fault_error`] says [`Error::WriteDenied`] at that address;
+    /// `write` and `view_mut` fail with `WriteDenied`. Fails with [`Error::ViewActive`] while
+    /// a view is alive.
+    pub fn set_read_only(&self, read_only: bool) -> Result<()> {
+        if !self.inner.mapped {
+            return Err(Error::NotCpuMapped);
+        }
+        let (addr, n) = self.pages(0..self.inner.len)?;
+        let _use = self.begin(Use::Write)?;
+        let prot = if read_only {
+            crate::mm::Prot::READ
+        } else {
+            crate::mm::Prot::RW
+        };
+        self.inner
+            .ctx
+            .space()
+            .mprotect_checked(addr, n as u64 * PAGE, prot, true)
     }
 
     /// A library use of the bytes, checked against live views.
