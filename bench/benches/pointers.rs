@@ -1,0 +1,255 @@
+//! CPU pointers into managed memory (`Context::alloc_mapped`), measured in one run beside
+//! their floors:
+//! - the fault-back of one 4 KiB device page through a plain load (p50, p99), beside the same
+//!   fault through `Buffer::read` and a bare userfaultfd round trip (register, touch,
+//!   `UFFDIO_ZEROPAGE` from a handler thread), the floor any userfaultfd design pays;
+//! - a sequential scan of a 256 MiB device-resident buffer through a pointer, beside the scan
+//!   of the same buffer resident in host memory.
+//!
+//! The device is `HETMEM_DEVICE` (lavapipe where there is no GPU). Percentiles go to
+//! `target/criterion/hetmem-pointers.json` for `cargo xtask bench-report`.
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, Criterion, Throughput};
+use hetmem::mm::MemoryKind;
+use hetmem::offload::{Buffer, Context, ContextConfig, Location};
+use hetmem_bench::{criterion_mean_ns, save_results};
+use hetmem_engine::DeviceConfig;
+
+const PAGE: usize = 4096;
+/// Pages whose single-page faults are timed per round.
+const FAULT_PAGES: usize = 2048;
+const SCAN_BYTES: usize = 256 << 20;
+
+fn context(budget: u64, fault_around: usize) -> Context {
+    Context::new(ContextConfig {
+        device: DeviceConfig::from_env().expect("HETMEM_DEVICE"),
+        budget_bytes: budget,
+        memory: Some(MemoryKind::DevicePrivate),
+        fault_around,
+    })
+    .expect("a device")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+/// The order single-page faults are taken in: every other page, backwards (no two faults
+/// are neighbours, so no window grows and no fault-around brings the next one).
+fn scattered(pages: usize) -> impl Iterator<Item = usize> {
+    (0..pages).rev().step_by(2)
+}
+
+/// Times the fault of each page of `buf` (moved to the device first) through `touch`.
+fn fault_latencies(buf: &Buffer, mut touch: impl FnMut(usize)) -> Vec<Duration> {
+    buf.prefetch(0..buf.len(), Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let mut out = Vec::with_capacity(FAULT_PAGES / 2);
+    for i in scattered(buf.len() / PAGE) {
+        let t = Instant::now();
+        touch(i * PAGE);
+        out.push(t.elapsed());
+    }
+    out.sort();
+    out
+}
+
+/// Round trips of a bare userfaultfd: an anonymous region registered for missing faults, a
+/// handler thread that answers each with `UFFDIO_ZEROPAGE`, a touch per page.
+fn bare_uffd(pages: usize) -> Vec<Duration> {
+    const UFFDIO_API: u64 = 0xc018_aa3f;
+    const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+    const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
+    // SAFETY: raw system calls on descriptors and a mapping this function owns; the handler
+    // thread only reads messages and answers them; the region is unmapped after it stops.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) as i32;
+        assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+        let mut api = [0xAAu64, 0, 0];
+        assert_eq!(libc::ioctl(fd, UFFDIO_API as _, api.as_mut_ptr()), 0);
+        let len = pages * PAGE;
+        let base = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        ) as usize;
+        let mut reg = [base as u64, len as u64, 1, 0];
+        assert_eq!(libc::ioctl(fd, UFFDIO_REGISTER as _, reg.as_mut_ptr()), 0);
+        let handler = std::thread::spawn(move || {
+            let mut served = 0;
+            let mut msg = [0u64; 4];
+            while served < pages.div_ceil(2) {
+                if libc::read(fd, msg.as_mut_ptr().cast(), 32) != 32 {
+                    continue;
+                }
+                let addr = msg[2] & !(PAGE as u64 - 1);
+                let mut z = [addr, PAGE as u64, 0, 0];
+                libc::ioctl(fd, UFFDIO_ZEROPAGE as _, z.as_mut_ptr());
+                served += 1;
+            }
+        });
+        let mut out = Vec::new();
+        for i in scattered(pages) {
+            let t = Instant::now();
+            std::ptr::read_volatile((base + i * PAGE) as *const u8);
+            out.push(t.elapsed());
+        }
+        handler.join().unwrap();
+        libc::munmap(base as *mut libc::c_void, len);
+        libc::close(fd);
+        out.sort();
+        out
+    }
+}
+
+fn faults(c: &mut Criterion) {
+    let ctx = context(64 << 20, 1);
+    let buf = match ctx.alloc_mapped(FAULT_PAGES * PAGE) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("pointers bench skipped: {e}");
+            return;
+        }
+    };
+    let p = buf.as_ptr().unwrap() as usize;
+    let mut rounds: [Vec<Duration>; 3] = Default::default();
+    for _ in 0..5 {
+        // SAFETY: reads inside the buffer; nothing writes it meanwhile.
+        let load = fault_latencies(&buf, |off| unsafe {
+            std::ptr::read_volatile((p + off) as *const u8);
+        });
+        let mut b = [0u8; 1];
+        let read = fault_latencies(&buf, |off| buf.read(off, &mut b).unwrap());
+        let bare = bare_uffd(FAULT_PAGES);
+        rounds[0].extend(load);
+        rounds[1].extend(read);
+        rounds[2].extend(bare);
+    }
+    for r in &mut rounds {
+        r.sort();
+    }
+    let names = ["plain load", "Buffer::read", "bare userfaultfd round trip"];
+    println!(
+        "\nfault-back of one 4 KiB device page ({}):",
+        ctx.device_info().name
+    );
+    println!("{:<32} {:>10} {:>10}", "path", "p50 us", "p99 us");
+    let mut json = serde_json::Map::new();
+    for (name, r) in names.iter().zip(&rounds) {
+        let (p50, p99) = (percentile(r, 0.5), percentile(r, 0.99));
+        println!("{name:<32} {p50:>10.1} {p99:>10.1}");
+        json.insert(
+            name.to_string(),
+            serde_json::json!({"p50_us": p50, "p99_us": p99}),
+        );
+    }
+    let ratio = percentile(&rounds[0], 0.5) / percentile(&rounds[2], 0.5);
+    println!("plain load p50 / bare round trip p50: {ratio:.2}x");
+    json.insert("load_over_bare_p50".into(), ratio.into());
+    json.insert("device".into(), ctx.device_info().name.clone().into());
+    let _ = save_results("pointers", &serde_json::Value::Object(json));
+
+    // The same through criterion, for its statistics (mean of 64 scattered faults).
+    let mut g = c.benchmark_group("pointer-fault");
+    g.sample_size(10);
+    g.bench_function("plain-load-64-faults", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += fault_latencies(&buf, |off| unsafe {
+                    // SAFETY: as above.
+                    std::ptr::read_volatile((p + off) as *const u8);
+                })
+                .iter()
+                .take(64)
+                .sum::<Duration>();
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+fn scan(c: &mut Criterion) {
+    let ctx = context(2 * SCAN_BYTES as u64, 16);
+    let buf = match ctx.alloc_mapped(SCAN_BYTES) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("pointers bench skipped: {e}");
+            return;
+        }
+    };
+    buf.view_mut::<u64>()
+        .unwrap()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, w)| *w = i as u64);
+    let sum = |buf: &Buffer| -> u64 {
+        buf.view::<u64>()
+            .unwrap()
+            .iter()
+            .fold(0u64, |a, &w| a.wrapping_add(w))
+    };
+    let mut g = c.benchmark_group("pointer-scan");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(SCAN_BYTES as u64));
+    g.bench_function("host-resident", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let t = Instant::now();
+                std::hint::black_box(sum(&buf));
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    g.bench_function("device-resident", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                buf.prefetch(0..buf.len(), Location::Device)
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+                let t = Instant::now();
+                std::hint::black_box(sum(&buf));
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    g.finish();
+    if let (Some(host), Some(dev)) = (
+        criterion_mean_ns("pointer-scan", "host-resident"),
+        criterion_mean_ns("pointer-scan", "device-resident"),
+    ) {
+        let gbs = |ns: f64| SCAN_BYTES as f64 / ns;
+        println!(
+            "\nsequential scan of 256 MiB through a pointer: host-resident {:.2} GB/s, \
+             device-resident {:.2} GB/s ({:.2}x)",
+            gbs(host),
+            gbs(dev),
+            host / dev
+        );
+        let _ = save_results(
+            "pointer-scan",
+            &serde_json::json!({"host_gbs": gbs(host), "device_gbs": gbs(dev), "ratio": host / dev}),
+        );
+    }
+}
+
+criterion_group!(benches, faults, scan);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
