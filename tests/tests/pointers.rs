@@ -411,3 +411,92 @@ fn a_forked_child_does_not_inherit_mapped_ranges_and_their_pages_stay() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+#[test]
+fn a_kernel_changes_words_written_through_a_slice_and_the_slice_sees_the_change() {
+    let test = "a_kernel_changes_words_written_through_a_slice";
+    let Some(ctx) = context(DeviceKind::Vulkan, 8 << 20, test) else {
+        return;
+    };
+    let Some(buf) = mapped(&ctx, 16 * PAGE, test) else {
+        return;
+    };
+    let words = buf.len() / 4;
+    buf.view_mut::<u32>()
+        .unwrap()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, w)| *w = i as u32);
+    buf.prefetch(0..buf.len(), Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let k = ctx
+        .compile_kernel(
+            r#"
+@compute @workgroup_size(64)
+fn bump(@builtin(global_invocation_id) g: vec3<u32>) {
+    let p = hm_ptr(0u, g.x * 4u);
+    hm_store(p, hm_load(p) * 3u + hm_arg(0));
+}"#,
+            "bump",
+        )
+        .unwrap();
+    {
+        let v = buf.view::<u32>().unwrap();
+        assert!(
+            matches!(
+                ctx.launch(&k, &[(&buf, 0..buf.len())], &[7], [words as u32 / 64, 1, 1]),
+                Err(Error::ViewActive)
+            ),
+            "a launch may not change bytes a view is reading"
+        );
+        assert_eq!(v[3], 3);
+    }
+    ctx.launch(&k, &[(&buf, 0..buf.len())], &[7], [words as u32 / 64, 1, 1])
+        .unwrap()
+        .wait()
+        .unwrap();
+    let v = buf.view::<u32>().unwrap();
+    for (i, &w) in v.iter().enumerate() {
+        assert_eq!(w, i as u32 * 3 + 7, "word {i} through the slice");
+    }
+    let mut b = [0u8; 4];
+    buf.read(100 * 4, &mut b).unwrap();
+    assert_eq!(u32::from_le_bytes(b), 307, "and through Buffer::read");
+}
+
+#[test]
+fn a_load_of_a_page_pinned_on_the_device_waits_for_the_pin() {
+    for kind in [DeviceKind::Host, DeviceKind::Vulkan] {
+        let test = "a_load_of_a_page_pinned_on_the_device_waits";
+        let Some(ctx) = context(kind, 4 << 20, test) else {
+            continue;
+        };
+        let Some(buf) = mapped(&ctx, 4 * PAGE, test) else {
+            return;
+        };
+        buf.write(2 * PAGE, &[0x5A; 16]).unwrap();
+        let pin = buf.pin_on_device(0..buf.len()).unwrap();
+        assert_eq!(on_device(&ctx, &buf), 4);
+        let p = buf.as_ptr().unwrap() as usize;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                // SAFETY: inside the buffer, which outlives the thread (joined below).
+                let b = unsafe { std::ptr::read_volatile((p + 2 * PAGE + 5) as *const u8) };
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                b
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !done.load(std::sync::atomic::Ordering::SeqCst),
+            "{kind:?}: the load waits while the page is pinned"
+        );
+        drop(pin);
+        assert_eq!(reader.join().unwrap(), 0x5A, "{kind:?}");
+        assert!(ctx.take_cpu_fault_error().is_none());
+    }
+}

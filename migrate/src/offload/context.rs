@@ -193,6 +193,13 @@ impl Context {
         args: &[u32],
         groups: [u32; 3],
     ) -> Result<Launch> {
+        // No view may watch the bytes change: a live view fails the launch, and none can be
+        // made while the ranges are brought to the device and pinned (afterwards a view's
+        // access to a pinned page waits for the launch to be waited on or dropped).
+        let _uses = buffers
+            .iter()
+            .map(|(b, _)| b.begin(super::view::Use::Write))
+            .collect::<Result<Vec<_>>>()?;
         let ranges = buffers
             .iter()
             .map(|(b, r)| {
