@@ -55,7 +55,7 @@ use crate::migration::{
 use crate::mm::{AddressSpace, Notifier, NotifierId, NotifyRange, SpaceId, PAGE};
 
 /// Most pages one fault maps (and, for a sequential scan, brings back) at once.
-pub const MAX_WINDOW: usize = 512;
+pub const MAX_WINDOW: usize = 2048;
 /// Attempts a fault makes before it gives up with the last error (each waits a little when
 /// the page is busy: pinned by a device kernel, or under migration).
 const SERVE_TRIES: u32 = 20_000;
@@ -273,7 +273,8 @@ impl Shared {
     fn serve(&self, f: &Fault) {
         let addr = f.addr & !(PAGE - 1);
         let write = f.flags & (FAULT_WRITE | FAULT_WP) != 0;
-        match self.resolve(addr, write) {
+        let served = self.resolve(addr, write);
+        match served {
             Ok(()) => {
                 self.served.fetch_add(1, Ordering::Relaxed);
             }
@@ -288,6 +289,7 @@ impl Shared {
         if let Err(e) = self.uffd.wake(addr, PAGE) {
             tracing::error!("waking the thread faulting at {addr:#x}: {e}");
         }
+        self.read_ahead();
     }
 
     /// Makes `addr` accessible (for `write`, writable) in the process, or says why not.
@@ -333,34 +335,50 @@ impl Shared {
         if write && !vma.prot.write {
             return Err(Error::WriteDenied(addr));
         }
-        // A window around the fault, inside the mapping and the region.
-        let window = self.window(addr) as u64 * PAGE;
-        let lo = (addr / window * window).max(vma.start).max(start);
-        let hi = (lo + window).min(vma.end).min(start + region.len);
-        if window > PAGE && !matches!(space.pte(addr), crate::mm::Pte::Present { .. }) {
+        let (lo, hi) = self.window(addr, vma.start.max(start), vma.end.min(start + region.len));
+        if hi - lo > PAGE && !matches!(space.pte(addr), crate::mm::Pte::Present { .. }) {
             // Bring the rest of the window back with the faulting page, in one migration
             // (what fails here is left to the fault of the page itself).
             let _ = (self.bring)(lo, ((hi - lo) / PAGE) as usize);
         }
         space.fault(addr, write || vma.prot.write)?;
+        let step = self.map_window(&vma, lo, hi, seq, Some(addr))?;
+        if let Step::Done = step {
+            *self.stream.lock() = (hi, ((hi - lo) / PAGE) as usize);
+        }
+        Ok(step)
+    }
+
+    /// Maps the present home frames of `[lo, hi)` (one mapping) in the process, unless an
+    /// invalidation started since `seq`. `must`: the faulting address, which has to be among
+    /// them (else the step says why not).
+    fn map_window(
+        &self,
+        vma: &crate::mm::Vma,
+        lo: u64,
+        hi: u64,
+        seq: u64,
+        must: Option<u64>,
+    ) -> Result<Step> {
+        let space = &self.space;
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         let mut at = lo;
         while at < hi {
-            let want_write = vma.prot.write;
-            match space.mirror_entry(at, want_write) {
-                Some((pfn, w)) if pfn == vma.home_of(at).expect("homed") => {
+            match space.mirror_entry(at, vma.prot.write) {
+                Some((pfn, w)) if Some(pfn) == vma.home_of(at) => {
                     let wp = !w;
                     match runs.last_mut() {
                         Some((s, e, p)) if *e == at && *p == wp => *e = at + PAGE,
                         _ => runs.push((at, at + PAGE, wp)),
                     }
                 }
-                Some(_) if at == addr => return Ok(Step::Rehome),
-                None if at == addr => return Ok(Step::Retry),
+                Some(_) if Some(at) == must => return Ok(Step::Rehome),
+                None if Some(at) == must => return Ok(Step::Retry),
                 _ => {}
             }
             at += PAGE;
         }
+        let addr = must.unwrap_or(lo);
         let g = self.lock.lock();
         if space.read_retry(seq) {
             return Ok(Step::Retry);
@@ -381,18 +399,49 @@ impl Shared {
                 })?;
         }
         drop(g);
-        *self.stream.lock() = (hi, ((hi - lo) / PAGE) as usize);
         Ok(Step::Done)
     }
 
-    /// Pages to map around a fault at `addr`: the base window, doubled while faults follow
-    /// each other through a range (a sequential scan), up to [`MAX_WINDOW`].
-    fn window(&self, addr: u64) -> usize {
+    /// After a fault of a sequential scan has been served (its thread runs again), brings
+    /// back and maps the next window, so the scan finds it mapped.
+    fn read_ahead(&self) {
+        let (from, n) = *self.stream.lock();
+        if n < 2 * self.base_window || n < 2 {
+            return;
+        }
+        let Some((start, region)) = self.region_of(from) else {
+            return;
+        };
+        let Some(vma) = self.space.vma(from).filter(|v| v.home.is_some()) else {
+            return;
+        };
+        let hi = (from + n as u64 * PAGE)
+            .min(vma.end)
+            .min(start + region.len);
+        let seq = self.space.read_begin();
+        if (self.bring)(from, ((hi - from) / PAGE) as usize).is_err() {
+            return;
+        }
+        if let Ok(Step::Done) = self.map_window(&vma, from, hi, seq, None) {
+            let mut stream = self.stream.lock();
+            if stream.0 == from {
+                *stream = (hi, n);
+            }
+        }
+    }
+
+    /// The window a fault at `addr` maps, inside `[floor, ceil)`: the base window around
+    /// it, or, where faults follow each other through a range (a sequential scan), twice the
+    /// last window from `addr` on, up to [`MAX_WINDOW`] pages.
+    fn window(&self, addr: u64, floor: u64, ceil: u64) -> (u64, u64) {
         let (end, last) = *self.stream.lock();
         if addr == end {
-            (last * 2).clamp(self.base_window, MAX_WINDOW)
+            let n = (last * 2).clamp(self.base_window, MAX_WINDOW) as u64;
+            (addr, (addr + n * PAGE).min(ceil))
         } else {
-            self.base_window
+            let w = self.base_window as u64 * PAGE;
+            let lo = (addr / w * w).max(floor);
+            (lo, (lo + w).min(ceil))
         }
     }
 
