@@ -3,8 +3,11 @@
 
 pub mod dmirror;
 pub mod harness;
-pub mod kv;
 pub mod soak;
+
+/// The KV-cache scenario the demo runs (the `hetmem-kv` crate, which the demo uses without
+/// this crate).
+pub use hetmem_kv as kv;
 
 use hetmem_engine::{Device, DeviceConfig, DeviceKind, EngineError};
 

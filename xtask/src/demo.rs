@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: the KV-cache offload scenario (`hetmem_tests::kv`) at a size a user can
+//! `cargo xtask demo`: the KV-cache offload scenario (the `hetmem-kv` crate) at a size a user can
 //! watch: blocks three times larger than the device budget, a progress bar, and a final table.
 
 use std::time::Instant;
@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Result};
 use hetmem::offload::{Context, ContextConfig};
 use hetmem_engine::DeviceConfig;
-use hetmem_tests::kv::{run_kv, KvShape};
+use hetmem_kv::{run_kv, KvShape};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Options of the demo.

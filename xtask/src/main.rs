@@ -7,14 +7,21 @@
 //!   injected (see `hetmem_tests::soak`).
 //! - `cargo xtask bench-report`: tables and plots of the last `cargo bench` results, with
 //!   ratios.
+//!
+//! Built without the `full` feature (as the `cargo xtask` alias does), only the demo runs
+//! here; every other task runs this binary again, built with `full`.
 
 mod demo;
+#[cfg(feature = "full")]
 mod plots;
+#[cfg(feature = "full")]
 mod report;
 mod setup;
 mod soak;
 
-use anyhow::{bail, Result};
+#[cfg(feature = "full")]
+use anyhow::bail;
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -55,6 +62,29 @@ fn main() -> Result<()> {
             setup::ensure_vulkan_driver();
             demo::run(args)
         }
+        #[cfg(not(feature = "full"))]
+        _ => run_with_full(),
+        #[cfg(feature = "full")]
+        task => run_full(task),
+    }
+}
+
+/// Runs this command line again through `cargo run` with the `full` feature, and exits with
+/// its status. Cargo shows its build progress on the way.
+#[cfg(not(feature = "full"))]
+fn run_with_full() -> Result<()> {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["run", "--package", "xtask", "--features", "full", "--"])
+        .args(std::env::args_os().skip(1))
+        .status()?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// The tasks that need the `full` feature.
+#[cfg(feature = "full")]
+fn run_full(task: Task) -> Result<()> {
+    match task {
+        Task::Demo(_) => unreachable!("main runs the demo"),
         Task::BenchReport { machine, copy_to } => {
             setup::ensure_plot_font();
             report::run(machine, copy_to)

@@ -24,6 +24,7 @@ pub fn ensure_vulkan_driver() {
     }
 }
 
+#[cfg(feature = "full")]
 /// Installs the DejaVu fonts the report's plots are labelled with, when missing and we may.
 pub fn ensure_plot_font() {
     if Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists() || !can_apt() {

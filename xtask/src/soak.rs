@@ -1,11 +1,20 @@
 //! `cargo xtask soak`: runs `hetmem_tests::soak` with options, and the short soaks that
 //! `cargo xtask test` (CI) runs on every device and memory kind.
 
+//!
+//! Without the `full` feature only the options are here (for `--help`); main then runs the
+//! task again with it.
+
+#[cfg(feature = "full")]
 use std::time::Duration;
 
+#[cfg(feature = "full")]
 use anyhow::{bail, Result};
+#[cfg(feature = "full")]
 use hetmem::mm::MemoryKind;
+#[cfg(feature = "full")]
 use hetmem_engine::DeviceKind;
+#[cfg(feature = "full")]
 use hetmem_tests::soak::{SoakConfig, SoakReport};
 
 /// Options of `cargo xtask soak`.
@@ -43,6 +52,7 @@ pub struct Args {
     copy_failures: f64,
 }
 
+#[cfg(feature = "full")]
 fn device(name: &str) -> Result<DeviceKind> {
     Ok(match name {
         "host" => DeviceKind::Host,
@@ -52,6 +62,7 @@ fn device(name: &str) -> Result<DeviceKind> {
     })
 }
 
+#[cfg(feature = "full")]
 fn memory(name: &str) -> Result<MemoryKind> {
     Ok(match name {
         "private" => MemoryKind::DevicePrivate,
@@ -60,6 +71,7 @@ fn memory(name: &str) -> Result<MemoryKind> {
     })
 }
 
+#[cfg(feature = "full")]
 /// Runs one soak and prints what it did.
 pub fn run(args: &Args) -> Result<()> {
     let config = SoakConfig {
@@ -78,6 +90,7 @@ pub fn run(args: &Args) -> Result<()> {
     soak(&config)
 }
 
+#[cfg(feature = "full")]
 fn soak(config: &SoakConfig) -> Result<()> {
     eprintln!(
         "soak: {:?} {:?}, {} threads, {:?}, seed {}",
@@ -92,6 +105,7 @@ fn soak(config: &SoakConfig) -> Result<()> {
     }
 }
 
+#[cfg(feature = "full")]
 fn print_report(r: &SoakReport) {
     let secs = r.wall.as_secs_f64();
     println!(
@@ -106,6 +120,7 @@ fn print_report(r: &SoakReport) {
     );
 }
 
+#[cfg(feature = "full")]
 /// The soaks CI runs: the host device and Vulkan (lavapipe), both memory kinds, a few
 /// seconds each. Vulkan's absence fails the run under `CI=true` and is skipped (said by
 /// name) elsewhere.
