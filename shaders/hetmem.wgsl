@@ -150,3 +150,12 @@ fn hm_page_store4(p: HmPage, q: u32, v: vec4<u32>) {
         hm_chunk_store4(p.chunk, (p.first >> 2u) + q, v);
     }
 }
+
+// The index of this invocation across the whole launch, for dispatches that spread
+// workgroups over two or three dimensions (`hetmem::offload::workgroups`): workgroups count
+// along x, then y, then z; `size` is the kernel's workgroup size (x * y * z of
+// @workgroup_size). Pass the builtins workgroup_id, num_workgroups and
+// local_invocation_index.
+fn hm_invocation(wg: vec3<u32>, nwg: vec3<u32>, lane: u32, size: u32) -> u32 {
+    return ((wg.z * nwg.y + wg.y) * nwg.x + wg.x) * size + lane;
+}

@@ -4,8 +4,9 @@
 // Bound buffer b is block b of the working set; hm_arg(0) is the pages per block and
 // hm_arg(1 + b) the amount for block b. One workgroup per page, which it translates once,
 // its 64 lanes updating four words at a time (on lavapipe 64 lanes with a loop ran 20%
-// faster than 256 lanes without one); the dispatch is 2-D when one dimension does not hold
-// every page: page = x + y * num_workgroups.x.
+// faster than 256 lanes without one); the dispatch (`hetmem::offload::workgroups`) spreads
+// the pages over two or three dimensions when one does not hold them all, and the grid may
+// have a few workgroups more than pages.
 
 @compute @workgroup_size(64)
 fn kv_step(
@@ -14,7 +15,8 @@ fn kv_step(
     @builtin(local_invocation_index) lane: u32,
 ) {
     let pages = hm_arg(0);
-    let g = wg.x + wg.y * nwg.x;
+    // The workgroup's index: the first lane's index with one lane per workgroup.
+    let g = hm_invocation(wg, nwg, 0u, 1u);
     let b = g / pages;
     if (b >= hm_buffers()) {
         return;

@@ -7,7 +7,7 @@
 //! `shaders/kv_step.wgsl`, which reaches the blocks through the device page table; on the
 //! host device it is the same step as a Rust function over the pinned device pages.
 
-use hetmem::offload::{Buffer, Context, Location};
+use hetmem::offload::{workgroups, Buffer, Context, Location};
 use hetmem::Result;
 use hetmem_engine::{Kernel, PAGE_SIZE};
 
@@ -58,12 +58,6 @@ impl std::fmt::Display for DeviceStep {
     }
 }
 
-/// Workgroups for one workgroup per page of `pages` pages: (x, y) within device limits.
-fn groups_for(pages: u64) -> [u32; 3] {
-    let x = pages.clamp(1, 32_768);
-    [x as u32, pages.div_ceil(x) as u32, 1]
-}
-
 /// One step's device work on the blocks `set`, adding `adds[k]` to every word of block
 /// `set[k]`.
 fn run_step(
@@ -81,8 +75,9 @@ fn run_step(
             let pages_per_block = block_bytes.div_ceil(PAGE_SIZE);
             let mut args = vec![pages_per_block as u32];
             args.extend_from_slice(adds);
-            let pages = (set.len() * pages_per_block) as u64;
-            ctx.launch(k, &bound, &args, groups_for(pages))?.wait()
+            // One workgroup per page: a "workgroup" of one invocation per 4 KiB.
+            let groups = workgroups(set.len() * pages_per_block * PAGE_SIZE, PAGE_SIZE, 1)?;
+            ctx.launch(k, &bound, &args, groups)?.wait()
         }
         None => {
             for (&b, &add) in set.iter().zip(adds) {

@@ -146,6 +146,14 @@ pub enum Error {
         /// Attempts made.
         tries: u32,
     },
+    /// A launch over this many invocations cannot be dispatched at once: more than
+    /// 65 535 workgroups per dimension in all three, or more invocations than the `u32`
+    /// index of `hm_invocation` reaches. Split the range over several launches.
+    #[error("{invocations} invocations do not fit one launch (65 535 workgroups per dimension, 2^32 invocations)")]
+    TooManyInvocations {
+        /// Invocations the range needs.
+        invocations: u64,
+    },
     /// An argument out of its domain.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),

@@ -44,4 +44,9 @@ pub mod mm;
 pub mod offload;
 
 pub use error::{Error, ErrorKind, Result};
+
+/// The README's examples, run as doc tests so that none can fail as written.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 pub use hetmem_engine as engine;

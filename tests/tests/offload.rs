@@ -436,3 +436,66 @@ fn kernels_racing_faults_and_evictions_lose_no_update() {
             .wrapping_sub(wrong[0] as u32)
     );
 }
+
+/// Doubles word `i` and adds `i`, for every word of bound buffer 0 (`hm_arg(0)` words),
+/// over a grid of two or three dimensions.
+const TWICE_PLUS_INDEX: &str = r#"
+@compute @workgroup_size(64)
+fn twice(@builtin(workgroup_id) wg: vec3<u32>,
+         @builtin(num_workgroups) n: vec3<u32>,
+         @builtin(local_invocation_index) lane: u32) {
+    let i = hm_invocation(wg, n, lane, 64u);
+    if (i >= hm_arg(0)) {
+        return;
+    }
+    let p = hm_ptr(0u, i * 4u);
+    hm_store(p, hm_load(p) * 2u + i);
+}
+"#;
+
+#[test]
+fn a_64_mib_buffer_launches_over_a_2d_grid_and_every_word_changes_once() {
+    use hetmem::offload::workgroups;
+    let bytes = 64 << 20;
+    // 16 MiB chunks: a kernel binds every chunk of the budget, and devices allow a few dozen.
+    let config = ContextConfig {
+        device: DeviceConfig::default()
+            .kind(DeviceKind::Vulkan)
+            .chunk(16 << 20),
+        budget_bytes: bytes as u64,
+        memory: Some(MemoryKind::DevicePrivate),
+        fault_around: 16,
+    };
+    let ctx = match Context::new(config) {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                !hetmem_engine::running_in_ci(),
+                "CI=true and no Vulkan device: {e}"
+            );
+            hetmem_tests::say_skipped("kernel_over_64_mib", DeviceKind::Vulkan, &e);
+            return;
+        }
+    };
+    let kernel = ctx.compile_kernel(TWICE_PLUS_INDEX, "twice").unwrap();
+    let buf = ctx.alloc(bytes).unwrap();
+    let words = bytes / 4;
+    buf.write(0, &word_bytes(words, |i| (i as u32) ^ 0x5a5a_5a5a))
+        .unwrap();
+    let groups = workgroups(bytes, 4, 64).unwrap();
+    assert!(groups[1] > 1, "64 MiB needs a second dimension: {groups:?}");
+    ctx.launch(&kernel, &[(&buf, 0..bytes)], &[words as u32], groups)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let mut out = vec![0u8; bytes];
+    buf.read(0, &mut out).unwrap();
+    // Every word exactly once: a word missed or done twice (overlapping rows) shows.
+    for (i, w) in out.chunks_exact(4).enumerate() {
+        let got = u32::from_le_bytes(w.try_into().unwrap());
+        let want = ((i as u32) ^ 0x5a5a_5a5a)
+            .wrapping_mul(2)
+            .wrapping_add(i as u32);
+        assert_eq!(got, want, "word {i} of {words}");
+    }
+}

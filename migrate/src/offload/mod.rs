@@ -5,8 +5,10 @@
 mod buffer;
 mod context;
 mod view;
+mod grid;
 
 pub use crate::driver::{DevicePin, Launch};
 pub use buffer::{Advice, Buffer, Location, Prefetch};
 pub use context::{Context, ContextConfig};
 pub use view::{View, ViewMut};
+pub use grid::{workgroups, MAX_WORKGROUPS};
