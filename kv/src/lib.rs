@@ -10,6 +10,7 @@
 use hetmem::offload::{workgroups, Buffer, Context, Location};
 use hetmem::Result;
 use hetmem_engine::{Kernel, PAGE_SIZE};
+use std::time::{Duration, Instant};
 
 /// The WGSL of the device step.
 pub const KV_STEP_WGSL: &str = include_str!("../../shaders/kv_step.wgsl");
@@ -38,6 +39,67 @@ pub struct KvReport {
     pub spot_checks: usize,
     /// How the device step ran.
     pub device_step: DeviceStep,
+    /// Wall time and traffic of each phase.
+    pub phases: KvPhases,
+}
+
+/// Wall time and traffic of one phase of a run. A run's phases follow one another on the
+/// calling thread, so their wall times add up to the run's (less allocation and the kernel's
+/// compilation); the traffic is the context's counters' growth over the phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Phase {
+    /// Wall time spent in the phase, summed over its steps.
+    pub wall: Duration,
+    /// Bytes copied host -> device and device -> host.
+    pub bytes_moved: u64,
+    /// CPU faults served.
+    pub faults: u64,
+    /// Pages evicted from the device.
+    pub evictions: u64,
+}
+
+/// The phases of a run, in the order each step runs them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvPhases {
+    /// Writing every block's first values from the CPU, before the steps.
+    pub fill: Phase,
+    /// Moving pages: each step's prefetch of its working set to the device, with the
+    /// evictions that make room, until the copies are waited for.
+    pub moving: Phase,
+    /// The device step over the working set (the kernel's launch and wait, or the host
+    /// function).
+    pub device_step: Phase,
+    /// The CPU's spot-check reads during the steps, with the faults that bring pages home.
+    pub cpu_reads: Phase,
+    /// Reading every block back at the end and comparing it with the reference.
+    pub check: Phase,
+}
+
+impl KvPhases {
+    /// The phases with their names, in order.
+    pub fn named(&self) -> [(&'static str, Phase); 5] {
+        [
+            ("fill", self.fill),
+            ("moving pages", self.moving),
+            ("device step", self.device_step),
+            ("CPU reads", self.cpu_reads),
+            ("final check", self.check),
+        ]
+    }
+}
+
+/// Runs `f` as part of `phase`: adds its wall time and the growth of `ctx`'s counters.
+fn timed<T>(ctx: &Context, phase: &mut Phase, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let before = ctx.stats();
+    let start = Instant::now();
+    let out = f();
+    phase.wall += start.elapsed();
+    let after = ctx.stats();
+    phase.bytes_moved += (after.bytes_to_device + after.bytes_to_host)
+        - (before.bytes_to_device + before.bytes_to_host);
+    phase.faults += after.faults - before.faults;
+    phase.evictions += after.evictions - before.evictions;
+    out
 }
 
 /// How the device step of a run was done.
@@ -136,9 +198,13 @@ pub fn run_kv(ctx: &Context, s: KvShape, mut on_step: impl FnMut(usize)) -> Resu
     let blocks: Vec<Buffer> = (0..s.blocks)
         .map(|_| ctx.alloc(s.block_bytes))
         .collect::<Result<_>>()?;
-    for (b, buf) in blocks.iter().enumerate() {
-        fill(buf, b)?;
-    }
+    let mut phases = KvPhases::default();
+    timed(ctx, &mut phases.fill, || {
+        blocks
+            .iter()
+            .enumerate()
+            .try_for_each(|(b, buf)| fill(buf, b))
+    })?;
     let mut added = vec![0u32; s.blocks];
     let kernel = match ctx.kernel_support() {
         Ok(()) => Some(ctx.compile_kernel(KV_STEP_WGSL, "kv_step")?),
@@ -156,38 +222,48 @@ pub fn run_kv(ctx: &Context, s: KvShape, mut on_step: impl FnMut(usize)) -> Resu
         } else {
             DeviceStep::HostFunction
         },
+        phases: KvPhases::default(),
     };
     for step in 0..s.steps {
         let set = working_set(step, &s);
-        let tickets: Vec<_> = set
-            .iter()
-            .map(|&b| blocks[b].prefetch(0..s.block_bytes, Location::Device))
-            .collect::<Result<_>>()?;
-        for t in tickets {
-            t.wait()?;
-        }
+        timed(ctx, &mut phases.moving, || {
+            let tickets: Vec<_> = set
+                .iter()
+                .map(|&b| blocks[b].prefetch(0..s.block_bytes, Location::Device))
+                .collect::<Result<_>>()?;
+            tickets.into_iter().try_for_each(|t| t.wait().map(drop))
+        })?;
         let adds: Vec<u32> = set
             .iter()
             .map(|&b| (step as u32 + 1).wrapping_mul(b as u32 + 1))
             .collect();
-        run_step(ctx, kernel.as_ref(), &blocks, &set, &adds, s.block_bytes)?;
+        timed(ctx, &mut phases.device_step, || {
+            run_step(ctx, kernel.as_ref(), &blocks, &set, &adds, s.block_bytes)
+        })?;
         for (&b, &add) in set.iter().zip(&adds) {
             added[b] = added[b].wrapping_add(add);
         }
-        for &b in set.iter().step_by(4) {
-            let mut w = [0u8; 4];
-            blocks[b].read(s.block_bytes / 2, &mut w)?;
-            report.spot_checks += 1;
-            if u32::from_le_bytes(w) == initial(b, s.block_bytes / 8).wrapping_add(added[b]) {
-                report.spot_checks_ok += 1;
+        timed(ctx, &mut phases.cpu_reads, || {
+            for &b in set.iter().step_by(4) {
+                let mut w = [0u8; 4];
+                blocks[b].read(s.block_bytes / 2, &mut w)?;
+                report.spot_checks += 1;
+                if u32::from_le_bytes(w) == initial(b, s.block_bytes / 8).wrapping_add(added[b]) {
+                    report.spot_checks_ok += 1;
+                }
             }
-        }
+            Ok(())
+        })?;
         on_step(step);
     }
-    for (b, buf) in blocks.iter().enumerate() {
-        if matches(buf, b, added[b])? {
-            report.blocks_ok += 1;
+    timed(ctx, &mut phases.check, || {
+        for (b, buf) in blocks.iter().enumerate() {
+            if matches(buf, b, added[b])? {
+                report.blocks_ok += 1;
+            }
         }
-    }
+        Ok(())
+    })?;
+    report.phases = phases;
     Ok(report)
 }

@@ -181,6 +181,30 @@ fn the_demo_scenario_at_small_size() {
         assert_eq!(report.device_step, expected, "{kind:?}");
         let s = ctx.stats();
         assert!(s.evictions > 0 && s.faults > 0, "{kind:?}: {s:?}");
+        // The phases partition the run's traffic: every fault, eviction and byte moved
+        // happened in exactly one of them, and each phase did what it says.
+        let named = report.phases.named();
+        let sum =
+            |f: fn(&hetmem_tests::kv::Phase) -> u64| named.iter().map(|(_, p)| f(p)).sum::<u64>();
+        assert_eq!(sum(|p| p.faults), s.faults, "{kind:?}: {named:?}");
+        assert_eq!(sum(|p| p.evictions), s.evictions, "{kind:?}: {named:?}");
+        assert_eq!(
+            sum(|p| p.bytes_moved),
+            s.bytes_to_device + s.bytes_to_host,
+            "{kind:?}: {named:?}"
+        );
+        let p = report.phases;
+        assert_eq!(p.fill.bytes_moved, 0, "{kind:?}: blocks start on the host");
+        assert!(
+            p.moving.bytes_moved >= (3 * 64 * 4096) as u64, // the first working set, at least
+            "{kind:?}: {p:?}"
+        );
+        assert!(p.moving.evictions > 0, "{kind:?}: {p:?}");
+        assert_eq!(p.moving.faults, 0, "{kind:?}: prefetches do not fault");
+        assert!(
+            p.cpu_reads.faults > 0 && p.check.faults > 0,
+            "{kind:?}: {p:?}"
+        );
         assert!(
             ctx.driver().resident_pages() <= 4 * 64,
             "never over the budget"

@@ -1,12 +1,12 @@
 //! `cargo xtask demo`: the KV-cache offload scenario (the `hetmem-kv` crate) at a size a user can
 //! watch: blocks three times larger than the device budget, a progress bar, and a final table.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
 use hetmem::offload::{Context, ContextConfig};
 use hetmem_engine::DeviceConfig;
-use hetmem_kv::{run_kv, KvShape};
+use hetmem_kv::{run_kv, KvPhases, KvShape};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Options of the demo.
@@ -50,6 +50,7 @@ pub fn run(args: Args) -> Result<()> {
         budget_bytes: budget as u64,
         ..ContextConfig::default()
     };
+    let fault_around = config.fault_around;
     let ctx = Context::new(config)?;
     let info = ctx.device_info().clone();
     println!(
@@ -77,37 +78,41 @@ pub fn run(args: Args) -> Result<()> {
         bar.inc(1);
     })?;
     bar.finish();
-    let secs = start.elapsed().as_secs_f64();
+    let wall = start.elapsed();
     let s = ctx.stats();
-    let moved = s.bytes_to_device + s.bytes_to_host;
-    let gbps = if s.copy_ns > 0 {
-        moved as f64 / s.copy_ns as f64
-    } else {
-        0.0
-    };
     let ok = report.blocks_ok == args.blocks && report.spot_checks_ok == report.spot_checks;
     println!();
-    println!("{:<28} {} ({:?})", "device", info.name, info.kind);
+    print_phases(&report.phases, wall);
+    let moved = s.bytes_to_device + s.bytes_to_host;
+    println!();
     println!(
-        "{:<28} {:.1} MiB",
-        "bytes host -> device",
-        s.bytes_to_device as f64 / (1 << 20) as f64
+        "{:<28} {:.1} MiB host -> device, {:.1} MiB device -> host",
+        "bytes moved",
+        mib(s.bytes_to_device),
+        mib(s.bytes_to_host)
     );
     println!(
-        "{:<28} {:.1} MiB",
-        "bytes device -> host",
-        s.bytes_to_host as f64 / (1 << 20) as f64
+        "{:<28} {:.2} GB/s (all bytes moved / the run's wall time)",
+        "moved per wall second",
+        gb_per_s(moved, wall)
     );
-    println!("{:<28} {}", "CPU faults", s.faults);
-    println!("{:<28} {} pages", "evictions", s.evictions);
+    let m = report.phases.moving;
     println!(
-        "{:<28} {:.2} GB/s over {:.0} ms of copies ({:.0} ms bookkeeping)",
-        "copy throughput",
-        gbps,
-        s.copy_ns as f64 / 1e6,
-        s.bookkeeping_ns as f64 / 1e6
+        "{:<28} {:.2} GB/s (bytes the prefetches moved / their wall time)",
+        "prefetch per wall second",
+        gb_per_s(m.bytes_moved, m.wall)
     );
-    println!("{:<28} {:.2} s", "wall time", secs);
+    println!(
+        "{:<28} {} (each brings up to {} pages home)",
+        "CPU faults", s.faults, fault_around
+    );
+    println!(
+        "{:<28} {} pages ({:.1} MiB) moved off the device to make room",
+        "evictions",
+        s.evictions,
+        mib(s.evictions * 4096)
+    );
+    println!("{:<28} {:.2} s", "wall time", wall.as_secs_f64());
     println!(
         "{:<28} {} ({} of {} blocks, {} of {} spot checks)",
         "check against CPU reference",
@@ -120,4 +125,55 @@ pub fn run(args: Args) -> Result<()> {
     println!("{:<28} {}", "device step", report.device_step);
     ensure!(ok, "some block does not match the CPU reference");
     Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+/// Decimal gigabytes per second; 0 for an empty interval.
+fn gb_per_s(bytes: u64, wall: Duration) -> f64 {
+    let s = wall.as_secs_f64();
+    if s > 0.0 {
+        bytes as f64 / s / 1e9
+    } else {
+        0.0
+    }
+}
+
+/// The run's wall time along its critical path: its phases follow one another on one
+/// thread, so each row is the time the run spent there and the rows add up to the run.
+fn print_phases(p: &KvPhases, wall: Duration) {
+    println!("where the wall time went (the phases run one after another):");
+    println!(
+        "  {:<14} {:>9} {:>6} {:>11} {:>7} {:>10}",
+        "phase", "wall s", "share", "moved MiB", "faults", "evictions"
+    );
+    let share = |d: Duration| 100.0 * d.as_secs_f64() / wall.as_secs_f64().max(1e-9);
+    let mut accounted = Duration::ZERO;
+    for (name, ph) in p.named() {
+        accounted += ph.wall;
+        println!(
+            "  {:<14} {:>9.3} {:>5.1}% {:>11.1} {:>7} {:>10}",
+            name,
+            ph.wall.as_secs_f64(),
+            share(ph.wall),
+            mib(ph.bytes_moved),
+            ph.faults,
+            ph.evictions
+        );
+    }
+    let rest = wall.saturating_sub(accounted);
+    println!(
+        "  {:<14} {:>9.3} {:>5.1}%",
+        "other",
+        rest.as_secs_f64(),
+        share(rest)
+    );
+    println!("  fill: the CPU writes every block's first values (pages start on the host)");
+    println!("  moving pages: prefetching each step's working set, evictions included");
+    println!("  device step: the step's kernel launch and wait (or the host function)");
+    println!("  CPU reads: spot-check reads during the steps, faulting pages home");
+    println!("  final check: reading every block back and comparing with the reference");
+    println!("  other: allocating the blocks, compiling the kernel, progress output");
 }
