@@ -28,9 +28,16 @@ pub fn watchdog_for<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> T {
     let (tx, rx) = mpsc::channel();
-    let h = thread::spawn(move || {
-        let _ = tx.send(f());
-    });
+    // The test's name (the harness names the test's thread) goes on, for skip messages.
+    let mut builder = thread::Builder::new();
+    if let Some(name) = thread::current().name() {
+        builder = builder.name(name.to_string());
+    }
+    let h = builder
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .expect("spawn the watched thread");
     match rx.recv_timeout(limit) {
         Ok(v) => {
             let _ = h.join();

@@ -35,12 +35,12 @@ pub fn open_config(config: DeviceConfig, test: &str) -> Option<Device> {
         Ok(d) => Some(d),
         Err(e @ EngineError::NoDevice { .. }) => {
             if kind != DeviceKind::Host && hetmem_engine::running_in_ci() {
-                panic!("{test}: CI=true and no Vulkan device: {e}");
+                panic!("{}: CI=true and no Vulkan device: {e}", test_name(test));
             }
             say_skipped(test, kind, &e);
             None
         }
-        Err(e) => panic!("{test}: opening {kind:?} failed: {e}"),
+        Err(e) => panic!("{}: opening {kind:?} failed: {e}", test_name(test)),
     }
 }
 
@@ -51,5 +51,60 @@ pub const KINDS: [DeviceKind; 3] = [DeviceKind::Host, DeviceKind::Vulkan, Device
 /// shows a passing test's `eprintln!` with `--nocapture`).
 pub fn say_skipped(test: &str, kind: DeviceKind, why: &dyn std::fmt::Display) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test} on {kind:?}: {why}");
+    let name = test_name(test);
+    let _ = writeln!(std::io::stderr(), "SKIPPED {name} on {kind:?}: {why}");
+}
+
+/// The running test's name, for messages: the test harness names each test's thread after
+/// its test (and [`harness::watchdog`] passes the name on to its thread), with `label` (what
+/// the caller calls the scenario) after it when that says something more; `label` alone on
+/// a thread without a test's name.
+pub fn test_name(label: &str) -> String {
+    match std::thread::current().name() {
+        Some(n) if n != "main" && !n.is_empty() => {
+            if n.rsplit("::").next() == Some(label) {
+                n.to_string()
+            } else {
+                format!("{n} ({label})")
+            }
+        }
+        _ => label.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_name;
+
+    fn on_thread(name: Option<&str>, label: &'static str) -> String {
+        let mut b = std::thread::Builder::new();
+        if let Some(n) = name {
+            b = b.name(n.to_string());
+        }
+        b.spawn(move || test_name(label)).unwrap().join().unwrap()
+    }
+
+    #[test]
+    fn a_skip_names_the_test_and_the_scenario() {
+        assert_eq!(
+            on_thread(Some("driver::budget_is_kept"), "budget"),
+            "driver::budget_is_kept (budget)"
+        );
+        assert_eq!(
+            on_thread(Some("kernels::bad_kernels"), "bad_kernels"),
+            "kernels::bad_kernels"
+        );
+        assert_eq!(on_thread(None, "harness"), "harness");
+    }
+
+    #[test]
+    fn a_watchdog_thread_keeps_the_test_name() {
+        let inner = std::thread::Builder::new()
+            .name("adversary::some_race".into())
+            .spawn(|| crate::harness::watchdog("race", || test_name("harness")))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(inner, "adversary::some_race (harness)");
+    }
 }
