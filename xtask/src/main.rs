@@ -56,6 +56,15 @@ enum Task {
 }
 
 fn main() -> Result<()> {
+    // Mesa's implicit Vulkan layer VK_LAYER_MESA_device_select, on an instance with surface
+    // extensions (wgpu enables them; hetmem's own Vulkan backend does not), asks the
+    // Wayland compositor for the default GPU while listing devices, and without a session
+    // (no XDG_RUNTIME_DIR) libwayland prints "XDG_RUNTIME_DIR is invalid" once per listing.
+    // hetmem picks its device itself, so the layer has nothing to do: turn it off for every
+    // task, as CI does. Set here, before any thread starts.
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
     let cli = Cli::parse();
     match cli.task {
         Task::Demo(args) => {
