@@ -37,6 +37,7 @@ mod host;
 mod kernel;
 mod pagemap;
 mod pfn;
+mod retire;
 mod select;
 mod slots;
 mod spirv;

@@ -9,7 +9,7 @@ mod memory;
 mod pipeline;
 mod record;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use crate::device::{Backend, Submitted};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
 use crate::pfn::PAGE_SIZE;
+use crate::retire::Retirement;
 use crate::select::{DeviceConfig, DeviceInfo, DeviceKind, GatherMode, HostAccess, HostAccessMode};
 use context::{Context, Queue};
 use memory::Buffer;
@@ -101,7 +102,7 @@ pub(crate) fn open(
         chunks: RwLock::new(Vec::new()),
         imports: RwLock::new((0..frames.segments()).map(|_| None).collect()),
         staging: Mutex::new(Vec::new()),
-        in_flight: [Mutex::new(VecDeque::new()), Mutex::new(VecDeque::new())],
+        in_flight: [Retirement::default(), Retirement::default()],
         kernels: Mutex::new(HashMap::new()),
         tables: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
@@ -122,11 +123,8 @@ pub(crate) struct Readback {
 
 /// A submitted batch and what it holds until it completes.
 struct InFlight {
-    value: u64,
     cb: vk::CommandBuffer,
-    staging: Vec<Buffer>,
-    readbacks: Vec<Readback>,
-    descriptors: Option<vk::DescriptorPool>,
+    held: Held,
 }
 
 /// What a recorded batch holds until it retires, besides its command buffer.
@@ -144,7 +142,7 @@ pub(crate) struct VulkanBackend {
     imports: RwLock<Vec<Option<Buffer>>>,
     staging: Mutex<Vec<Buffer>>,
     /// Batches in submission order, per queue (0: transfer, 1: compute).
-    in_flight: [Mutex<VecDeque<InFlight>>; 2],
+    in_flight: [Retirement<InFlight>; 2],
     /// User kernels by id.
     kernels: Mutex<HashMap<u64, Pipeline>>,
     /// Page tables by id.
@@ -256,21 +254,11 @@ impl VulkanBackend {
 
     /// Submits a recorded command buffer on queue `q` and tracks it until completion.
     fn submit_recorded(&self, q: usize, cb: vk::CommandBuffer, held: Held) -> Result<u64> {
-        let mut in_flight = self.in_flight[q].lock();
-        match self.queue(q).submit(&self.ctx.device, cb) {
-            Ok(value) => {
-                in_flight.push_back(InFlight {
-                    value,
-                    cb,
-                    staging: held.staging,
-                    readbacks: held.readbacks,
-                    descriptors: held.descriptors,
-                });
-                Ok(value | if q == 1 { QUEUE_BIT } else { 0 })
-            }
-            Err(e) => {
-                drop(in_flight);
-                self.abandon(q, cb, held);
+        let batch = InFlight { cb, held };
+        match self.in_flight[q].submit(batch, || self.queue(q).submit(&self.ctx.device, cb)) {
+            Ok(value) => Ok(value | if q == 1 { QUEUE_BIT } else { 0 }),
+            Err((e, batch)) => {
+                self.abandon(q, batch.cb, batch.held);
                 Err(e)
             }
         }
@@ -289,11 +277,9 @@ impl VulkanBackend {
     /// Finishes every batch of queue `q` up to timeline value `upto`: host readbacks, then
     /// recycling of command buffers and staging.
     fn retire(&self, q: usize, upto: u64) {
-        let mut in_flight = self.in_flight[q].lock();
-        while in_flight.front().is_some_and(|b| b.value <= upto) {
-            let b = in_flight.pop_front().expect("checked above");
-            for r in &b.readbacks {
-                let src = b.staging[r.staging]
+        self.in_flight[q].retire(upto, |_, b| {
+            for r in &b.held.readbacks {
+                let src = b.held.staging[r.staging]
                     .host_ptr(r.staging_offset)
                     .expect("staging is mapped");
                 // SAFETY: the copy into staging completed (timeline passed); the destination
@@ -303,12 +289,12 @@ impl VulkanBackend {
                 };
             }
             self.queue(q).recycle(&self.ctx.device, b.cb);
-            self.release_staging(b.staging);
-            if let Some(pool) = b.descriptors {
+            self.release_staging(b.held.staging);
+            if let Some(pool) = b.held.descriptors {
                 // SAFETY: the batch completed, so its descriptor sets are no longer in use.
                 unsafe { self.ctx.device.destroy_descriptor_pool(pool, None) };
             }
-        }
+        });
     }
 
     /// Records with `record` on the transfer queue, submits and waits.

@@ -4,11 +4,13 @@
 pub mod fault;
 pub mod notifier;
 pub mod page;
+mod page_lock;
 pub mod pagemap;
 pub mod pin;
 pub mod pte;
 pub mod range_fault;
 pub mod space;
+mod sync;
 
 pub use fault::{FaultContext, PagemapOps, FAULT_TRIES};
 pub use notifier::{Notifier, NotifyEvent, NotifyRange};

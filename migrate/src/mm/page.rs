@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use hetmem_engine::Pfn;
 
+use super::page_lock::{self, PageLock};
 use super::space::SpaceId;
 
 /// What memory a page is.
@@ -22,7 +23,7 @@ pub enum MemoryKind {
 /// Page flag bits (see [`Page::flags`]).
 pub mod flags {
     /// The page is locked (migration, fault handling).
-    pub const LOCKED: u32 = 1 << 0;
+    pub const LOCKED: u32 = super::page_lock::LOCKED;
     /// The contents differ from any backing copy.
     pub const DIRTY: u32 = 1 << 1;
     /// Accessed since the bit was last cleared.
@@ -36,7 +37,7 @@ pub mod flags {
     /// The page is the shared zero page.
     pub const ZERO: u32 = 1 << 6;
     /// Someone sleeps waiting for the page lock (unlock must wake them).
-    pub const WAITERS: u32 = 1 << 7;
+    pub const WAITERS: u32 = super::page_lock::WAITERS;
 }
 
 /// One place a page is mapped: an address space and a virtual address.
@@ -95,7 +96,7 @@ pub(crate) const RMAP_WALK: u32 = 1 << 8;
 const KIND_SHIFT: u32 = 62;
 
 /// The lock bit of `Page::map_count` (the other bits are the map count).
-const RMAP_LOCKED: u32 = 1 << 31;
+const RMAP_LOCKED: u32 = page_lock::RMAP_LOCKED;
 
 impl Page {
     /// Locks the reverse map. The lock shares the map count's word: taking it is one
@@ -104,27 +105,16 @@ impl Page {
     /// another locked instruction, which on a migration's path costs as much as the work it
     /// protects).
     fn rmap_lock(&self) -> RmapGuard<'_> {
-        let mut spins = 0u32;
-        loop {
-            let c = self.map_count.load(Ordering::Relaxed);
-            if c & RMAP_LOCKED == 0
-                && self
-                    .map_count
-                    .compare_exchange_weak(c, c | RMAP_LOCKED, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                return RmapGuard {
-                    page: self,
-                    count: c,
-                };
-            }
-            spins += 1;
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+        RmapGuard {
+            page: self,
+            count: page_lock::rmap_lock(&self.map_count),
         }
+    }
+
+    /// The page lock in the flag word, with the page's address as its wait-queue key.
+    #[inline]
+    fn lock_word(&self) -> PageLock<'_> {
+        PageLock::new(&self.flags, self as *const Page as usize)
     }
 }
 
@@ -151,7 +141,7 @@ impl std::ops::DerefMut for RmapGuard<'_> {
 
 impl Drop for RmapGuard<'_> {
     fn drop(&mut self) {
-        self.page.map_count.store(self.count, Ordering::Release);
+        page_lock::rmap_unlock(&self.page.map_count, self.count);
     }
 }
 
@@ -307,27 +297,15 @@ impl Page {
 
     /// Takes a reference.
     pub fn get(&self) {
-        self.refcount.fetch_add(1, Ordering::AcqRel);
+        page_lock::get(&self.refcount);
     }
     /// Takes a reference unless the page is free (refcount zero).
     pub fn try_get(&self) -> bool {
-        let mut c = self.refcount.load(Ordering::Acquire);
-        loop {
-            if c == 0 {
-                return false;
-            }
-            match self
-                .refcount
-                .compare_exchange_weak(c, c + 1, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return true,
-                Err(now) => c = now,
-            }
-        }
+        page_lock::try_get(&self.refcount)
     }
     /// Drops a reference; returns true if it was the last one (the caller frees the page).
     pub(crate) fn put_ref(&self) -> bool {
-        let old = self.refcount.fetch_sub(1, Ordering::AcqRel);
+        let old = page_lock::put(&self.refcount);
         assert!(old > 0, "reference dropped on free page {}", self.pfn());
         old == 1
     }
@@ -347,24 +325,13 @@ impl Page {
     /// Clears every flag (the page is free), waking threads that wait for its lock: waiters
     /// hold no reference, so a page may be released under them.
     pub(crate) fn clear_all(&self) {
-        let was = self.flags.swap(0, Ordering::AcqRel);
-        if was & flags::WAITERS != 0 {
-            self.wake_all();
-        }
-    }
-
-    fn wake_all(&self) {
-        let key = self as *const Page as usize;
-        // SAFETY: waking threads parked on this page's key has no other effect.
-        unsafe { parking_lot_core::unpark_all(key, parking_lot_core::DEFAULT_UNPARK_TOKEN) };
+        self.lock_word().clear_all();
     }
 
     /// Drops the caller's reference if it is the only one (1 -> 0); false, with nothing
     /// changed, if anyone else holds one.
     fn drop_only_ref(&self) -> bool {
-        self.refcount
-            .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
+        page_lock::drop_only_ref(&self.refcount)
     }
 
     /// As [`Page::release_if_last`], for a page whose one mapping the caller has just replaced
@@ -490,7 +457,7 @@ impl Page {
 
     /// Tries to lock the page without waiting.
     pub fn trylock(&self) -> bool {
-        self.flags.fetch_or(flags::LOCKED, Ordering::AcqRel) & flags::LOCKED == 0
+        self.lock_word().trylock()
     }
 
     /// Tries to lock the page and, for a system page, take it off the LRU, in one step:
@@ -502,94 +469,39 @@ impl Page {
         } else {
             0
         };
-        let mut was = self.flags.load(Ordering::Relaxed);
-        loop {
-            if was & flags::LOCKED != 0 || was & lru != lru {
-                return false;
-            }
-            match self.flags.compare_exchange_weak(
-                was,
-                (was | flags::LOCKED) & !lru,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(seen) => was = seen,
-            }
-        }
+        self.lock_word().trylock_taking(lru)
     }
 
     /// Locks the page, sleeping (not spinning) while another holder has it.
     pub fn lock(&self) {
-        while !self.trylock() {
-            self.park_while_locked();
-        }
-    }
-
-    /// Sleeps until an unlock, unless the page is unlocked already. The waiter announces
-    /// itself with `WAITERS` under the wait queue's lock, so `unlock` knows to wake it.
-    fn park_while_locked(&self) {
-        let key = self as *const Page as usize;
-        // SAFETY: the key is this page's address, used only as a wait-queue key; the
-        // validate callback runs under the queue's lock and re-checks the lock bit after
-        // setting WAITERS, so a wake-up between our check and parking is not lost.
-        unsafe {
-            parking_lot_core::park(
-                key,
-                || self.flags.fetch_or(flags::WAITERS, Ordering::AcqRel) & flags::LOCKED != 0,
-                || {},
-                |_, _| {},
-                parking_lot_core::DEFAULT_PARK_TOKEN,
-                None,
-            );
-        }
+        self.lock_word().lock();
     }
 
     /// Unlocks the page and wakes every waiter (only if some announced themselves).
     pub fn unlock(&self) {
-        let was = self
-            .flags
-            .fetch_and(!(flags::LOCKED | flags::WAITERS), Ordering::AcqRel);
+        let was = self.lock_word().unlock();
         debug_assert!(
             was & flags::LOCKED != 0,
             "unlock of unlocked page {}",
             self.pfn()
         );
-        if was & flags::WAITERS != 0 {
-            self.wake_all();
-        }
     }
 
     /// Sets flag bits and unlocks the page in one step, waking every waiter (as
     /// [`Page::unlock`]).
     pub fn unlock_with(&self, f: u32) {
-        let mut was = self.flags.load(Ordering::Relaxed);
-        loop {
-            let now = (was | f) & !(flags::LOCKED | flags::WAITERS);
-            match self
-                .flags
-                .compare_exchange_weak(was, now, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => break,
-                Err(seen) => was = seen,
-            }
-        }
+        let was = self.lock_word().unlock_with(f);
         debug_assert!(
             was & flags::LOCKED != 0,
             "unlock of unlocked page {}",
             self.pfn()
         );
-        if was & flags::WAITERS != 0 {
-            self.wake_all();
-        }
     }
 
     /// Waits until the page is unlocked (without taking the lock). The caller need not hold
     /// a reference: a page released while locked wakes its waiters too.
     pub fn wait_unlocked(&self) {
-        if self.test(flags::LOCKED) {
-            self.park_while_locked();
-        }
+        self.lock_word().wait_unlocked();
     }
 }
 
