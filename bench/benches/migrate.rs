@@ -68,9 +68,9 @@ fn one_way(r: &Range<'_>, flags: u32, to_device: bool) -> Duration {
     };
     for (i, &p) in pfns.iter().enumerate() {
         if to_device {
-            r.pm.init_device_page(p, true).unwrap();
+            r.pm.claim_device_page(p, true).unwrap().into_pfn();
         } else {
-            r.pm.alloc_system_at(p, true);
+            r.pm.claim_frame(p, true).unwrap().into_pfn();
         }
         m.dst[i] = migrate_pfn(p);
     }

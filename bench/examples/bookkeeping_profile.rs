@@ -69,9 +69,9 @@ fn main() {
             };
             for (i, &p) in pfns.iter().enumerate() {
                 if to_dev {
-                    pm.init_device_page(p, true).unwrap();
+                    pm.claim_device_page(p, true).unwrap().into_pfn();
                 } else {
-                    pm.alloc_system_at(p, true);
+                    pm.claim_frame(p, true).unwrap().into_pfn();
                 }
                 m.dst[i] = migrate_pfn(p);
             }

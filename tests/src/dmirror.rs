@@ -9,7 +9,7 @@ use std::sync::Arc;
 use hetmem::migration::*;
 use hetmem::mm::{
     hmm_range_fault, snapshot, AddressSpace, DevicePagemap, FaultContext, FrameAccess, MemoryKind,
-    Page, PageMap, PageState, PagemapOps, PAGE,
+    NewPage, Page, PageMap, PageState, PagemapOps, PAGE,
 };
 use hetmem::{Error, Result};
 use hetmem_engine::{Device, EngineError, Pfn, PAGE_SIZE};
@@ -79,19 +79,21 @@ fn copy_pages(s: &Shared, pm: &PageMap, m: &mut MigrateVma<'_>, dir: Direction) 
         .collect();
     let limit = s.alloc_limit.load(Ordering::Relaxed);
     let want = &want[..want.len().min(limit)];
-    let dsts: Vec<Pfn> = match dir {
+    // Destinations are held as guards until the copy's outcome is known: those that
+    // failed are given back, the others go to the migration.
+    let dsts: Vec<NewPage<'_>> = match dir {
         Direction::ToDevice => match s.device.alloc_pages(want.len(), true) {
-            Ok(v) => v,
+            Ok(v) => v
+                .into_iter()
+                .map(|d| pm.claim_device_page(d, true).expect("fresh device page"))
+                .collect(),
             Err(_) => return,
         },
         Direction::ToSystem => {
             let mut v = Vec::with_capacity(want.len());
             for _ in want {
-                match pm.alloc_system(true, true) {
-                    Ok(p) => {
-                        p.unlock();
-                        v.push(p.pfn());
-                    }
+                match pm.alloc_page(true, true) {
+                    Ok(p) => v.push(p),
                     Err(_) => break,
                 }
             }
@@ -100,20 +102,13 @@ fn copy_pages(s: &Shared, pm: &PageMap, m: &mut MigrateVma<'_>, dir: Direction) 
     };
     let mut pairs = Vec::new();
     let mut idx = Vec::new();
-    for (&i, &d) in want.iter().zip(&dsts) {
-        let page = match dir {
-            Direction::ToDevice => pm.init_device_page(d, true).expect("fresh device page"),
-            Direction::ToSystem => {
-                let p = pm.page(d).expect("frame");
-                p.lock();
-                p
-            }
-        };
-        m.dst[i] = migrate_pfn(page.pfn());
+    let mut held = Vec::with_capacity(dsts.len());
+    for (&i, page) in want.iter().zip(dsts) {
         if let Some(src) = migrate_pfn_to_pfn(m.src[i]) {
-            pairs.push((src, d));
+            pairs.push((src, page.pfn()));
             idx.push(i);
         }
+        held.push((i, page));
     }
     let fail: Vec<Pfn> = {
         let f = s.fail_addrs.lock();
@@ -131,12 +126,14 @@ fn copy_pages(s: &Shared, pm: &PageMap, m: &mut MigrateVma<'_>, dir: Direction) 
         Err(EngineError::CopyFailed { failed, .. }) => failed,
         Err(_) => (0..pairs.len()).collect(),
     };
-    for k in failed {
-        let i = idx[k];
-        let page = pm.page(pairs[k].1).expect("allocated above");
-        m.dst[i] = 0;
-        page.unlock();
-        pm.put_page(page);
+    let failed: HashSet<usize> = failed.into_iter().map(|k| idx[k]).collect();
+    for (i, page) in held {
+        if failed.contains(&i) {
+            m.dst[i] = 0;
+            drop(page);
+        } else {
+            m.dst[i] = migrate_pfn(page.into_pfn());
+        }
     }
 }
 
@@ -404,15 +401,16 @@ impl Dmirror {
         migrate_device_range(&self.pagemap, &mut src, range.start, n)?;
         let mut dst = vec![0u64; n];
         let mut pairs = Vec::new();
+        let mut held = Vec::new();
         let mut failed = None;
-        for i in 0..n {
-            if src[i] & MIGRATE_PFN_MIGRATE == 0 {
+        for (i, &w) in src.iter().enumerate() {
+            if w & MIGRATE_PFN_MIGRATE == 0 {
                 continue;
             }
-            match self.pagemap.alloc_system(false, true) {
+            match self.pagemap.alloc_page(false, true) {
                 Ok(page) => {
-                    dst[i] = migrate_pfn(page.pfn());
-                    pairs.push((migrate_pfn_to_pfn(src[i]).expect("collected"), page.pfn()));
+                    pairs.push((migrate_pfn_to_pfn(w).expect("collected"), page.pfn()));
+                    held.push((i, page));
                 }
                 Err(e) => {
                     failed = Some(e);
@@ -425,15 +423,14 @@ impl Dmirror {
                 failed = Some(e.into());
             }
         }
-        if failed.is_some() {
-            // Nothing moves: the destinations go back, finalize restores every page.
-            for d in dst.iter_mut() {
-                if let Some(p) = migrate_pfn_to_page(&self.pagemap, *d) {
-                    p.unlock();
-                    self.pagemap.put_page(p);
-                }
-                *d = 0;
+        if failed.is_none() {
+            for (i, page) in held {
+                dst[i] = migrate_pfn(page.into_pfn());
             }
+        } else {
+            // Nothing moves: the destinations go back (the guards drop), finalize restores
+            // every page.
+            drop(held);
         }
         migrate_device_pages(&self.pagemap, &mut src, &dst)?;
         let moved = (0..n)

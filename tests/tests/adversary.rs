@@ -128,13 +128,9 @@ fn bug_dying_space_device_remap_gives_up() {
         // a destructor.
         let mut src = [migrate_pfn(pfn)];
         assert_eq!(migrate_device_pfns(&g.pm, &mut src).unwrap(), 1);
-        let host = g.pm.alloc_system(false, true).unwrap();
-        let mut dst = [migrate_pfn(host.pfn())];
-        g.d.device()
-            .copy(&[(pfn, host.pfn())])
-            .unwrap()
-            .wait()
-            .unwrap();
+        let host = g.pm.alloc_page(false, true).unwrap().into_pfn();
+        let mut dst = [migrate_pfn(host)];
+        g.d.device().copy(&[(pfn, host)]).unwrap().wait().unwrap();
         migrate_device_pages(&g.pm, &mut src, &dst).unwrap();
         let dropper = thread::spawn(move || drop(space));
         while !sleepy.entered.load(Ordering::SeqCst) {
@@ -1088,7 +1084,7 @@ fn bug_duplicate_dst_is_released_twice() {
             .unwrap();
             assert_eq!(m.cpages(), 2);
             let x = g.d.device().alloc_page(true).unwrap();
-            g.pm.init_device_page(x, true).unwrap();
+            g.pm.claim_device_page(x, true).unwrap().into_pfn();
             m.dst_mut()[0] = migrate_pfn(x);
             m.dst_mut()[1] = migrate_pfn(x);
             m.copied().map(|_| ())
@@ -1469,12 +1465,12 @@ fn held_owning_types_dropped_at_every_state() {
                     let dsts: Vec<Pfn> = if dev {
                         let v = g.d.device().alloc_pages(want.len(), true).unwrap();
                         for &p in &v {
-                            g.pm.init_device_page(p, true).unwrap();
+                            g.pm.claim_device_page(p, true).unwrap().into_pfn();
                         }
                         v
                     } else {
                         (0..want.len())
-                            .map(|_| g.pm.alloc_system(true, true).unwrap().pfn())
+                            .map(|_| g.pm.alloc_page(true, true).unwrap().into_pfn())
                             .collect()
                     };
                     for (&(i, _), &d) in want.iter().zip(&dsts) {
@@ -1530,7 +1526,7 @@ fn held_owning_types_dropped_at_every_state() {
                 let want: Vec<usize> = m.collected().map(|(i, _)| i).collect();
                 assert_eq!(want.len(), np, "{what}");
                 for &i in &want {
-                    m.dst_mut()[i] = migrate_pfn(g.pm.alloc_system(false, true).unwrap().pfn());
+                    m.dst_mut()[i] = migrate_pfn(g.pm.alloc_page(false, true).unwrap().into_pfn());
                 }
                 let dev = g.d.device().clone();
                 match state {
@@ -1582,7 +1578,7 @@ fn held_raw_api_misuse() {
         ));
         let x = g.d.device().alloc_pages(2, true).unwrap();
         for (i, &p) in x.iter().enumerate() {
-            g.pm.init_device_page(p, true).unwrap();
+            g.pm.claim_device_page(p, true).unwrap().into_pfn();
             m.dst[i] = migrate_pfn(p);
         }
         g.d.device()
@@ -1621,13 +1617,9 @@ fn bug_device_finalize_twice_double_releases() {
         let pfn = dev_pfn(&g.space, a);
         let mut src = [0u64; 1];
         migrate_device_range(&g.pm, &mut src, pfn, 1).unwrap();
-        let host = g.pm.alloc_system(false, true).unwrap();
-        let mut dst = [migrate_pfn(host.pfn())];
-        g.d.device()
-            .copy(&[(pfn, host.pfn())])
-            .unwrap()
-            .wait()
-            .unwrap();
+        let host = g.pm.alloc_page(false, true).unwrap().into_pfn();
+        let mut dst = [migrate_pfn(host)];
+        g.d.device().copy(&[(pfn, host)]).unwrap().wait().unwrap();
         migrate_device_pages(&g.pm, &mut src, &dst).unwrap();
         migrate_device_finalize(&g.pm, &mut src, &mut dst);
         assert_eq!(read(&g.space, a, 4096), data);

@@ -50,8 +50,7 @@ fn device_finalize_twice_steals_later_migration() {
         // Second eviction, through the owning type, up to its pages stage.
         let mut m2 = DeviceMigration::pfns(&g.pm, &[d]).unwrap();
         assert_eq!(m2.cpages(), 1);
-        let h2 = g.pm.alloc_system(false, true).unwrap();
-        let h2pfn = h2.pfn();
+        let h2pfn = g.pm.alloc_page(false, true).unwrap().into_pfn();
         g.d.device().copy(&[(d, h2pfn)]).unwrap().wait().unwrap();
         m2.dst_mut()[0] = migrate_pfn(h2pfn);
         let m2 = m2.copied().unwrap();
@@ -98,9 +97,9 @@ fn device_finalize_twice_after_page_reused_as_destination() {
         let d = dev_pfn(&g.space, a);
         let mut src = [migrate_pfn(d)];
         assert_eq!(migrate_device_pfns(&g.pm, &mut src).unwrap(), 1);
-        let h = g.pm.alloc_system(false, true).unwrap();
-        let mut dst = [migrate_pfn(h.pfn())];
-        g.d.device().copy(&[(d, h.pfn())]).unwrap().wait().unwrap();
+        let h = g.pm.alloc_page(false, true).unwrap().into_pfn();
+        let mut dst = [migrate_pfn(h)];
+        g.d.device().copy(&[(d, h)]).unwrap().wait().unwrap();
         migrate_device_pages(&g.pm, &mut src, &dst).unwrap();
         migrate_device_finalize(&g.pm, &mut src, &mut dst);
         assert_eq!(read(&g.space, a, 4096), data[..4096].to_vec());
@@ -113,7 +112,7 @@ fn device_finalize_twice_after_page_reused_as_destination() {
         migrate_vma_setup(&mut m).unwrap();
         let x = g.d.device().alloc_pages(1, true).unwrap();
         eprintln!("freed device page {d}, new destination {}", x[0]);
-        g.pm.init_device_page(x[0], true).unwrap();
+        g.pm.claim_device_page(x[0], true).unwrap().into_pfn();
         m.dst[0] = migrate_pfn(x[0]);
         g.d.device()
             .copy(&[(migrate_pfn_to_pfn(m.src[0]).unwrap(), x[0])])
@@ -253,13 +252,11 @@ fn driver_drop_with_no_host_frames_loses_data() {
         space.write(a, &data).unwrap();
         d.migrate_to_device(&space, a, 4).unwrap();
         let mut hog = Vec::new();
-        while let Ok(p) = pm.alloc_system(false, false) {
+        while let Ok(p) = pm.alloc_page(false, false) {
             hog.push(p);
         }
         drop(d);
-        for p in hog {
-            pm.put_page(p);
-        }
+        drop(hog);
         let mut got = vec![0u8; 4 * 4096];
         let r = space.read(a, &mut got);
         eprintln!(
@@ -402,8 +399,8 @@ fn walk_vs_remap_fork_drop_chaos() {
                     drop(m);
                 } else if m.cpages() == 1 {
                     let mut m = m;
-                    if let Ok(h) = pm.alloc_system(false, true) {
-                        m.dst_mut()[0] = migrate_pfn(h.pfn());
+                    if let Ok(h) = pm.alloc_page(false, true) {
+                        m.dst_mut()[0] = migrate_pfn(h.into_pfn());
                         let m = m.submit(|p| d.device().copy(p)).wait().unwrap();
                         m.finalize();
                     }
@@ -445,16 +442,14 @@ fn fork_out_of_frames_half_way() {
         let pin = pin_pages(&g.space, a + 2 * PAGE, 1, true, false).unwrap();
         let before = g.pool.in_use();
         let mut hog = Vec::new();
-        while let Ok(p) = g.pm.alloc_system(false, false) {
+        while let Ok(p) = g.pm.alloc_page(false, false) {
             hog.push(p);
         }
         let r = g.space.fork();
         let kind = r.as_ref().err().map(|e| e.kind());
         eprintln!("fork with no frames: {:?}", r.as_ref().err());
         drop(r);
-        for p in hog {
-            g.pm.put_page(p);
-        }
+        drop(hog);
         drop(pin);
         assert_eq!(kind, Some(ErrorKind::OutOfMemory));
         assert!(unsettled(&g.space, &g.pm, a, 3).is_empty());

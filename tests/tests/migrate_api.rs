@@ -32,7 +32,7 @@ fn alloc_locked(dev: &Device, pm: &PageMap, n: usize) -> Vec<Pfn> {
         .unwrap()
         .into_iter()
         .inspect(|&p| {
-            pm.init_device_page(p, true).unwrap();
+            pm.claim_device_page(p, true).unwrap().into_pfn();
         })
         .collect()
 }
@@ -155,7 +155,7 @@ fn bad_destinations_are_refused_and_change_nothing() {
         migrate_vma_setup(&mut m).unwrap();
         let good = alloc_locked(dev.device(), &pm, 2);
         let unlocked = dev.device().alloc_page(false).unwrap();
-        pm.init_device_page(unlocked, false).unwrap();
+        let unlocked_guard = pm.claim_device_page(unlocked, false).unwrap();
         let free = dev.device().alloc_page(false).unwrap();
         dev.device().free_page(free).unwrap();
         let bad: [(u64, ErrorIs); 4] = [
@@ -183,7 +183,7 @@ fn bad_destinations_are_refused_and_change_nothing() {
             .snapshot(&space, a, 2)
             .iter()
             .all(|&s| s == PageState::DevicePrivateLocal));
-        pm.put_page(pm.page(unlocked).unwrap());
+        drop(unlocked_guard);
     }
 }
 

@@ -43,10 +43,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hetmem::migration::{
-    migrate_pfn, migrate_pfn_to_page, migrate_pfn_to_pfn, migrate_vma_finalize, migrate_vma_pages,
-    migrate_vma_setup, pin_pages_longterm, MigrateVma, MIGRATE_PFN_MIGRATE,
-    MIGRATE_VMA_SELECT_DEVICE_COHERENT, MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
-    MIGRATE_VMA_SELECT_SYSTEM,
+    migrate_pfn, migrate_pfn_to_pfn, migrate_vma_finalize, migrate_vma_pages, migrate_vma_setup,
+    pin_pages_longterm, MigrateVma, MIGRATE_PFN_MIGRATE, MIGRATE_VMA_SELECT_DEVICE_COHERENT,
+    MIGRATE_VMA_SELECT_DEVICE_PRIVATE, MIGRATE_VMA_SELECT_SYSTEM,
 };
 use hetmem::mm::{
     flags, hmm_range_fault, pin_pages, snapshot, AddressSpace, HmmPfn, MemoryKind, PageMap,
@@ -1582,16 +1581,18 @@ impl World {
             .filter(|&i| m.src[i] & MIGRATE_PFN_MIGRATE != 0)
             .collect();
         let mut pairs = Vec::new();
+        // Destinations stay guarded until the copy's outcome is known.
+        let mut held = Vec::new();
         if to_device && !wanted.is_empty() {
             match dev.device().alloc_pages(wanted.len(), true) {
                 Ok(pfns) => {
                     for (&i, &d) in wanted.iter().zip(&pfns) {
-                        match pm.init_device_page(d, true) {
+                        match pm.claim_device_page(d, true) {
                             Ok(page) => {
-                                m.dst[i] = migrate_pfn(page.pfn());
                                 pairs.extend(migrate_pfn_to_pfn(m.src[i]).map(|s| (s, d)));
+                                held.push((i, page));
                             }
-                            Err(e) => wrong.push(format!("init_device_page: {e}")),
+                            Err(e) => wrong.push(format!("claim_device_page: {e}")),
                         }
                     }
                 }
@@ -1599,10 +1600,10 @@ impl World {
             }
         } else if !to_device {
             for &i in &wanted {
-                match pm.alloc_system(true, true) {
+                match pm.alloc_page(true, true) {
                     Ok(page) => {
-                        m.dst[i] = migrate_pfn(page.pfn());
                         pairs.extend(migrate_pfn_to_pfn(m.src[i]).map(|s| (s, page.pfn())));
+                        held.push((i, page));
                     }
                     Err(e) => wrong.push(format!("host allocation: {e}")),
                 }
@@ -1610,12 +1611,11 @@ impl World {
         }
         if let Err(e) = dev.device().copy(&pairs).and_then(|t| t.wait()) {
             wrong.push(format!("copy: {e}"));
-            for &i in &wanted {
-                if let Some(p) = migrate_pfn_to_page(&pm, m.dst[i]) {
-                    p.unlock();
-                    pm.put_page(p);
-                }
-                m.dst[i] = 0;
+            // The destinations go back as their guards drop.
+            drop(held);
+        } else {
+            for (i, page) in held {
+                m.dst[i] = migrate_pfn(page.into_pfn());
             }
         }
         // The operation in the middle (a change of the mappings waits for the migration: on

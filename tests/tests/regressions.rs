@@ -287,7 +287,7 @@ fn fill_dst(src: &[u64], dst: &mut [u64], device: &Device, pm: &PageMap) {
     let pages = device.alloc_pages(want.len(), true).unwrap();
     let mut pairs = Vec::new();
     for (&i, &d) in want.iter().zip(&pages) {
-        pm.init_device_page(d, true).unwrap();
+        pm.claim_device_page(d, true).unwrap().into_pfn();
         dst[i] = migrate_pfn(d);
         if let Some(s) = migrate_pfn_to_pfn(src[i]) {
             pairs.push((s, d));
@@ -1383,7 +1383,7 @@ fn d09b_a_migration_dropped_mid_copy_restores_every_page() {
         let idx: Vec<usize> = m.collected().map(|(i, _)| i).collect();
         let pfns = dev.device().alloc_pages(idx.len(), true).unwrap();
         for (&i, &d) in idx.iter().zip(&pfns) {
-            pm.init_device_page(d, true).unwrap();
+            pm.claim_device_page(d, true).unwrap().into_pfn();
             m.dst_mut()[i] = migrate_pfn(d);
         }
         let device = dev.device().clone();
@@ -1410,8 +1410,8 @@ fn d09b_a_migration_dropped_mid_copy_restores_every_page() {
         let idx: Vec<usize> = m.collected().map(|(i, _)| i).collect();
         assert_eq!(idx.len(), n, "every device page collected");
         for &i in &idx {
-            let host = pm.alloc_system(false, true).unwrap();
-            m.dst_mut()[i] = migrate_pfn(host.pfn());
+            let host = pm.alloc_page(false, true).unwrap();
+            m.dst_mut()[i] = migrate_pfn(host.into_pfn());
         }
         let inflight = m.submit(|pairs| device.copy(pairs));
         drop(inflight);
@@ -1450,8 +1450,8 @@ fn d10a_three_readers_of_one_device_page_all_return() {
         assert_eq!(d.migrate_to_device(&space, a, 1).unwrap().migrated, 1);
         let faults = d.stats().faults;
         let page = pm.page(space.pte(a).pfn().unwrap()).unwrap();
+        let locked = pm.lock_page(page.pfn()).unwrap();
         let refs = page.refcount();
-        page.lock();
         let readers: Vec<_> = (0..3)
             .map(|_| {
                 let s = space.clone();
@@ -1465,7 +1465,7 @@ fn d10a_three_readers_of_one_device_page_all_return() {
         while page.refcount() < refs + 3 && Instant::now() < waiting {
             thread::sleep(Duration::from_millis(1));
         }
-        page.unlock();
+        drop(locked);
         let deadline = Instant::now() + WATCHDOG;
         let mut results = Vec::new();
         let mut stuck = Vec::new();

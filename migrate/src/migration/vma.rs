@@ -399,6 +399,10 @@ pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()>
         if !p.test(flags::LOCKED) {
             return Err(Error::NotLocked(pfn));
         }
+        // Still held by a guard of the driver's, which would release it after us.
+        if p.test(crate::mm::page::GUARDED) {
+            return Err(Error::PageInUse(pfn));
+        }
         if ascending && last.is_some_and(|l| l >= pfn) {
             ascending = false;
             // Everything named so far was ascending: rebuild the list once.

@@ -4,6 +4,7 @@
 pub mod fault;
 pub mod notifier;
 pub mod page;
+pub mod page_guard;
 mod page_lock;
 pub mod pagemap;
 pub mod pin;
@@ -15,6 +16,7 @@ mod sync;
 pub use fault::{FaultContext, PagemapOps, FAULT_TRIES};
 pub use notifier::{Notifier, NotifyEvent, NotifyRange};
 pub use page::{flags, Mapping, MemoryKind, Page};
+pub use page_guard::{LockedPage, NewPage};
 pub use pagemap::{DevicePagemap, FrameAccess, PageMap};
 pub use pin::{pin_pages, PinGuard};
 pub use pte::{MigrationKind, Pte};

@@ -92,6 +92,10 @@ impl std::fmt::Debug for Page {
 /// keeps rmap walks and mremap apart with the anon_vma lock in the same way.
 pub(crate) const RMAP_WALK: u32 = 1 << 8;
 
+/// Flag bit (crate-private): a guard outside the crate ([`super::page_guard`]) holds the
+/// page's reference, so no migration may take the page as a destination.
+pub(crate) const GUARDED: u32 = 1 << 9;
+
 /// Bit position of the memory kind in `Page::pfn_kind`.
 const KIND_SHIFT: u32 = 62;
 
@@ -270,20 +274,24 @@ impl Page {
     pub fn flags(&self) -> u32 {
         self.flags.load(Ordering::Acquire)
     }
+    /// True while the page is locked.
+    pub fn is_locked(&self) -> bool {
+        self.test(flags::LOCKED)
+    }
     /// True if all bits of `f` are set.
     pub fn test(&self, f: u32) -> bool {
         self.flags() & f == f
     }
     /// Sets flag bits.
-    pub fn set(&self, f: u32) {
+    pub(crate) fn set(&self, f: u32) {
         self.flags.fetch_or(f, Ordering::AcqRel);
     }
     /// Clears flag bits.
-    pub fn clear(&self, f: u32) {
+    pub(crate) fn clear(&self, f: u32) {
         self.flags.fetch_and(!f, Ordering::AcqRel);
     }
     /// Clears flag bits, returning whether all were set.
-    pub fn test_and_clear(&self, f: u32) -> bool {
+    pub(crate) fn test_and_clear(&self, f: u32) -> bool {
         self.flags.fetch_and(!f, Ordering::AcqRel) & f == f
     }
     /// The driver's word for this page.
@@ -291,16 +299,16 @@ impl Page {
         self.driver_data.load(Ordering::Acquire)
     }
     /// Sets the driver's word.
-    pub fn set_driver_data(&self, v: u64) {
+    pub(crate) fn set_driver_data(&self, v: u64) {
         self.driver_data.store(v, Ordering::Release)
     }
 
     /// Takes a reference.
-    pub fn get(&self) {
+    pub(crate) fn get(&self) {
         page_lock::get(&self.refcount);
     }
     /// Takes a reference unless the page is free (refcount zero).
-    pub fn try_get(&self) -> bool {
+    pub(crate) fn try_get(&self) -> bool {
         page_lock::try_get(&self.refcount)
     }
     /// Drops a reference; returns true if it was the last one (the caller frees the page).
@@ -372,11 +380,11 @@ impl Page {
     }
 
     /// Adds a pin (the caller holds a reference for it).
-    pub fn add_pin(&self) {
+    pub(crate) fn add_pin(&self) {
         self.pincount.fetch_add(1, Ordering::AcqRel);
     }
     /// Removes a pin (the caller then drops its reference).
-    pub fn remove_pin(&self) {
+    pub(crate) fn remove_pin(&self) {
         self.pincount.fetch_sub(1, Ordering::AcqRel);
     }
 
@@ -456,7 +464,7 @@ impl Page {
     }
 
     /// Tries to lock the page without waiting.
-    pub fn trylock(&self) -> bool {
+    pub(crate) fn trylock(&self) -> bool {
         self.lock_word().trylock()
     }
 
@@ -473,12 +481,12 @@ impl Page {
     }
 
     /// Locks the page, sleeping (not spinning) while another holder has it.
-    pub fn lock(&self) {
+    pub(crate) fn lock(&self) {
         self.lock_word().lock();
     }
 
     /// Unlocks the page and wakes every waiter (only if some announced themselves).
-    pub fn unlock(&self) {
+    pub(crate) fn unlock(&self) {
         let was = self.lock_word().unlock();
         debug_assert!(
             was & flags::LOCKED != 0,
@@ -489,7 +497,7 @@ impl Page {
 
     /// Sets flag bits and unlocks the page in one step, waking every waiter (as
     /// [`Page::unlock`]).
-    pub fn unlock_with(&self, f: u32) {
+    pub(crate) fn unlock_with(&self, f: u32) {
         let was = self.lock_word().unlock_with(f);
         debug_assert!(
             was & flags::LOCKED != 0,
@@ -500,7 +508,7 @@ impl Page {
 
     /// Waits until the page is unlocked (without taking the lock). The caller need not hold
     /// a reference: a page released while locked wakes its waiters too.
-    pub fn wait_unlocked(&self) {
+    pub(crate) fn wait_unlocked(&self) {
         self.lock_word().wait_unlocked();
     }
 }

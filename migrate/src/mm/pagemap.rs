@@ -285,7 +285,7 @@ impl PageMap {
     }
 
     /// Allocates a system page: one reference, LRU, optionally zeroed and locked.
-    pub fn alloc_system(&self, zeroed: bool, locked: bool) -> Result<&Page, MmError> {
+    pub(crate) fn alloc_system(&self, zeroed: bool, locked: bool) -> Result<&Page, MmError> {
         let pfn = self.frames.alloc(zeroed)?;
         let p = self
             .page(pfn)
@@ -306,14 +306,14 @@ impl PageMap {
 
     /// Makes a frame the caller took from the frame pool live: one reference, optionally
     /// locked (for drivers that allocate frames in batches).
-    pub fn alloc_system_at(&self, pfn: Pfn, locked: bool) -> &Page {
+    pub(crate) fn alloc_system_at(&self, pfn: Pfn, locked: bool) -> &Page {
         let p = self.page(pfn).expect("a frame of the pool");
         p.init_allocated(locked);
         p
     }
 
     /// Makes a device page the engine just allocated live: one reference, optionally locked.
-    pub fn init_device_page(&self, pfn: Pfn, locked: bool) -> Result<&Page, MmError> {
+    pub(crate) fn init_device_page(&self, pfn: Pfn, locked: bool) -> Result<&Page, MmError> {
         let p = self.page_or_err(pfn)?;
         if !p.is_device() {
             return Err(MmError::InvalidArgument("not a device page"));
@@ -327,7 +327,7 @@ impl PageMap {
 
     /// Drops a reference; the last one frees the page (to the frame pool, or through the
     /// device pagemap's `page_free`).
-    pub fn put_page(&self, p: &Page) {
+    pub(crate) fn put_page(&self, p: &Page) {
         if p.test(flags::ZERO) {
             return;
         }
@@ -338,7 +338,7 @@ impl PageMap {
 
     /// Drops one reference on each page; the pages whose last reference goes are freed in
     /// batches (host frames in one call, device pages per pagemap).
-    pub fn put_pages(&self, pages: &[&Page]) {
+    pub(crate) fn put_pages(&self, pages: &[&Page]) {
         let mut released: Vec<&Page> = Vec::new();
         for &p in pages {
             if p.test(flags::ZERO) || !p.put_ref() {
