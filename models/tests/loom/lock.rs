@@ -59,6 +59,38 @@ fn page_lock_excludes_and_wakes_its_waiters() {
     loom::model(|| contended_lock(|l| l.lock()));
 }
 
+/// Three threads: an unlock wakes every waiter and clears WAITERS, so a woken waiter that
+/// loses the race for the lock must announce itself again before it sleeps. Explored up to
+/// five preemptions (seconds; the exhaustive run takes minutes), where the two-thread model
+/// above is exhaustive.
+#[test]
+fn page_lock_with_two_waiters_wakes_both() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(5);
+    model.check(|| {
+        let page = Locked::new();
+        let others: Vec<_> = (0..2)
+            .map(|_| {
+                let page = page.clone();
+                thread::spawn(move || {
+                    page.lock_word().lock();
+                    page.bump();
+                    page.lock_word().unlock();
+                })
+            })
+            .collect();
+        page.lock_word().lock();
+        page.bump();
+        page.lock_word().unlock();
+        for t in others {
+            t.join().unwrap();
+        }
+        // SAFETY: every thread is done.
+        assert_eq!(page.data.with(|d| unsafe { *d }), 3);
+        assert_eq!(page.flags.load(Ordering::Relaxed), 0);
+    });
+}
+
 /// The waiter side broken on purpose: it checks LOCKED first and announces itself with
 /// WAITERS afterwards, in a separate step, then sleeps whatever it saw in between. An unlock
 /// that falls between the check and the announcement wakes nobody.
