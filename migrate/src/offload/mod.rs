@@ -4,11 +4,11 @@
 
 mod buffer;
 mod context;
-mod view;
 mod grid;
+mod view;
 
 pub use crate::driver::{DevicePin, Launch};
 pub use buffer::{Advice, Buffer, Location, Prefetch};
 pub use context::{Context, ContextConfig};
-pub use view::{View, ViewMut};
 pub use grid::{workgroups, MAX_WORKGROUPS};
+pub use view::{View, ViewMut};
