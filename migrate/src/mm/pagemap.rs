@@ -297,7 +297,12 @@ impl PageMap {
     /// Claims home frame `pfn` (of a run reserved with
     /// [`HostFramePool::reserve_home`]) as a system page: one reference, LRU state as
     /// `alloc_system`, optionally zeroed and locked. Fails if the frame is in use.
-    pub(crate) fn claim_home(&self, pfn: Pfn, zeroed: bool, locked: bool) -> Result<&Page, MmError> {
+    pub(crate) fn claim_home(
+        &self,
+        pfn: Pfn,
+        zeroed: bool,
+        locked: bool,
+    ) -> Result<&Page, MmError> {
         let p = self.page_or_err(pfn)?;
         self.frames.claim_home(pfn, zeroed)?;
         p.init_allocated(locked);
