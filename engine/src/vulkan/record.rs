@@ -116,6 +116,11 @@ fn use_gather(b: &VulkanBackend, g: &CopyGroup) -> bool {
 
 /// Batches below this size are not split between the queue and the CPU.
 const CPU_SHARE_MIN_BYTES: u64 = 1 << 20;
+/// Batches up to this size are copied by the calling thread alone on a CPU device: a
+/// submission and its wait cost more than copying a few pages (a one-page fault on lavapipe
+/// spends ~50 us in submit-and-wait when the waiter is on the other core, against ~1 us of
+/// memcpy).
+const CPU_ONLY_MAX_BYTES: u64 = 256 << 10;
 /// Share of a batch, in percent of bytes, left to the queue when the CPU helps: lavapipe's
 /// queue copies long regions about as fast as memcpy (half each) and scattered 4 KiB regions
 /// at about 0.6x of it (two fifths to the queue).
@@ -135,11 +140,17 @@ struct Span {
 /// queue and the calling thread are two CPU cores: split the batch between them. Returns
 /// the queue's part and the calling thread's part.
 fn split_for_cpu(b: &VulkanBackend, plan: &CopyPlan) -> Option<(CopyPlan, Vec<Span>)> {
-    if !b.cpu_assist || plan.bytes() < CPU_SHARE_MIN_BYTES || b.gather_mode == GatherMode::Always {
+    let small = plan.bytes() <= CPU_ONLY_MAX_BYTES;
+    if !b.cpu_assist
+        || (plan.bytes() < CPU_SHARE_MIN_BYTES && !small)
+        || b.gather_mode == GatherMode::Always
+    {
         return None;
     }
     let regions = plan.region_count() as u64;
-    let share = if plan.bytes() / regions.max(1) >= LONG_REGION {
+    let share = if small {
+        0
+    } else if plan.bytes() / regions.max(1) >= LONG_REGION {
         QUEUE_SHARE_LONG
     } else {
         QUEUE_SHARE_SCATTERED

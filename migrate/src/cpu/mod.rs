@@ -88,8 +88,8 @@ struct Shared {
     stop: AtomicBool,
     last_error: Mutex<Option<CpuFaultError>>,
     served: AtomicU64,
-    /// The end of the last window served, and its size, to grow windows on sequential scans.
-    stream: Mutex<(u64, usize)>,
+    /// The last window mapped (start, end, pages), to grow windows on sequential scans.
+    stream: Mutex<(u64, u64, usize)>,
     /// Pages per window when faults are not sequential.
     base_window: usize,
     /// Brings the device pages of `npages` pages from an address back to host memory.
@@ -136,7 +136,7 @@ impl CpuMirror {
             stop: AtomicBool::new(false),
             last_error: Mutex::new(None),
             served: AtomicU64::new(0),
-            stream: Mutex::new((0, 0)),
+            stream: Mutex::new((0, 0, 0)),
             base_window: base_window.clamp(1, MAX_WINDOW),
             bring,
         });
@@ -324,7 +324,6 @@ impl Shared {
     fn attempt(&self, addr: u64, write: bool) -> Result<Step> {
         let (start, region) = self.region_of(addr).ok_or(Error::NotMapped(addr))?;
         let space = &self.space;
-        let seq = space.read_begin();
         let vma = space.vma(addr).ok_or(Error::NotMapped(addr))?;
         if vma.home.is_none() {
             return Err(Error::NotMapped(addr));
@@ -336,15 +335,18 @@ impl Shared {
             return Err(Error::WriteDenied(addr));
         }
         let (lo, hi) = self.window(addr, vma.start.max(start), vma.end.min(start + region.len));
-        if hi - lo > PAGE && !matches!(space.pte(addr), crate::mm::Pte::Present { .. }) {
+        if hi - lo > PAGE {
             // Bring the rest of the window back with the faulting page, in one migration
             // (what fails here is left to the fault of the page itself).
             let _ = (self.bring)(lo, ((hi - lo) / PAGE) as usize);
         }
         space.fault(addr, write || vma.prot.write)?;
+        // Entries are read (and mapped) after this: an invalidation from here on, the
+        // migrations above included, is seen by `read_retry`.
+        let seq = space.read_begin();
         let step = self.map_window(&vma, lo, hi, seq, Some(addr))?;
         if let Step::Done = step {
-            *self.stream.lock() = (hi, ((hi - lo) / PAGE) as usize);
+            *self.stream.lock() = (lo, hi, ((hi - lo) / PAGE) as usize);
         }
         Ok(step)
     }
@@ -384,19 +386,24 @@ impl Shared {
             return Ok(Step::Retry);
         }
         for &(s, e, wp) in &runs {
-            self.uffd
+            let skipped = self
+                .uffd
                 .map(s, e - s, wp)
                 .map_err(|e| Error::FaultFailed {
                     addr,
                     reason: format!("UFFDIO_CONTINUE: {e}"),
                 })?;
-            // Pages that were mapped already get the protection their entries have now.
-            self.uffd
-                .write_protect(s, e - s, wp)
-                .map_err(|e| Error::FaultFailed {
-                    addr,
-                    reason: format!("UFFDIO_WRITEPROTECT: {e}"),
-                })?;
+            if skipped > 0 {
+                // Pages that were mapped already get the protection their entries have now
+                // (a write-protect fault lands here; changing protection flushes TLBs, so
+                // only then).
+                self.uffd
+                    .write_protect(s, e - s, wp)
+                    .map_err(|e| Error::FaultFailed {
+                        addr,
+                        reason: format!("UFFDIO_WRITEPROTECT: {e}"),
+                    })?;
+            }
         }
         drop(g);
         Ok(Step::Done)
@@ -405,7 +412,7 @@ impl Shared {
     /// After a fault of a sequential scan has been served (its thread runs again), brings
     /// back and maps the next window, so the scan finds it mapped.
     fn read_ahead(&self) {
-        let (from, n) = *self.stream.lock();
+        let (_, from, n) = *self.stream.lock();
         if n < 2 * self.base_window || n < 2 {
             return;
         }
@@ -424,18 +431,19 @@ impl Shared {
         }
         if let Ok(Step::Done) = self.map_window(&vma, from, hi, seq, None) {
             let mut stream = self.stream.lock();
-            if stream.0 == from {
-                *stream = (hi, n);
+            if stream.1 == from {
+                *stream = (from, hi, n);
             }
         }
     }
 
     /// The window a fault at `addr` maps, inside `[floor, ceil)`: the base window around
-    /// it, or, where faults follow each other through a range (a sequential scan), twice the
-    /// last window from `addr` on, up to [`MAX_WINDOW`] pages.
+    /// it, or, where the fault lies in or just after the last window mapped (a sequential
+    /// scan, which may have run into the read-ahead before it was mapped), twice that window
+    /// from `addr` on, up to [`MAX_WINDOW`] pages.
     fn window(&self, addr: u64, floor: u64, ceil: u64) -> (u64, u64) {
-        let (end, last) = *self.stream.lock();
-        if addr == end {
+        let (start, end, last) = *self.stream.lock();
+        if last > 0 && start <= addr && addr <= end {
             let n = (last * 2).clamp(self.base_window, MAX_WINDOW) as u64;
             (addr, (addr + n * PAGE).min(ceil))
         } else {

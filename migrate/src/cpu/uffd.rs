@@ -178,9 +178,10 @@ impl Uffd {
 
     /// Maps the page-cache pages behind `[start, start + len)` (which must exist) and wakes
     /// the threads waiting there; `wp` maps them write-protected. Pages mapped already are
-    /// skipped over. Returns the bytes newly mapped.
+    /// skipped over. Returns the bytes skipped (mapped already).
     pub(crate) fn map(&self, start: u64, len: u64, wp: bool) -> io::Result<u64> {
         let mut done = 0u64;
+        let mut skipped = 0u64;
         while done < len {
             let mut c = Continue {
                 range: Range {
@@ -191,10 +192,11 @@ impl Uffd {
                 mapped: 0,
             };
             match ioctl(&self.fd, UFFDIO_CONTINUE, &mut c) {
-                Ok(()) => return Ok(done + c.mapped.max(0) as u64),
+                Ok(()) => return Ok(skipped),
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                     // A page of the range was mapped already: step over it.
                     done += c.mapped.max(0) as u64 + crate::mm::PAGE;
+                    skipped += crate::mm::PAGE;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                     done += c.mapped.max(0) as u64;
@@ -202,7 +204,7 @@ impl Uffd {
                 Err(e) => return Err(e),
             }
         }
-        Ok(done)
+        Ok(skipped)
     }
 
     /// Sets (`wp`) or clears write protection of the mapped pages of the range; clearing
