@@ -276,18 +276,19 @@ impl Shared {
         let served = self.resolve(addr, write);
         match served {
             Ok(()) => {
+                // Mapping the page woke the thread (and `map_window` woke it where the page
+                // was mapped already).
                 self.served.fetch_add(1, Ordering::Relaxed);
             }
             Err(error) => {
                 tracing::debug!("CPU fault at {addr:#x}: {error}");
                 *self.last_error.lock() = Some(CpuFaultError { addr, error });
                 signal_bus(f.tid);
+                // The thread runs again, into its signal.
+                if let Err(e) = self.uffd.wake(addr, PAGE) {
+                    tracing::error!("waking the thread faulting at {addr:#x}: {e}");
+                }
             }
-        }
-        // The faulting thread runs again (into its signal, or into the mapped page); a page
-        // mapped by an earlier fault's window did not wake it.
-        if let Err(e) = self.uffd.wake(addr, PAGE) {
-            tracing::error!("waking the thread faulting at {addr:#x}: {e}");
         }
         self.read_ahead();
     }
@@ -396,9 +397,11 @@ impl Shared {
             if skipped > 0 {
                 // Pages that were mapped already get the protection their entries have now
                 // (a write-protect fault lands here; changing protection flushes TLBs, so
-                // only then).
+                // only then), and threads waiting on them (a fault that raced an earlier
+                // window) are woken: CONTINUE wakes only what it maps.
                 self.uffd
                     .write_protect(s, e - s, wp)
+                    .and_then(|()| self.uffd.wake(s, e - s))
                     .map_err(|e| Error::FaultFailed {
                         addr,
                         reason: format!("UFFDIO_WRITEPROTECT: {e}"),
