@@ -40,6 +40,10 @@ pub struct HostFramePool {
     range: PfnRange,
     slots: Mutex<Slots>,
     populated: AtomicBitmap,
+    /// One bit lock per frame, held while `read`, `write` or `zero` copy bytes and while
+    /// `free` returns the frame: those calls never race each other on a frame, nor copy into
+    /// a frame that has been freed (and perhaps handed to another owner) meanwhile.
+    busy: AtomicBitmap,
 }
 
 // SAFETY: the arena is plain memory owned by the pool; all bookkeeping is behind a mutex or atomics.
@@ -93,6 +97,7 @@ impl HostFramePool {
             range: reserve_pfn_range(frames as u64),
             slots: Mutex::new(Slots::new(frames)),
             populated: AtomicBitmap::new(bytes / SEGMENT_BYTES),
+            busy: AtomicBitmap::new(frames),
         }))
     }
 
@@ -258,34 +263,70 @@ impl HostFramePool {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        self.slots
+        // No `read`/`write` is copying into a frame while it goes back (they take the frame's
+        // bit first, then check it is allocated).
+        let words = busy_words(&idx);
+        for &(w, mask) in &words {
+            self.busy.lock_word(w, mask);
+        }
+        let r = self
+            .slots
             .lock()
             .put_all(&idx)
-            .map_err(|k| EngineError::DoubleFree(pfns[k]))
+            .map_err(|k| EngineError::DoubleFree(pfns[k]));
+        for &(w, mask) in &words {
+            self.busy.unlock_word(w, mask);
+        }
+        r
     }
 
     /// Copies bytes out of an allocated frame, from `offset` within it.
+    ///
+    /// Calls on one frame (`read`, `write`, `zero`, `free`) exclude each other for their
+    /// duration; what they do not exclude is a device copy, which only the frame's owner
+    /// starts.
     pub fn read(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<()> {
-        let p = self.checked_ptr(pfn, offset, out.len())?;
-        // SAFETY: `checked_ptr` proved the span lies inside an allocated frame of the arena.
-        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
-        Ok(())
+        self.with_frame(pfn, offset, out.len(), |p| {
+            // SAFETY: `with_frame` proved the span lies inside an allocated frame of the
+            // arena and holds the frame's bit: no other call copies into it meanwhile.
+            unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) }
+        })
     }
 
     /// Copies bytes into an allocated frame, from `offset` within it.
     pub fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<()> {
-        let p = self.checked_ptr(pfn, offset, data.len())?;
-        // SAFETY: `checked_ptr` proved the span lies inside an allocated frame of the arena.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
-        Ok(())
+        self.with_frame(pfn, offset, data.len(), |p| {
+            // SAFETY: as in `read`: allocated, in the arena, and the frame's bit held.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
+        })
     }
 
     /// Fills an allocated frame with zeros.
     pub fn zero(&self, pfn: Pfn) -> Result<()> {
-        let p = self.checked_ptr(pfn, 0, PAGE_SIZE)?;
-        // SAFETY: `checked_ptr` proved the whole frame is inside the arena and allocated.
-        unsafe { p.write_bytes(0, PAGE_SIZE) };
-        Ok(())
+        self.with_frame(pfn, 0, PAGE_SIZE, |p| {
+            // SAFETY: as in `read`: the whole frame, allocated, its bit held.
+            unsafe { p.write_bytes(0, PAGE_SIZE) }
+        })
+    }
+
+    /// Runs `f` on the address of `offset` in allocated frame `pfn`, holding the frame's bit
+    /// (so no `free`, `read`, `write` or `zero` of it runs meanwhile).
+    fn with_frame<R>(
+        &self,
+        pfn: Pfn,
+        offset: usize,
+        len: usize,
+        f: impl FnOnce(*mut u8) -> R,
+    ) -> Result<R> {
+        let i = self
+            .range
+            .index_of(pfn)
+            .ok_or(EngineError::UnknownPfn(pfn))? as usize;
+        let (w, mask) = (i / 64, 1u64 << (i % 64));
+        self.busy.lock_word(w, mask);
+        let r = self.checked_ptr(pfn, offset, len).map(f);
+        self.busy.unlock_word(w, mask);
+        r
     }
 
     /// A view of the allocation state that resolves many frames under one lock.
@@ -363,6 +404,21 @@ impl HostFramePool {
     }
 }
 
+/// The frames of `idx` as (word, mask) of the busy bitmap, one entry per word, in word order
+/// (so two batches lock their words in the same order).
+fn busy_words(idx: &[usize]) -> Vec<(usize, u64)> {
+    let mut words: Vec<(usize, u64)> = Vec::new();
+    let mut sorted: Vec<usize> = idx.to_vec();
+    sorted.sort_unstable();
+    for i in sorted {
+        match words.last_mut() {
+            Some((w, m)) if *w == i / 64 => *m |= 1 << (i % 64),
+            _ => words.push((i / 64, 1 << (i % 64))),
+        }
+    }
+    words
+}
+
 /// A memfd of `bytes` for the arena, or `None` (with the reason logged) if one cannot be had.
 fn arena_file(bytes: usize) -> Option<OwnedFd> {
     // SAFETY: the name is a NUL-terminated literal; the call creates a new file descriptor.
@@ -429,5 +485,45 @@ impl std::fmt::Debug for HostFramePool {
             .field("pfns", &self.range)
             .field("bytes", &self.bytes)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_never_see_a_write_half_done_and_freeing_waits_for_them() {
+        let pool = HostFramePool::new(SEGMENT_BYTES).unwrap();
+        let pfn = pool.alloc(true).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (a, b) = (vec![0xAAu8; PAGE_SIZE], vec![0x55u8; PAGE_SIZE]);
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    pool.write(pfn, 0, if n % 2 == 0 { &a } else { &b })
+                        .unwrap();
+                    n += 1;
+                }
+            })
+        };
+        let mut page = vec![0u8; PAGE_SIZE];
+        for _ in 0..20_000 {
+            pool.read(pfn, 0, &mut page).unwrap();
+            let first = page[0];
+            assert!(
+                page.iter().all(|&x| x == first),
+                "a read saw two writes' bytes in one page"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        pool.free(pfn).unwrap();
+        assert!(matches!(
+            pool.read(pfn, 0, &mut page),
+            Err(EngineError::FreedPfn(_))
+        ));
     }
 }

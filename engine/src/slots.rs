@@ -34,6 +34,28 @@ impl AtomicBitmap {
         }
         old
     }
+    /// Sets every bit of `mask` in word `w`, waiting (yielding) while any of them is set
+    /// already: a bit lock over up to 64 bits at once.
+    pub(crate) fn lock_word(&self, w: usize, mask: u64) {
+        loop {
+            let old = self.words[w].fetch_or(mask, Ordering::Acquire);
+            if old & mask == 0 {
+                return;
+            }
+            // Give back the bits this attempt set, then wait for the holder.
+            let ours = mask & !old;
+            if ours != 0 {
+                self.words[w].fetch_and(!ours, Ordering::Release);
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Clears the bits of `mask` in word `w` (locked by [`AtomicBitmap::lock_word`]).
+    pub(crate) fn unlock_word(&self, w: usize, mask: u64) {
+        self.words[w].fetch_and(!mask, Ordering::Release);
+    }
+
     /// Sets bit `i` to `v`, returning its old value.
     pub(crate) fn set(&self, i: usize, v: bool) -> bool {
         let mask = 1u64 << (i % 64);

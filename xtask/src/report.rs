@@ -102,6 +102,7 @@ pub fn run(machine: Option<String>, copy_to: Option<PathBuf>) -> Result<()> {
     )?;
     let hmm = read_hmm(&root);
     targets(&mut md, &groups, hmm.as_ref())?;
+    pointer_targets(&mut md, &root)?;
     sweep(&mut md, &groups, plots.then_some(plots_dir.as_path()))?;
     if plots {
         bookkeeping_plot(&mut md, &groups, &plots_dir)?;
@@ -401,6 +402,64 @@ fn targets(md: &mut String, groups: &Groups, hmm: Option<&serde_json::Value>) ->
         return Ok(());
     }
     writeln!(md, "## Targets\n")?;
+    writeln!(md, "| target | this run | verdict |")?;
+    writeln!(md, "|---|---:|---|")?;
+    for (t, v, ok) in rows {
+        writeln!(md, "| {t} | {v} | {ok} |")?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+/// The two figures of CPU pointers (`cargo bench --bench pointers`): a one-page fault through
+/// a plain load beside the bare userfaultfd round trip, and a sequential scan of a
+/// device-resident buffer beside the host-resident one.
+fn pointer_targets(md: &mut String, root: &Path) -> Result<()> {
+    let read = |name: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(root.join(name)).ok()?).ok()
+    };
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    if let Some(p) = read("hetmem-pointers.json") {
+        let load = &p["plain load"];
+        let bare = &p["bare userfaultfd round trip"];
+        let read = &p["Buffer::read"];
+        let ratio = f(&p["load_over_bare_p50"]);
+        rows.push((
+            format!(
+                "one-page fault through a plain load ({}); Buffer::read p50 {:.1} us, bare                  userfaultfd round trip p50 {:.1} us / p99 {:.1} us",
+                p["device"].as_str().unwrap_or("?"),
+                f(&read["p50_us"]),
+                f(&bare["p50_us"]),
+                f(&bare["p99_us"])
+            ),
+            format!(
+                "p50 {:.1} us, p99 {:.1} us ({ratio:.2}x bare)",
+                f(&load["p50_us"]),
+                f(&load["p99_us"])
+            ),
+            verdict(
+                ratio <= 2.0 && f(&load["p50_us"]) <= 30.0,
+                "p50 <= 2x bare and <= 30 us",
+            ),
+        ));
+    }
+    if let Some(s) = read("hetmem-pointer-scan.json") {
+        let r = f(&s["ratio"]);
+        rows.push((
+            format!(
+                "sequential scan of 256 MiB through a pointer, device-resident vs host-resident                  ({:.2} vs {:.2} GB/s)",
+                f(&s["device_gbs"]),
+                f(&s["host_gbs"])
+            ),
+            format!("{r:.2}x"),
+            verdict(r >= 0.5, ">= 0.5x"),
+        ));
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(md, "## CPU pointers\n")?;
     writeln!(md, "| target | this run | verdict |")?;
     writeln!(md, "|---|---:|---|")?;
     for (t, v, ok) in rows {
