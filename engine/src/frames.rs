@@ -503,7 +503,7 @@ mod tests {
                 let (a, b) = (vec![0xAAu8; PAGE_SIZE], vec![0x55u8; PAGE_SIZE]);
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    pool.write(pfn, 0, if n % 2 == 0 { &a } else { &b })
+                    pool.write(pfn, 0, if n.is_multiple_of(2) { &a } else { &b })
                         .unwrap();
                     n += 1;
                 }
