@@ -73,6 +73,11 @@ pub(crate) trait Backend: Send + Sync {
     fn free_table(&self, id: u64) {
         let _ = id;
     }
+    /// Objects (kernels, tables, chunks) let go of but not destroyed yet, because a
+    /// submission that may use them has not completed.
+    fn deferred_destroys(&self) -> usize {
+        0
+    }
     /// Submits one dispatch of `kernel` over `groups`, binding `table`, `meta` and chunks
     /// `0..chunks`; returns the completion value.
     fn dispatch(
@@ -461,6 +466,14 @@ impl Device {
             pairs: 0,
             failed: Vec::new(),
         })
+    }
+
+    /// Kernels, page tables and chunks dropped while a submission that used them had not
+    /// completed, and not destroyed yet: they go once the device's timeline passes that
+    /// submission (noticed when any wait or poll of the device retires work). Dropping a
+    /// kernel or a table never waits for the device.
+    pub fn deferred_destroys(&self) -> usize {
+        self.shared.backend.deferred_destroys()
     }
 
     pub(crate) fn destroy_kernel(&self, id: u64) {

@@ -116,3 +116,97 @@ fn bad_kernels_and_bad_dispatches_are_refused() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Misuse, "{e}");
 }
+
+/// Fills a device page with `base + i` in word `i`.
+fn fill(dev: &hetmem_engine::Device, page: hetmem_engine::Pfn, base: u32) {
+    let data: Vec<u8> = (0..PAGE_SIZE as u32 / 4)
+        .flat_map(|i| (base + i).to_le_bytes())
+        .collect();
+    dev.write_page(page, 0, &data).unwrap();
+}
+
+/// Checks that word `i` of a device page holds `base + i`.
+fn check(dev: &hetmem_engine::Device, page: hetmem_engine::Pfn, base: u32, what: &str) {
+    let mut got = vec![0u8; PAGE_SIZE];
+    dev.read_page(page, 0, &mut got).unwrap();
+    let w = words(&got);
+    let bad = (0..w.len()).find(|&i| w[i] != base + i as u32);
+    assert!(bad.is_none(), "{what}: word {bad:?} is wrong");
+}
+
+#[test]
+fn kernels_and_tables_dropped_while_their_launches_run() {
+    let Some(dev) = open_for_test(DeviceKind::Vulkan, 8 << 20, "drop_while_running") else {
+        return;
+    };
+    hetmem_tests::harness::watchdog_for(
+        "drop_while_running",
+        std::time::Duration::from_secs(120),
+        move || {
+            let shared = std::sync::Arc::new(dev.compile_kernel(ADD, "add").unwrap());
+            let groups = (PAGE_SIZE as u32 / 4).div_ceil(64);
+            let mut threads = Vec::new();
+            // One thread launches a kernel it keeps, over a table it keeps, all along.
+            {
+                let (dev, kernel) = (dev.clone(), shared.clone());
+                threads.push(std::thread::spawn(move || {
+                    let page = dev.alloc_page(true).unwrap();
+                    fill(&dev, page, 1000);
+                    let table = dev.page_table(2).unwrap();
+                    table.set(1, Some(page)).unwrap();
+                    for n in 1..=30u32 {
+                        dev.dispatch(&kernel, &table, &[1], &[1, 1], [groups, 1, 1])
+                            .unwrap()
+                            .wait()
+                            .unwrap();
+                        assert_eq!(table.faults(), (0, None));
+                        check(&dev, page, 1000 + n, "the steady launcher's page");
+                    }
+                    dev.free_page(page).unwrap();
+                }));
+            }
+            // Others drop their kernel and their table right after launching, before the
+            // launch is waited for; some drop the shared kernel's last other handle too.
+            for t in 0..3u32 {
+                let dev = dev.clone();
+                threads.push(std::thread::spawn(move || {
+                    let page = dev.alloc_page(true).unwrap();
+                    let base = 100_000 * (t + 1);
+                    fill(&dev, page, base);
+                    for n in 1..=6u32 {
+                        let kernel = dev.compile_kernel(ADD, "add").unwrap();
+                        let table = dev.page_table(4).unwrap();
+                        table.set(3, Some(page)).unwrap();
+                        let ticket = dev
+                            .dispatch(&kernel, &table, &[3], &[2, 1], [groups, 1, 1])
+                            .unwrap();
+                        drop(kernel);
+                        drop(table);
+                        ticket.wait().unwrap();
+                        check(&dev, page, base + 2 * n, "a page whose kernel was dropped");
+                    }
+                    dev.free_page(page).unwrap();
+                }));
+            }
+            drop(shared);
+            for h in threads {
+                h.join().unwrap();
+            }
+            // A last launch retires whatever is left: nothing stays buried.
+            let kernel = dev.compile_kernel(ADD, "add").unwrap();
+            let table = dev.page_table(1).unwrap();
+            let page = dev.alloc_page(true).unwrap();
+            fill(&dev, page, 0);
+            table.set(0, Some(page)).unwrap();
+            let ticket = dev
+                .dispatch(&kernel, &table, &[0], &[5, 1], [groups, 1, 1])
+                .unwrap();
+            drop(table);
+            drop(kernel);
+            ticket.wait().unwrap();
+            check(&dev, page, 5, "the last launch's page");
+            assert_eq!(dev.deferred_destroys(), 0, "objects left unburied");
+            dev.free_page(page).unwrap();
+        },
+    );
+}

@@ -12,7 +12,7 @@ use crate::error::Result;
 
 /// One queue with a timeline semaphore that every submission on it signals.
 pub(crate) struct Queue {
-    handle: Mutex<vk::Queue>,
+    pub(super) handle: Mutex<vk::Queue>,
     pub(crate) timeline: vk::Semaphore,
     /// Last value handed to a submission.
     last: AtomicU64,
@@ -117,14 +117,24 @@ impl Context {
     pub(crate) fn queues(&self) -> impl Iterator<Item = &Queue> {
         std::iter::once(&self.transfer).chain(self.compute.as_ref())
     }
+
+    /// Waits until the device is idle, holding every queue's lock (`vkDeviceWaitIdle` needs
+    /// every queue externally synchronised): for teardown only, where nothing else may run.
+    pub(crate) fn wait_idle(&self) {
+        // Transfer first, then compute: the one order in which several queue locks are held.
+        let held: Vec<_> = self.queues().map(|q| q.handle.lock()).collect();
+        // SAFETY: every queue of the device is locked, so no submission races the wait.
+        let _ = unsafe { self.device.device_wait_idle() };
+        drop(held);
+    }
 }
 
 impl Drop for Context {
     fn drop(&mut self) {
-        // SAFETY: all work is waited for before the queues' objects and the device go; the
-        // backend destroyed its buffers and memory before dropping the context.
+        self.wait_idle();
+        // SAFETY: all work was waited for above; the backend destroyed its buffers and memory
+        // before dropping the context.
         unsafe {
-            let _ = self.device.device_wait_idle();
             for q in self.queues() {
                 self.device.destroy_semaphore(q.timeline, None);
                 self.device.destroy_command_pool(q.pool.lock().pool, None);

@@ -3,15 +3,17 @@
 
 mod context;
 mod conv;
+mod deferred;
 mod gather;
 mod instance;
+mod launch;
 mod memory;
 mod pipeline;
 mod record;
 
 use std::collections::HashMap;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use ash::vk;
@@ -27,6 +29,7 @@ use crate::pfn::PAGE_SIZE;
 use crate::retire::Retirement;
 use crate::select::{DeviceConfig, DeviceInfo, DeviceKind, GatherMode, HostAccess, HostAccessMode};
 use context::{Context, Queue};
+use deferred::{Doomed, Graveyard, Tracked};
 use memory::Buffer;
 use pipeline::Pipeline;
 
@@ -105,6 +108,7 @@ pub(crate) fn open(
         in_flight: [Retirement::default(), Retirement::default()],
         kernels: Mutex::new(HashMap::new()),
         tables: Mutex::new(HashMap::new()),
+        graveyard: Graveyard::default(),
         next_id: AtomicU64::new(1),
         host_access,
         ctx,
@@ -143,10 +147,12 @@ pub(crate) struct VulkanBackend {
     staging: Mutex<Vec<Buffer>>,
     /// Batches in submission order, per queue (0: transfer, 1: compute).
     in_flight: [Retirement<InFlight>; 2],
-    /// User kernels by id.
-    kernels: Mutex<HashMap<u64, Pipeline>>,
-    /// Page tables by id.
-    tables: Mutex<HashMap<u64, Buffer>>,
+    /// User kernels by id, with their last use.
+    kernels: Mutex<HashMap<u64, Tracked<Pipeline>>>,
+    /// Page tables by id, with their last use.
+    tables: Mutex<HashMap<u64, Tracked<Buffer>>>,
+    /// Objects let go of while the device may still use them.
+    graveyard: Graveyard,
     next_id: AtomicU64,
     host_access: HostAccess,
     gather: Option<gather::Gather>,
@@ -295,6 +301,7 @@ impl VulkanBackend {
                 unsafe { self.ctx.device.destroy_descriptor_pool(pool, None) };
             }
         });
+        self.collect(false);
     }
 
     /// Records with `record` on the transfer queue, submits and waits.
@@ -405,17 +412,15 @@ impl Backend for VulkanBackend {
     }
 
     fn free_chunk(&self, index: usize) {
-        let buf = self.chunks.write().get_mut(index).and_then(Option::take);
-        if let Some(b) = buf {
-            // SAFETY: waiting for idle makes sure no submission still uses the chunk.
-            let _ = unsafe { self.ctx.device.device_wait_idle() };
-            let mut guard = self.allocator.lock();
-            memory::destroy(
-                &self.ctx,
-                guard.as_mut().expect("allocator lives until drop"),
-                b,
-            );
+        let mut chunks = self.chunks.write();
+        if let Some(b) = chunks.get_mut(index).and_then(Option::take) {
+            // Any submission so far may use the chunk; those still recording hold the chunks'
+            // lock until they have submitted, so the values read here cover them.
+            self.graveyard
+                .bury(Doomed::Buffer(b), deferred::submitted(&self.ctx));
         }
+        drop(chunks);
+        self.collect(false);
     }
 
     fn submit(&self, plan: &CopyPlan, queue_only: bool) -> Result<Submitted> {
@@ -495,63 +500,19 @@ impl Backend for VulkanBackend {
     }
 
     fn create_kernel(&self, spirv: &[u32], entry: &str, chunks: u32) -> Result<u64> {
-        let name = std::ffi::CString::new(entry)
-            .map_err(|_| EngineError::KernelCompile(format!("entry point {entry:?}")))?;
-        let p = Pipeline::new(
-            &self.ctx,
-            spirv,
-            &name,
-            crate::kernel::FIXED_BINDINGS + chunks,
-        )?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.kernels.lock().insert(id, p);
-        Ok(id)
+        self.create_kernel_pipeline(spirv, entry, chunks)
     }
 
     fn destroy_kernel(&self, id: u64) {
-        if let Some(p) = self.kernels.lock().remove(&id) {
-            // SAFETY: after idle no dispatch of this kernel is pending.
-            let _ = unsafe { self.ctx.device.device_wait_idle() };
-            p.destroy(&self.ctx);
-        }
+        self.bury_kernel(id);
     }
 
     fn alloc_table(&self, words: usize) -> Result<(u64, NonNull<u32>)> {
-        let bytes = (words.max(1) * 4) as u64;
-        let mut guard = self.allocator.lock();
-        let allocator = guard.as_mut().expect("allocator lives until drop");
-        let b = memory::allocate(
-            &self.ctx,
-            allocator,
-            bytes,
-            MemoryLocation::CpuToGpu,
-            "hetmem page table",
-        )?;
-        let Some(ptr) = b.host_ptr(0) else {
-            memory::destroy(&self.ctx, allocator, b);
-            return Err(EngineError::Unsupported(
-                "no host-visible memory for page tables".into(),
-            ));
-        };
-        // SAFETY: the mapping covers `bytes` bytes and nothing else uses it yet.
-        unsafe { std::ptr::write_bytes(ptr, 0, bytes as usize) };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.tables.lock().insert(id, b);
-        Ok((id, NonNull::new(ptr.cast()).expect("mapped")))
+        self.alloc_table_buffer(words)
     }
 
     fn free_table(&self, id: u64) {
-        let b = self.tables.lock().remove(&id);
-        if let Some(b) = b {
-            // SAFETY: after idle no dispatch reads the table.
-            let _ = unsafe { self.ctx.device.device_wait_idle() };
-            let mut guard = self.allocator.lock();
-            memory::destroy(
-                &self.ctx,
-                guard.as_mut().expect("allocator lives until drop"),
-                b,
-            );
-        }
+        self.bury_table(id);
     }
 
     fn dispatch(
@@ -562,78 +523,28 @@ impl Backend for VulkanBackend {
         meta: &[u32],
         groups: [u32; 3],
     ) -> Result<u64> {
-        let meta_bytes = (meta.len().max(1) * 4) as u64;
-        let args = self.staging_buffer(meta_bytes)?;
-        let at = args.host_ptr(0).expect("staging is mapped");
-        // SAFETY: the staging buffer holds at least `meta_bytes` bytes and is ours alone.
-        unsafe { std::ptr::copy_nonoverlapping(meta.as_ptr().cast(), at, meta.len() * 4) };
-        let mut bound = Vec::with_capacity(2 + chunks as usize);
-        {
-            let tables = self.tables.lock();
-            let Some(t) = tables.get(&table) else {
-                self.release_staging(vec![args]);
-                return Err(EngineError::InvalidConfig(format!("no page table {table}")));
-            };
-            bound.push((t.buffer, 0, t.size));
-        }
-        bound.push((args.buffer, 0, meta_bytes));
-        {
-            let existing = self.chunks.read();
-            for c in 0..chunks as usize {
-                // A chunk not created yet holds no page the table can name; any buffer fills
-                // its binding.
-                bound.push(match existing.get(c).and_then(Option::as_ref) {
-                    Some(b) => (b.buffer, 0, b.size),
-                    None => (args.buffer, 0, meta_bytes),
-                });
-            }
-        }
-        // The compute queue where there is one besides the transfer queue.
-        let q = usize::from(self.ctx.compute.is_some());
-        let cb = match self.queue(q).command_buffer(&self.ctx.device) {
-            Ok(cb) => cb,
-            Err(e) => {
-                self.release_staging(vec![args]);
-                return Err(e);
-            }
-        };
-        let mut held = Held {
-            staging: vec![args],
-            ..Held::default()
-        };
-        let recorded = (|| {
-            let kernels = self.kernels.lock();
-            let p = kernels
-                .get(&kernel)
-                .ok_or_else(|| EngineError::InvalidConfig(format!("no kernel {kernel}")))?;
-            let pool = Pipeline::pool(&self.ctx, 1, bound.len() as u32)?;
-            held.descriptors = Some(pool);
-            let set = p.bind(&self.ctx, pool, &bound)?;
-            record::begin(&self.ctx, cb)?;
-            p.dispatch(&self.ctx, cb, set, groups);
-            record::end(&self.ctx, cb)
-        })();
-        if let Err(e) = recorded {
-            self.abandon(q, cb, held);
-            return Err(e);
-        }
-        self.submit_recorded(q, cb, held)
+        self.dispatch_kernel(kernel, table, chunks, meta, groups)
+    }
+
+    fn deferred_destroys(&self) -> usize {
+        self.graveyard.len()
     }
 }
 
 impl Drop for VulkanBackend {
     fn drop(&mut self) {
-        // SAFETY: after idle no submission uses any buffer; everything is destroyed before the
+        // After idle no submission uses any object; everything is destroyed before the
         // context (a later field) destroys the device.
-        let _ = unsafe { self.ctx.device.device_wait_idle() };
+        self.ctx.wait_idle();
         for q in 0..2 {
             self.retire(q, u64::MAX);
         }
+        self.collect(true);
         if let Some(g) = &self.gather {
             g.destroy(&self.ctx);
         }
         for (_, p) in self.kernels.get_mut().drain() {
-            p.destroy(&self.ctx);
+            p.obj.destroy(&self.ctx);
         }
         let mut guard = self.allocator.lock();
         let allocator = guard.as_mut().expect("allocator lives until drop");
@@ -643,7 +554,7 @@ impl Drop for VulkanBackend {
             .drain(..)
             .chain(self.imports.get_mut().drain(..))
             .flatten()
-            .chain(self.tables.get_mut().drain().map(|(_, b)| b))
+            .chain(self.tables.get_mut().drain().map(|(_, t)| t.obj))
             .chain(self.staging.get_mut().drain(..));
         for b in bufs {
             memory::destroy(&self.ctx, allocator, b);

@@ -320,10 +320,9 @@ impl Backend for WgpuBackend {
     }
 
     fn free_chunk(&self, index: usize) {
-        let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
-        if let Some(b) = self.chunks.write().get_mut(index).and_then(Option::take) {
-            b.destroy();
-        }
+        // No wait: wgpu keeps a dropped buffer's memory until the submissions that use it
+        // have completed.
+        drop(self.chunks.write().get_mut(index).and_then(Option::take));
     }
 
     fn submit(&self, plan: &CopyPlan, _queue_only: bool) -> Result<Submitted> {
