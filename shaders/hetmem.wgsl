@@ -11,9 +11,10 @@
 //              (relative to the window), then the caller's argument words;
 //   binding 2… one binding per chunk of device memory (`hm_chunkN`, words in fours),
 //              generated for the device in place of the marker line below, with
-//              HM_CHUNK_PAGES and the `hm_chunk_load[4]` / `hm_chunk_store[4]` switches.
-// Kernels use bindings of group 0 only through the functions here; they may not declare
-// their own bindings in group 0.
+//              HM_CHUNK_PAGES and the `hm__chunk_load[4]` / `hm__chunk_store[4]` switches.
+// Kernels reach these bindings only through the functions here: compiling refuses a kernel
+// that declares a resource of its own (in any group), names one of the bindings above, or
+// calls one of the helper's internal functions (named `hm__…`).
 
 struct HmTable {
     // Accesses that found no device page.
@@ -88,7 +89,7 @@ fn hm_load(p: HmPtr) -> u32 {
         return 0u;
     }
     let d = e - 1u;
-    return hm_chunk_load(d / HM_CHUNK_PAGES, (d % HM_CHUNK_PAGES) * HM_PAGE_WORDS + p.word);
+    return hm__chunk_load(d / HM_CHUNK_PAGES, (d % HM_CHUNK_PAGES) * HM_PAGE_WORDS + p.word);
 }
 
 // Writes the word at `p`.
@@ -98,7 +99,7 @@ fn hm_store(p: HmPtr, v: u32) {
         return;
     }
     let d = e - 1u;
-    hm_chunk_store(d / HM_CHUNK_PAGES, (d % HM_CHUNK_PAGES) * HM_PAGE_WORDS + p.word, v);
+    hm__chunk_store(d / HM_CHUNK_PAGES, (d % HM_CHUNK_PAGES) * HM_PAGE_WORDS + p.word, v);
 }
 
 // A device page, translated once for kernels that work a page at a time.
@@ -125,13 +126,13 @@ fn hm_page_load(p: HmPage, word: u32) -> u32 {
     if (!p.present) {
         return 0u;
     }
-    return hm_chunk_load(p.chunk, p.first + word);
+    return hm__chunk_load(p.chunk, p.first + word);
 }
 
 // Writes word `word` of a translated page; dropped if it is not present.
 fn hm_page_store(p: HmPage, word: u32, v: u32) {
     if (p.present) {
-        hm_chunk_store(p.chunk, p.first + word, v);
+        hm__chunk_store(p.chunk, p.first + word, v);
     }
 }
 
@@ -141,13 +142,13 @@ fn hm_page_load4(p: HmPage, q: u32) -> vec4<u32> {
     if (!p.present) {
         return vec4<u32>();
     }
-    return hm_chunk_load4(p.chunk, (p.first >> 2u) + q);
+    return hm__chunk_load4(p.chunk, (p.first >> 2u) + q);
 }
 
 // Writes words 4q..4q+3 of a translated page; dropped if it is not present.
 fn hm_page_store4(p: HmPage, q: u32, v: vec4<u32>) {
     if (p.present) {
-        hm_chunk_store4(p.chunk, (p.first >> 2u) + q, v);
+        hm__chunk_store4(p.chunk, (p.first >> 2u) + q, v);
     }
 }
 

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use crate::copy::{plan_batch, CopyPlan, Location};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
+use crate::inspect::KernelLimits;
 use crate::kernel::{Kernel, PageTable};
 use crate::pagemap::DevicePages;
 use crate::pfn::{Pfn, PfnRange, PAGE_SIZE};
@@ -43,9 +44,9 @@ pub(crate) trait Backend: Send + Sync {
     /// Copies bytes into device memory, synchronously.
     fn write(&self, at: Location, data: &[u8]) -> Result<()>;
 
-    /// The most device chunks one kernel can bind, and the largest chunk it can bind; an
-    /// error says why kernels cannot run on this device.
-    fn kernel_limits(&self) -> Result<(u32, u64)> {
+    /// What one kernel may bind and use on this device; an error says why kernels cannot
+    /// run on it.
+    fn kernel_limits(&self) -> Result<KernelLimits> {
         Err(EngineError::Unsupported(
             "kernels run on the Vulkan backend only".into(),
         ))
@@ -377,7 +378,13 @@ impl Device {
 impl Device {
     /// Chunks a kernel binds on this device, once kernels are possible here.
     fn kernel_chunks(&self) -> Result<(u32, u32)> {
-        let (limit, max_bytes) = self.shared.backend.kernel_limits()?;
+        self.kernel_layout().map(|(c, p, _)| (c, p))
+    }
+
+    /// Chunks a kernel binds on this device, their pages, and the device's kernel limits.
+    fn kernel_layout(&self) -> Result<(u32, u32, KernelLimits)> {
+        let limits = self.shared.backend.kernel_limits()?;
+        let (limit, max_bytes) = (limits.max_chunks, limits.max_binding_bytes);
         let (chunks, chunk_pages) = {
             let p = self.shared.pages.lock();
             (p.max_chunks() as u32, p.chunk_pages() as u32)
@@ -393,7 +400,7 @@ impl Device {
                 chunk_pages as u64 * PAGE_SIZE as u64
             )));
         }
-        Ok((chunks, chunk_pages))
+        Ok((chunks, chunk_pages, limits))
     }
 
     /// Whether kernels can run on this device (the Vulkan backend): `Err` says why not.
@@ -404,10 +411,15 @@ impl Device {
     /// Compiles a WGSL kernel whose compute entry point is `entry`. The source is compiled
     /// after hetmem's helper ([`crate::KERNEL_HELPER`]), so it can translate managed
     /// addresses with `hm_ptr`, `hm_load`, `hm_store`, and read its arguments with `hm_arg`.
+    ///
+    /// Before any pipeline is made, the kernel is checked against hetmem's layout and the
+    /// device: one that declares resources of its own, uses the helper's bindings or
+    /// internal (`hm__`) functions directly, or exceeds the device's workgroup memory or
+    /// workgroup size is refused with [`EngineError::KernelRejected`]. Compile errors name
+    /// lines of `wgsl` itself.
     pub fn compile_kernel(&self, wgsl: &str, entry: &str) -> Result<Kernel> {
-        let (chunks, chunk_pages) = self.kernel_chunks()?;
-        let source = crate::kernel::assemble(wgsl, chunks, chunk_pages);
-        let spirv = crate::kernel::compile(&source, entry)?;
+        let (chunks, chunk_pages, limits) = self.kernel_layout()?;
+        let spirv = crate::kernel::compile(wgsl, entry, chunks, chunk_pages, &limits)?;
         let id = self.shared.backend.create_kernel(&spirv, entry, chunks)?;
         Ok(Kernel::new(self.clone(), id, entry))
     }

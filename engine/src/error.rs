@@ -88,6 +88,10 @@ pub enum EngineError {
     /// A kernel's WGSL did not compile.
     #[error("kernel does not compile: {0}")]
     KernelCompile(String),
+    /// A kernel's WGSL parsed but breaks hetmem's binding layout or the device's limits;
+    /// refused before any pipeline was made.
+    #[error("kernel refused: {0}")]
+    KernelRejected(#[from] crate::inspect::KernelRejection),
     /// An operating-system call failed.
     #[error("os: {0}")]
     Os(#[from] std::io::Error),
@@ -103,7 +107,8 @@ impl EngineError {
             | EngineError::FrameInUse(_)
             | EngineError::OverlappingCopy(_)
             | EngineError::InvalidConfig(_)
-            | EngineError::KernelCompile(_) => ErrorKind::Misuse,
+            | EngineError::KernelCompile(_)
+            | EngineError::KernelRejected(_) => ErrorKind::Misuse,
             EngineError::OutOfDeviceMemory { .. } | EngineError::OutOfHostFrames { .. } => {
                 ErrorKind::OutOfMemory
             }

@@ -3,11 +3,13 @@
 //! map a window of virtual pages to device pages for them.
 
 use std::fmt::Write as _;
+use std::ops::Range;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::device::Device;
 use crate::error::{EngineError, Result};
+use crate::inspect::{inspect, KernelLimits, Origin};
 use crate::pfn::Pfn;
 
 /// The helper every kernel is compiled with.
@@ -22,8 +24,9 @@ const CHUNKS_MARKER: &str = "//@hetmem-chunks";
 /// Bindings the helper declares before the chunks.
 pub(crate) const FIXED_BINDINGS: u32 = 2;
 
-/// The full WGSL of a kernel for a device with `chunks` chunks of `chunk_pages` pages.
-pub(crate) fn assemble(user: &str, chunks: u32, chunk_pages: u32) -> String {
+/// The full WGSL of a kernel for a device with `chunks` chunks of `chunk_pages` pages, and
+/// the bytes of it that are the user's source.
+pub(crate) fn assemble(user: &str, chunks: u32, chunk_pages: u32) -> (String, Range<usize>) {
     let mut gen = String::new();
     let _ = writeln!(gen, "const HM_CHUNK_PAGES: u32 = {chunk_pages}u;");
     for c in 0..chunks {
@@ -33,7 +36,7 @@ pub(crate) fn assemble(user: &str, chunks: u32, chunk_pages: u32) -> String {
             c + FIXED_BINDINGS
         );
     }
-    gen.push_str("fn hm_chunk_load(c: u32, i: u32) -> u32 {\n    switch c {\n");
+    gen.push_str("fn hm__chunk_load(c: u32, i: u32) -> u32 {\n    switch c {\n");
     for c in 0..chunks {
         let _ = writeln!(
             gen,
@@ -41,17 +44,17 @@ pub(crate) fn assemble(user: &str, chunks: u32, chunk_pages: u32) -> String {
         );
     }
     gen.push_str("        default: { return 0u; }\n    }\n}\n");
-    gen.push_str("fn hm_chunk_load4(c: u32, q: u32) -> vec4<u32> {\n    switch c {\n");
+    gen.push_str("fn hm__chunk_load4(c: u32, q: u32) -> vec4<u32> {\n    switch c {\n");
     for c in 0..chunks {
         let _ = writeln!(gen, "        case {c}u: {{ return hm_chunk{c}[q]; }}");
     }
     gen.push_str("        default: { return vec4<u32>(); }\n    }\n}\n");
-    gen.push_str("fn hm_chunk_store4(c: u32, q: u32, v: vec4<u32>) {\n    switch c {\n");
+    gen.push_str("fn hm__chunk_store4(c: u32, q: u32, v: vec4<u32>) {\n    switch c {\n");
     for c in 0..chunks {
         let _ = writeln!(gen, "        case {c}u: {{ hm_chunk{c}[q] = v; }}");
     }
     gen.push_str("        default: {}\n    }\n}\n");
-    gen.push_str("fn hm_chunk_store(c: u32, i: u32, v: u32) {\n    switch c {\n");
+    gen.push_str("fn hm__chunk_store(c: u32, i: u32, v: u32) {\n    switch c {\n");
     for c in 0..chunks {
         let _ = writeln!(
             gen,
@@ -60,12 +63,37 @@ pub(crate) fn assemble(user: &str, chunks: u32, chunk_pages: u32) -> String {
     }
     gen.push_str("        default: {}\n    }\n}\n");
     let helper = KERNEL_HELPER.replacen(CHUNKS_MARKER, &gen, 1);
-    format!("{helper}\n// ---- user kernel ----\n{user}")
+    let source = format!("{helper}\n// ---- user kernel ----\n{user}");
+    let start = source.len() - user.len();
+    (source, start..start + user.len())
 }
 
-/// Compiles WGSL to SPIR-V words for entry point `entry`.
-pub(crate) fn compile(source: &str, entry: &str) -> Result<Vec<u32>> {
-    crate::spirv::wgsl_to_spirv(source, entry).map_err(EngineError::KernelCompile)
+/// Compiles the user's WGSL `user` (with the helper) to SPIR-V words for entry point
+/// `entry`, after checking it against hetmem's binding layout and `limits`.
+pub(crate) fn compile(
+    user: &str,
+    entry: &str,
+    chunks: u32,
+    chunk_pages: u32,
+    limits: &KernelLimits,
+) -> Result<Vec<u32>> {
+    let (source, user_range) = assemble(user, chunks, chunk_pages);
+    let origin = Origin {
+        source: &source,
+        user: user_range,
+    };
+    let module = crate::spirv::parse(&source).map_err(|f| compile_error(&origin, f))?;
+    inspect(&module, &origin, entry, limits)?;
+    crate::spirv::to_spirv(&module, &source, entry).map_err(|f| compile_error(&origin, f))
+}
+
+/// A compile error that says where it is: a line of the user's source, or the helper.
+fn compile_error(origin: &Origin<'_>, (message, at): crate::spirv::Failure) -> EngineError {
+    EngineError::KernelCompile(match at {
+        Some(o) if origin.user.contains(&o) => format!("line {}: {message}", origin.line(o)),
+        Some(_) => format!("in hetmem's helper: {message}"),
+        None => message,
+    })
 }
 
 /// A compiled kernel, ready to dispatch on the device that compiled it.
@@ -214,5 +242,167 @@ impl PageTable {
 impl Drop for PageTable {
     fn drop(&mut self) {
         self.device.free_table(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inspect::KernelRejection;
+
+    const LIMITS: KernelLimits = KernelLimits {
+        max_chunks: 8,
+        max_binding_bytes: 1 << 27,
+        workgroup_memory: 32 << 10,
+        workgroup_size: [1024, 1024, 64],
+        workgroup_invocations: 1024,
+    };
+
+    fn build(user: &str) -> Result<Vec<u32>> {
+        compile(user, "main", 2, 256, &LIMITS)
+    }
+
+    fn rejection(user: &str) -> KernelRejection {
+        match build(user) {
+            Err(EngineError::KernelRejected(r)) => r,
+            Err(e) => panic!("expected a rejection, got {e}"),
+            Ok(_) => panic!("expected a rejection, it compiled"),
+        }
+    }
+
+    #[test]
+    fn a_kernel_within_the_layout_compiles() {
+        let words = build(
+            "var<workgroup> tile: array<u32, 1024>;\n\
+             var<private> seen: u32;\n\
+             @compute @workgroup_size(32, 32)\n\
+             fn main(@builtin(local_invocation_index) i: u32) {\n\
+                 tile[i] = hm_load(hm_ptr(0u, i * 4u));\n\
+                 workgroupBarrier();\n\
+                 seen = tile[1023u - i];\n\
+                 hm_store(hm_ptr(0u, i * 4u), seen);\n\
+             }\n",
+        )
+        .unwrap();
+        assert_eq!(words[0], 0x0723_0203, "SPIR-V magic");
+    }
+
+    #[test]
+    fn own_bindings_are_refused_with_their_line() {
+        let r = rejection(
+            "@compute @workgroup_size(1)\n\
+             fn main() { mine[0] = 1u; }\n\
+             @group(1) @binding(0) var<storage, read_write> mine: array<u32>;\n",
+        );
+        assert!(
+            matches!(&r, KernelRejection::OwnResource { name, line: 3, what } if name == "mine" && what.contains("@group(1) @binding(0)")),
+            "{r:?}"
+        );
+        // In group 0 too (where the helper's bindings are), and uniforms alike.
+        let r = rejection(
+            "@group(0) @binding(0) var<storage, read> t: array<u32>;\n\
+             @compute @workgroup_size(1)\n\
+             fn main() { let x = t[0]; }\n",
+        );
+        assert!(
+            matches!(&r, KernelRejection::OwnResource { line: 1, .. }),
+            "{r:?}"
+        );
+        let r = rejection(
+            "@group(2) @binding(3) var<uniform> u: vec4<u32>;\n\
+             @compute @workgroup_size(1)\n\
+             fn main() { let x = u.x; }\n",
+        );
+        assert!(matches!(&r, KernelRejection::OwnResource { .. }), "{r:?}");
+    }
+
+    #[test]
+    fn workgroup_memory_and_size_are_held_to_the_device() {
+        // 16 MiB of workgroup memory.
+        let r = rejection(
+            "var<workgroup> big: array<u32, 4194304>;\n\
+             @compute @workgroup_size(64)\n\
+             fn main(@builtin(local_invocation_index) i: u32) { big[i] = i; }\n",
+        );
+        assert_eq!(
+            r,
+            KernelRejection::WorkgroupMemory {
+                bytes: Some(16 << 20),
+                limit: 32 << 10
+            }
+        );
+        // Two variables that fit alone but not together.
+        let r = rejection(
+            "var<workgroup> a: array<u32, 6144>;\n\
+             var<workgroup> b: array<u32, 3072>;\n\
+             @compute @workgroup_size(64)\n\
+             fn main(@builtin(local_invocation_index) i: u32) { a[i] = b[i]; }\n",
+        );
+        assert!(
+            matches!(
+                r,
+                KernelRejection::WorkgroupMemory {
+                    bytes: Some(36864),
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        for (size, bad) in [
+            ("1024, 1024, 1", true),
+            ("2048", true),
+            ("1, 1, 65", true),
+            ("64, 16", false),
+            ("1024", false),
+        ] {
+            let src = format!(
+                "@compute @workgroup_size({size})\nfn main() {{ hm_store(hm_ptr(0u, 0u), 1u); }}\n"
+            );
+            match build(&src) {
+                Err(EngineError::KernelRejected(KernelRejection::WorkgroupSize {
+                    max_invocations: 1024,
+                    ..
+                })) => assert!(bad, "{size} refused"),
+                Ok(_) => assert!(!bad, "{size} compiled"),
+                Err(e) => panic!("{size}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_helpers_internals_are_out_of_reach() {
+        let r = rejection(
+            "@compute @workgroup_size(1)\n\
+             fn main() {\n\
+                 let stolen = hm__chunk_load(0u, 12345u);\n\
+                 hm_store(hm_ptr(0u, 0u), stolen);\n\
+             }\n",
+        );
+        assert_eq!(
+            r,
+            KernelRejection::HelperInternals {
+                name: "hm__chunk_load".into(),
+                line: 3
+            }
+        );
+        let r = rejection(
+            "fn helper() { hm__chunk_store(1u, 0u, 7u); }\n\
+             @compute @workgroup_size(1)\n\
+             fn main() { helper(); }\n",
+        );
+        assert!(
+            matches!(&r, KernelRejection::HelperInternals { name, line: 1 } if name == "hm__chunk_store"),
+            "{r:?}"
+        );
+        let r = rejection(
+            "@compute @workgroup_size(1)\n\
+             fn main() {\n\
+                 if (true) { atomicStore(&hm_table.faults, 0u); }\n\
+             }\n",
+        );
+        assert!(
+            matches!(&r, KernelRejection::HelperInternals { name, .. } if name == "hm_table"),
+            "{r:?}"
+        );
     }
 }

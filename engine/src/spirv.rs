@@ -1,26 +1,40 @@
 //! WGSL to SPIR-V with naga: used by `build.rs` for the engine's own kernels and at run time
 //! for user kernels, so both go through the same validation and options.
 
-/// Compiles `source` to SPIR-V words for its compute entry point `entry`; the error names
-/// the stage that failed (parse, entry point, validation, SPIR-V) with naga's message.
-pub fn wgsl_to_spirv(source: &str, entry: &str) -> Result<Vec<u32>, String> {
-    let module = naga::front::wgsl::parse_str(source)
-        .map_err(|e| format!("WGSL: {}", e.emit_to_string(source)))?;
+/// Why a source did not compile: naga's rendered message (naming the stage that failed:
+/// parse, entry point, validation, SPIR-V), and the byte offset in the source it points at.
+pub type Failure = (String, Option<usize>);
+
+/// Parses WGSL into a module.
+pub fn parse(source: &str) -> Result<naga::Module, Failure> {
+    naga::front::wgsl::parse_str(source).map_err(|e| {
+        let at = e.location(source).map(|l| l.offset as usize);
+        (format!("WGSL: {}", e.emit_to_string(source)), at)
+    })
+}
+
+/// Validates `module` (parsed from `source`) and writes SPIR-V words for its compute entry
+/// point `entry`.
+pub fn to_spirv(module: &naga::Module, source: &str, entry: &str) -> Result<Vec<u32>, Failure> {
     if !module
         .entry_points
         .iter()
         .any(|e| e.name == entry && e.stage == naga::ShaderStage::Compute)
     {
-        return Err(format!(
-            "entry point: no compute entry point named `{entry}`"
+        return Err((
+            format!("entry point: no compute entry point named `{entry}`"),
+            None,
         ));
     }
     let info = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
         naga::valid::Capabilities::empty(),
     )
-    .validate(&module)
-    .map_err(|e| format!("validation: {}", e.emit_to_string(source)))?;
+    .validate(module)
+    .map_err(|e| {
+        let at = e.location(source).map(|l| l.offset as usize);
+        (format!("validation: {}", e.emit_to_string(source)), at)
+    })?;
     let options = naga::back::spv::Options {
         lang_version: (1, 3),
         ..Default::default()
@@ -29,6 +43,14 @@ pub fn wgsl_to_spirv(source: &str, entry: &str) -> Result<Vec<u32>, String> {
         shader_stage: naga::ShaderStage::Compute,
         entry_point: entry.to_string(),
     };
-    naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline))
-        .map_err(|e| format!("SPIR-V: {e}"))
+    naga::back::spv::write_vec(module, &info, &options, Some(&pipeline))
+        .map_err(|e| (format!("SPIR-V: {e}"), None))
+}
+
+/// Compiles `source` to SPIR-V words for its compute entry point `entry`; the error is
+/// naga's message.
+#[allow(dead_code)] // the build script's entry; the engine itself inspects between the steps
+pub fn wgsl_to_spirv(source: &str, entry: &str) -> Result<Vec<u32>, String> {
+    let module = parse(source).map_err(|f| f.0)?;
+    to_spirv(&module, source, entry).map_err(|f| f.0)
 }

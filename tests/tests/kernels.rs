@@ -1,6 +1,6 @@
 //! User kernels on the engine: WGSL with hetmem's helper, page tables, dispatch, faults.
 
-use hetmem_engine::{DeviceKind, ErrorKind, PAGE_SIZE};
+use hetmem_engine::{DeviceKind, EngineError, ErrorKind, KernelRejection, PAGE_SIZE};
 use hetmem_tests::open_for_test;
 
 /// Adds `hm_arg(0)` to every word of bound buffer 0, which spans `hm_arg(1)` pages.
@@ -209,4 +209,84 @@ fn kernels_and_tables_dropped_while_their_launches_run() {
             dev.free_page(page).unwrap();
         },
     );
+}
+
+#[test]
+fn kernels_outside_the_layout_or_the_limits_are_refused_before_any_pipeline() {
+    let Some(dev) = open_for_test(DeviceKind::Vulkan, 4 << 20, "layout_refused") else {
+        return;
+    };
+    let refused = |src: &str| match dev.compile_kernel(src, "main") {
+        Err(e @ EngineError::KernelRejected(_)) => {
+            assert_eq!(e.kind(), ErrorKind::Misuse);
+            match e {
+                EngineError::KernelRejected(r) => r,
+                _ => unreachable!(),
+            }
+        }
+        Err(e) => panic!("expected a rejection, got {e}"),
+        Ok(_) => panic!("expected a rejection, it compiled"),
+    };
+    // A binding of its own outside group 0 (this crashed the driver at pipeline creation).
+    let r = refused(
+        "@group(1) @binding(0) var<storage, read_write> mine: array<u32>;\n\
+         @compute @workgroup_size(64)\n\
+         fn main(@builtin(global_invocation_id) g: vec3<u32>) { mine[g.x] = 1u; }\n",
+    );
+    assert!(
+        matches!(&r, KernelRejection::OwnResource { name, line: 1, .. } if name == "mine"),
+        "{r:?}"
+    );
+    // 16 MiB of workgroup memory, far over the device's limit.
+    let r = refused(
+        "var<workgroup> big: array<u32, 4194304>;\n\
+         @compute @workgroup_size(64)\n\
+         fn main(@builtin(local_invocation_index) i: u32) { big[i] = i; }\n",
+    );
+    assert!(
+        matches!(r, KernelRejection::WorkgroupMemory { bytes: Some(b), limit } if b == 16 << 20 && limit < b),
+        "{r:?}"
+    );
+    // A million invocations per workgroup.
+    let r = refused(
+        "@compute @workgroup_size(1024, 1024, 1)\n\
+         fn main() { hm_store(hm_ptr(0u, 0u), 1u); }\n",
+    );
+    assert!(
+        matches!(
+            r,
+            KernelRejection::WorkgroupSize {
+                size: [1024, 1024, 1],
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    // Within the limits, workgroup memory works.
+    let ok = dev
+        .compile_kernel(
+            "var<workgroup> tile: array<u32, 64>;\n\
+             @compute @workgroup_size(64)\n\
+             fn main(@builtin(local_invocation_index) i: u32) {\n\
+                 tile[i] = hm_load(hm_ptr(0u, i * 4u));\n\
+                 workgroupBarrier();\n\
+                 hm_store(hm_ptr(0u, i * 4u), tile[63u - i]);\n\
+             }\n",
+            "main",
+        )
+        .unwrap();
+    let page = dev.alloc_page(true).unwrap();
+    fill(&dev, page, 0);
+    let table = dev.page_table(1).unwrap();
+    table.set(0, Some(page)).unwrap();
+    dev.dispatch(&ok, &table, &[0], &[], [1, 1, 1])
+        .unwrap()
+        .wait()
+        .unwrap();
+    let mut got = vec![0u8; PAGE_SIZE];
+    dev.read_page(page, 0, &mut got).unwrap();
+    let w = words(&got);
+    assert_eq!(&w[..3], &[63, 62, 61], "reversed through workgroup memory");
+    assert_eq!(w[64], 64, "past the workgroup untouched");
+    dev.free_page(page).unwrap();
 }

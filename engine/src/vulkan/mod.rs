@@ -25,6 +25,7 @@ use crate::copy::{CopyPlan, Location, MemoryId};
 use crate::device::{Backend, Submitted};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
+use crate::inspect::KernelLimits;
 use crate::pfn::PAGE_SIZE;
 use crate::retire::Retirement;
 use crate::select::{DeviceConfig, DeviceInfo, DeviceKind, GatherMode, HostAccess, HostAccessMode};
@@ -487,16 +488,19 @@ impl Backend for VulkanBackend {
         self.copy_through_staging(at, data.len(), Some(data), None)
     }
 
-    fn kernel_limits(&self) -> Result<(u32, u64)> {
+    fn kernel_limits(&self) -> Result<KernelLimits> {
         let l = &self.ctx.limits;
         let per_stage = l
             .max_per_stage_descriptor_storage_buffers
             .min(l.max_descriptor_set_storage_buffers)
             .min(l.max_per_stage_resources);
-        Ok((
-            per_stage.saturating_sub(crate::kernel::FIXED_BINDINGS),
-            l.max_storage_buffer_range as u64,
-        ))
+        Ok(KernelLimits {
+            max_chunks: per_stage.saturating_sub(crate::kernel::FIXED_BINDINGS),
+            max_binding_bytes: u64::from(l.max_storage_buffer_range),
+            workgroup_memory: u64::from(l.max_compute_shared_memory_size),
+            workgroup_size: l.max_compute_work_group_size,
+            workgroup_invocations: l.max_compute_work_group_invocations,
+        })
     }
 
     fn create_kernel(&self, spirv: &[u32], entry: &str, chunks: u32) -> Result<u64> {
