@@ -25,7 +25,7 @@ const CHUNKS_MARKER: &str = "//@hetmem-chunks";
 pub(crate) const FIXED_BINDINGS: u32 = 2;
 
 /// The full WGSL of a kernel for a device with `chunks` chunks of `chunk_pages` pages, and
-/// the bytes of it that are the user's source.
+/// the bytes of it that are the user's source (its beginning).
 pub(crate) fn assemble(user: &str, chunks: u32, chunk_pages: u32) -> (String, Range<usize>) {
     let mut gen = String::new();
     let _ = writeln!(gen, "const HM_CHUNK_PAGES: u32 = {chunk_pages}u;");
@@ -63,9 +63,11 @@ pub(crate) fn assemble(user: &str, chunks: u32, chunk_pages: u32) -> (String, Ra
     }
     gen.push_str("        default: {}\n    }\n}\n");
     let helper = KERNEL_HELPER.replacen(CHUNKS_MARKER, &gen, 1);
-    let source = format!("{helper}\n// ---- user kernel ----\n{user}");
-    let start = source.len() - user.len();
-    (source, start..start + user.len())
+    // The user's source comes first, so that naga's line numbers are the user's own (and
+    // its directives, such as `enable`, stay at the top); WGSL declarations may come in any
+    // order, so the helper can follow.
+    let source = format!("{user}\n// ---- hetmem helper ----\n{helper}");
+    (source, 0..user.len())
 }
 
 /// Compiles the user's WGSL `user` (with the helper) to SPIR-V words for entry point
@@ -89,10 +91,11 @@ pub(crate) fn compile(
 
 /// A compile error that says where it is: a line of the user's source, or the helper.
 fn compile_error(origin: &Origin<'_>, (message, at): crate::spirv::Failure) -> EngineError {
-    EngineError::KernelCompile(match at {
-        Some(o) if origin.user.contains(&o) => format!("line {}: {message}", origin.line(o)),
-        Some(_) => format!("in hetmem's helper: {message}"),
-        None => message,
+    let user = at.iter().find(|o| origin.user.contains(o));
+    EngineError::KernelCompile(match (user, at.first()) {
+        (Some(&o), _) => format!("line {}: {message}", origin.line(o)),
+        (None, Some(_)) => format!("in hetmem's helper: {message}"),
+        (None, None) => message,
     })
 }
 
@@ -404,5 +407,51 @@ mod tests {
             matches!(&r, KernelRejection::HelperInternals { name, .. } if name == "hm_table"),
             "{r:?}"
         );
+    }
+
+    fn compile_message(user: &str) -> String {
+        match build(user) {
+            Err(EngineError::KernelCompile(m)) => m,
+            Err(e) => panic!("expected a compile error, got {e}"),
+            Ok(_) => panic!("expected a compile error, it compiled"),
+        }
+    }
+
+    #[test]
+    fn compile_errors_name_the_users_lines() {
+        // A parse error on line 3.
+        let m = compile_message(
+            "@compute @workgroup_size(1)\n\
+             fn main() {\n\
+                 let x = ;\n\
+             }\n",
+        );
+        assert!(m.starts_with("line 3: "), "{m}");
+        assert!(
+            m.contains("wgsl:3:"),
+            "naga's own rendering points at line 3 too: {m}"
+        );
+        // An unknown identifier on line 4.
+        let m = compile_message(
+            "// a comment\n\
+             @compute @workgroup_size(1)\n\
+             fn main() {\n\
+                 hm_store(hm_ptr(0u, 0u), nothing);\n\
+             }\n",
+        );
+        assert!(m.starts_with("line 4: "), "{m}");
+        // A validation error (not a parse error) on line 2.
+        let m = compile_message(
+            "@compute @workgroup_size(1)\n\
+             fn main() { var x: u32 = 1u; x = 2.5f; }\n",
+        );
+        assert!(m.starts_with("line 2: "), "{m}");
+        // Redefining a helper function: the error is the user's, at the user's line.
+        let m = compile_message(
+            "@compute @workgroup_size(1)\n\
+             fn main() {}\n\
+             fn hm_load(p: HmPtr) -> u32 { return 0u; }\n",
+        );
+        assert!(m.starts_with("line 3: "), "{m}");
     }
 }

@@ -2,13 +2,18 @@
 //! for user kernels, so both go through the same validation and options.
 
 /// Why a source did not compile: naga's rendered message (naming the stage that failed:
-/// parse, entry point, validation, SPIR-V), and the byte offset in the source it points at.
-pub type Failure = (String, Option<usize>);
+/// parse, entry point, validation, SPIR-V), and the byte offsets in the source it points
+/// at, most important first.
+pub type Failure = (String, Vec<usize>);
 
 /// Parses WGSL into a module.
 pub fn parse(source: &str) -> Result<naga::Module, Failure> {
     naga::front::wgsl::parse_str(source).map_err(|e| {
-        let at = e.location(source).map(|l| l.offset as usize);
+        let at = e
+            .labels()
+            .filter_map(|(s, _)| s.to_range())
+            .map(|r| r.start);
+        let at = at.collect();
         (format!("WGSL: {}", e.emit_to_string(source)), at)
     })
 }
@@ -23,7 +28,7 @@ pub fn to_spirv(module: &naga::Module, source: &str, entry: &str) -> Result<Vec<
     {
         return Err((
             format!("entry point: no compute entry point named `{entry}`"),
-            None,
+            Vec::new(),
         ));
     }
     let info = naga::valid::Validator::new(
@@ -32,7 +37,8 @@ pub fn to_spirv(module: &naga::Module, source: &str, entry: &str) -> Result<Vec<
     )
     .validate(module)
     .map_err(|e| {
-        let at = e.location(source).map(|l| l.offset as usize);
+        let at = e.spans().filter_map(|(s, _)| s.to_range()).map(|r| r.start);
+        let at = at.collect();
         (format!("validation: {}", e.emit_to_string(source)), at)
     })?;
     let options = naga::back::spv::Options {
@@ -44,7 +50,7 @@ pub fn to_spirv(module: &naga::Module, source: &str, entry: &str) -> Result<Vec<
         entry_point: entry.to_string(),
     };
     naga::back::spv::write_vec(module, &info, &options, Some(&pipeline))
-        .map_err(|e| (format!("SPIR-V: {e}"), None))
+        .map_err(|e| (format!("SPIR-V: {e}"), Vec::new()))
 }
 
 /// Compiles `source` to SPIR-V words for its compute entry point `entry`; the error is
