@@ -22,7 +22,7 @@ fn kv_step(
         return;
     }
     let add = hm_arg(1u + b);
-    let page = hm_page(hm_buffer(b) + g % pages);
+    let page = hm_page(b, g % pages);
     for (var q = lane; q < HM_PAGE_WORDS / 4u; q += 64u) {
         hm_page_store4(page, q, hm_page_load4(page, q) + vec4<u32>(add));
     }

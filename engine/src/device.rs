@@ -440,14 +440,16 @@ impl Device {
     }
 
     /// Dispatches `kernel` over `groups` workgroups, translating through `table`. `buffers`
-    /// are the first virtual pages (table entries) of the buffers the kernel uses, `args`
-    /// its argument words. The kernel's reads and writes land in device pages; accesses to
-    /// pages the table does not map are counted in the table (see [`PageTable::faults`]).
+    /// are the ranges of table entries (virtual pages) the kernel's buffers cover, in the
+    /// order it names them; `args` its argument words. The kernel's reads and writes land in
+    /// device pages, and only in those of its buffers' ranges: an access outside them, or to
+    /// a page the table does not map, reads zeros, writes nothing and is counted in the
+    /// table (see [`PageTable::faults`]).
     pub fn dispatch(
         &self,
         kernel: &Kernel,
         table: &PageTable,
-        buffers: &[u32],
+        buffers: &[std::ops::Range<u32>],
         args: &[u32],
         groups: [u32; 3],
     ) -> Result<Ticket> {
@@ -463,10 +465,21 @@ impl Device {
                 "workgroup counts {groups:?} must each be 1..=65535"
             )));
         }
+        if let Some(r) = buffers
+            .iter()
+            .find(|r| r.start > r.end || r.end as usize > table.len())
+        {
+            return Err(EngineError::InvalidConfig(format!(
+                "buffer range {r:?} outside a page table of {} entries",
+                table.len()
+            )));
+        }
         let (chunks, _) = self.kernel_chunks()?;
-        let mut meta = Vec::with_capacity(1 + buffers.len() + args.len());
+        let mut meta = Vec::with_capacity(1 + 2 * buffers.len() + args.len());
         meta.push(buffers.len() as u32);
-        meta.extend_from_slice(buffers);
+        for r in buffers {
+            meta.extend([r.start, r.end - r.start]);
+        }
         meta.extend_from_slice(args);
         let value = self
             .shared

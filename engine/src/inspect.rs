@@ -7,11 +7,17 @@
 
 use std::ops::Range;
 
-use naga::{AddressSpace, Block, Expression, Function, Handle, Module, Span, Statement};
+use naga::{
+    AddressSpace, Block, Expression, Function, Handle, Module, Span, Statement, Type, TypeInner,
+};
 
 /// The helper's functions whose names start with this are its internals: raw access to
 /// device memory, without the bounds checks the public `hm_` functions make.
 pub(crate) const INTERNAL_PREFIX: &str = "hm__";
+
+/// The helper's translated-page handle: its fields name device memory directly, so only the
+/// helper may make one, and no kernel may keep one where it can change it.
+const PAGE_HANDLE: &str = "HmPage";
 
 /// What the device allows one kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +75,13 @@ pub enum KernelRejection {
         /// The device's most invocations per workgroup.
         max_invocations: u32,
     },
+    /// The kernel builds an `HmPage` itself, or keeps one where it can change it (a `var`):
+    /// its fields name device memory directly, so only `hm_page` may make one.
+    #[error("line {line}: an HmPage may only come from hm_page() and be kept in a `let`")]
+    PageHandle {
+        /// The line of the construction or the variable.
+        line: u32,
+    },
     /// The entry point's workgroup size depends on pipeline overrides, which hetmem never
     /// sets.
     #[error("the workgroup size of `{0}` depends on overrides: give it as constants")]
@@ -108,11 +121,22 @@ pub(crate) fn inspect(
     entry: &str,
     limits: &KernelLimits,
 ) -> Result<(), KernelRejection> {
+    let page = module
+        .types
+        .iter()
+        .find(|(_, t)| t.name.as_deref() == Some(PAGE_HANDLE))
+        .map(|(h, _)| h);
+    let holds_page = |ty| page.is_some_and(|p| contains(module, ty, p));
     let mut shared: Option<u64> = Some(0);
     for (h, g) in module.global_variables.iter() {
         let span = module.global_variables.get_span(h);
         if !origin.is_user(span) {
             continue;
+        }
+        if holds_page(g.ty) {
+            return Err(KernelRejection::PageHandle {
+                line: origin.span_line(span),
+            });
         }
         let name = g.name.clone().unwrap_or_default();
         let what = match (g.space, &g.binding) {
@@ -165,6 +189,49 @@ pub(crate) fn inspect(
         .map(|(_, f)| f);
     for f in user_functions.chain(module.entry_points.iter().map(|e| &e.function)) {
         check_function(module, origin, f)?;
+        if let Some(p) = page {
+            check_page_handles(module, origin, f, p)?;
+        }
+    }
+    Ok(())
+}
+
+/// True if `ty` is `target` or holds one (in an array, a struct, behind a pointer).
+fn contains(module: &Module, ty: Handle<Type>, target: Handle<Type>) -> bool {
+    if ty == target {
+        return true;
+    }
+    match module.types[ty].inner {
+        TypeInner::Array { base, .. }
+        | TypeInner::BindingArray { base, .. }
+        | TypeInner::Pointer { base, .. } => contains(module, base, target),
+        TypeInner::Struct { ref members, .. } => {
+            members.iter().any(|m| contains(module, m.ty, target))
+        }
+        _ => false,
+    }
+}
+
+/// Refuses a user function that builds an `HmPage` or keeps one in a variable.
+fn check_page_handles(
+    module: &Module,
+    origin: &Origin<'_>,
+    f: &Function,
+    page: Handle<Type>,
+) -> Result<(), KernelRejection> {
+    for (h, v) in f.local_variables.iter() {
+        if contains(module, v.ty, page) {
+            return Err(KernelRejection::PageHandle {
+                line: origin.span_line(f.local_variables.get_span(h)),
+            });
+        }
+    }
+    for (h, e) in f.expressions.iter() {
+        if matches!(*e, Expression::Compose { ty, .. } if ty == page) {
+            return Err(KernelRejection::PageHandle {
+                line: origin.span_line(f.expressions.get_span(h)),
+            });
+        }
     }
     Ok(())
 }

@@ -15,8 +15,20 @@ use crate::pfn::Pfn;
 /// The helper every kernel is compiled with.
 pub const KERNEL_HELPER: &str = include_str!("../../shaders/hetmem.wgsl");
 
-/// Words of a page table before its first entry (fault count, first fault, two reserved).
+/// Words of a page table before its first entry (fault count, then the first fault's
+/// buffer, page and word).
 pub(crate) const TABLE_HEADER_WORDS: usize = 4;
+
+/// Where a kernel's first faulting access was: outside the ranges its launch bound, or on a
+/// page the table did not map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FaultSite {
+    /// The bound buffer: its index in the launch's list (it may be one the launch did not
+    /// bind).
+    pub buffer: u32,
+    /// The byte offset in that buffer.
+    pub offset: u64,
+}
 
 /// The marker in the helper that the device's chunk bindings replace.
 const CHUNKS_MARKER: &str = "//@hetmem-chunks";
@@ -228,17 +240,25 @@ impl PageTable {
         (v != 0).then(|| Pfn(self.device.pfn_range().start.0 + u64::from(v - 1)))
     }
 
-    /// Accesses by kernels that found no device page since the last [`PageTable::reset_faults`],
-    /// and the first such virtual page.
-    pub fn faults(&self) -> (u32, Option<u32>) {
+    /// Accesses by kernels outside their launch's bound ranges or to pages the table did not
+    /// map, since the last [`PageTable::reset_faults`], and where the first one was.
+    pub fn faults(&self) -> (u32, Option<FaultSite>) {
         let n = self.word(0).load(Ordering::Acquire);
-        (n, (n > 0).then(|| self.word(1).load(Ordering::Acquire)))
+        let site = (n > 0).then(|| {
+            let [buffer, page, word] = [1, 2, 3].map(|i| self.word(i).load(Ordering::Acquire));
+            FaultSite {
+                buffer,
+                offset: u64::from(page) * crate::pfn::PAGE_SIZE as u64 + u64::from(word) * 4,
+            }
+        });
+        (n, site)
     }
 
     /// Zeroes the fault counters.
     pub fn reset_faults(&self) {
-        self.word(0).store(0, Ordering::Release);
-        self.word(1).store(0, Ordering::Release);
+        for i in 0..TABLE_HEADER_WORDS {
+            self.word(i).store(0, Ordering::Release);
+        }
     }
 }
 
@@ -407,6 +427,46 @@ mod tests {
             matches!(&r, KernelRejection::HelperInternals { name, .. } if name == "hm_table"),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn page_handles_come_only_from_the_helper() {
+        build(
+            "@compute @workgroup_size(1)\n\
+             fn main() { let p = hm_page(0u, 1u); hm_page_store(p, 3u, hm_page_load(p, 2u)); }\n",
+        )
+        .unwrap();
+        for (src, line) in [
+            (
+                "@compute @workgroup_size(1)\n\
+                 fn main() {\n\
+                     let p = HmPage(3u, 4096u, true);\n\
+                     hm_page_store(p, 0u, 1u);\n\
+                 }\n",
+                3,
+            ),
+            (
+                "@compute @workgroup_size(1)\n\
+                 fn main() {\n\
+                     var p = hm_page(0u, 0u);\n\
+                     p.first = 4096u;\n\
+                     hm_page_store(p, 0u, 1u);\n\
+                 }\n",
+                3,
+            ),
+            (
+                "var<private> kept: array<HmPage, 2>;\n\
+                 @compute @workgroup_size(1)\n\
+                 fn main() { hm_page_store(kept[1], 0u, 1u); }\n",
+                1,
+            ),
+        ] {
+            assert_eq!(
+                rejection(src),
+                KernelRejection::PageHandle { line },
+                "{src}"
+            );
+        }
     }
 
     fn compile_message(user: &str) -> String {

@@ -50,7 +50,7 @@ pub use device::{CopyStats, Device, Ticket};
 pub use error::{EngineError, ErrorKind, Result};
 pub use frames::HostFramePool;
 pub use inspect::KernelRejection;
-pub use kernel::{Kernel, PageTable, KERNEL_HELPER};
+pub use kernel::{FaultSite, Kernel, PageTable, KERNEL_HELPER};
 pub use pagemap::DEFAULT_CHUNK_BYTES;
 pub use pfn::{reserve_pfn_range, Pfn, PfnRange, PAGE_SHIFT, PAGE_SIZE};
 pub use select::{

@@ -117,12 +117,19 @@ pub enum Error {
         /// The budget in pages.
         budget: usize,
     },
-    /// A kernel loaded or stored a managed address whose page was not on the device.
-    #[error("a kernel touched {addr:#x}, which is not on the device ({accesses} such accesses)")]
+    /// A kernel loaded or stored outside the ranges its launch bound (or, which pinning
+    /// prevents, a page that was not on the device); the access read zeros and wrote nothing.
+    #[error("a kernel touched byte {offset} of its buffer {buffer}{}, outside the range the launch bound ({accesses} such accesses)", addr.map_or(" (not bound)".to_string(), |a| format!(" (bound at {a:#x})")))]
     KernelFault {
-        /// The first address a kernel touched that its page table did not map.
-        addr: u64,
-        /// Loads and stores that found no device page.
+        /// The buffer, as its index in the launch's list.
+        buffer: usize,
+        /// The address of the buffer's byte 0 as the kernel sees it (the start of the page
+        /// holding the bound range's first byte); `None` if the launch bound no buffer
+        /// with that index.
+        addr: Option<u64>,
+        /// The byte offset of the first such access from `addr`.
+        offset: u64,
+        /// Loads and stores that fell outside.
         accesses: u32,
     },
     /// This thread holds the address space's map lock shared (a migration between setup and

@@ -1,4 +1,6 @@
 //! User kernels on the engine: WGSL with hetmem's helper, page tables, dispatch, faults.
+// A dispatch binds a list of entry ranges, often of one buffer.
+#![allow(clippy::single_range_in_vec_init)]
 
 use hetmem_engine::{DeviceKind, EngineError, ErrorKind, KernelRejection, PAGE_SIZE};
 use hetmem_tests::open_for_test;
@@ -46,7 +48,7 @@ fn a_kernel_translates_through_the_page_table() {
     assert_eq!(table.get(0), None);
     // Buffer 0 starts at virtual page 2 and spans 3 pages.
     let groups = (3 * PAGE_SIZE as u32 / 4).div_ceil(64);
-    dev.dispatch(&kernel, &table, &[2], &[7, 3], [groups, 1, 1])
+    dev.dispatch(&kernel, &table, &[2..5], &[7, 3], [groups, 1, 1])
         .unwrap()
         .wait()
         .unwrap();
@@ -65,7 +67,7 @@ fn a_kernel_translates_through_the_page_table() {
 
     // A page the table does not map: the kernel records a fault and writes nothing there.
     table.set(3, None).unwrap();
-    dev.dispatch(&kernel, &table, &[2], &[1, 3], [groups, 1, 1])
+    dev.dispatch(&kernel, &table, &[2..5], &[1, 3], [groups, 1, 1])
         .unwrap()
         .wait()
         .unwrap();
@@ -75,7 +77,13 @@ fn a_kernel_translates_through_the_page_table() {
         2 * PAGE_SIZE / 4,
         "one load and one store per word"
     );
-    assert_eq!(first, Some(3));
+    let first = first.expect("a fault site");
+    assert_eq!(first.buffer, 0);
+    assert_eq!(
+        first.offset / PAGE_SIZE as u64,
+        1,
+        "page 1 of the buffer: entry 3"
+    );
     let mut page = vec![0u8; PAGE_SIZE];
     dev.read_page(order[1], 0, &mut page).unwrap();
     assert_eq!(words(&page)[5], 10_005 + 7, "unmapped page left alone");
@@ -98,10 +106,24 @@ fn bad_kernels_and_bad_dispatches_are_refused() {
     let kernel = dev.compile_kernel(ADD, "add").unwrap();
     let table = dev.page_table(4).unwrap();
     let e = dev
-        .dispatch(&kernel, &table, &[0], &[1, 1], [0, 1, 1])
+        .dispatch(&kernel, &table, &[0..1], &[1, 1], [0, 1, 1])
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Misuse, "{e}");
     assert!(table.set(4, None).is_err(), "entry past the end");
+    #[allow(clippy::reversed_empty_ranges)] // a reversed range is one of the bad inputs
+    let bad_ranges = [3..5, 2..1];
+    for bad in bad_ranges {
+        let e = dev
+            .dispatch(
+                &kernel,
+                &table,
+                std::slice::from_ref(&bad),
+                &[1, 1],
+                [1, 1, 1],
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Misuse, "{bad:?}: {e}");
+    }
     let host = open_for_test(DeviceKind::Host, 4 << 20, "bad_kernels").unwrap();
     assert!(
         table.set(0, Some(host.pfn_range().start)).is_err(),
@@ -112,7 +134,7 @@ fn bad_kernels_and_bad_dispatches_are_refused() {
     let other = open_for_test(DeviceKind::Vulkan, 4 << 20, "bad_kernels").unwrap();
     let foreign = other.page_table(4).unwrap();
     let e = dev
-        .dispatch(&kernel, &foreign, &[0], &[1, 1], [1, 1, 1])
+        .dispatch(&kernel, &foreign, &[0..1], &[1, 1], [1, 1, 1])
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Misuse, "{e}");
 }
@@ -155,7 +177,7 @@ fn kernels_and_tables_dropped_while_their_launches_run() {
                     let table = dev.page_table(2).unwrap();
                     table.set(1, Some(page)).unwrap();
                     for n in 1..=30u32 {
-                        dev.dispatch(&kernel, &table, &[1], &[1, 1], [groups, 1, 1])
+                        dev.dispatch(&kernel, &table, &[1..2], &[1, 1], [groups, 1, 1])
                             .unwrap()
                             .wait()
                             .unwrap();
@@ -178,7 +200,7 @@ fn kernels_and_tables_dropped_while_their_launches_run() {
                         let table = dev.page_table(4).unwrap();
                         table.set(3, Some(page)).unwrap();
                         let ticket = dev
-                            .dispatch(&kernel, &table, &[3], &[2, 1], [groups, 1, 1])
+                            .dispatch(&kernel, &table, &[3..4], &[2, 1], [groups, 1, 1])
                             .unwrap();
                         drop(kernel);
                         drop(table);
@@ -199,7 +221,7 @@ fn kernels_and_tables_dropped_while_their_launches_run() {
             fill(&dev, page, 0);
             table.set(0, Some(page)).unwrap();
             let ticket = dev
-                .dispatch(&kernel, &table, &[0], &[5, 1], [groups, 1, 1])
+                .dispatch(&kernel, &table, &[0..1], &[5, 1], [groups, 1, 1])
                 .unwrap();
             drop(table);
             drop(kernel);
@@ -279,7 +301,7 @@ fn kernels_outside_the_layout_or_the_limits_are_refused_before_any_pipeline() {
     fill(&dev, page, 0);
     let table = dev.page_table(1).unwrap();
     table.set(0, Some(page)).unwrap();
-    dev.dispatch(&ok, &table, &[0], &[], [1, 1, 1])
+    dev.dispatch(&ok, &table, &[0..1], &[], [1, 1, 1])
         .unwrap()
         .wait()
         .unwrap();
@@ -289,4 +311,120 @@ fn kernels_outside_the_layout_or_the_limits_are_refused_before_any_pipeline() {
     assert_eq!(&w[..3], &[63, 62, 61], "reversed through workgroup memory");
     assert_eq!(w[64], 64, "past the workgroup untouched");
     dev.free_page(page).unwrap();
+}
+
+/// Reads 1024 words of bound buffer 0 from byte `hm_arg(0)` into its first page, and writes
+/// 0xdead into 1024 words from byte `hm_arg(1)`, through `hm_ptr`, a forged `HmPtr`, or a
+/// page handle, as `hm_arg(2)` says (0, 1, 2).
+const PROBE: &str = r#"
+@compute @workgroup_size(64)
+fn probe(@builtin(global_invocation_id) g: vec3<u32>) {
+    if (g.x >= 1024u) {
+        return;
+    }
+    var v = 0u;
+    switch hm_arg(2) {
+        case 0u: {
+            v = hm_load(hm_ptr(0u, hm_arg(0) + g.x * 4u));
+            hm_store(hm_ptr(0u, hm_arg(1) + g.x * 4u), 0xdeadu);
+        }
+        case 1u: {
+            // A word index past the page: the next device page, if it were not checked.
+            v = hm_load(HmPtr(0u, 0u, 1024u + g.x));
+            hm_store(HmPtr(0u, 0u, 2048u + g.x), 0xdeadu);
+        }
+        default: {
+            let p = hm_page(0u, 0u);
+            v = hm_page_load(p, 1024u + g.x);
+            hm_page_store(p, 2048u + g.x, 0xdeadu);
+        }
+    }
+    hm_store(hm_ptr(0u, g.x * 4u), v);
+}
+"#;
+
+#[test]
+fn a_kernel_reaches_only_the_pages_its_launch_bound() {
+    let Some(dev) = open_for_test(DeviceKind::Vulkan, 4 << 20, "bound_pages_only") else {
+        return;
+    };
+    let kernel = dev.compile_kernel(PROBE, "probe").unwrap();
+    // Four consecutive device pages: buffer 0 is the first (entry 0), the others are
+    // mapped by the table right after it (entries 1..4) but not bound.
+    let pages = dev.alloc_pages(4, true).unwrap();
+    let table = dev.page_table(4).unwrap();
+    for (k, &p) in pages.iter().enumerate() {
+        fill(&dev, p, 1000 * k as u32);
+        table.set(k, Some(p)).unwrap();
+    }
+    let page = PAGE_SIZE as u32;
+    for (mode, read_at, write_at) in [(0u32, page, 2 * page), (1, 0, 0), (2, 0, 0)] {
+        table.reset_faults();
+        fill(&dev, pages[0], 0);
+        dev.dispatch(
+            &kernel,
+            &table,
+            &[0..1],
+            &[read_at, write_at, mode],
+            [16, 1, 1],
+        )
+        .unwrap()
+        .wait()
+        .unwrap();
+        let (n, site) = table.faults();
+        if mode < 2 {
+            assert_eq!(
+                n,
+                2 * 1024,
+                "mode {mode}: every load and store outside faults"
+            );
+            let site = site.unwrap();
+            assert_eq!(site.buffer, 0);
+            if mode == 0 {
+                assert!(
+                    (u64::from(page)..3 * u64::from(page)).contains(&site.offset),
+                    "{site:?}"
+                );
+            } else {
+                assert!(
+                    site.offset >= u64::from(page),
+                    "past the page's words: {site:?}"
+                );
+            }
+        } else {
+            assert_eq!(
+                n, 0,
+                "a page handle's words outside the page are dropped quietly"
+            );
+        }
+        let mut got = vec![0u8; PAGE_SIZE];
+        dev.read_page(pages[0], 0, &mut got).unwrap();
+        assert!(
+            words(&got).iter().all(|&w| w == 0),
+            "mode {mode}: reads outside the bound page give zeros"
+        );
+        for (k, &p) in pages.iter().enumerate().skip(1) {
+            check(&dev, p, 1000 * k as u32, "a page that was not bound");
+        }
+    }
+    // A buffer index the launch did not bind is outside too.
+    table.reset_faults();
+    let stray = dev
+        .compile_kernel(
+            "@compute @workgroup_size(1)\nfn main() { hm_store(hm_ptr(1u, 0u), hm_load(hm_ptr(3u, 8u))); }\n",
+            "main",
+        )
+        .unwrap();
+    dev.dispatch(&stray, &table, &[0..1], &[], [1, 1, 1])
+        .unwrap()
+        .wait()
+        .unwrap();
+    let (n, site) = table.faults();
+    assert_eq!(n, 2);
+    let site = site.unwrap();
+    assert!(site.buffer == 1 || site.buffer == 3, "{site:?}");
+    for (k, &p) in pages.iter().enumerate().skip(1) {
+        check(&dev, p, 1000 * k as u32, "a page that was not bound");
+    }
+    dev.free_pages(&pages).unwrap();
 }

@@ -325,9 +325,19 @@ fn a_kernel_past_its_buffer_faults_and_bad_launches_are_refused() {
         .wait()
         .unwrap_err();
     match e {
-        Error::KernelFault { addr, accesses } => {
-            assert!(addr >= a.addr() + 2 * 4096 && addr < a.addr() + 4 * 4096);
-            assert!(accesses > 0);
+        Error::KernelFault {
+            buffer,
+            addr,
+            offset,
+            accesses,
+        } => {
+            assert_eq!((buffer, addr), (0, Some(a.addr())));
+            assert!((2 * 4096..4 * 4096).contains(&offset), "{offset}");
+            assert_eq!(
+                accesses,
+                2 * 2 * 1024,
+                "a load and a store per word outside"
+            );
         }
         other => panic!("expected a kernel fault, got {other}"),
     }
@@ -522,4 +532,128 @@ fn a_64_mib_buffer_launches_over_a_2d_grid_and_every_word_changes_once() {
             .wrapping_add(i as u32);
         assert_eq!(got, want, "word {i} of {words}");
     }
+}
+
+/// Copies 1024 words of kernel buffer `hm_arg(0)` from byte `hm_arg(1)` into the first page
+/// of buffer 0, and writes 0xdead into 1024 words of the same buffer from byte `hm_arg(2)`.
+const PROBE: &str = r#"
+@compute @workgroup_size(64)
+fn probe(@builtin(global_invocation_id) g: vec3<u32>) {
+    if (g.x >= 1024u) {
+        return;
+    }
+    let v = hm_load(hm_ptr(hm_arg(0), hm_arg(1) + g.x * 4u));
+    hm_store(hm_ptr(hm_arg(0), hm_arg(2) + g.x * 4u), 0xdeadu);
+    hm_store(hm_ptr(0u, g.x * 4u), v);
+}
+"#;
+
+#[test]
+fn a_kernel_outside_its_ranges_faults_naming_the_buffer_and_touches_nothing_else() {
+    let Some(ctx) = context(DeviceKind::Vulkan, 32 * 4096, "kernel_outside_ranges") else {
+        return;
+    };
+    let kernel = ctx.compile_kernel(PROBE, "probe").unwrap();
+    let a = ctx.alloc(2 * 4096).unwrap();
+    let b = ctx.alloc(2 * 4096).unwrap();
+    let gone = ctx.alloc(2 * 4096).unwrap();
+    let pattern = |tag: u32| word_bytes(2 * 1024, move |i| tag << 16 | i as u32);
+    a.write(0, &pattern(0xa)).unwrap();
+    b.write(0, &pattern(0xb)).unwrap();
+    gone.write(0, &pattern(0xf)).unwrap();
+    // `gone` runs a kernel (its pages get device pages and table entries), then is freed.
+    ctx.launch(
+        &kernel,
+        &[(&gone, 0..gone.len())],
+        &[0, 4096, 4096],
+        [16, 1, 1],
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
+    gone.free().unwrap();
+    let zeros = word_bytes(1024, |_| 0);
+    // Buffer 1 is the second page of `b` only: its page before, its page after, and the
+    // freed buffer's pages beyond are all outside.
+    for (read_at, write_at) in [
+        (4096u32, 4096u32),
+        (8192, 3 * 4096),
+        (u32::MAX - 4095, 4096),
+    ] {
+        a.write(0, &pattern(0xa)).unwrap();
+        let e = ctx
+            .launch(
+                &kernel,
+                &[(&a, 0..4096), (&b, 4096..2 * 4096)],
+                &[1, read_at, write_at],
+                [16, 1, 1],
+            )
+            .unwrap()
+            .wait()
+            .unwrap_err();
+        match e {
+            Error::KernelFault {
+                buffer: 1,
+                addr: Some(at),
+                offset,
+                accesses: 2048,
+            } => {
+                assert_eq!(
+                    at,
+                    b.addr() + 4096,
+                    "buffer 1's offset 0 is b's second page"
+                );
+                assert!(offset >= 4096, "{offset}");
+            }
+            other => panic!("{read_at}/{write_at}: expected a fault in buffer 1, got {other}"),
+        }
+        let mut got = vec![0u8; 2 * 4096];
+        a.read(0, &mut got).unwrap();
+        assert_eq!(
+            &got[..4096],
+            &zeros[..],
+            "reads outside the range give zeros"
+        );
+        assert_eq!(
+            &got[4096..],
+            &pattern(0xa)[4096..],
+            "a's unbound page untouched"
+        );
+        b.read(0, &mut got).unwrap();
+        assert_eq!(got, pattern(0xb), "b untouched");
+    }
+    // A buffer index the launch never bound.
+    let e = ctx
+        .launch(&kernel, &[(&a, 0..4096)], &[2, 0, 0], [16, 1, 1])
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::KernelFault {
+                buffer: 2,
+                addr: None,
+                offset: 0,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // The helper's raw accessors are not reachable: such a kernel does not compile.
+    let e = ctx
+        .compile_kernel(
+            "@compute @workgroup_size(1)\nfn main() { hm_store(hm_ptr(0u, 0u), hm__chunk_load(0u, 0u)); }\n",
+            "main",
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Engine(hetmem_engine::EngineError::KernelRejected(
+                hetmem_engine::KernelRejection::HelperInternals { .. }
+            ))
+        ),
+        "{e}"
+    );
 }

@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, OnceLock, Weak};
 
-use hetmem_engine::{Kernel, PageTable, Pfn, Ticket};
+use hetmem_engine::{FaultSite, Kernel, PageTable, Pfn, Ticket};
 use parking_lot::Mutex;
 
 use super::gpu::Inner;
@@ -65,9 +65,9 @@ const PIN_ATTEMPTS: usize = 8;
 /// A dispatched kernel, as the table tracks it until it retires.
 struct Running {
     ticket: Ticket,
-    /// Set when it retires: faulting accesses and the first faulting window page, or the
-    /// error its wait gave.
-    outcome: OnceLock<std::result::Result<(u32, Option<u32>), String>>,
+    /// Set when it retires: faulting accesses and where the first was, or the error its
+    /// wait gave.
+    outcome: OnceLock<std::result::Result<(u32, Option<FaultSite>), String>>,
 }
 
 struct State {
@@ -169,7 +169,8 @@ impl Notifier for TableNotifier {
 pub struct Launch {
     running: Arc<Running>,
     table: Arc<SpaceTable>,
-    base: u64,
+    /// The bound ranges (page-aligned address, pages), in the kernel's buffer order.
+    ranges: Vec<(u64, usize)>,
     pins: Vec<DevicePin>,
 }
 
@@ -188,8 +189,9 @@ impl Launch {
     }
 
     /// Blocks until the kernel has finished, then releases its pins. Fails with
-    /// [`Error::KernelFault`] if the kernel touched a managed page that was not on the
-    /// device.
+    /// [`Error::KernelFault`], naming the buffer and the offset of the first such access,
+    /// if the kernel touched anything outside the ranges the launch bound (those accesses
+    /// read zeros and wrote nothing).
     pub fn wait(mut self) -> Result<()> {
         self.finish()
     }
@@ -208,12 +210,20 @@ impl Launch {
         self.pins.clear();
         match self.running.outcome.get() {
             Some(Ok((0, _))) => Ok(()),
-            Some(Ok((n, first))) => Err(Error::KernelFault {
-                addr: (self.base + u64::from(first.unwrap_or(0))) * PAGE,
-                accesses: *n,
-            }),
+            Some(Ok((n, site))) => {
+                let site = site.unwrap_or(FaultSite {
+                    buffer: 0,
+                    offset: 0,
+                });
+                Err(Error::KernelFault {
+                    buffer: site.buffer as usize,
+                    addr: self.ranges.get(site.buffer as usize).map(|r| r.0),
+                    offset: site.offset,
+                    accesses: *n,
+                })
+            }
             Some(Err(e)) => Err(Error::FaultFailed {
-                addr: self.base * PAGE,
+                addr: self.ranges[0].0,
                 reason: format!("kernel did not complete: {e}"),
             }),
             None => unreachable!("a retired kernel has an outcome"),
@@ -410,24 +420,26 @@ impl Inner {
                 st.set(pin.addr / PAGE + k as u64, pfn);
             }
         }
-        let firsts: Vec<u32> = ranges
+        let bound: Vec<std::ops::Range<u32>> = ranges
             .iter()
-            .map(|r| (r.0 / PAGE - st.base) as u32)
+            .map(|r| {
+                let first = (r.0 / PAGE - st.base) as u32;
+                first..first + r.1 as u32
+            })
             .collect();
         let t = st.table.as_ref().expect("made above");
         t.reset_faults();
-        let ticket = self.device.dispatch(kernel, t, &firsts, args, groups)?;
+        let ticket = self.device.dispatch(kernel, t, &bound, args, groups)?;
         let running = Arc::new(Running {
             ticket,
             outcome: OnceLock::new(),
         });
         st.running = Some(running.clone());
-        let base = st.base;
         drop(st);
         Ok(Launch {
             running,
             table,
-            base,
+            ranges: ranges.to_vec(),
             pins,
         })
     }
