@@ -132,6 +132,18 @@ pub enum Error {
         /// Loads and stores that fell outside.
         accesses: u32,
     },
+    /// A CPU access to a buffer found a page held on the device by a launch (running, or not
+    /// yet waited on) or by a `pin_on_device` guard; nothing was written. Wait for (or drop)
+    /// the launch, or drop the guard, and try again.
+    #[error(
+        "byte {offset} of the buffer at {addr:#x} is held on the device by a kernel launch or pin"
+    )]
+    HeldOnDevice {
+        /// The buffer's address.
+        addr: u64,
+        /// The byte offset in the buffer of the first held byte the access touches.
+        offset: usize,
+    },
     /// This thread holds the address space's map lock shared (a migration between setup and
     /// finalize, or a fault callback): munmap, mremap, mprotect and fork, which need it
     /// exclusively, would wait for it forever, and so would an access to a page under
@@ -194,6 +206,7 @@ impl Error {
             Error::PointersUnavailable(_) => ErrorKind::Unavailable,
             Error::OverBudget { .. } | Error::NoAddressSpace(_) => ErrorKind::OutOfMemory,
             Error::NoProgress { .. } => ErrorKind::Transient,
+            Error::HeldOnDevice { .. } => ErrorKind::Transient,
             Error::Engine(e) => match e.kind() {
                 hetmem_engine::ErrorKind::OutOfMemory => ErrorKind::OutOfMemory,
                 hetmem_engine::ErrorKind::DeviceLost => ErrorKind::DeviceLost,

@@ -179,7 +179,10 @@ fn failed_advice_and_a_write_across_a_pin_change_nothing() {
     let b = ctx.alloc(4 * 4096).unwrap();
     b.write(0, &[1; 4 * 4096]).unwrap();
     let pin = b.pin_on_device(3 * 4096..4 * 4096).unwrap();
-    assert!(matches!(b.write(0, &[2; 4 * 4096]), Err(Error::Busy(_))));
+    assert!(matches!(
+        b.write(0, &[2; 4 * 4096]),
+        Err(Error::HeldOnDevice { addr, offset }) if addr == b.addr() && offset == 3 * 4096
+    ));
     drop(pin);
     let mut out = vec![0u8; 4 * 4096];
     b.read(0, &mut out).unwrap();

@@ -106,7 +106,10 @@ fn device_pins_hold_pages_for_a_kernel() {
         .all(|&s| s == PageState::DevicePrivateLocal));
     assert!(ctx.driver().resident_pages() <= 4, "the budget holds");
     // The CPU cannot take a pinned device page away from the kernel.
-    assert!(matches!(a.read(0, &mut [0u8; 4]), Err(Error::Busy(_))));
+    assert!(matches!(
+        a.read(4100, &mut [0u8; 4]),
+        Err(Error::HeldOnDevice { addr, offset: 4100 }) if addr == a.addr()
+    ));
     drop(pin);
     let mut got = vec![0; 4 * 4096];
     a.read(0, &mut got).unwrap();
@@ -405,7 +408,7 @@ fn kernels_racing_faults_and_evictions_lose_no_update() {
                 match rng % 3 {
                     // A CPU read faults a page back (or finds it pinned by a kernel).
                     0 => match a.read(((rng as usize >> 8) % (pages * 4096)) & !3, &mut w) {
-                        Ok(()) | Err(Error::Busy(_)) => {}
+                        Ok(()) | Err(Error::HeldOnDevice { .. }) => {}
                         Err(e) => panic!("read: {e}"),
                     },
                     // Other work evicts whatever is not pinned.
@@ -656,4 +659,75 @@ fn a_kernel_outside_its_ranges_faults_naming_the_buffer_and_touches_nothing_else
         ),
         "{e}"
     );
+}
+
+#[test]
+fn cpu_access_free_and_evict_during_a_launch() {
+    let Some(ctx) = context(DeviceKind::Vulkan, 32 * 4096, "during_a_launch") else {
+        return;
+    };
+    hetmem_tests::harness::watchdog("during_a_launch", move || {
+        let kernel = ctx.compile_kernel(ADD, "add").unwrap();
+        let pages = 8;
+        let a = ctx.alloc(pages * 4096).unwrap();
+        let b = ctx.alloc(pages * 4096).unwrap();
+        let c = ctx.alloc(4096).unwrap();
+        let start = word_bytes(pages * 1024, |i| i as u32 * 7);
+        a.write(0, &start).unwrap();
+        c.write(0, &[9u8; 4096]).unwrap();
+        let groups = (pages as u32 * 1024).div_ceil(64);
+        let run = ctx
+            .launch(
+                &kernel,
+                &[(&a, 0..a.len()), (&b, 0..b.len())],
+                &[5, pages as u32],
+                [groups, 1, 1],
+            )
+            .unwrap();
+        // CPU access to a held range: a typed error naming the buffer and the offset, and
+        // nothing written.
+        let e = a.write(3 * 4096 + 8, &[1, 2, 3, 4]).unwrap_err();
+        assert!(
+            matches!(e, Error::HeldOnDevice { addr, offset: 12296 } if addr == a.addr()),
+            "{e}"
+        );
+        assert_eq!(e.kind(), hetmem::ErrorKind::Transient);
+        let e = a.read(5 * 4096 + 12, &mut [0u8; 8]).unwrap_err();
+        assert!(
+            matches!(e, Error::HeldOnDevice { addr, offset: 20492 } if addr == a.addr()),
+            "{e}"
+        );
+        // A buffer the launch does not hold is not affected.
+        let mut byte = [0u8; 1];
+        c.read(77, &mut byte).unwrap();
+        assert_eq!(byte, [9]);
+        // Evicting a held range moves nothing (after the kernel finished).
+        let moved = a.evict(0..a.len()).unwrap();
+        assert_eq!(moved.migrated, 0, "held pages stay on the device");
+        assert!(states(&ctx, a.addr(), pages)
+            .iter()
+            .all(|&s| s == PageState::DevicePrivateLocal));
+        // Freeing a bound buffer: the kernel finishes first, the launch still completes.
+        b.free().unwrap();
+        assert!(matches!(b.read(0, &mut byte), Err(Error::Freed)));
+        run.wait().unwrap();
+        assert_eq!(
+            ctx.driver().resident_pages(),
+            pages,
+            "the freed buffer's device pages went back when the launch ended"
+        );
+        // No byte lost: `a` holds the kernel's result, and is writable again.
+        let mut got = vec![0u8; pages * 4096];
+        a.read(0, &mut got).unwrap();
+        assert_eq!(got, word_bytes(pages * 1024, |i| i as u32 * 7 + 5));
+        a.write(3 * 4096 + 8, &[1, 2, 3, 4]).unwrap();
+        let mut w = [0u8; 4];
+        a.read(3 * 4096 + 8, &mut w).unwrap();
+        assert_eq!(w, [1, 2, 3, 4]);
+        let moved = a.evict(0..a.len()).unwrap();
+        assert_eq!(
+            moved.migrated, 0,
+            "the reads brought every page home already"
+        );
+    });
 }

@@ -266,6 +266,30 @@ impl Buffer {
         Ok((self.inner.addr + first * PAGE, (last - first) as usize))
     }
 
+    /// What a CPU access to `range` that failed with `e` reports: a page held on the device
+    /// (`Busy`, from a launch's or a guard's pin) becomes [`Error::HeldOnDevice`] with the
+    /// buffer's address and the offset of the first held byte of `range`, never a frame
+    /// number.
+    fn held_on_device(&self, e: Error, range: Range<usize>) -> Error {
+        if !matches!(e, Error::Busy(_)) {
+            return e;
+        }
+        let space = self.inner.ctx.space();
+        let pm = space.pagemap();
+        let held = (range.start as u64 / PAGE..(range.end as u64).div_ceil(PAGE)).find(|&k| {
+            let pte = space.pte(self.inner.addr + k * PAGE);
+            pte.pfn()
+                .and_then(|pfn| pm.page(pfn))
+                .is_some_and(|p| p.kind() != crate::mm::MemoryKind::System && p.pincount() > 0)
+        });
+        Error::HeldOnDevice {
+            addr: self.inner.addr,
+            offset: held
+                .map_or(range.start, |k| (k * PAGE) as usize)
+                .max(range.start),
+        }
+    }
+
     /// Moves the pages of `range` to `to`, in the background (on the context's one prefetch
     /// worker, in the order asked). A device prefetch larger than the device budget is
     /// refused (`OverBudget`) with nothing moved.
@@ -294,6 +318,11 @@ impl Buffer {
     }
 
     /// Moves the pages of `range` back to host memory now.
+    ///
+    /// During a launch that binds part of `range`: the eviction's invalidation first waits
+    /// for the running kernel to finish (the device page table is cleared only then), and the
+    /// pages the launch holds stay on the device until it is waited on or dropped; they are
+    /// counted as not migrated. Their bytes are the kernel's.
     pub fn evict(&self, range: Range<usize>) -> Result<Moved> {
         let (addr, n) = self.pages(range)?;
         self.inner
@@ -323,7 +352,12 @@ impl Buffer {
     }
 
     /// Copies bytes out of the buffer from `offset` (pages on the device fault back, or are
-    /// read in place if the memory is coherent).
+    /// read in place if the memory is coherent). A page held on the device by a launch
+    /// (running or not yet waited on) or a [`Buffer::pin_on_device`] guard cannot come back:
+    /// the read fails with [`Error::HeldOnDevice`], naming the buffer and the offset, and
+    /// `out` holds no meaningful bytes. It may wait for a running kernel to finish (the
+    /// fault's invalidation does), never for the launch to be waited on, which may be this
+    /// thread's to do.
     pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
         self.pages(offset..self.end_of(offset, out.len())?)?;
         let _use = self.begin(Use::Read)?;
@@ -331,11 +365,12 @@ impl Buffer {
             .ctx
             .space()
             .read(self.inner.addr + offset as u64, out)
+            .map_err(|e| self.held_on_device(e, offset..offset + out.len()))
     }
 
     /// Copies bytes into the buffer at `offset`. A range with a page held on the device (by a
-    /// [`Buffer::pin_on_device`] guard or a running launch) fails with [`Error::Busy`] before
-    /// any byte is written.
+    /// [`Buffer::pin_on_device`] guard or a launch, running or not yet waited on) fails with
+    /// [`Error::HeldOnDevice`], naming the buffer and the offset, before any byte is written.
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
         let (addr, n) = self.pages(offset..self.end_of(offset, data.len())?)?;
         let _use = self.begin(Use::Write)?;
@@ -344,11 +379,13 @@ impl Buffer {
         for k in 0..n as u64 {
             if let crate::mm::Pte::DevicePrivate { pfn, .. } = space.pte(addr + k * PAGE) {
                 if pm.page(pfn).is_some_and(|p| p.pincount() > 0) {
-                    return Err(Error::Busy(pfn));
+                    return Err(self.held_on_device(Error::Busy(pfn), offset..offset + data.len()));
                 }
             }
         }
-        space.write(self.inner.addr + offset as u64, data)
+        space
+            .write(self.inner.addr + offset as u64, data)
+            .map_err(|e| self.held_on_device(e, offset..offset + data.len()))
     }
 
     /// Brings `range` to the device and holds its pages there (no eviction, no migration)
@@ -371,6 +408,11 @@ impl Buffer {
     }
 
     /// Frees the buffer; every handle then fails with [`Error::Freed`].
+    ///
+    /// During a launch that binds it: the unmap's invalidation first waits for the running
+    /// kernel to finish, then the buffer's pages leave the address space; the device pages
+    /// the launch holds go back to the device when it is waited on or dropped, and its wait
+    /// reports the kernel's own outcome. Other buffers' bytes are untouched.
     pub fn free(&self) -> Result<()> {
         let _use = self.begin(Use::Write)?;
         if self.inner.freed.swap(true, Ordering::AcqRel) {
