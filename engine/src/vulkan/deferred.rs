@@ -76,14 +76,15 @@ impl<T> Graveyard<T> {
         self.graves.lock().len()
     }
 
-    /// Takes out the objects whose last use every queue has completed (`completed[q]` is
-    /// queue `q`'s timeline value); all of them when `completed` is `None` (the device is
-    /// idle).
-    pub(crate) fn ready(&self, completed: Option<LastUse>) -> Vec<T> {
+    /// Takes out the objects whose last use every queue has completed (`completed()[q]` is
+    /// queue `q`'s timeline value, asked only when some object waits); all of them when it
+    /// is `None` (the device is idle).
+    pub(crate) fn ready(&self, completed: impl FnOnce() -> Option<LastUse>) -> Vec<T> {
         let mut graves = self.graves.lock();
         if graves.is_empty() {
             return Vec::new();
         }
+        let completed = completed();
         let passed = |g: &Grave<T>| match completed {
             None => true,
             Some(c) => g.last_use.iter().zip(c).all(|(&used, done)| used <= done),
@@ -130,16 +131,26 @@ mod tests {
         g.bury("never used", [0, 0]);
         g.bury("transfer 3", [3, 0]);
         g.bury("both", [3, 5]);
-        assert_eq!(g.ready(Some([0, 0])), vec!["never used"]);
-        assert!(g.ready(Some([2, u64::MAX])).is_empty());
-        assert_eq!(g.ready(Some([3, 4])), vec!["transfer 3"]);
+        assert_eq!(g.ready(|| Some([0, 0])), vec!["never used"]);
+        assert!(g.ready(|| Some([2, u64::MAX])).is_empty());
+        assert_eq!(g.ready(|| Some([3, 4])), vec!["transfer 3"]);
         assert_eq!(g.len(), 1);
         assert_eq!(
-            g.ready(None),
+            g.ready(|| None),
             vec!["both"],
             "an idle device passed everything"
         );
         assert_eq!(g.len(), 0);
+        let asked = std::cell::Cell::new(false);
+        let none = g.ready(|| {
+            asked.set(true);
+            None
+        });
+        assert!(none.is_empty());
+        assert!(
+            !asked.get(),
+            "the timelines are not asked when nothing waits"
+        );
         let mut t = Tracked::new(());
         t.used(1, 7);
         t.used(1, 4);

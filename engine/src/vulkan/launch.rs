@@ -18,8 +18,9 @@ impl VulkanBackend {
     /// Destroys what the graveyard holds whose last use has completed (everything with
     /// `idle`, when the caller made sure the device is idle).
     pub(super) fn collect(&self, idle: bool) {
-        let completed = (!idle).then(|| deferred::completed(&self.ctx));
-        let ready = self.graveyard.ready(completed);
+        let ready = self
+            .graveyard
+            .ready(|| (!idle).then(|| deferred::completed(&self.ctx)));
         if ready.is_empty() {
             return;
         }
