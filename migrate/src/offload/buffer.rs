@@ -168,22 +168,49 @@ impl Buffer {
     /// assert_eq!(buf.view::<u32>()?[5], 7);
     /// # Ok(()) }
     /// ```
+    ///
+    /// A buffer with a page pinned on the device ([`Buffer::pin_on_device`], a launch in
+    /// flight) has no view: [`Error::Busy`] (a load of that page would wait for the pin,
+    /// which may be the viewing thread's own).
     pub fn view<T: bytemuck::Pod>(&self) -> Result<View<'_, T>> {
         let p = self.as_ptr()?;
         // SAFETY: the range is the buffer's own CPU mapping, page-aligned (so aligned for
         // any `Pod` type up to a page), mapped while `self` lives (freeing needs a token the
         // view excludes), its faults served by the context's mirror; its bytes do not change
         // while the view's token is held (every library write takes a token first).
-        unsafe { View::new(p, self.inner.len, &self.inner.access) }
+        let view = unsafe { View::new(p, self.inner.len, &self.inner.access) }?;
+        // Checked with the view's token held: no pin can be taken while it lives.
+        self.refuse_pinned()?;
+        Ok(view)
+    }
+
+    /// Fails with [`Error::Busy`] if a page of the buffer is pinned on the device (private
+    /// or coherent): a CPU access to it waits until the pin goes.
+    fn refuse_pinned(&self) -> Result<()> {
+        let space = self.inner.ctx.space();
+        let pm = space.pagemap();
+        for k in 0..(self.inner.len as u64).div_ceil(PAGE) {
+            let pfn = match space.pte(self.inner.addr + k * PAGE) {
+                crate::mm::Pte::DevicePrivate { pfn, .. } => pfn,
+                crate::mm::Pte::Present { pfn, .. } if !pm.frames().contains(pfn) => pfn,
+                _ => continue,
+            };
+            if pm.page(pfn).is_some_and(|p| p.pincount() > 0) {
+                return Err(Error::Busy(pfn));
+            }
+        }
+        Ok(())
     }
 
     /// The buffer's bytes as `&mut [T]` (as many whole `T`s as fit), for a buffer made by
     /// [`Context::alloc_mapped`]. While it lives, every other use of the bytes through the
-    /// library (`read`, `write`, views, launches, `free`) fails with [`Error::ViewActive`].
+    /// library (`read`, `write`, views, launches, pins, `free`) fails with
+    /// [`Error::ViewActive`]. Refused with [`Error::Busy`] as [`Buffer::view`] is.
     pub fn view_mut<T: bytemuck::Pod>(&self) -> Result<ViewMut<'_, T>> {
         let p = self.as_mut_ptr()?;
         // SAFETY: as in `view`, and the exclusive token keeps every other library access out.
         let view = unsafe { ViewMut::new(p, self.inner.len, &self.inner.access) }?;
+        self.refuse_pinned()?;
         // Checked with the view's token held: the protection cannot change while it lives.
         let space = self.inner.ctx.space();
         if space.vma(self.inner.addr).is_some_and(|v| !v.prot.write) {
@@ -390,9 +417,13 @@ impl Buffer {
 
     /// Brings `range` to the device and holds its pages there (no eviction, no migration)
     /// until the guard drops: what a device kernel needs while it runs. Pages already on the
-    /// device are pinned first, so bringing in the rest cannot evict them.
+    /// device are pinned first, so bringing in the rest cannot evict them. Fails with
+    /// [`Error::ViewActive`] while a view of the buffer lives (its loads would wait for the
+    /// pin), and views are refused while the pin lives.
     pub fn pin_on_device(&self, range: Range<usize>) -> Result<DevicePin> {
         let (addr, n) = self.pages(range)?;
+        // Held while pinning: a view made afterwards sees the pins.
+        let _use = self.begin(Use::Write)?;
         let ctx = &self.inner.ctx;
         ctx.driver().pin_on_device(ctx.space(), addr, n)
     }

@@ -196,8 +196,8 @@ impl Context {
         groups: [u32; 3],
     ) -> Result<Launch> {
         // No view may watch the bytes change: a live view fails the launch, and none can be
-        // made while the ranges are brought to the device and pinned (afterwards a view's
-        // access to a pinned page waits for the launch to be waited on or dropped).
+        // made while the ranges are brought to the device and pinned (afterwards a view is
+        // refused with `Busy` until the launch is waited on or dropped).
         let _uses = buffers
             .iter()
             .map(|(b, _)| b.begin(super::view::Use::Write))

@@ -1,0 +1,463 @@
+//! The CPU-pointer API (`Context::alloc_mapped`, `Buffer::as_ptr`, views) used as a hostile
+//! or careless user would: through the public API only, plus raw loads and stores that stay
+//! in bounds and race no other writer. Each test is named after what it found (or what it
+//! rules out); scenarios that end in a signal run in a child process of this binary.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hetmem::mm::{MemoryKind, PageState};
+use hetmem::offload::{Buffer, Context, ContextConfig, Location};
+use hetmem::Error;
+use hetmem_engine::{DeviceConfig, DeviceKind, HostFramePool};
+use hetmem_tests::harness::join_all;
+
+const PAGE: usize = 4096;
+
+/// A context on `kind` with `budget` bytes of device memory, over `frames` (the process-wide
+/// pool if `None`); `None` (said by name) when there is no such device outside CI.
+fn context_with(
+    kind: DeviceKind,
+    budget: u64,
+    frames: Option<Arc<HostFramePool>>,
+    test: &str,
+) -> Option<Context> {
+    let mut device = DeviceConfig::default().kind(kind).chunk(1 << 20);
+    device.frames = frames;
+    let config = ContextConfig {
+        device,
+        budget_bytes: budget,
+        memory: Some(MemoryKind::DevicePrivate),
+        fault_around: 16,
+    };
+    match Context::new(config) {
+        Ok(c) => Some(c),
+        Err(Error::Engine(e @ hetmem_engine::EngineError::NoDevice { .. })) => {
+            assert!(
+                !hetmem_engine::running_in_ci(),
+                "{test}: CI=true and no Vulkan device: {e}"
+            );
+            hetmem_tests::say_skipped(test, kind, &e);
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+fn context(kind: DeviceKind, budget: u64, test: &str) -> Option<Context> {
+    context_with(kind, budget, None, test)
+}
+
+/// A CPU-mapped buffer; `None` (said by name) where userfaultfd cannot be had, which under
+/// `CI=true` is a failure.
+fn mapped(ctx: &Context, bytes: usize, test: &str) -> Option<Buffer> {
+    match ctx.alloc_mapped(bytes) {
+        Ok(b) => Some(b),
+        Err(Error::PointersUnavailable(why)) => {
+            assert!(
+                !hetmem_engine::running_in_ci(),
+                "{test}: CI=true and no CPU pointers: {why}"
+            );
+            hetmem_tests::say_skipped(test, DeviceKind::Host, &why);
+            None
+        }
+        Err(e) => panic!("{test}: alloc_mapped: {e}"),
+    }
+}
+
+fn device_pages(ctx: &Context, buf: &Buffer) -> usize {
+    hetmem::mm::snapshot(
+        ctx.space(),
+        buf.addr(),
+        buf.len().div_ceil(PAGE),
+        ctx.driver().owner(),
+    )
+    .iter()
+    .filter(|s| {
+        matches!(
+            s,
+            PageState::DevicePrivateLocal | PageState::DeviceCoherentLocal
+        )
+    })
+    .count()
+}
+
+/// A word that differs by index, salt and buffer.
+fn word(i: usize, salt: u32) -> u32 {
+    (i as u32).wrapping_mul(0x9E37_79B1).rotate_left(7) ^ salt
+}
+
+fn fill(buf: &Buffer, salt: u32) {
+    for (i, w) in buf.view_mut::<u32>().unwrap().iter_mut().enumerate() {
+        *w = word(i, salt);
+    }
+}
+
+fn check(buf: &Buffer, salt: u32, what: &str) {
+    let mut bytes = vec![0u8; buf.len()];
+    buf.read(0, &mut bytes).unwrap();
+    for (i, c) in bytes.chunks_exact(4).enumerate() {
+        let w = u32::from_le_bytes(c.try_into().unwrap());
+        assert_eq!(w, word(i, salt), "{what}: word {i} (page {})", i * 4 / PAGE);
+    }
+}
+
+/// Runs this test binary again with only `test` and `HETMEM_CHILD=mode` (plus `env`), killing
+/// it if it runs past `limit` (a hang); returns how it ended, or `None` for a hang.
+fn run_child(
+    test: &str,
+    mode: &str,
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("HETMEM_CHILD", mode)
+        .envs(env.iter().copied())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory safety from safe code.
+// ---------------------------------------------------------------------------------------
+
+/// A view made while the buffer's pages are pinned on the device (by `pin_on_device`, as a
+/// launch does) used to be handed out; its first load then waited for the pin, which the
+/// same thread holds: after the fault's retries the thread got SIGBUS, from safe code. A
+/// view of pinned pages is refused with `Busy` instead, and a pin under a live view with
+/// `ViewActive`.
+#[test]
+fn a_view_under_its_own_threads_device_pin_is_refused_not_a_hang() {
+    let test = "a_view_under_its_own_threads_device_pin_is_refused_not_a_hang";
+    let ctx = context(DeviceKind::Host, 1 << 20, test).unwrap();
+    let Some(buf) = mapped(&ctx, 4 * PAGE, test) else {
+        return;
+    };
+    buf.write(PAGE, &[0x42]).unwrap();
+    {
+        let pin = buf.pin_on_device(0..buf.len()).unwrap();
+        assert_eq!(device_pages(&ctx, &buf), 4);
+        let v = buf.view::<u8>();
+        assert!(
+            matches!(v, Err(Error::Busy(_))),
+            "view of pinned pages: {v:?}"
+        );
+        let m = buf.view_mut::<u8>();
+        assert!(
+            matches!(m, Err(Error::Busy(_))),
+            "view_mut of pinned pages: {m:?}"
+        );
+        drop(pin);
+    }
+    {
+        let v = buf.view::<u8>().unwrap();
+        let pin = buf.pin_on_device(0..PAGE);
+        assert!(
+            matches!(pin, Err(Error::ViewActive)),
+            "a pin under a live view: {:?}",
+            pin.map(|_| ())
+        );
+        assert_eq!(v[PAGE], 0x42);
+    }
+    // And nothing is left pinned: the bytes move and come back.
+    buf.prefetch(0..buf.len(), Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(buf.view::<u8>().unwrap()[PAGE], 0x42);
+}
+
+/// The same scenario run to its end in a child: before the fix the load through the view
+/// waited for its own thread's pin and the child died of SIGBUS; now `view` says `Busy`.
+#[test]
+fn reading_a_view_under_ones_own_device_pin_is_not_a_sigbus() {
+    let test = "reading_a_view_under_ones_own_device_pin_is_not_a_sigbus";
+    if std::env::var("HETMEM_CHILD").is_err() {
+        let status = run_child(test, "pin", &[], Duration::from_secs(120));
+        let status = status.expect("the child hung");
+        assert_eq!(status.code(), Some(0), "child: {status:?}");
+        return;
+    }
+    let ctx = context(DeviceKind::Host, 1 << 20, test).unwrap();
+    let Some(buf) = mapped(&ctx, 2 * PAGE, test) else {
+        std::process::exit(0);
+    };
+    let _pin = buf.pin_on_device(0..buf.len()).unwrap();
+    let sum: u32 = match buf.view::<u8>() {
+        Ok(v) => v.iter().map(|&b| b as u32).sum(),
+        Err(Error::Busy(_)) => 0,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(sum, 0);
+    std::process::exit(0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Lost or stale bytes.
+// ---------------------------------------------------------------------------------------
+
+/// Home runs are reused after `free` and drop: a new buffer never shows an old one's bytes,
+/// whether those were written through a pointer, `write`, or came back from the device.
+#[test]
+fn a_reused_home_run_never_shows_an_old_buffers_bytes() {
+    let test = "a_reused_home_run_never_shows_an_old_buffers_bytes";
+    for kind in [DeviceKind::Host, DeviceKind::Vulkan] {
+        let Some(ctx) = context(kind, 1 << 20, test) else {
+            continue;
+        };
+        for round in 0..24usize {
+            let pages = 1 + round % 5;
+            let Some(buf) = mapped(&ctx, pages * PAGE, test) else {
+                return;
+            };
+            {
+                let v = buf.view::<u64>().unwrap();
+                let dirty = v.iter().position(|&w| w != 0);
+                assert_eq!(dirty, None, "{kind:?} round {round}: a new buffer not zero");
+            }
+            let mut back = vec![0u8; buf.len()];
+            buf.read(0, &mut back).unwrap();
+            assert!(back.iter().all(|&b| b == 0), "{kind:?} round {round}: read");
+            // Dirty it three ways, send some of it to the device, then let it go.
+            // SAFETY: inside the buffer; no view alive, no other thread uses it.
+            unsafe { buf.as_mut_ptr().unwrap().write_bytes(0xA5, buf.len()) };
+            buf.write(0, &[0x5A; 64]).unwrap();
+            if round % 2 == 0 {
+                buf.prefetch(0..buf.len(), Location::Device)
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+                if round % 4 == 0 {
+                    ctx.driver().evict_all().unwrap();
+                }
+            }
+            if round % 3 == 0 {
+                drop(buf);
+            } else {
+                buf.free().unwrap();
+            }
+        }
+        assert!(ctx.take_cpu_fault_error().is_none());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Leaks.
+// ---------------------------------------------------------------------------------------
+
+/// Every home frame goes back to the pool when buffers are freed or dropped, whatever state
+/// their pages were in (touched, on the device, evicted elsewhere, never touched), and the
+/// home runs can be reserved again.
+#[test]
+fn freed_and_dropped_mapped_buffers_return_every_home_frame() {
+    let test = "freed_and_dropped_mapped_buffers_return_every_home_frame";
+    let pool = HostFramePool::new(64 << 20).unwrap();
+    let ctx = context_with(DeviceKind::Host, 64 * PAGE as u64, Some(pool.clone()), test).unwrap();
+    // The context's own frames (the zero page and the like) are counted from here.
+    let Some(first) = mapped(&ctx, PAGE, test) else {
+        return;
+    };
+    first.free().unwrap();
+    let (used, avail) = (pool.in_use(), pool.available());
+    for round in 0..3 {
+        let bufs: Vec<Buffer> = (0..6)
+            .map(|i| mapped(&ctx, (i + 1) * 8 * PAGE, test).unwrap())
+            .collect();
+        for (i, b) in bufs.iter().enumerate() {
+            match i % 3 {
+                0 => fill(b, i as u32),
+                1 => {
+                    fill(b, i as u32);
+                    b.prefetch(0..b.len(), Location::Device)
+                        .unwrap()
+                        .wait()
+                        .unwrap();
+                }
+                _ => {}
+            }
+        }
+        ctx.driver().evict_all().unwrap();
+        for (i, b) in bufs.into_iter().enumerate() {
+            if i % 2 == 0 {
+                b.free().unwrap();
+            }
+        }
+        assert_eq!(
+            (pool.in_use(), pool.available()),
+            (used, avail),
+            "round {round}: frames in use / available after free and drop"
+        );
+    }
+}
+
+/// The names of this process's threads that start with `prefix` (`/proc/self/task`), sorted.
+fn threads_named(prefix: &str) -> Vec<String> {
+    let mut names = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .filter(|n| n.starts_with(prefix))
+        .collect::<Vec<_>>();
+    names.sort();
+    names
+}
+
+/// The fault thread (and the prefetch worker) end when the last handle of the context goes,
+/// even after faults, prefetches and a buffer dropped while its pages were on the device.
+#[test]
+fn the_fault_thread_stops_when_the_context_drops() {
+    let test = "the_fault_thread_stops_when_the_context_drops";
+    if std::env::var("HETMEM_CHILD").is_err() {
+        let status = run_child(test, "threads", &[], Duration::from_secs(120));
+        let status = status.expect("the child hung");
+        assert_eq!(status.code(), Some(0), "child: {status:?}");
+        return;
+    }
+    // Threads the process starts once (the test harness's, lazily made globals) are counted
+    // after a first round; every later round must end with the same set.
+    let mut before = None;
+    for round in 0..4 {
+        let ctx = context(DeviceKind::Host, 1 << 20, test).unwrap();
+        let Some(buf) = mapped(&ctx, 32 * PAGE, test) else {
+            std::process::exit(0);
+        };
+        fill(&buf, round);
+        buf.prefetch(0..buf.len(), Location::Device)
+            .unwrap()
+            .wait()
+            .unwrap();
+        check(&buf, round, "round trip");
+        assert_eq!(threads_named("hetmem-cpu-faul").len(), 1);
+        buf.prefetch(0..buf.len(), Location::Device)
+            .unwrap()
+            .wait()
+            .unwrap();
+        let other = buf.clone();
+        drop((buf, ctx));
+        // A buffer handle keeps its context: nothing stops yet.
+        assert_eq!(threads_named("hetmem-cpu-faul").len(), 1);
+        drop(other);
+        // The context is gone: its threads end (the prefetch worker is not joined: wait
+        // for it, under a generous deadline that only a leak reaches).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = threads_named("hetmem-");
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: threads left: {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let now = threads_named("");
+        match &before {
+            None => before = Some(now),
+            Some(b) => assert_eq!(&now, b, "round {round}: threads after the context dropped"),
+        }
+    }
+    std::process::exit(0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Races.
+// ---------------------------------------------------------------------------------------
+
+/// Many CPU-mapped buffers over a device budget smaller than any one of them: writer threads
+/// count words up through raw pointers while a mover prefetches whole buffers to the device
+/// (evicting the others by frame number, so pages come back outside their home frames) and
+/// `evict_all` runs. The last value each writer stored is what every buffer holds.
+#[test]
+fn stores_racing_budget_evictions_across_many_buffers_are_never_lost() {
+    let test = "stores_racing_budget_evictions_across_many_buffers";
+    for kind in [DeviceKind::Host, DeviceKind::Vulkan] {
+        let Some(ctx) = context(kind, 12 * PAGE as u64, test) else {
+            continue;
+        };
+        let (nbufs, pages, writers, rounds) = (6usize, 10usize, 3usize, 60u32);
+        let mut bufs = Vec::new();
+        for _ in 0..nbufs {
+            let Some(b) = mapped(&ctx, pages * PAGE, test) else {
+                return;
+            };
+            bufs.push(b);
+        }
+        let bufs = Arc::new(bufs);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mover = {
+            let (bufs, stop, ctx) = (bufs.clone(), stop.clone(), ctx.clone());
+            std::thread::spawn(move || {
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let b = &bufs[n % bufs.len()];
+                    b.prefetch(0..b.len(), Location::Device)
+                        .unwrap()
+                        .wait()
+                        .unwrap();
+                    if n % 5 == 4 {
+                        ctx.driver().evict_all().unwrap();
+                    }
+                    n += 1;
+                }
+                n
+            })
+        };
+        let hs: Vec<_> = (0..writers)
+            .map(|t| {
+                let bufs = bufs.clone();
+                std::thread::spawn(move || {
+                    let ptrs: Vec<usize> = bufs
+                        .iter()
+                        .map(|b| b.as_mut_ptr().unwrap() as usize)
+                        .collect();
+                    for round in 1..=rounds {
+                        for (k, &p) in ptrs.iter().enumerate() {
+                            for page in 0..pages {
+                                let at = p + page * PAGE + (t * 8 + k % 2) * 4;
+                                // SAFETY: in bounds; each thread stores only to its own words.
+                                unsafe { (at as *mut u32).write_volatile(round) };
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        join_all(test, hs, Duration::from_secs(240));
+        stop.store(true, Ordering::Relaxed);
+        let moves = join_all(test, vec![mover], Duration::from_secs(60))[0];
+        assert!(moves > 0);
+        for (k, b) in bufs.iter().enumerate() {
+            for page in 0..pages {
+                for t in 0..writers {
+                    let mut w = [0u8; 4];
+                    b.read(page * PAGE + (t * 8 + k % 2) * 4, &mut w).unwrap();
+                    assert_eq!(
+                        u32::from_le_bytes(w),
+                        rounds,
+                        "{kind:?} buffer {k} page {page} writer {t}"
+                    );
+                }
+            }
+        }
+        assert!(
+            ctx.take_cpu_fault_error().is_none(),
+            "{:?}",
+            ctx.take_cpu_fault_error()
+        );
+    }
+}
