@@ -135,6 +135,52 @@ fn run_child(
 // Memory safety from safe code.
 // ---------------------------------------------------------------------------------------
 
+/// `ctx.space().write` is safe and public: it must not change bytes that a live `View`
+/// (a `&[u32]`) is reading.
+#[test]
+fn space_write_changes_bytes_under_a_live_view() {
+    let test = "space_write_changes_bytes_under_a_live_view";
+    let ctx = context(DeviceKind::Host, 1 << 20, test).unwrap();
+    let Some(buf) = mapped(&ctx, 2 * PAGE, test) else {
+        return;
+    };
+    buf.write(0, &1u32.to_le_bytes()).unwrap();
+    let v = buf.view::<u32>().unwrap();
+    assert_eq!(v[0], 1);
+    let r = ctx.space().write(buf.addr(), &2u32.to_le_bytes());
+    assert!(
+        matches!(r, Err(Error::InvalidArgument(_))),
+        "the space wrote under a view: {r:?}"
+    );
+    assert_eq!(v[0], 1, "the bytes behind a shared reference changed");
+    drop(v);
+    // Through the buffer, the same write is fine once the view is gone.
+    buf.write(0, &3u32.to_le_bytes()).unwrap();
+    assert_eq!(buf.view::<u32>().unwrap()[0], 3);
+}
+
+/// `ctx.space().read` is safe and public: it must not read bytes that a live `ViewMut`
+/// (a `&mut [u32]`, possibly being written on another thread) holds exclusively.
+#[test]
+fn space_read_races_a_live_view_mut() {
+    let test = "space_read_races_a_live_view_mut";
+    let ctx = context(DeviceKind::Host, 1 << 20, test).unwrap();
+    let Some(buf) = mapped(&ctx, 2 * PAGE, test) else {
+        return;
+    };
+    let mut m = buf.view_mut::<u32>().unwrap();
+    m[0] = 9;
+    let mut out = [0u8; 4];
+    let r = ctx.space().read(buf.addr(), &mut out);
+    assert!(
+        matches!(r, Err(Error::InvalidArgument(_))),
+        "the space read bytes a &mut holds: {r:?}"
+    );
+    drop(m);
+    buf.read(0, &mut out).unwrap();
+    assert_eq!(u32::from_le_bytes(out), 9);
+}
+
 /// A view made while the buffer's pages are pinned on the device (by `pin_on_device`, as a
 /// launch does) used to be handed out; its first load then waited for the pin, which the
 /// same thread holds: after the fault's retries the thread got SIGBUS, from safe code. A

@@ -58,17 +58,62 @@ impl AddressSpace {
     }
 
     /// Reads `out.len()` bytes at `addr` through the page table.
+    ///
+    /// A range mapped for CPU pointers (`Context::alloc_mapped`) is refused with
+    /// [`Error::InvalidArgument`]: its bytes may sit behind a live `&mut` view, and only its
+    /// buffer knows (`Buffer::read`).
     pub fn read(&self, addr: u64, out: &mut [u8]) -> Result<()> {
+        self.read_checked(addr, out, false)
+    }
+
+    /// Writes `data` at `addr` through the page table.
+    ///
+    /// A range mapped for CPU pointers is refused with [`Error::InvalidArgument`]: its bytes
+    /// may sit behind a live view, and only its buffer knows (`Buffer::write`).
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.write_checked(addr, data, false)
+    }
+
+    /// `read`, of ranges mapped for CPU pointers too if `homed` (the caller has checked the
+    /// buffer's views).
+    pub(crate) fn read_checked(&self, addr: u64, out: &mut [u8], homed: bool) -> Result<()> {
+        if !homed {
+            self.refuse_homed(addr, out.len())?;
+        }
         self.for_each_span(addr, out.len(), false, |pm, pfn, off, range| {
             pm.read(pfn, off, &mut out[range])
         })
     }
 
-    /// Writes `data` at `addr` through the page table.
-    pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+    /// `write`, of ranges mapped for CPU pointers too if `homed` (the caller has checked the
+    /// buffer's views).
+    pub(crate) fn write_checked(&self, addr: u64, data: &[u8], homed: bool) -> Result<()> {
+        if !homed {
+            self.refuse_homed(addr, data.len())?;
+        }
         self.for_each_span(addr, data.len(), true, |pm, pfn, off, range| {
             pm.write(pfn, off, &data[range])
         })
+    }
+
+    /// Fails if a mapping of `[addr, addr + len)`, up to its first hole, is mapped for CPU
+    /// pointers (the hole is left to the access itself to report).
+    fn refuse_homed(&self, addr: u64, len: usize) -> Result<()> {
+        let end = addr.saturating_add(len as u64);
+        let mut at = addr & !(PAGE - 1);
+        while at < end {
+            match self.vma(at) {
+                Some(v) if v.home.is_some() => {
+                    return Err(Error::InvalidArgument(
+                        "the range is mapped for CPU pointers: use its buffer",
+                    ))
+                }
+                Some(v) => at = v.end,
+                // The access stops at the hole, before anything past it.
+                None => break,
+            }
+        }
+        Ok(())
     }
 
     fn for_each_span(

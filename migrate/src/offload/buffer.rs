@@ -391,7 +391,7 @@ impl Buffer {
         self.inner
             .ctx
             .space()
-            .read(self.inner.addr + offset as u64, out)
+            .read_checked(self.inner.addr + offset as u64, out, self.inner.mapped)
             .map_err(|e| self.held_on_device(e, offset..offset + out.len()))
     }
 
@@ -411,7 +411,7 @@ impl Buffer {
             }
         }
         space
-            .write(self.inner.addr + offset as u64, data)
+            .write_checked(self.inner.addr + offset as u64, data, self.inner.mapped)
             .map_err(|e| self.held_on_device(e, offset..offset + data.len()))
     }
 
