@@ -253,6 +253,37 @@ fn reading_a_view_under_ones_own_device_pin_is_not_a_sigbus() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Addresses.
+// ---------------------------------------------------------------------------------------
+
+/// A plain `alloc` takes an address range of the context's space that the process itself
+/// never reserved; the space used to hand out addresses where the kernel puts mappings, so a
+/// large plain buffer covered the address the kernel then chose for a CPU-mapped buffer and
+/// `alloc_mapped` failed with `AlreadyMapped`.
+#[test]
+fn a_large_plain_alloc_makes_alloc_mapped_fail() {
+    let test = "a_large_plain_alloc_makes_alloc_mapped_fail";
+    let ctx = context(DeviceKind::Host, 1 << 20, test).unwrap();
+    // Address space only: nothing is committed until touched.
+    let plain = ctx.alloc(2 << 40).unwrap();
+    let buf = match ctx.alloc_mapped(4 * PAGE) {
+        Ok(b) => b,
+        Err(Error::PointersUnavailable(why)) => {
+            assert!(!hetmem_engine::running_in_ci(), "{why}");
+            return;
+        }
+        Err(e) => panic!("alloc_mapped beside a large plain buffer: {e}"),
+    };
+    let p = plain.addr()..plain.addr() + plain.len() as u64;
+    assert!(!p.contains(&buf.addr()));
+    buf.view_mut::<u8>().unwrap()[5] = 5;
+    plain.write(5, &[6]).unwrap();
+    let mut b = [0u8; 1];
+    plain.read(5, &mut b).unwrap();
+    assert_eq!((buf.view::<u8>().unwrap()[5], b[0]), (5, 6));
+}
+
+// ---------------------------------------------------------------------------------------
 // Lost or stale bytes.
 // ---------------------------------------------------------------------------------------
 

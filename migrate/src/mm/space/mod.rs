@@ -30,8 +30,12 @@ pub use remap::MremapFlags;
 /// Bytes in a page, as a `u64` for address arithmetic.
 pub const PAGE: u64 = PAGE_SIZE as u64;
 const LEAF_SPAN: u64 = PAGE * PTRS_PER_LEAF as u64;
-/// Where `mmap` without an address starts looking.
-const MMAP_BASE: u64 = 0x7f00_0000_0000;
+/// Where `mmap` without an address starts looking: above every address the kernel hands
+/// this process unasked (48-bit user space on x86-64 and arm64; higher only on request), so
+/// a range the space picks never covers one the process maps itself, such as the view of a
+/// range mapped for CPU pointers (`Context::alloc_mapped`), which must sit at the same
+/// address in both.
+const MMAP_BASE: u64 = 1 << 48;
 /// One past the highest address a mapping may reach (a 56-bit address space).
 const MMAP_TOP: u64 = 1 << 56;
 
