@@ -538,3 +538,73 @@ fn stores_racing_budget_evictions_across_many_buffers_are_never_lost() {
         );
     }
 }
+
+/// The driver is public too (`ctx.driver()`): its `launch` must not run a kernel that
+/// writes bytes a live `View` is reading (`Context::launch` refuses that with `ViewActive`).
+#[test]
+fn a_driver_launch_changes_bytes_under_a_live_view() {
+    let test = "a_driver_launch_changes_bytes_under_a_live_view";
+    let Some(ctx) = context(DeviceKind::Vulkan, 4 << 20, test) else {
+        return;
+    };
+    let Some(buf) = mapped(&ctx, 4 * PAGE, test) else {
+        return;
+    };
+    buf.write(0, &5u32.to_le_bytes()).unwrap();
+    let k = ctx
+        .compile_kernel(
+            r#"
+@compute @workgroup_size(64)
+fn add(@builtin(global_invocation_id) g: vec3<u32>) {
+    let p = hm_ptr(0u, g.x * 4u);
+    hm_store(p, hm_load(p) + hm_arg(0));
+}"#,
+            "add",
+        )
+        .unwrap();
+    let v = buf.view::<u32>().unwrap();
+    assert_eq!(v[0], 5);
+    let r = ctx
+        .driver()
+        .launch(ctx.space(), &k, &[(buf.addr(), 1)], &[1], [1, 1, 1])
+        .and_then(|l| l.wait());
+    assert!(
+        matches!(r, Err(Error::InvalidArgument(_))),
+        "the driver launched over a CPU-mapped range: {r:?}"
+    );
+    assert_eq!(v[0], 5, "the bytes behind a shared reference changed");
+    drop(v);
+    ctx.launch(&k, &[(&buf, 0..PAGE)], &[1], [1, 1, 1])
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(
+        buf.view::<u32>().unwrap()[0],
+        6,
+        "through the context it works"
+    );
+}
+
+/// `ctx.driver().pin_on_device` skipped the buffer's view check: a live view's next load of
+/// the pinned page waited for a pin its own thread held (SIGBUS after the fault's retries).
+#[test]
+fn a_driver_pin_under_a_live_view_is_not_refused() {
+    let test = "a_driver_pin_under_a_live_view_is_not_refused";
+    let ctx = context(DeviceKind::Host, 1 << 20, test).unwrap();
+    let Some(buf) = mapped(&ctx, 2 * PAGE, test) else {
+        return;
+    };
+    let v = buf.view::<u8>().unwrap();
+    let pin = ctx.driver().pin_on_device(ctx.space(), buf.addr(), 2);
+    assert!(
+        matches!(pin, Err(Error::InvalidArgument(_))),
+        "the driver pinned a CPU-mapped range under a view: {:?}",
+        pin.map(|_| ())
+    );
+    assert_eq!(v[0], 0);
+    drop(v);
+    // The buffer's own pin is the way in.
+    let pin = buf.pin_on_device(0..buf.len()).unwrap();
+    assert_eq!(device_pages(&ctx, &buf), 2);
+    drop(pin);
+}

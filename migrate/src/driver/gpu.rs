@@ -307,8 +307,20 @@ impl GpuDriver {
     /// migration) until the guard drops, writable by a device kernel. Pages already on the
     /// device are pinned first, so bringing in the rest cannot evict them. A page shared
     /// after fork is copied first (as a CPU write would copy it); a read-only mapping fails
-    /// with [`Error::WriteDenied`].
+    /// with [`Error::WriteDenied`]. A range mapped for CPU pointers is refused with
+    /// [`Error::InvalidArgument`]: only its buffer knows its views (`Buffer::pin_on_device`).
     pub fn pin_on_device(
+        &self,
+        space: &AddressSpace,
+        addr: u64,
+        npages: usize,
+    ) -> Result<DevicePin> {
+        space.refuse_homed(addr, npages.saturating_mul(PAGE_SIZE))?;
+        self.inner.pin_on_device(space, addr, npages)
+    }
+
+    /// `pin_on_device` of any range, for a caller that has checked its buffer's views.
+    pub(crate) fn pin_on_device_unchecked(
         &self,
         space: &AddressSpace,
         addr: u64,
@@ -322,7 +334,24 @@ impl GpuDriver {
     /// the device and pinned, the space's device page table is brought up to date, and
     /// bound buffer `i` of the kernel (`hm_ptr(i, offset)` in WGSL) is `ranges[i]`; `args`
     /// are its `hm_arg` words. The pins hold until the launch is waited on or dropped.
+    /// Ranges mapped for CPU pointers are refused with [`Error::InvalidArgument`]: only their
+    /// buffers know their views (`Context::launch`).
     pub fn launch(
+        &self,
+        space: &AddressSpace,
+        kernel: &Kernel,
+        ranges: &[(u64, usize)],
+        args: &[u32],
+        groups: [u32; 3],
+    ) -> Result<Launch> {
+        for &(addr, n) in ranges {
+            space.refuse_homed(addr, n.saturating_mul(PAGE_SIZE))?;
+        }
+        self.inner.launch(space, kernel, ranges, args, groups)
+    }
+
+    /// `launch` over any ranges, for a caller that has checked their buffers' views.
+    pub(crate) fn launch_unchecked(
         &self,
         space: &AddressSpace,
         kernel: &Kernel,

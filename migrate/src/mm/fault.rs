@@ -98,7 +98,7 @@ impl AddressSpace {
 
     /// Fails if a mapping of `[addr, addr + len)`, up to its first hole, is mapped for CPU
     /// pointers (the hole is left to the access itself to report).
-    fn refuse_homed(&self, addr: u64, len: usize) -> Result<()> {
+    pub(crate) fn refuse_homed(&self, addr: u64, len: usize) -> Result<()> {
         let end = addr.saturating_add(len as u64);
         let mut at = addr & !(PAGE - 1);
         while at < end {

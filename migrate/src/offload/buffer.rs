@@ -425,7 +425,7 @@ impl Buffer {
         // Held while pinning: a view made afterwards sees the pins.
         let _use = self.begin(Use::Write)?;
         let ctx = &self.inner.ctx;
-        ctx.driver().pin_on_device(ctx.space(), addr, n)
+        ctx.driver().pin_on_device_unchecked(ctx.space(), addr, n)
     }
 
     /// The pages of `range` (address, count), for binding to a kernel launch.

@@ -213,7 +213,7 @@ impl Context {
             .collect::<Result<Vec<_>>>()?;
         self.inner
             .driver
-            .launch(&self.inner.space, kernel, &ranges, args, groups)
+            .launch_unchecked(&self.inner.space, kernel, &ranges, args, groups)
     }
 
     fn device(&self) -> &Device {
