@@ -608,3 +608,120 @@ fn a_driver_pin_under_a_live_view_is_not_refused() {
     assert_eq!(device_pages(&ctx, &buf), 2);
     drop(pin);
 }
+
+// ---------------------------------------------------------------------------------------
+// Hangs and exhaustion (each in a child process).
+// ---------------------------------------------------------------------------------------
+
+/// A thread blocked in a fault on a CPU-mapped page (a `read(2)` into it, while the page is
+/// pinned on the device) while another thread frees the buffer (`free`), or drops every
+/// handle and the context (`drop`): nothing hangs, the freeing thread gets `Ok`, and the
+/// blocked system call ends (with the bytes if it was served first, else `EFAULT`).
+#[test]
+fn freeing_or_dropping_under_a_blocked_fault_does_not_hang() {
+    let test = "freeing_or_dropping_under_a_blocked_fault_does_not_hang";
+    let Ok(mode) = std::env::var("HETMEM_CHILD") else {
+        for mode in ["free", "drop"] {
+            let status = run_child(test, mode, &[], Duration::from_secs(120));
+            let status = status.unwrap_or_else(|| panic!("{mode}: the child hung"));
+            assert_eq!(status.code(), Some(0), "{mode}: child: {status:?}");
+        }
+        return;
+    };
+    let ctx = context(DeviceKind::Host, 1 << 20, test).unwrap();
+    let Some(buf) = mapped(&ctx, 4 * PAGE, test) else {
+        std::process::exit(0);
+    };
+    if ctx.cpu_pointers().unwrap() != hetmem::cpu::FaultScope::All {
+        // Without kernel-mode faults the system call fails at once: nothing to block.
+        std::process::exit(0);
+    }
+    let pin = buf.pin_on_device(0..buf.len()).unwrap();
+    let mut fds = [0i32; 2];
+    // SAFETY: a pipe into a two-element array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: our own bytes into our own pipe.
+    assert_eq!(
+        unsafe { libc::write(fds[1], b"abcd".as_ptr().cast(), 4) },
+        4
+    );
+    let dst = buf.as_mut_ptr().unwrap() as usize + PAGE;
+    let reader = std::thread::spawn(move || {
+        // SAFETY: SIGBUS blocked for this thread only (a fault the mirror gives up on is
+        // signalled to it; the system call then sees EFAULT); the destination lies in the
+        // buffer when the call starts: the test is what happens when it goes meanwhile.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGBUS);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::read(fds[0], dst as *mut libc::c_void, 4)
+        }
+    });
+    // Let the reader block in its fault (if it has not yet, the outcome is the same).
+    std::thread::sleep(Duration::from_millis(200));
+    match mode.as_str() {
+        "free" => {
+            buf.free().unwrap();
+            drop(pin);
+        }
+        _ => drop((buf, ctx, pin)),
+    }
+    let got = reader.join().unwrap();
+    assert!(got == -1 || got == 4, "read(2) returned {got}");
+    std::process::exit(0);
+}
+
+/// With a 1 GiB host frame pool: a CPU-mapped buffer larger than the pool is a typed
+/// out-of-memory error; one that fits keeps its home frames while plain buffers exhaust the
+/// rest, so its pages still come back from the device (evictions by frame number fail, a
+/// CPU fault brings them home) with every byte.
+#[test]
+fn host_frame_exhaustion_keeps_mapped_buffers_whole() {
+    let test = "host_frame_exhaustion_keeps_mapped_buffers_whole";
+    if std::env::var("HETMEM_CHILD").is_err() {
+        let env = [("HETMEM_HOST_FRAMES_GIB", "1")];
+        let status = run_child(test, "oom", &env, Duration::from_secs(300));
+        let status = status.expect("the child hung");
+        assert_eq!(status.code(), Some(0), "child: {status:?}");
+        return;
+    }
+    let ctx = context(DeviceKind::Host, 256 << 20, test).unwrap();
+    let pool = ctx.driver().pagemap().frames().clone();
+    assert!(
+        pool.available() <= (1 << 30) / PAGE,
+        "the child's pool is 1 GiB"
+    );
+    match ctx.alloc_mapped(2 << 30) {
+        Err(Error::PointersUnavailable(_)) => std::process::exit(0),
+        Err(e) => assert_eq!(e.kind(), hetmem::ErrorKind::OutOfMemory, "{e}"),
+        Ok(_) => panic!("2 GiB of home frames from a 1 GiB pool"),
+    }
+    let buf = mapped(&ctx, 64 << 20, test).unwrap();
+    fill(&buf, 0x77);
+    buf.prefetch(0..buf.len(), Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(device_pages(&ctx, &buf), buf.len() / PAGE);
+    // Plain buffers take every other frame.
+    let mut plain = Vec::new();
+    let chunk = 64 << 20;
+    loop {
+        let b = ctx.alloc(chunk).unwrap();
+        match b.write(0, &vec![1u8; chunk]) {
+            Ok(()) => plain.push(b),
+            Err(e) => {
+                assert_eq!(e.kind(), hetmem::ErrorKind::OutOfMemory, "{e}");
+                break;
+            }
+        }
+        assert!(plain.len() < 32, "the pool never ran out");
+    }
+    // Evictions by frame number find no frame; the pages stay on the device, whole.
+    let _ = ctx.driver().evict_all();
+    check(&buf, 0x77, "after the pool ran out");
+    assert_eq!(device_pages(&ctx, &buf), 0);
+    assert!(ctx.take_cpu_fault_error().is_none());
+    std::process::exit(0);
+}
