@@ -42,7 +42,8 @@ pub struct NotifyRange {
 /// A device mirror's callbacks.
 pub trait Notifier: Send + Sync {
     /// Start of an invalidation: the mirror must stop using `range` of `space` before this
-    /// returns.
+    /// returns. It must not touch memory mapped for CPU pointers (`Context::alloc_mapped`)
+    /// that is not present: that fault waits for the invalidation to end (a deadlock).
     fn invalidate(&self, space: SpaceId, range: &NotifyRange);
     /// End of an invalidation: the entries of `range` are settled again (a mirror may fault
     /// them in). Called once per operation, after every `invalidate` it made.
