@@ -223,8 +223,9 @@ fn stores_racing_migrations_and_evictions_are_never_lost() {
         };
         let buf = Arc::new(buf);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let moved = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mover = {
-            let (buf, stop, ctx) = (buf.clone(), stop.clone(), ctx.clone());
+            let (buf, stop, ctx, moved) = (buf.clone(), stop.clone(), ctx.clone(), moved.clone());
             std::thread::spawn(move || {
                 let mut rounds = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -237,18 +238,22 @@ fn stores_racing_migrations_and_evictions_are_never_lost() {
                     buf.evict(r).unwrap();
                     ctx.driver().evict_all().unwrap();
                     rounds += 1;
+                    moved.store(rounds, std::sync::atomic::Ordering::Relaxed);
                 }
                 rounds
             })
         };
-        // Each writer owns every fourth word of every page and counts it up through a raw
-        // pointer; the last value written must be what is there at the end.
+        // Each writer owns one word of every page and counts it up through a raw pointer,
+        // for 200 rounds and until the mover has gone round several times; the last value
+        // written must be what is there at the end.
         let writers: Vec<_> = (0..3usize)
             .map(|t| {
-                let buf = buf.clone();
+                let (buf, moved) = (buf.clone(), moved.clone());
                 std::thread::spawn(move || {
                     let p = buf.as_mut_ptr().unwrap() as usize;
-                    for round in 1..=200u32 {
+                    let mut round = 0u32;
+                    while round < 200 || moved.load(std::sync::atomic::Ordering::Relaxed) < 4 {
+                        round += 1;
                         for page in 0..pages {
                             let at = p + page * PAGE + t * 4;
                             // SAFETY: inside the buffer; each thread writes only its own
@@ -256,22 +261,24 @@ fn stores_racing_migrations_and_evictions_are_never_lost() {
                             unsafe { (at as *mut u32).write_volatile(round) };
                         }
                     }
+                    round
                 })
             })
             .collect();
-        for w in writers {
-            w.join().expect("writer");
-        }
+        let last: Vec<u32> = writers
+            .into_iter()
+            .map(|w| w.join().expect("writer"))
+            .collect();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let rounds = mover.join().expect("mover");
-        assert!(rounds > 0);
+        assert!(rounds >= 4);
         for page in 0..pages {
             for t in 0..3 {
                 let mut b = [0u8; 4];
                 buf.read(page * PAGE + t * 4, &mut b).unwrap();
                 assert_eq!(
                     u32::from_le_bytes(b),
-                    200,
+                    last[t],
                     "{kind:?} page {page} writer {t}"
                 );
             }
