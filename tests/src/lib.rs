@@ -4,6 +4,7 @@
 pub mod dmirror;
 pub mod harness;
 pub mod soak;
+pub mod soak_offload;
 
 /// The KV-cache scenario the demo runs (the `hetmem-kv` crate, which the demo uses without
 /// this crate).

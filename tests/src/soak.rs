@@ -227,12 +227,7 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, String> {
                 failure.get_or_insert(format!("thread {k}: {e}"));
             }
             Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                failure.get_or_insert(format!("thread {k} panicked: {msg}"));
+                failure.get_or_insert(format!("thread {k} panicked: {}", panic_message(&*p)));
             }
         }
     }
@@ -285,6 +280,14 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, String> {
         ));
     }
     Ok(report)
+}
+
+/// The message a thread panicked with (a `String` or a `&str` payload; empty otherwise).
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 /// Errors an operation may end in under the soak's pressure: the operation did nothing, and

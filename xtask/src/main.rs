@@ -4,7 +4,7 @@
 //! - `cargo xtask test`: set up what is missing, then run every test of the workspace and a
 //!   short soak per device and memory kind.
 //! - `cargo xtask soak`: threads of random operations against a shadow model, with faults
-//!   injected (see `hetmem_tests::soak`).
+//!   injected (see `hetmem_tests::soak`; `--layer offload`: `hetmem_tests::soak_offload`).
 //! - `cargo xtask bench-report`: tables and plots of the last `cargo bench` results, with
 //!   ratios.
 //!
@@ -44,8 +44,9 @@ enum Task {
         #[arg(long)]
         copy_to: Option<std::path::PathBuf>,
     },
-    /// Threads of random operations through the migration API and the driver, with failed
-    /// copies and memory exhaustion injected, checked against a shadow model.
+    /// Threads of random operations through the migration API and the driver (`--layer
+    /// mm`) or a Context's managed buffers (`--layer offload`), with failed copies and
+    /// memory exhaustion injected, checked against a shadow model.
     Soak(soak::Args),
     /// Run the whole test suite (installs the Vulkan driver for the CPU if missing).
     Test {

@@ -1,4 +1,5 @@
-//! `cargo xtask soak`: runs `hetmem_tests::soak` with options, and the short soaks that
+//! `cargo xtask soak`: runs `hetmem_tests::soak` (`--layer mm`, the default) or
+//! `hetmem_tests::soak_offload` (`--layer offload`) with options, and the short soaks that
 //! `cargo xtask test` (CI) runs on every device and memory kind.
 
 //!
@@ -16,10 +17,16 @@ use hetmem::mm::MemoryKind;
 use hetmem_engine::DeviceKind;
 #[cfg(feature = "full")]
 use hetmem_tests::soak::{SoakConfig, SoakReport};
+#[cfg(feature = "full")]
+use hetmem_tests::soak_offload::{OffloadSoakConfig, OffloadSoakReport};
 
 /// Options of `cargo xtask soak`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// Which API to soak: mm (address spaces, migrations, the driver) or offload (a
+    /// Context's managed buffers, CPU pointers, kernel launches).
+    #[arg(long, default_value = "mm")]
+    layer: String,
     /// Device: host or vulkan (lavapipe without a GPU).
     #[arg(long, default_value = "host")]
     device: String,
@@ -38,15 +45,18 @@ pub struct Args {
     /// Seed of the first thread.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Pages each thread owns.
+    /// Pages each thread owns (offload: split over its buffers).
     #[arg(long, default_value_t = 16)]
     pages: usize,
+    /// Offload: buffers each thread owns (every other one CPU-mapped where pointers work).
+    #[arg(long, default_value_t = 2)]
+    buffers: usize,
     /// Device budget in pages.
     #[arg(long, default_value_t = 24)]
     budget: usize,
-    /// Host frames beyond what the regions need (small: exhaustion).
-    #[arg(long, default_value_t = 24)]
-    spare_frames: usize,
+    /// Host frames beyond what the regions need (small: exhaustion); offload: 64 if unset.
+    #[arg(long)]
+    spare_frames: Option<usize>,
     /// Chance per operation of injecting copy failures.
     #[arg(long, default_value_t = 0.02)]
     copy_failures: f64,
@@ -74,6 +84,11 @@ fn memory(name: &str) -> Result<MemoryKind> {
 #[cfg(feature = "full")]
 /// Runs one soak and prints what it did.
 pub fn run(args: &Args) -> Result<()> {
+    match args.layer.as_str() {
+        "mm" => {}
+        "offload" => return soak_offload(&offload_config(args)?),
+        other => bail!("unknown layer {other:?} (mm, offload)"),
+    }
     let config = SoakConfig {
         device: device(&args.device)?,
         memory: memory(&args.memory)?,
@@ -83,11 +98,84 @@ pub fn run(args: &Args) -> Result<()> {
         seed: args.seed,
         pages_per_thread: args.pages.max(1),
         budget_pages: args.budget.max(1),
-        spare_host_frames: args.spare_frames,
+        spare_host_frames: args.spare_frames.unwrap_or(24),
         copy_failure_rate: args.copy_failures.clamp(0.0, 1.0),
         ..SoakConfig::default()
     };
     soak(&config)
+}
+
+#[cfg(feature = "full")]
+fn offload_config(args: &Args) -> Result<OffloadSoakConfig> {
+    let buffers = args.buffers.max(1);
+    Ok(OffloadSoakConfig {
+        device: device(&args.device)?,
+        memory: memory(&args.memory)?,
+        threads: args.threads.max(1),
+        duration: Duration::from_secs(args.seconds),
+        max_ops: args.ops.unwrap_or(u64::MAX),
+        seed: args.seed,
+        buffers_per_thread: buffers,
+        pages_per_buffer: (args.pages / buffers).max(1),
+        budget_pages: args.budget.max(1),
+        spare_host_frames: args.spare_frames.unwrap_or(64),
+        copy_failure_rate: args.copy_failures.clamp(0.0, 1.0),
+        ..OffloadSoakConfig::default()
+    })
+}
+
+#[cfg(feature = "full")]
+fn soak_offload(config: &OffloadSoakConfig) -> Result<()> {
+    eprintln!(
+        "soak (offload): {:?} {:?}, {} threads x {} buffers of {} pages, budget {} pages, \
+         {:?}, seed {}, copy failures injected at {}",
+        config.device,
+        config.memory,
+        config.threads,
+        config.buffers_per_thread,
+        config.pages_per_buffer,
+        config.budget_pages,
+        config.duration,
+        config.seed,
+        config.copy_failure_rate
+    );
+    match hetmem_tests::soak_offload::run(config) {
+        Ok(r) => {
+            print_offload_report(&r);
+            Ok(())
+        }
+        Err(e) => bail!(
+            "offload soak failed ({:?} {:?}, seed {}): {e}",
+            config.device,
+            config.memory,
+            config.seed
+        ),
+    }
+}
+
+#[cfg(feature = "full")]
+fn print_offload_report(r: &OffloadSoakReport) {
+    let secs = r.wall.as_secs_f64();
+    if let Some(why) = &r.pointers_unavailable {
+        println!("soak (offload): CPU pointers unavailable, plain buffers only: {why}");
+    }
+    if let Some(why) = &r.kernels_unavailable {
+        println!("soak (offload): no kernel launches on this device: {why}");
+    }
+    println!(
+        "soak (offload): {} ops in {secs:.1} s ({:.0} ops/s wall), {} ended in an accepted \
+         error, {} copy-failure injections, {} kernel launches, {} pointer loads/stores/views \
+         ({} CPU faults served), {} faults, {} evictions; failures: 0",
+        r.ops,
+        r.ops as f64 / secs,
+        r.errors,
+        r.injected,
+        r.launches,
+        r.pointer_ops,
+        r.cpu_faults,
+        r.faults,
+        r.evictions
+    );
 }
 
 #[cfg(feature = "full")]
@@ -149,6 +237,28 @@ pub fn ci() -> Result<()> {
             soak(&config)?;
             passed += 1;
         }
+    }
+    // The offload API on both devices (private memory), with pointers and, on Vulkan,
+    // kernel launches.
+    for dev in [DeviceKind::Host, DeviceKind::Vulkan] {
+        if dev == DeviceKind::Vulkan
+            && hetmem_engine::Device::open(hetmem_engine::DeviceConfig::default().kind(dev))
+                .is_err()
+        {
+            if hetmem_engine::running_in_ci() {
+                bail!("soak (offload): CI=true and no Vulkan device");
+            }
+            eprintln!("SKIPPED offload soak on Vulkan: no Vulkan device");
+            skipped += 1;
+            continue;
+        }
+        soak_offload(&OffloadSoakConfig {
+            device: dev,
+            duration: Duration::from_secs(10),
+            seed: 0x0ff1,
+            ..OffloadSoakConfig::default()
+        })?;
+        passed += 1;
     }
     // A failed soak returned above with its error.
     println!("soak: {passed} passed, 0 failed, {skipped} skipped");
