@@ -63,6 +63,19 @@ pub struct OffloadSoakConfig {
     pub copy_failure_rate: f64,
     /// A thread without progress for this long fails the run.
     pub stuck_after: Duration,
+    /// Breaks the run on purpose, to show that its checks catch it (`None` for a real run).
+    pub sabotage: Option<Sabotage>,
+}
+
+/// What a sabotaged run does wrong: thread 0, after its 50th operation, ...
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sabotage {
+    /// ... changes a byte of the shared buffer behind the soak's back.
+    CorruptByte,
+    /// ... stays in an operation for three times `stuck_after`.
+    Stall,
+    /// ... panics.
+    Panic,
 }
 
 impl Default for OffloadSoakConfig {
@@ -81,6 +94,7 @@ impl Default for OffloadSoakConfig {
             spare_host_frames: 64,
             copy_failure_rate: 0.02,
             stuck_after: Duration::from_secs(30),
+            sabotage: None,
         }
     }
 }
@@ -133,6 +147,8 @@ struct World {
     pointer_ops: AtomicU64,
     max_ops: u64,
     copy_failure_rate: f64,
+    sabotage: Option<Sabotage>,
+    stuck_after: Duration,
     /// Per thread: what it is doing and since when.
     doing: Vec<Mutex<Doing>>,
 }
@@ -233,6 +249,8 @@ pub fn run(config: &OffloadSoakConfig) -> Result<OffloadSoakReport, String> {
         pointer_ops: AtomicU64::new(0),
         max_ops: config.max_ops,
         copy_failure_rate: config.copy_failure_rate,
+        sabotage: config.sabotage,
+        stuck_after: config.stuck_after,
         doing: (0..config.threads)
             .map(|_| {
                 Mutex::new(Doing {
@@ -508,4 +526,55 @@ fn check_peek(w: &World, b: &Buffer, want: &[u8]) -> Result<(), String> {
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn short(device: DeviceKind, sabotage: Option<Sabotage>) -> Result<OffloadSoakReport, String> {
+        run(&OffloadSoakConfig {
+            device,
+            threads: 4,
+            duration: Duration::from_millis(1500),
+            stuck_after: Duration::from_millis(if sabotage.is_some() { 500 } else { 20_000 }),
+            sabotage,
+            ..OffloadSoakConfig::default()
+        })
+    }
+
+    #[test]
+    fn a_short_offload_soak_passes_on_every_device() {
+        let report = short(DeviceKind::Host, None).unwrap();
+        assert!(report.ops > 100, "{report:?}");
+        // Under CI=true (as root) pointers must have been used; the run fails otherwise.
+        if report.pointers_unavailable.is_none() {
+            assert!(report.pointer_ops > 0, "{report:?}");
+        }
+        if crate::open_for_test(DeviceKind::Vulkan, 1 << 20, "offload_soak").is_some() {
+            let report = short(DeviceKind::Vulkan, None).unwrap();
+            assert!(report.launches > 0, "kernels ran on Vulkan: {report:?}");
+        }
+    }
+
+    #[test]
+    fn a_byte_changed_behind_the_shadow_fails_the_run() {
+        let e = short(DeviceKind::Host, Some(Sabotage::CorruptByte)).unwrap_err();
+        assert!(e.contains("shared buffer") && e.contains("expected"), "{e}");
+    }
+
+    #[test]
+    fn a_stuck_thread_fails_the_run_naming_every_thread() {
+        let e = short(DeviceKind::Host, Some(Sabotage::Stall)).unwrap_err();
+        assert!(e.starts_with("stuck: thread 0:"), "{e}");
+        for k in 0..4 {
+            assert!(e.contains(&format!("thread {k}: ")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_panic_fails_the_run_with_its_message() {
+        let e = short(DeviceKind::Host, Some(Sabotage::Panic)).unwrap_err();
+        assert!(e.contains("thread 0 panicked: sabotage"), "{e}");
+    }
 }

@@ -11,7 +11,7 @@ use hetmem_engine::Pfn;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{accepted, check_peek, check_read, first_difference, Doing, Owned, World};
+use super::{accepted, check_peek, check_read, first_difference, Doing, Owned, Sabotage, World};
 
 /// The operations, with their weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,7 +120,12 @@ pub(super) fn worker(w: &World, me: usize, seed: u64, nbuf: usize) -> Result<Vec
     for o in owned.iter_mut() {
         o.buf = Some(allocate(w, o.mapped).map_err(|e| format!("allocating: {e}"))?);
     }
+    let mut done = 0u64;
     while !w.stop.load(Ordering::Relaxed) && w.ops.load(Ordering::Relaxed) < w.max_ops {
+        done += 1;
+        if me == 0 && done == 50 {
+            sabotage(w);
+        }
         let op = Op::pick(&mut rng, w.copy_failure_rate);
         let slot = rng.random_range(0..nbuf);
         *w.doing[me].lock().unwrap() = Doing {
@@ -494,4 +499,22 @@ fn inject(w: &World, rng: &mut StdRng) {
     }
     w.device.inject_copy_failures(&pfns);
     w.injected.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Breaks the run as the configuration asks (tests of the soak's own checks).
+fn sabotage(w: &World) {
+    match w.sabotage {
+        None => {}
+        Some(Sabotage::CorruptByte) => {
+            // Through the address space, as no operation of the soak writes; into the shared
+            // buffer, which no operation rewrites (so nothing can hide the change).
+            let at = w.shared.addr() + 5;
+            w.ctx
+                .space()
+                .write(at, &[!w.shared_bytes[5]])
+                .expect("the sabotage's write");
+        }
+        Some(Sabotage::Stall) => std::thread::sleep(w.stuck_after * 3),
+        Some(Sabotage::Panic) => panic!("sabotage"),
+    }
 }
