@@ -106,6 +106,10 @@ pub struct OffloadSoakReport {
     pub ops: u64,
     /// Operations that ended in an accepted error (out of memory, busy, a failed copy).
     pub errors: u64,
+    /// Of those, how many were out of memory (device or host).
+    pub out_of_memory: u64,
+    /// The accepted errors by operation and error variant (`"kernel launch: Busy"`).
+    pub error_counts: std::collections::BTreeMap<String, u64>,
     /// Times copy failures were injected.
     pub injected: u64,
     /// Kernel launches that ran (0 where the device runs no kernels).
@@ -142,6 +146,8 @@ struct World {
     stop: AtomicBool,
     ops: AtomicU64,
     errors: AtomicU64,
+    out_of_memory: AtomicU64,
+    error_counts: Mutex<std::collections::BTreeMap<String, u64>>,
     injected: AtomicU64,
     launches: AtomicU64,
     pointer_ops: AtomicU64,
@@ -192,9 +198,10 @@ pub fn run(config: &OffloadSoakConfig) -> Result<OffloadSoakReport, String> {
     let pages = config.pages_per_buffer.clamp(1, config.budget_pages.max(1));
     let budget = config.budget_pages.max(pages);
     let owned = config.threads * config.buffers_per_thread * pages;
-    // Mapped buffers keep a home run each; a page of theirs evicted by frame number comes
-    // back to any frame: room for both, and the spare.
-    let frames = 2 * owned + config.shared_pages + config.spare_host_frames + 64;
+    // Every buffer's pages (a mapped buffer's home run), the shared buffer, the context's
+    // own few frames, and the spare: a page of a mapped buffer evicted by frame number
+    // comes back to any frame, so with little spare the pool runs out now and then.
+    let frames = owned + config.shared_pages + config.spare_host_frames + 32;
     let pool = HostFramePool::new(frames * 4096).map_err(|e| format!("frame pool: {e}"))?;
     let frames_at_start = pool.in_use();
     let mut device = DeviceConfig::default().kind(config.device).chunk(1 << 20);
@@ -244,6 +251,8 @@ pub fn run(config: &OffloadSoakConfig) -> Result<OffloadSoakReport, String> {
         stop: AtomicBool::new(false),
         ops: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        out_of_memory: AtomicU64::new(0),
+        error_counts: Mutex::default(),
         injected: AtomicU64::new(0),
         launches: AtomicU64::new(0),
         pointer_ops: AtomicU64::new(0),
@@ -297,6 +306,8 @@ pub fn run(config: &OffloadSoakConfig) -> Result<OffloadSoakReport, String> {
     let report = OffloadSoakReport {
         ops: world.ops.load(Ordering::Relaxed),
         errors: world.errors.load(Ordering::Relaxed),
+        out_of_memory: world.out_of_memory.load(Ordering::Relaxed),
+        error_counts: world.error_counts.lock().unwrap().clone(),
         injected: world.injected.load(Ordering::Relaxed),
         launches: world.launches.load(Ordering::Relaxed),
         pointer_ops: world.pointer_ops.load(Ordering::Relaxed),

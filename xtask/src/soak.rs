@@ -164,11 +164,12 @@ fn print_offload_report(r: &OffloadSoakReport) {
     }
     println!(
         "soak (offload): {} ops in {secs:.1} s ({:.0} ops/s wall), {} ended in an accepted \
-         error, {} copy-failure injections, {} kernel launches, {} pointer loads/stores/views \
+         error ({} out of memory), {} copy-failure injections, {} kernel launches, {} pointer loads/stores/views \
          ({} CPU faults served), {} faults, {} evictions; failures: 0",
         r.ops,
         r.ops as f64 / secs,
         r.errors,
+        r.out_of_memory,
         r.injected,
         r.launches,
         r.pointer_ops,
@@ -176,6 +177,14 @@ fn print_offload_report(r: &OffloadSoakReport) {
         r.faults,
         r.evictions
     );
+    let errors: Vec<String> = r
+        .error_counts
+        .iter()
+        .map(|(what, n)| format!("{what} x{n}"))
+        .collect();
+    if !errors.is_empty() {
+        println!("soak (offload): accepted errors: {}", errors.join(", "));
+    }
 }
 
 #[cfg(feature = "full")]

@@ -143,8 +143,24 @@ pub(super) fn worker(w: &World, me: usize, seed: u64, nbuf: usize) -> Result<Vec
         w.ops.fetch_add(1, Ordering::Relaxed);
         let failed = match result {
             Ok(()) => false,
-            Err(Failure::Accepted(_)) => {
+            Err(Failure::Accepted(e)) => {
                 w.errors.fetch_add(1, Ordering::Relaxed);
+                if e.kind() == hetmem::ErrorKind::OutOfMemory {
+                    w.out_of_memory.fetch_add(1, Ordering::Relaxed);
+                }
+                let variant = |debug: String| {
+                    let end = debug.find(['(', ' ', '{']).unwrap_or(debug.len());
+                    debug[..end].to_string()
+                };
+                let variant = match &e {
+                    Error::Engine(inner) => format!("Engine::{}", variant(format!("{inner:?}"))),
+                    _ => variant(format!("{e:?}")),
+                };
+                *w.error_counts
+                    .lock()
+                    .unwrap()
+                    .entry(format!("{}: {variant}", op.name()))
+                    .or_default() += 1;
                 true
             }
             Err(Failure::Wrong(e)) => return Err(format!("{} on buffer {slot}: {e}", op.name())),
