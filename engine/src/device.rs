@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::backend::Backend;
+use crate::config::{DeviceConfig, DeviceInfo};
 use crate::copy::{plan_batch, CopyPlan, Location};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
@@ -14,87 +16,6 @@ use crate::inspect::KernelLimits;
 use crate::kernel::{Kernel, PageTable};
 use crate::pagemap::DevicePages;
 use crate::pfn::{Pfn, PfnRange, PAGE_SIZE};
-use crate::select::{DeviceConfig, DeviceInfo};
-
-/// What a backend reports about a batch it accepted.
-pub(crate) struct Submitted {
-    /// Completion value to wait for.
-    pub(crate) value: u64,
-    /// Pages copied by the gather kernel rather than by copy regions.
-    pub(crate) gathered_pages: usize,
-}
-
-/// The operations every backend (vulkan, wgpu, host) provides.
-pub(crate) trait Backend: Send + Sync {
-    /// Creates chunk `index` of `bytes`, zero-filled and committed.
-    fn alloc_chunk(&self, index: usize, bytes: u64) -> Result<()>;
-    /// Releases chunk `index` once no submitted work uses it.
-    fn free_chunk(&self, index: usize);
-    /// Records and submits a batch. With `queue_only`, the calling thread does none of the
-    /// copying (a CPU device may otherwise share it).
-    fn submit(&self, plan: &CopyPlan, queue_only: bool) -> Result<Submitted>;
-    /// True once the batch with this value has completed (and its results are visible).
-    fn poll(&self, value: u64) -> Result<bool>;
-    /// Blocks until the batch with this value has completed.
-    fn wait(&self, value: u64) -> Result<()>;
-    /// Fills whole device pages with zeros before returning.
-    fn zero_pages(&self, pages: &[Location]) -> Result<()>;
-    /// Copies bytes out of device memory, synchronously.
-    fn read(&self, at: Location, out: &mut [u8]) -> Result<()>;
-    /// Copies bytes into device memory, synchronously.
-    fn write(&self, at: Location, data: &[u8]) -> Result<()>;
-
-    /// What one kernel may bind and use on this device; an error says why kernels cannot
-    /// run on it.
-    fn kernel_limits(&self) -> Result<KernelLimits> {
-        Err(EngineError::Unsupported(
-            "kernels run on the Vulkan backend only".into(),
-        ))
-    }
-    /// Builds the pipeline of `entry` in `spirv`, binding `chunks` chunks; returns its id.
-    fn create_kernel(&self, spirv: &[u32], entry: &str, chunks: u32) -> Result<u64> {
-        let _ = (spirv, entry, chunks);
-        Err(EngineError::Unsupported(
-            "kernels run on the Vulkan backend only".into(),
-        ))
-    }
-    /// Destroys a kernel once no dispatch uses it.
-    fn destroy_kernel(&self, id: u64) {
-        let _ = id;
-    }
-    /// Allocates a zeroed table of `words` 32-bit words that the host writes and kernels
-    /// read; returns its id and host address.
-    fn alloc_table(&self, words: usize) -> Result<(u64, std::ptr::NonNull<u32>)> {
-        let _ = words;
-        Err(EngineError::Unsupported(
-            "kernels run on the Vulkan backend only".into(),
-        ))
-    }
-    /// Frees a table once no dispatch uses it.
-    fn free_table(&self, id: u64) {
-        let _ = id;
-    }
-    /// Objects (kernels, tables, chunks) let go of but not destroyed yet, because a
-    /// submission that may use them has not completed.
-    fn deferred_destroys(&self) -> usize {
-        0
-    }
-    /// Submits one dispatch of `kernel` over `groups`, binding `table`, `meta` and chunks
-    /// `0..chunks`; returns the completion value.
-    fn dispatch(
-        &self,
-        kernel: u64,
-        table: u64,
-        chunks: u32,
-        meta: &[u32],
-        groups: [u32; 3],
-    ) -> Result<u64> {
-        let _ = (kernel, table, chunks, meta, groups);
-        Err(EngineError::Unsupported(
-            "kernels run on the Vulkan backend only".into(),
-        ))
-    }
-}
 
 /// Counters of a device's copy work since it was opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -374,6 +374,16 @@ impl HostFramePool {
         )
     }
 
+    /// The host address of a frame location (a segment and an offset in it), as the plan
+    /// resolved it. Only the address is computed here; whoever reads or writes through it
+    /// answers for the location naming an allocated frame.
+    pub(crate) fn location_ptr(&self, at: Location) -> *mut u8 {
+        let MemoryId::Frames(s) = at.memory else {
+            unreachable!("a host address of device memory")
+        };
+        self.segment(s as usize).0.wrapping_add(at.offset as usize)
+    }
+
     /// Number of segments in the arena.
     pub(crate) fn segments(&self) -> usize {
         self.bytes / SEGMENT_BYTES

@@ -7,6 +7,7 @@ use std::ops::Range;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::backend::FIXED_BINDINGS;
 use crate::device::Device;
 use crate::error::{EngineError, Result};
 use crate::inspect::{inspect, KernelLimits, Origin};
@@ -32,9 +33,6 @@ pub struct FaultSite {
 
 /// The marker in the helper that the device's chunk bindings replace.
 const CHUNKS_MARKER: &str = "//@hetmem-chunks";
-
-/// Bindings the helper declares before the chunks.
-pub(crate) const FIXED_BINDINGS: u32 = 2;
 
 /// The full WGSL of a kernel for a device with `chunks` chunks of `chunk_pages` pages, and
 /// the bytes of it that are the user's source (its beginning).

@@ -29,6 +29,8 @@
 
 #![warn(missing_docs)]
 
+mod backend;
+mod config;
 pub mod copy;
 mod device;
 mod error;
@@ -45,6 +47,9 @@ mod spirv;
 mod vulkan;
 mod wgpu;
 
+pub use config::{
+    DeviceConfig, DeviceInfo, DeviceKind, DeviceType, GatherMode, HostAccess, HostAccessMode,
+};
 pub use copy::{CopyGroup, CopyPlan, Location, MemoryId, Region};
 pub use device::{CopyStats, Device, Ticket};
 pub use error::{EngineError, ErrorKind, Result};
@@ -53,7 +58,4 @@ pub use inspect::KernelRejection;
 pub use kernel::{FaultSite, Kernel, PageTable, KERNEL_HELPER};
 pub use pagemap::DEFAULT_CHUNK_BYTES;
 pub use pfn::{reserve_pfn_range, Pfn, PfnRange, PAGE_SHIFT, PAGE_SIZE};
-pub use select::{
-    running_in_ci, DeviceConfig, DeviceInfo, DeviceKind, DeviceType, GatherMode, HostAccess,
-    HostAccessMode,
-};
+pub use select::running_in_ci;

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use rayon::prelude::*;
 
+use crate::backend::{Backend, Submitted};
+use crate::config::{DeviceInfo, DeviceKind, DeviceType, HostAccess};
 use crate::copy::{CopyPlan, Location, MemoryId};
-use crate::device::{Backend, Submitted};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
 use crate::pfn::PAGE_SIZE;
-use crate::select::{DeviceInfo, DeviceKind, DeviceType, HostAccess};
 
 /// Copies at most this many bytes per task, so that one large region spreads over threads.
 const TASK_BYTES: usize = 1 << 20;
@@ -111,7 +111,7 @@ impl HostBackend {
     /// Address of `at`, which the caller has resolved to a live chunk or frame segment.
     fn addr(&self, chunks: &[Option<Arena>], at: Location) -> Result<*mut u8> {
         let base = match at.memory {
-            MemoryId::Frames(s) => self.frames.segment(s as usize).0,
+            MemoryId::Frames(_) => return Ok(self.frames.location_ptr(at)),
             MemoryId::Chunk(c) => {
                 let arena = chunks
                     .get(c as usize)

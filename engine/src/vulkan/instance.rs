@@ -5,8 +5,8 @@ use std::ffi::CStr;
 use ash::vk;
 
 use super::conv::error;
+use crate::config::DeviceType;
 use crate::error::{EngineError, Result};
-use crate::select::DeviceType;
 
 /// The loaded Vulkan library and an instance of it.
 pub(crate) struct Instance {

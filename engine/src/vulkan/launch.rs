@@ -49,7 +49,7 @@ impl VulkanBackend {
             &self.ctx,
             spirv,
             &name,
-            crate::kernel::FIXED_BINDINGS + chunks,
+            crate::backend::FIXED_BINDINGS + chunks,
         )?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.kernels.lock().insert(id, Tracked::new(p));

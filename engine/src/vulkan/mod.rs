@@ -21,14 +21,16 @@ use gpu_allocator::vulkan::{Allocator, AllocatorCreateDesc};
 use gpu_allocator::{AllocationSizes, AllocatorDebugSettings, MemoryLocation};
 use parking_lot::{Mutex, RwLock};
 
+use crate::backend::{Backend, Submitted, FIXED_BINDINGS};
+use crate::config::{
+    DeviceConfig, DeviceInfo, DeviceKind, DeviceType, GatherMode, HostAccess, HostAccessMode,
+};
 use crate::copy::{CopyPlan, Location, MemoryId};
-use crate::device::{Backend, Submitted};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
 use crate::inspect::KernelLimits;
 use crate::pfn::PAGE_SIZE;
 use crate::retire::Retirement;
-use crate::select::{DeviceConfig, DeviceInfo, DeviceKind, GatherMode, HostAccess, HostAccessMode};
 use context::{Context, Queue};
 use deferred::{Doomed, Graveyard, Tracked};
 use memory::Buffer;
@@ -92,7 +94,7 @@ pub(crate) fn open(
             }
         },
     };
-    let cpu_device = adapter.device_type == crate::select::DeviceType::Cpu;
+    let cpu_device = adapter.device_type == DeviceType::Cpu;
     let backend = VulkanBackend {
         cpu_device,
         cpu_assist: cpu_device
@@ -141,7 +143,7 @@ pub(crate) struct Held {
 }
 
 pub(crate) struct VulkanBackend {
-    frames: Arc<HostFramePool>,
+    pub(crate) frames: Arc<HostFramePool>,
     allocator: Mutex<Option<Allocator>>,
     chunks: RwLock<Vec<Option<Buffer>>>,
     imports: RwLock<Vec<Option<Buffer>>>,
@@ -250,15 +252,6 @@ impl VulkanBackend {
         }
     }
 
-    /// The host address of a frame location.
-    fn frame_ptr(&self, at: Location) -> *mut u8 {
-        let MemoryId::Frames(s) = at.memory else {
-            unreachable!("frame_ptr of device memory")
-        };
-        // SAFETY: the location was resolved from an allocated frame of the pool.
-        unsafe { self.frames.segment(s as usize).0.add(at.offset as usize) }
-    }
-
     /// Submits a recorded command buffer on queue `q` and tracks it until completion.
     fn submit_recorded(&self, q: usize, cb: vk::CommandBuffer, held: Held) -> Result<u64> {
         let batch = InFlight { cb, held };
@@ -292,7 +285,11 @@ impl VulkanBackend {
                 // SAFETY: the copy into staging completed (timeline passed); the destination
                 // frames were resolved as allocated when the batch was planned.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(src, self.frame_ptr(r.dst), r.size as usize)
+                    std::ptr::copy_nonoverlapping(
+                        src,
+                        self.frames.location_ptr(r.dst),
+                        r.size as usize,
+                    )
                 };
             }
             self.queue(q).recycle(&self.ctx.device, b.cb);
@@ -322,7 +319,7 @@ impl VulkanBackend {
     /// The host address of any location, when its memory is mapped.
     fn host_ptr(&self, at: Location) -> Option<*mut u8> {
         match at.memory {
-            MemoryId::Frames(_) => Some(self.frame_ptr(at)),
+            MemoryId::Frames(_) => Some(self.frames.location_ptr(at)),
             MemoryId::Chunk(_) => self.chunk_host_ptr(at),
         }
     }
@@ -495,7 +492,7 @@ impl Backend for VulkanBackend {
             .min(l.max_descriptor_set_storage_buffers)
             .min(l.max_per_stage_resources);
         Ok(KernelLimits {
-            max_chunks: per_stage.saturating_sub(crate::kernel::FIXED_BINDINGS),
+            max_chunks: per_stage.saturating_sub(FIXED_BINDINGS),
             max_binding_bytes: u64::from(l.max_storage_buffer_range),
             workgroup_memory: u64::from(l.max_compute_shared_memory_size),
             workgroup_size: l.max_compute_work_group_size,

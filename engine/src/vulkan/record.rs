@@ -4,10 +4,10 @@ use ash::vk;
 
 use super::conv::error;
 use super::{Held, Readback, VulkanBackend};
+use crate::backend::{copy_frames, gather_wanted, Submitted};
+use crate::config::{GatherMode, HostAccess};
 use crate::copy::{CopyGroup, CopyPlan, Location, MemoryId, Region};
-use crate::device::Submitted;
 use crate::error::Result;
-use crate::select::{GatherMode, HostAccess};
 
 /// Begins a one-time command buffer that first waits for all earlier work of its queue.
 pub(crate) fn begin(ctx: &super::Context, cb: vk::CommandBuffer) -> Result<()> {
@@ -77,14 +77,8 @@ fn regions(g: &CopyGroup) -> Vec<vk::BufferCopy> {
         .collect()
 }
 
-/// Gather pays off for a group of at least this many regions...
-const GATHER_MIN_REGIONS: usize = 64;
-/// ...whose regions average at most this many pages (longer runs copy faster as regions).
-const GATHER_MAX_PAGES_PER_REGION: usize = 4;
-
-/// Whether group `g` goes through the gather kernel. This is where regions or kernel is
-/// decided: `GatherMode::Auto` uses the thresholds above, measured on lavapipe with
-/// `cargo bench --bench copy` (scattered 4 KiB pages: kernel vs regions).
+/// Whether group `g` goes through the gather kernel: it can (the kernel exists, both objects
+/// can be bound, no staging is involved) and [`gather_wanted`] says it should.
 fn use_gather(b: &VulkanBackend, g: &CopyGroup) -> bool {
     let Some(gather) = &b.gather else {
         return false;
@@ -101,17 +95,7 @@ fn use_gather(b: &VulkanBackend, g: &CopyGroup) -> bool {
     if !fits(g.src) || !fits(g.dst) {
         return false;
     }
-    match b.gather_mode {
-        GatherMode::Never => false,
-        GatherMode::Always => true,
-        // On a CPU device the kernel measured slower than regions (lavapipe, 65 536
-        // scattered pages: 126 ms against 82 ms), so Auto keeps it for GPUs.
-        GatherMode::Auto => {
-            !b.cpu_device
-                && g.regions.len() >= GATHER_MIN_REGIONS
-                && g.pages() <= g.regions.len() * GATHER_MAX_PAGES_PER_REGION
-        }
-    }
+    gather_wanted(b.gather_mode, b.cpu_device, g)
 }
 
 /// Batches below this size are not split between the queue and the CPU.
@@ -327,18 +311,7 @@ fn record_groups(
             unsafe { b.ctx.device.cmd_copy_buffer(cb, src, dst, &regions(g)) };
         } else if host_src && host_dst {
             // Host to host without import: a plain memcpy, now.
-            for r in &g.regions {
-                let s = b.frame_ptr(Location {
-                    memory: g.src,
-                    offset: r.src_offset,
-                });
-                let d = b.frame_ptr(Location {
-                    memory: g.dst,
-                    offset: r.dst_offset,
-                });
-                // SAFETY: both spans are allocated frames; the plan refused overlaps.
-                unsafe { std::ptr::copy_nonoverlapping(s, d, r.size as usize) };
-            }
+            copy_frames(&b.frames, g);
         } else {
             record_staged(b, cb, g, host_src, held)?;
         }
@@ -366,7 +339,7 @@ fn record_staged(
     let mut at = 0u64;
     for r in &g.regions {
         if upload {
-            let src = b.frame_ptr(Location {
+            let src = b.frames.location_ptr(Location {
                 memory: g.src,
                 offset: r.src_offset,
             });

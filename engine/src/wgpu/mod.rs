@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::backend::{copy_frames, gather_wanted, Backend, Submitted};
+use crate::config::{DeviceConfig, DeviceInfo, DeviceKind, DeviceType, GatherMode, HostAccess};
 use crate::copy::{CopyGroup, CopyPlan, Location, MemoryId};
-use crate::device::{Backend, Submitted};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
 use crate::pfn::PAGE_SIZE;
-use crate::select::{DeviceConfig, DeviceInfo, DeviceKind, DeviceType, GatherMode, HostAccess};
 
 /// Opens the wgpu adapter `config` selects (by name substring, else high performance).
 pub(crate) fn open(
@@ -161,14 +161,6 @@ impl WgpuBackend {
             .ok_or_else(|| EngineError::DeviceLost(format!("chunk {c} does not exist")))
     }
 
-    fn frame_ptr(&self, at: Location) -> *mut u8 {
-        let MemoryId::Frames(s) = at.memory else {
-            unreachable!("frame_ptr of device memory")
-        };
-        // SAFETY: the location was resolved from an allocated frame of the pool.
-        unsafe { self.frames.segment(s as usize).0.add(at.offset as usize) }
-    }
-
     /// Fails if wgpu reported an error or lost the device since the last check.
     fn check(&self) -> Result<()> {
         if self.lost.load(Ordering::Acquire) {
@@ -180,6 +172,8 @@ impl WgpuBackend {
         }
     }
 
+    /// Whether group `g` goes through the gather kernel: it can (the kernel exists, the
+    /// objects are two chunks that can be bound) and [`gather_wanted`] says it should.
     fn use_gather(&self, g: &CopyGroup) -> bool {
         if self.gather.is_none() || g.src == g.dst {
             return false;
@@ -188,13 +182,7 @@ impl WgpuBackend {
         if !fits(g.src) || !fits(g.dst) {
             return false;
         }
-        match self.gather_mode {
-            GatherMode::Never => false,
-            GatherMode::Always => true,
-            GatherMode::Auto => {
-                !self.cpu_device && g.regions.len() >= 64 && g.pages() <= 4 * g.regions.len()
-            }
-        }
+        gather_wanted(self.gather_mode, self.cpu_device, g)
     }
 
     fn submit_encoder(
@@ -252,7 +240,7 @@ impl WgpuBackend {
                     unsafe {
                         std::ptr::copy_nonoverlapping(
                             src.as_ptr(),
-                            self.frame_ptr(at),
+                            self.frames.location_ptr(at),
                             len as usize,
                         )
                     };
@@ -365,20 +353,7 @@ impl Backend for WgpuBackend {
         let mut down_at = 0u64;
         for g in &plan.groups {
             match (g.src.is_device(), g.dst.is_device()) {
-                (false, false) => {
-                    for r in &g.regions {
-                        let s = self.frame_ptr(Location {
-                            memory: g.src,
-                            offset: r.src_offset,
-                        });
-                        let d = self.frame_ptr(Location {
-                            memory: g.dst,
-                            offset: r.dst_offset,
-                        });
-                        // SAFETY: both are allocated frame spans; the plan refused overlaps.
-                        unsafe { std::ptr::copy_nonoverlapping(s, d, r.size as usize) };
-                    }
-                }
+                (false, false) => copy_frames(&self.frames, g),
                 (false, true) => {
                     let up = upload.as_ref().expect("sized above");
                     let dst = self.chunk(g.dst)?;
@@ -387,7 +362,7 @@ impl Backend for WgpuBackend {
                         .get_mapped_range_mut()
                         .map_err(|e| EngineError::Wgpu(format!("{e:?}")))?;
                     for r in &g.regions {
-                        let s = self.frame_ptr(Location {
+                        let s = self.frames.location_ptr(Location {
                             memory: g.src,
                             offset: r.src_offset,
                         });
