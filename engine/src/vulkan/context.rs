@@ -1,28 +1,11 @@
-//! The logical device, its queues and their timelines.
-
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+//! The logical device: its creation on an adapter, its queues (see `queue`), teardown.
 
 use ash::vk;
-use parking_lot::Mutex;
 
 use super::conv::error;
 use super::instance::{Adapter, Instance};
+use super::queue::Queue;
 use crate::error::Result;
-
-/// One queue with a timeline semaphore that every submission on it signals.
-pub(crate) struct Queue {
-    pub(super) handle: Mutex<vk::Queue>,
-    pub(crate) timeline: vk::Semaphore,
-    /// Last value handed to a submission.
-    last: AtomicU64,
-    pool: Mutex<CommandPool>,
-}
-
-struct CommandPool {
-    pool: vk::CommandPool,
-    free: VecDeque<vk::CommandBuffer>,
-}
 
 /// The device and what every part of the backend needs from it.
 pub(crate) struct Context {
@@ -141,105 +124,5 @@ impl Drop for Context {
             }
             self.device.destroy_device(None);
         }
-    }
-}
-
-impl Queue {
-    fn new(device: &ash::Device, family: u32) -> Result<Queue> {
-        // SAFETY: the family was requested with one queue at device creation.
-        let handle = unsafe { device.get_device_queue(family, 0) };
-        let mut ty = vk::SemaphoreTypeCreateInfo::default()
-            .semaphore_type(vk::SemaphoreType::TIMELINE)
-            .initial_value(0);
-        let info = vk::SemaphoreCreateInfo::default().push_next(&mut ty);
-        // SAFETY: the device is live and the create info outlives the call.
-        let timeline = unsafe { device.create_semaphore(&info, None) }
-            .map_err(|e| error("vkCreateSemaphore", e))?;
-        let pool_info = vk::CommandPoolCreateInfo::default()
-            .queue_family_index(family)
-            .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER);
-        // SAFETY: as above.
-        let pool = unsafe { device.create_command_pool(&pool_info, None) }
-            .map_err(|e| error("vkCreateCommandPool", e))?;
-        Ok(Queue {
-            handle: Mutex::new(handle),
-            timeline,
-            last: AtomicU64::new(0),
-            pool: Mutex::new(CommandPool {
-                pool,
-                free: VecDeque::new(),
-            }),
-        })
-    }
-
-    /// A command buffer in the initial state, ready to record.
-    pub(crate) fn command_buffer(&self, device: &ash::Device) -> Result<vk::CommandBuffer> {
-        let mut pool = self.pool.lock();
-        if let Some(cb) = pool.free.pop_front() {
-            return Ok(cb);
-        }
-        let info = vk::CommandBufferAllocateInfo::default()
-            .command_pool(pool.pool)
-            .level(vk::CommandBufferLevel::PRIMARY)
-            .command_buffer_count(1);
-        // SAFETY: the pool is live and used only under its mutex.
-        let cbs = unsafe { device.allocate_command_buffers(&info) }
-            .map_err(|e| error("vkAllocateCommandBuffers", e))?;
-        Ok(cbs[0])
-    }
-
-    /// Takes back a command buffer whose submission has completed.
-    pub(crate) fn recycle(&self, device: &ash::Device, cb: vk::CommandBuffer) {
-        let mut pool = self.pool.lock();
-        // SAFETY: the buffer's work has completed (its timeline value passed) and the pool
-        // was created with RESET_COMMAND_BUFFER.
-        if unsafe { device.reset_command_buffer(cb, vk::CommandBufferResetFlags::empty()) }.is_ok()
-        {
-            pool.free.push_back(cb);
-        }
-    }
-
-    /// Submits a recorded command buffer, signalling the next timeline value, which it returns.
-    pub(crate) fn submit(&self, device: &ash::Device, cb: vk::CommandBuffer) -> Result<u64> {
-        let queue = self.handle.lock();
-        let value = self.last.load(Ordering::Acquire) + 1;
-        let cbs = [cb];
-        let sems = [self.timeline];
-        let vals = [value];
-        let mut tl = vk::TimelineSemaphoreSubmitInfo::default().signal_semaphore_values(&vals);
-        let submit = vk::SubmitInfo::default()
-            .command_buffers(&cbs)
-            .signal_semaphores(&sems)
-            .push_next(&mut tl);
-        // SAFETY: the queue is used under its mutex; `cb` is fully recorded; values signalled
-        // on the timeline increase because they are chosen under the same mutex.
-        unsafe { device.queue_submit(*queue, &[submit], vk::Fence::null()) }
-            .map_err(|e| error("vkQueueSubmit", e))?;
-        self.last.store(value, Ordering::Release);
-        Ok(value)
-    }
-
-    /// The value of the most recent submission (0 before the first).
-    pub(crate) fn last_submitted(&self) -> u64 {
-        self.last.load(Ordering::Acquire)
-    }
-
-    /// The highest value the timeline has reached.
-    pub(crate) fn completed(&self, device: &ash::Device) -> Result<u64> {
-        // SAFETY: the semaphore is a live timeline semaphore of `device`.
-        unsafe { device.get_semaphore_counter_value(self.timeline) }
-            .map_err(|e| error("vkGetSemaphoreCounterValue", e))
-    }
-
-    /// Blocks until the timeline reaches `value`.
-    pub(crate) fn wait(&self, device: &ash::Device, value: u64) -> Result<()> {
-        let sems = [self.timeline];
-        let vals = [value];
-        let info = vk::SemaphoreWaitInfo::default()
-            .semaphores(&sems)
-            .values(&vals);
-        // SAFETY: the semaphore is live; a value not yet submitted is never waited for (the
-        // caller got it from `submit`).
-        unsafe { device.wait_semaphores(&info, u64::MAX) }.map_err(|e| error("vkWaitSemaphores", e))
     }
 }

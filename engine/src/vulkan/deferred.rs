@@ -105,7 +105,7 @@ impl<T> Graveyard<T> {
 /// The completed timeline value of each queue (a queue that does not exist counts as having
 /// completed everything; a query that fails, as having completed nothing).
 pub(crate) fn completed(ctx: &Context) -> LastUse {
-    let query = |q: Option<&super::context::Queue>| match q {
+    let query = |q: Option<&super::queue::Queue>| match q {
         None => u64::MAX,
         Some(q) => q.completed(&ctx.device).unwrap_or(0),
     };

@@ -4,7 +4,7 @@ use std::ffi::CStr;
 
 use ash::vk;
 
-use super::conv::error;
+use super::conv::{self, error};
 use crate::config::DeviceType;
 use crate::error::{EngineError, Result};
 
@@ -71,13 +71,7 @@ impl Instance {
             let exts = unsafe { self.instance.enumerate_device_extension_properties(pd) }
                 .unwrap_or_default();
             let has = |n: &CStr| exts.iter().any(|e| e.extension_name_as_c_str() == Ok(n));
-            let device_type = match props.device_type {
-                vk::PhysicalDeviceType::DISCRETE_GPU => DeviceType::Discrete,
-                vk::PhysicalDeviceType::INTEGRATED_GPU => DeviceType::Integrated,
-                vk::PhysicalDeviceType::VIRTUAL_GPU => DeviceType::Virtual,
-                vk::PhysicalDeviceType::CPU => DeviceType::Cpu,
-                _ => DeviceType::Other,
-            };
+            let device_type = conv::device_type(props.device_type);
             out.push(Adapter {
                 physical: pd,
                 name,

@@ -11,7 +11,8 @@ use gpu_allocator::MemoryLocation;
 use super::deferred::{self, Doomed, Tracked};
 use super::memory;
 use super::pipeline::Pipeline;
-use super::{record, Held, VulkanBackend, QUEUE_BIT};
+use super::queue::{Held, QUEUE_BIT};
+use super::{record, VulkanBackend};
 use crate::error::{EngineError, Result};
 
 impl VulkanBackend {

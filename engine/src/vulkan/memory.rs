@@ -9,6 +9,8 @@ use gpu_allocator::MemoryLocation;
 
 use super::context::Context;
 use super::conv::error;
+use super::VulkanBackend;
+use crate::copy::{Location, MemoryId};
 use crate::error::{EngineError, Result};
 
 /// Usage of every buffer the engine creates: copy source and destination, kernel binding.
@@ -195,5 +197,141 @@ pub(crate) fn destroy(ctx: &Context, allocator: &mut Allocator, b: Buffer) {
         }
         // SAFETY: the buffer bound to it is gone; the host memory itself stays with the pool.
         Backing::Imported(m) => unsafe { ctx.device.free_memory(m, None) },
+    }
+}
+
+/// Staging buffers kept for reuse after their batch completes.
+const STAGING_CACHE: usize = 4;
+
+/// Where the backend's bytes live: chunks, imported frame segments, staging buffers, and
+/// the host mappings of each.
+impl VulkanBackend {
+    /// The buffer holding `memory`, importing a frame segment on first use.
+    pub(super) fn buffer_of(&self, memory: MemoryId) -> Result<vk::Buffer> {
+        Ok(self.bound_of(memory)?.0)
+    }
+
+    /// The buffer holding `memory` and its size in bytes.
+    pub(super) fn bound_of(&self, memory: MemoryId) -> Result<(vk::Buffer, u64)> {
+        match memory {
+            MemoryId::Chunk(c) => self
+                .chunks
+                .read()
+                .get(c as usize)
+                .and_then(Option::as_ref)
+                .map(|b| (b.buffer, b.size))
+                .ok_or_else(|| EngineError::DeviceLost(format!("chunk {c} does not exist"))),
+            MemoryId::Frames(s) => {
+                let s = s as usize;
+                if let Some(b) = &self.imports.read()[s] {
+                    return Ok((b.buffer, b.size));
+                }
+                let mut imports = self.imports.write();
+                if imports[s].is_none() {
+                    let (ptr, len) = self.frames.segment(s);
+                    imports[s] = Some(import_host(&self.ctx, ptr, len)?);
+                }
+                let b = imports[s].as_ref().expect("imported above");
+                Ok((b.buffer, b.size))
+            }
+        }
+    }
+
+    /// A staging buffer of at least `size` bytes, mapped and coherent.
+    pub(super) fn staging_buffer(&self, size: u64) -> Result<Buffer> {
+        {
+            let mut cache = self.staging.lock();
+            if let Some(i) = cache.iter().position(|b| b.size >= size) {
+                return Ok(cache.swap_remove(i));
+            }
+        }
+        let mut guard = self.allocator.lock();
+        let allocator = guard.as_mut().expect("allocator lives until drop");
+        let b = allocate(
+            &self.ctx,
+            allocator,
+            size.max(1 << 20),
+            MemoryLocation::GpuToCpu,
+            "hetmem staging",
+        )?;
+        if b.host_ptr(0).is_none() {
+            destroy(&self.ctx, allocator, b);
+            return Err(EngineError::Vulkan(
+                "no host-coherent memory for staging".into(),
+            ));
+        }
+        Ok(b)
+    }
+
+    pub(super) fn release_staging(&self, bufs: Vec<Buffer>) {
+        let mut cache = self.staging.lock();
+        for b in bufs {
+            if cache.len() < STAGING_CACHE {
+                cache.push(b);
+            } else {
+                let mut guard = self.allocator.lock();
+                destroy(
+                    &self.ctx,
+                    guard.as_mut().expect("allocator lives until drop"),
+                    b,
+                );
+            }
+        }
+    }
+
+    /// The host address of any location, when its memory is mapped.
+    pub(super) fn host_ptr(&self, at: Location) -> Option<*mut u8> {
+        match at.memory {
+            MemoryId::Frames(_) => Some(self.frames.location_ptr(at)),
+            MemoryId::Chunk(_) => self.chunk_host_ptr(at),
+        }
+    }
+
+    pub(super) fn chunk_host_ptr(&self, at: Location) -> Option<*mut u8> {
+        let MemoryId::Chunk(c) = at.memory else {
+            return None;
+        };
+        self.chunks
+            .read()
+            .get(c as usize)?
+            .as_ref()?
+            .host_ptr(at.offset)
+    }
+
+    pub(super) fn copy_through_staging(
+        &self,
+        at: Location,
+        len: usize,
+        to_device: Option<&[u8]>,
+        out: Option<&mut [u8]>,
+    ) -> Result<()> {
+        let chunk = self.buffer_of(at.memory)?;
+        let staging = self.staging_buffer(len as u64)?;
+        let sp = staging.host_ptr(0).expect("staging is mapped");
+        if let Some(data) = to_device {
+            // SAFETY: the staging buffer holds at least `len` bytes and is ours alone.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), sp, len) };
+        }
+        let (src, dst, so, doff) = if to_device.is_some() {
+            (staging.buffer, chunk, 0, at.offset)
+        } else {
+            (chunk, staging.buffer, at.offset, 0)
+        };
+        let r = self.run_now(|cb| {
+            let region = [vk::BufferCopy {
+                src_offset: so,
+                dst_offset: doff,
+                size: len as u64,
+            }];
+            // SAFETY: both buffers are live and the region lies inside each.
+            unsafe { self.ctx.device.cmd_copy_buffer(cb, src, dst, &region) };
+            Ok(())
+        });
+        if let (Ok(()), Some(out)) = (&r, out) {
+            // SAFETY: the copy completed; the staging buffer holds `len` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(sp, out.as_mut_ptr(), len) };
+        }
+        self.release_staging(vec![staging]);
+        r
     }
 }

@@ -1,6 +1,7 @@
 //! The Vulkan backend (ash + gpu-allocator): device chunks, host frames imported in place (or
 //! a staging path), region copies on a transfer queue, completion on timeline semaphores.
 
+mod adapter;
 mod context;
 mod conv;
 mod deferred;
@@ -9,6 +10,7 @@ mod instance;
 mod launch;
 mod memory;
 mod pipeline;
+mod queue;
 mod record;
 
 use std::collections::HashMap;
@@ -17,131 +19,29 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use ash::vk;
-use gpu_allocator::vulkan::{Allocator, AllocatorCreateDesc};
-use gpu_allocator::{AllocationSizes, AllocatorDebugSettings, MemoryLocation};
+use gpu_allocator::vulkan::Allocator;
+use gpu_allocator::MemoryLocation;
 use parking_lot::{Mutex, RwLock};
 
 use crate::backend::{Backend, Submitted, FIXED_BINDINGS};
-use crate::config::{
-    DeviceConfig, DeviceInfo, DeviceKind, DeviceType, GatherMode, HostAccess, HostAccessMode,
-};
+use crate::config::{GatherMode, HostAccess};
 use crate::copy::{CopyPlan, Location, MemoryId};
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::frames::HostFramePool;
 use crate::inspect::KernelLimits;
 use crate::pfn::PAGE_SIZE;
 use crate::retire::Retirement;
-use context::{Context, Queue};
+pub(crate) use adapter::open;
+use context::Context;
 use deferred::{Doomed, Graveyard, Tracked};
 use memory::Buffer;
 use pipeline::Pipeline;
+use queue::{InFlight, QUEUE_BIT};
 
-/// Staging buffers kept for reuse after their batch completes.
-const STAGING_CACHE: usize = 4;
-
-/// Opens the Vulkan device `config` selects.
-pub(crate) fn open(
-    config: &DeviceConfig,
-    frames: &Arc<HostFramePool>,
-    why: &str,
-) -> Result<(DeviceInfo, Box<dyn Backend>)> {
-    let inst = instance::Instance::new()?;
-    let adapters = inst.adapters()?;
-    let (adapter, reason) = instance::choose(&adapters, config.adapter.as_deref())?;
-    let import = config.host_access == HostAccessMode::Auto;
-    let ctx = Context::new(inst, &adapter, import)?;
-    let host_access = if ctx.host_memory.is_some() {
-        HostAccess::Import
-    } else {
-        HostAccess::Staging
-    };
-    let allocator = Allocator::new(&AllocatorCreateDesc {
-        instance: ctx.instance.instance.clone(),
-        device: ctx.device.clone(),
-        physical_device: ctx.physical,
-        debug_settings: AllocatorDebugSettings::default(),
-        buffer_device_address: false,
-        allocation_sizes: AllocationSizes::default(),
-    })
-    .map_err(|e| EngineError::Vulkan(format!("gpu-allocator: {e}")))?;
-    let host_visible_memory = {
-        let mp = &ctx.memory_properties;
-        let want = vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT;
-        let local = mp.memory_types[..mp.memory_type_count as usize]
-            .iter()
-            .filter(|t| {
-                t.property_flags
-                    .contains(vk::MemoryPropertyFlags::DEVICE_LOCAL)
-            });
-        local.clone().count() > 0 && local.clone().all(|t| t.property_flags.contains(want))
-    };
-    let info = DeviceInfo {
-        kind: DeviceKind::Vulkan,
-        name: adapter.name.clone(),
-        device_type: adapter.device_type,
-        reason: format!("{why}: {reason}"),
-        host_access,
-        dedicated_transfer_queue: ctx.compute.is_some(),
-        host_visible_memory,
-    };
-    let gather = match config.gather {
-        GatherMode::Never => None,
-        _ => match gather::Gather::new(&ctx) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                tracing::warn!("gather kernel unavailable, copying regions only: {e}");
-                None
-            }
-        },
-    };
-    let cpu_device = adapter.device_type == DeviceType::Cpu;
-    let backend = VulkanBackend {
-        cpu_device,
-        cpu_assist: cpu_device
-            && host_access == HostAccess::Import
-            && host_visible_memory
-            && config.cpu_assist,
-        gather,
-        gather_mode: config.gather,
-        frames: frames.clone(),
-        allocator: Mutex::new(Some(allocator)),
-        chunks: RwLock::new(Vec::new()),
-        imports: RwLock::new((0..frames.segments()).map(|_| None).collect()),
-        staging: Mutex::new(Vec::new()),
-        in_flight: [Retirement::default(), Retirement::default()],
-        kernels: Mutex::new(HashMap::new()),
-        tables: Mutex::new(HashMap::new()),
-        graveyard: Graveyard::default(),
-        next_id: AtomicU64::new(1),
-        host_access,
-        ctx,
-    };
-    Ok((info, Box::new(backend)))
-}
-
-/// Work that runs on the host once a batch's copies have completed.
-pub(crate) struct Readback {
-    /// Index into the batch's staging buffers.
-    pub(crate) staging: usize,
-    pub(crate) staging_offset: u64,
-    pub(crate) dst: Location,
-    pub(crate) size: u64,
-}
-
-/// A submitted batch and what it holds until it completes.
-struct InFlight {
-    cb: vk::CommandBuffer,
-    held: Held,
-}
-
-/// What a recorded batch holds until it retires, besides its command buffer.
-#[derive(Default)]
-pub(crate) struct Held {
-    pub(crate) staging: Vec<Buffer>,
-    pub(crate) readbacks: Vec<Readback>,
-    pub(crate) descriptors: Option<vk::DescriptorPool>,
-}
-
+/// The backend over one Vulkan device. Its impl is split by concern: opening (`adapter`),
+/// memory and staging (`memory`), queues and retirement (`queue`), recording copies
+/// (`record`), kernels (`launch`), deferred destruction (`deferred`); `Backend` and teardown
+/// are here.
 pub(crate) struct VulkanBackend {
     pub(crate) frames: Arc<HostFramePool>,
     allocator: Mutex<Option<Allocator>>,
@@ -165,212 +65,6 @@ pub(crate) struct VulkanBackend {
     /// Split batches between the queue and the calling thread (CPU device, all memory mapped).
     cpu_assist: bool,
     ctx: Context,
-}
-
-/// Ticket values carry the queue in their top bit.
-const QUEUE_BIT: u64 = 1 << 63;
-
-impl VulkanBackend {
-    fn queue(&self, index: usize) -> &Queue {
-        if index == 0 {
-            &self.ctx.transfer
-        } else {
-            self.ctx.compute_queue()
-        }
-    }
-
-    /// The buffer holding `memory`, importing a frame segment on first use.
-    fn buffer_of(&self, memory: MemoryId) -> Result<vk::Buffer> {
-        Ok(self.bound_of(memory)?.0)
-    }
-
-    /// The buffer holding `memory` and its size in bytes.
-    fn bound_of(&self, memory: MemoryId) -> Result<(vk::Buffer, u64)> {
-        match memory {
-            MemoryId::Chunk(c) => self
-                .chunks
-                .read()
-                .get(c as usize)
-                .and_then(Option::as_ref)
-                .map(|b| (b.buffer, b.size))
-                .ok_or_else(|| EngineError::DeviceLost(format!("chunk {c} does not exist"))),
-            MemoryId::Frames(s) => {
-                let s = s as usize;
-                if let Some(b) = &self.imports.read()[s] {
-                    return Ok((b.buffer, b.size));
-                }
-                let mut imports = self.imports.write();
-                if imports[s].is_none() {
-                    let (ptr, len) = self.frames.segment(s);
-                    imports[s] = Some(memory::import_host(&self.ctx, ptr, len)?);
-                }
-                let b = imports[s].as_ref().expect("imported above");
-                Ok((b.buffer, b.size))
-            }
-        }
-    }
-
-    /// A staging buffer of at least `size` bytes, mapped and coherent.
-    fn staging_buffer(&self, size: u64) -> Result<Buffer> {
-        {
-            let mut cache = self.staging.lock();
-            if let Some(i) = cache.iter().position(|b| b.size >= size) {
-                return Ok(cache.swap_remove(i));
-            }
-        }
-        let mut guard = self.allocator.lock();
-        let allocator = guard.as_mut().expect("allocator lives until drop");
-        let b = memory::allocate(
-            &self.ctx,
-            allocator,
-            size.max(1 << 20),
-            MemoryLocation::GpuToCpu,
-            "hetmem staging",
-        )?;
-        if b.host_ptr(0).is_none() {
-            memory::destroy(&self.ctx, allocator, b);
-            return Err(EngineError::Vulkan(
-                "no host-coherent memory for staging".into(),
-            ));
-        }
-        Ok(b)
-    }
-
-    fn release_staging(&self, bufs: Vec<Buffer>) {
-        let mut cache = self.staging.lock();
-        for b in bufs {
-            if cache.len() < STAGING_CACHE {
-                cache.push(b);
-            } else {
-                let mut guard = self.allocator.lock();
-                memory::destroy(
-                    &self.ctx,
-                    guard.as_mut().expect("allocator lives until drop"),
-                    b,
-                );
-            }
-        }
-    }
-
-    /// Submits a recorded command buffer on queue `q` and tracks it until completion.
-    fn submit_recorded(&self, q: usize, cb: vk::CommandBuffer, held: Held) -> Result<u64> {
-        let batch = InFlight { cb, held };
-        match self.in_flight[q].submit(batch, || self.queue(q).submit(&self.ctx.device, cb)) {
-            Ok(value) => Ok(value | if q == 1 { QUEUE_BIT } else { 0 }),
-            Err((e, batch)) => {
-                self.abandon(q, batch.cb, batch.held);
-                Err(e)
-            }
-        }
-    }
-
-    /// Gives back what a batch that was never submitted holds.
-    pub(crate) fn abandon(&self, q: usize, cb: vk::CommandBuffer, held: Held) {
-        self.queue(q).recycle(&self.ctx.device, cb);
-        self.release_staging(held.staging);
-        if let Some(pool) = held.descriptors {
-            // SAFETY: the batch was never submitted, so nothing uses the pool's sets.
-            unsafe { self.ctx.device.destroy_descriptor_pool(pool, None) };
-        }
-    }
-
-    /// Finishes every batch of queue `q` up to timeline value `upto`: host readbacks, then
-    /// recycling of command buffers and staging.
-    fn retire(&self, q: usize, upto: u64) {
-        self.in_flight[q].retire(upto, |_, b| {
-            for r in &b.held.readbacks {
-                let src = b.held.staging[r.staging]
-                    .host_ptr(r.staging_offset)
-                    .expect("staging is mapped");
-                // SAFETY: the copy into staging completed (timeline passed); the destination
-                // frames were resolved as allocated when the batch was planned.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        src,
-                        self.frames.location_ptr(r.dst),
-                        r.size as usize,
-                    )
-                };
-            }
-            self.queue(q).recycle(&self.ctx.device, b.cb);
-            self.release_staging(b.held.staging);
-            if let Some(pool) = b.held.descriptors {
-                // SAFETY: the batch completed, so its descriptor sets are no longer in use.
-                unsafe { self.ctx.device.destroy_descriptor_pool(pool, None) };
-            }
-        });
-        self.collect(false);
-    }
-
-    /// Records with `record` on the transfer queue, submits and waits.
-    fn run_now(&self, record: impl FnOnce(vk::CommandBuffer) -> Result<()>) -> Result<()> {
-        let cb = self.ctx.transfer.command_buffer(&self.ctx.device)?;
-        let recorded = record::begin(&self.ctx, cb)
-            .and_then(|_| record(cb))
-            .and_then(|_| record::end(&self.ctx, cb));
-        if let Err(e) = recorded {
-            self.ctx.transfer.recycle(&self.ctx.device, cb);
-            return Err(e);
-        }
-        let v = self.submit_recorded(0, cb, Held::default())?;
-        self.wait(v)
-    }
-
-    /// The host address of any location, when its memory is mapped.
-    fn host_ptr(&self, at: Location) -> Option<*mut u8> {
-        match at.memory {
-            MemoryId::Frames(_) => Some(self.frames.location_ptr(at)),
-            MemoryId::Chunk(_) => self.chunk_host_ptr(at),
-        }
-    }
-
-    fn chunk_host_ptr(&self, at: Location) -> Option<*mut u8> {
-        let MemoryId::Chunk(c) = at.memory else {
-            return None;
-        };
-        self.chunks
-            .read()
-            .get(c as usize)?
-            .as_ref()?
-            .host_ptr(at.offset)
-    }
-
-    fn copy_through_staging(
-        &self,
-        at: Location,
-        len: usize,
-        to_device: Option<&[u8]>,
-        out: Option<&mut [u8]>,
-    ) -> Result<()> {
-        let chunk = self.buffer_of(at.memory)?;
-        let staging = self.staging_buffer(len as u64)?;
-        let sp = staging.host_ptr(0).expect("staging is mapped");
-        if let Some(data) = to_device {
-            // SAFETY: the staging buffer holds at least `len` bytes and is ours alone.
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), sp, len) };
-        }
-        let (src, dst, so, doff) = if to_device.is_some() {
-            (staging.buffer, chunk, 0, at.offset)
-        } else {
-            (chunk, staging.buffer, at.offset, 0)
-        };
-        let r = self.run_now(|cb| {
-            let region = [vk::BufferCopy {
-                src_offset: so,
-                dst_offset: doff,
-                size: len as u64,
-            }];
-            // SAFETY: both buffers are live and the region lies inside each.
-            unsafe { self.ctx.device.cmd_copy_buffer(cb, src, dst, &region) };
-            Ok(())
-        });
-        if let (Ok(()), Some(out)) = (&r, out) {
-            // SAFETY: the copy completed; the staging buffer holds `len` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(sp, out.as_mut_ptr(), len) };
-        }
-        self.release_staging(vec![staging]);
-        r
-    }
 }
 
 impl Backend for VulkanBackend {

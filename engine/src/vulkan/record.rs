@@ -2,8 +2,9 @@
 
 use ash::vk;
 
-use super::conv::error;
-use super::{Held, Readback, VulkanBackend};
+use super::conv::{error, regions};
+use super::queue::{Held, Readback};
+use super::VulkanBackend;
 use crate::backend::{copy_frames, gather_wanted, Submitted};
 use crate::config::{GatherMode, HostAccess};
 use crate::copy::{CopyGroup, CopyPlan, Location, MemoryId, Region};
@@ -64,17 +65,6 @@ fn barrier(
             &[],
         )
     };
-}
-
-fn regions(g: &CopyGroup) -> Vec<vk::BufferCopy> {
-    g.regions
-        .iter()
-        .map(|r| vk::BufferCopy {
-            src_offset: r.src_offset,
-            dst_offset: r.dst_offset,
-            size: r.size,
-        })
-        .collect()
 }
 
 /// Whether group `g` goes through the gather kernel: it can (the kernel exists, both objects
