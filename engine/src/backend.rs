@@ -3,7 +3,7 @@
 //! the gather kernel, host-to-host copies, the kernels' fixed bindings).
 
 use crate::config::GatherMode;
-use crate::copy::{CopyGroup, CopyPlan, Location};
+use crate::copy::{CopyGroup, CopyPlan, Place};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
 use crate::inspect::KernelLimits;
@@ -30,11 +30,11 @@ pub(crate) trait Backend: Send + Sync {
     /// Blocks until the batch with this value has completed.
     fn wait(&self, value: u64) -> Result<()>;
     /// Fills whole device pages with zeros before returning.
-    fn zero_pages(&self, pages: &[Location]) -> Result<()>;
+    fn zero_pages(&self, pages: &[Place]) -> Result<()>;
     /// Copies bytes out of device memory, synchronously.
-    fn read(&self, at: Location, out: &mut [u8]) -> Result<()>;
+    fn read(&self, at: Place, out: &mut [u8]) -> Result<()>;
     /// Copies bytes into device memory, synchronously.
-    fn write(&self, at: Location, data: &[u8]) -> Result<()>;
+    fn write(&self, at: Place, data: &[u8]) -> Result<()>;
 
     /// What one kernel may bind and use on this device; an error says why kernels cannot
     /// run on it.
@@ -120,11 +120,11 @@ pub(crate) fn gather_wanted(mode: GatherMode, cpu_device: bool, g: &CopyGroup) -
 pub(crate) fn copy_frames(frames: &HostFramePool, g: &CopyGroup) {
     debug_assert!(!g.src.is_device() && !g.dst.is_device());
     for r in &g.regions {
-        let s = frames.location_ptr(Location {
+        let s = frames.place_ptr(Place {
             memory: g.src,
             offset: r.src_offset,
         });
-        let d = frames.location_ptr(Location {
+        let d = frames.place_ptr(Place {
             memory: g.dst,
             offset: r.dst_offset,
         });

@@ -2,7 +2,9 @@
 //! consecutive pages coalesced into regions, regions grouped by (source, destination) object.
 //!
 //! Every backend executes the same plan, so the plan is where coalescing is decided and
-//! where it can be observed.
+//! where it can be observed (`CopyStats::regions`; the `testing` feature also exposes
+//! `Device::plan` and these types, under `hetmem_engine::testing`). They are the engine's
+//! internals, not its API.
 
 use crate::error::{EngineError, Result};
 use crate::pfn::{Pfn, PAGE_SIZE};
@@ -23,9 +25,10 @@ impl MemoryId {
     }
 }
 
-/// Where a frame lives: its memory object and byte offset in it.
+/// Where a frame lives: its memory object and byte offset in it (the engine's own notion of
+/// place; not to be confused with `hetmem::offload::Location`, host or device).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Location {
+pub struct Place {
     /// The memory object.
     pub memory: MemoryId,
     /// Byte offset of the frame inside the object.
@@ -102,7 +105,7 @@ impl CopyPlan {
 
 /// A location packed into one integer: memory object in the high half, page in the low half.
 /// Within one object, key order is offset order, and no two frames share a key.
-fn key(l: Location) -> u64 {
+fn key(l: Place) -> u64 {
     let mem = match l.memory {
         MemoryId::Frames(s) => s as u64,
         MemoryId::Chunk(c) => (1 << 31) | c as u64,
@@ -110,9 +113,9 @@ fn key(l: Location) -> u64 {
     (mem << 32) | (l.offset / PAGE_SIZE as u64)
 }
 
-fn unkey(k: u64) -> Location {
+fn unkey(k: u64) -> Place {
     let mem = (k >> 32) as u32;
-    Location {
+    Place {
         memory: if mem & (1 << 31) != 0 {
             MemoryId::Chunk(mem & !(1 << 31))
         } else {
@@ -129,7 +132,7 @@ fn unkey(k: u64) -> Location {
 /// the reverse on lavapipe); sorting is skipped where the input is already in order.
 pub(crate) fn plan_batch(
     pairs: &[(Pfn, Pfn)],
-    mut resolve: impl FnMut(Pfn) -> Result<Location>,
+    mut resolve: impl FnMut(Pfn) -> Result<Place>,
 ) -> Result<CopyPlan> {
     // (source key, destination key)
     let mut entries: Vec<(u64, u64)> = Vec::with_capacity(pairs.len());
@@ -209,16 +212,16 @@ mod tests {
     use super::*;
 
     /// Frames 0..1000 live in segment 0, device pages 5000.. in chunk 0 then chunk 1 by 100s.
-    fn resolve(p: Pfn) -> Result<Location> {
+    fn resolve(p: Pfn) -> Result<Place> {
         let n = p.0;
         if n < 1000 {
-            Ok(Location {
+            Ok(Place {
                 memory: MemoryId::Frames(0),
                 offset: n * PAGE_SIZE as u64,
             })
         } else if (5000..5200).contains(&n) {
             let i = n - 5000;
-            Ok(Location {
+            Ok(Place {
                 memory: MemoryId::Chunk((i / 100) as u32),
                 offset: (i % 100) * PAGE_SIZE as u64,
             })

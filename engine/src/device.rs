@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 
 use crate::backend::Backend;
 use crate::config::{DeviceConfig, DeviceInfo};
-use crate::copy::{plan_batch, CopyPlan, Location};
+use crate::copy::{plan_batch, CopyPlan, Place};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
 use crate::inspect::KernelLimits;
@@ -168,7 +168,7 @@ impl Device {
                 .filter(|&s| pages.is_dirty(s))
                 .collect();
             if !dirty.is_empty() {
-                let locs: Vec<Location> = dirty.iter().map(|&s| pages.location(s)).collect();
+                let locs: Vec<Place> = dirty.iter().map(|&s| pages.location(s)).collect();
                 if let Err(e) = self.shared.backend.zero_pages(&locs) {
                     pages.untake(&grant.slots);
                     return Err(e);
@@ -191,8 +191,15 @@ impl Device {
         self.shared.pages.lock().put_all(pfns)
     }
 
-    /// Resolves and coalesces a batch without running it: the plan `copy` would execute.
+    /// Resolves and coalesces a batch without running it: the plan `copy` would execute
+    /// (the `testing` feature; see [`crate::testing`]).
+    #[cfg(feature = "testing")]
     pub fn plan(&self, pairs: &[(Pfn, Pfn)]) -> Result<CopyPlan> {
+        self.resolve_plan(pairs)
+    }
+
+    /// Resolves and coalesces a batch: frame numbers to places, runs to regions.
+    fn resolve_plan(&self, pairs: &[(Pfn, Pfn)]) -> Result<CopyPlan> {
         let pages = self.shared.pages.lock();
         let frames = self.shared.frames.locator();
         plan_batch(pairs, |p| {
@@ -244,18 +251,20 @@ impl Device {
     fn plan_with_injected_failures(&self, pairs: &[(Pfn, Pfn)]) -> Result<(CopyPlan, Vec<usize>)> {
         let fail = self.shared.fail_dst.lock();
         if fail.is_empty() {
-            return Ok((self.plan(pairs)?, Vec::new()));
+            return Ok((self.resolve_plan(pairs)?, Vec::new()));
         }
         // Validate the whole batch first, so that bad input is refused as usual.
-        self.plan(pairs)?;
+        self.resolve_plan(pairs)?;
         let (ok, failed): (Vec<usize>, Vec<usize>) =
             (0..pairs.len()).partition(|&i| !fail.contains(&pairs[i].1));
         let kept: Vec<(Pfn, Pfn)> = ok.iter().map(|&i| pairs[i]).collect();
-        Ok((self.plan(&kept)?, failed))
+        Ok((self.resolve_plan(&kept)?, failed))
     }
 
-    /// Test hook: copies whose destination is one of `pfns` fail (their pairs are reported by
-    /// [`Ticket::wait`] as failed and their destination keeps its bytes). Empty clears it.
+    /// Test hook (the `testing` feature): copies whose destination is one of `pfns` fail
+    /// (their pairs are reported by [`Ticket::wait`] as failed and their destination keeps
+    /// its bytes). Empty clears it.
+    #[cfg(feature = "testing")]
     pub fn inject_copy_failures(&self, pfns: &[Pfn]) {
         *self.shared.fail_dst.lock() = pfns.iter().copied().collect();
     }
@@ -274,7 +283,7 @@ impl Device {
         self.shared.backend.write(at, data)
     }
 
-    fn locate_span(&self, pfn: Pfn, offset: usize, len: usize) -> Result<Location> {
+    fn locate_span(&self, pfn: Pfn, offset: usize, len: usize) -> Result<Place> {
         if offset.checked_add(len).is_none_or(|e| e > PAGE_SIZE) {
             return Err(EngineError::InvalidConfig(format!(
                 "span {offset}+{len} does not fit in a page"

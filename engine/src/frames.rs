@@ -18,15 +18,15 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
-use crate::copy::{Location, MemoryId};
+use crate::copy::{MemoryId, Place};
 use crate::error::{EngineError, Result};
 use crate::pfn::{reserve_pfn_range, Pfn, PfnRange, PAGE_SIZE};
 use crate::slots::{AtomicBitmap, Slots};
 
 /// Bytes in one segment of the arena: the unit of population and of import into a device.
-pub const SEGMENT_BYTES: usize = 64 << 20;
+pub(crate) const SEGMENT_BYTES: usize = 64 << 20;
 /// Frames in one segment.
-pub const FRAMES_PER_SEGMENT: usize = SEGMENT_BYTES / PAGE_SIZE;
+pub(crate) const FRAMES_PER_SEGMENT: usize = SEGMENT_BYTES / PAGE_SIZE;
 /// Capacity of the process-wide pool (address space only; memory is committed as used).
 /// `HETMEM_HOST_FRAMES_GIB` overrides it.
 pub const DEFAULT_CAPACITY: usize = 32 << 30;
@@ -377,7 +377,7 @@ impl HostFramePool {
     /// The host address of a frame location (a segment and an offset in it), as the plan
     /// resolved it. Only the address is computed here; whoever reads or writes through it
     /// answers for the location naming an allocated frame.
-    pub(crate) fn location_ptr(&self, at: Location) -> *mut u8 {
+    pub(crate) fn place_ptr(&self, at: Place) -> *mut u8 {
         let MemoryId::Frames(s) = at.memory else {
             unreachable!("a host address of device memory")
         };
@@ -466,7 +466,7 @@ impl FrameLocator<'_> {
     }
 
     /// Where an allocated frame lives.
-    pub(crate) fn locate(&self, pfn: Pfn) -> Result<Location> {
+    pub(crate) fn locate(&self, pfn: Pfn) -> Result<Place> {
         let i = self
             .pool
             .range
@@ -475,7 +475,7 @@ impl FrameLocator<'_> {
         if !self.slots.is_used(i) {
             return Err(EngineError::FreedPfn(pfn));
         }
-        Ok(Location {
+        Ok(Place {
             memory: MemoryId::Frames((i / FRAMES_PER_SEGMENT) as u32),
             offset: ((i % FRAMES_PER_SEGMENT) * PAGE_SIZE) as u64,
         })

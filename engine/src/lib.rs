@@ -20,7 +20,7 @@
 //! let mut back = [0u8; 5];
 //! device.read_page(pages[0], 0, &mut back)?;
 //! assert_eq!(&back, b"hello");
-//! assert_eq!(device.plan(&there)?.region_count(), 1); // four consecutive pages, one region
+//! assert_eq!(device.stats().regions, 1); // four consecutive pages, one copy region
 //! device.free_pages(&pages)?;
 //! device.frames().free_batch(&frames)?;
 //! # let _ = PAGE_SIZE;
@@ -31,10 +31,10 @@
 
 mod backend;
 mod config;
-pub mod copy;
+mod copy;
 mod device;
 mod error;
-pub mod frames;
+mod frames;
 mod host;
 mod inspect;
 mod kernel;
@@ -50,12 +50,18 @@ mod wgpu;
 pub use config::{
     DeviceConfig, DeviceInfo, DeviceKind, DeviceType, GatherMode, HostAccess, HostAccessMode,
 };
-pub use copy::{CopyGroup, CopyPlan, Location, MemoryId, Region};
+pub use copy::{CopyGroup, CopyPlan, MemoryId, Place, Region};
 pub use device::{CopyStats, Device, Ticket};
 pub use error::{EngineError, ErrorKind, Result};
 pub use frames::HostFramePool;
 pub use inspect::KernelRejection;
 pub use kernel::{FaultSite, Kernel, PageTable, KERNEL_HELPER};
 pub use pagemap::DEFAULT_CHUNK_BYTES;
-pub use pfn::{reserve_pfn_range, Pfn, PfnRange, PAGE_SHIFT, PAGE_SIZE};
-pub use select::running_in_ci;
+pub use pfn::{Pfn, PfnRange, PAGE_SHIFT, PAGE_SIZE};
+
+/// Test hooks and the copy plan's types, for hetmem's own tests and benchmarks (the
+/// `testing` feature): not part of the API.
+#[cfg(feature = "testing")]
+pub mod testing {
+    pub use crate::copy::{CopyGroup, CopyPlan, MemoryId, Place, Region};
+}

@@ -1,7 +1,7 @@
 //! Device memory as numbered device pages: chunks added on demand up to a budget, carved into
 //! 4 KiB pages that own a frame-number range no other memory uses.
 
-use crate::copy::{Location, MemoryId};
+use crate::copy::{MemoryId, Place};
 use crate::error::{EngineError, Result};
 use crate::pfn::{reserve_pfn_range, Pfn, PfnRange, PAGE_SIZE};
 use crate::slots::Slots;
@@ -88,7 +88,7 @@ impl DevicePages {
     }
 
     /// Where an allocated page lives.
-    pub(crate) fn resolve(&self, pfn: Pfn) -> Result<Location> {
+    pub(crate) fn resolve(&self, pfn: Pfn) -> Result<Place> {
         let i = self.slot_of(pfn)?;
         if !self.slots.is_used(i) {
             return Err(EngineError::FreedPfn(pfn));
@@ -96,8 +96,8 @@ impl DevicePages {
         Ok(self.location(i))
     }
 
-    pub(crate) fn location(&self, slot: usize) -> Location {
-        Location {
+    pub(crate) fn location(&self, slot: usize) -> Place {
+        Place {
             memory: MemoryId::Chunk((slot / self.chunk_pages) as u32),
             offset: ((slot % self.chunk_pages) * PAGE_SIZE) as u64,
         }

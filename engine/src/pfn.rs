@@ -72,7 +72,7 @@ const RANGE_ALIGN: u64 = 1 << 16;
 static NEXT_PFN: AtomicU64 = AtomicU64::new(FIRST_PFN);
 
 /// Reserves `count` frame numbers that no other memory of this process will ever use.
-pub fn reserve_pfn_range(count: u64) -> PfnRange {
+pub(crate) fn reserve_pfn_range(count: u64) -> PfnRange {
     let span = count.div_ceil(RANGE_ALIGN).max(1) * RANGE_ALIGN;
     let start = NEXT_PFN.fetch_add(span, Ordering::Relaxed);
     PfnRange {

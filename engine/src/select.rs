@@ -27,8 +27,3 @@ pub(crate) fn open_backend(
         },
     }
 }
-
-/// True when running under CI (`CI=true`), where a missing Vulkan device must fail tests.
-pub fn running_in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}

@@ -227,7 +227,7 @@ pub fn run(config: &OffloadSoakConfig) -> Result<OffloadSoakReport, String> {
     };
     let pointers_unavailable = match ctx.cpu_pointers() {
         Ok(_) => None,
-        Err(e) if hetmem_engine::running_in_ci() && is_root() => {
+        Err(e) if crate::running_in_ci() && is_root() => {
             return Err(format!("CI=true as root and no CPU pointers: {e}"));
         }
         Err(e) => Some(e.to_string()),

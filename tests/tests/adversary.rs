@@ -412,7 +412,7 @@ fn vulkan_context(test: &str) -> Option<hetmem::offload::Context> {
     match Context::new(config) {
         Ok(c) => Some(c),
         Err(e) => {
-            if hetmem_engine::running_in_ci() {
+            if hetmem_tests::running_in_ci() {
                 panic!("{test}: CI=true and no Vulkan device: {e}");
             }
             hetmem_tests::say_skipped(test, DeviceKind::Vulkan, &e);

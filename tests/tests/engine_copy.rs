@@ -348,7 +348,7 @@ fn default_selection_says_what_it_chose() {
     let dev = Device::open(hetmem_engine::DeviceConfig::default().budget(1 << 20)).unwrap();
     let info = dev.info();
     assert!(!info.name.is_empty() && !info.reason.is_empty());
-    if hetmem_engine::running_in_ci() {
+    if hetmem_tests::running_in_ci() {
         assert_eq!(
             info.kind,
             DeviceKind::Vulkan,
@@ -379,7 +379,7 @@ fn staging_path_matches_import_path() {
         config.host_access = mode;
         let dev = match Device::open(config) {
             Ok(d) => d,
-            Err(e) if !hetmem_engine::running_in_ci() => {
+            Err(e) if !hetmem_tests::running_in_ci() => {
                 hetmem_tests::say_skipped(
                     "staging_path_matches_import_path",
                     DeviceKind::Vulkan,

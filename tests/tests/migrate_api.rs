@@ -7,7 +7,7 @@ use std::sync::Arc;
 use hetmem::migration::*;
 use hetmem::mm::{flags, pin_pages, AddressSpace, MemoryKind, PageMap, PageState, Prot, Pte, PAGE};
 use hetmem::Error;
-use hetmem_engine::{Device, DeviceKind, Pfn};
+use hetmem_engine::{Device, DeviceKind, Pfn, PfnRange};
 use hetmem_tests::dmirror::Dmirror;
 use hetmem_tests::{open_for_test, KINDS};
 
@@ -216,7 +216,12 @@ fn a_pfn_range_registers_once() {
     );
     assert!(matches!(frames, Err(Error::RangeRegistered(_))));
     let coherent = pm.register_device(
-        hetmem_engine::reserve_pfn_range(8),
+        // Frame numbers no memory of this process will reach (they are handed out upwards
+        // from 2^20).
+        PfnRange {
+            start: Pfn(1 << 60),
+            count: 8,
+        },
         MemoryKind::DeviceCoherent,
         78,
         Arc::new(NoOps),

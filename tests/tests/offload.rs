@@ -16,7 +16,7 @@ fn context(kind: DeviceKind, budget: u64, test: &str) -> Option<Context> {
         Ok(c) => Some(c),
         Err(Error::Engine(e @ hetmem_engine::EngineError::NoDevice { .. })) => {
             assert!(
-                !hetmem_engine::running_in_ci(),
+                !hetmem_tests::running_in_ci(),
                 "{test}: CI=true and no Vulkan device: {e}"
             );
             hetmem_tests::say_skipped(test, kind, &e);
@@ -507,7 +507,7 @@ fn a_64_mib_buffer_launches_over_a_2d_grid_and_every_word_changes_once() {
         Ok(c) => c,
         Err(e) => {
             assert!(
-                !hetmem_engine::running_in_ci(),
+                !hetmem_tests::running_in_ci(),
                 "CI=true and no Vulkan device: {e}"
             );
             hetmem_tests::say_skipped("kernel_over_64_mib", DeviceKind::Vulkan, &e);

@@ -22,7 +22,7 @@ fn context(kind: DeviceKind, budget: u64, test: &str) -> Option<Context> {
         Ok(c) => Some(c),
         Err(Error::Engine(e @ hetmem_engine::EngineError::NoDevice { .. })) => {
             assert!(
-                !hetmem_engine::running_in_ci(),
+                !hetmem_tests::running_in_ci(),
                 "{test}: CI=true and no Vulkan device: {e}"
             );
             hetmem_tests::say_skipped(test, kind, &e);
@@ -39,7 +39,7 @@ fn mapped(ctx: &Context, bytes: usize, test: &str) -> Option<Buffer> {
         Ok(b) => Some(b),
         Err(Error::PointersUnavailable(why)) => {
             assert!(
-                !hetmem_engine::running_in_ci(),
+                !hetmem_tests::running_in_ci(),
                 "{test}: CI=true and no CPU pointers: {why}"
             );
             hetmem_tests::say_skipped(test, DeviceKind::Host, &why);

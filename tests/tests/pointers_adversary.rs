@@ -35,7 +35,7 @@ fn context_with(
         Ok(c) => Some(c),
         Err(Error::Engine(e @ hetmem_engine::EngineError::NoDevice { .. })) => {
             assert!(
-                !hetmem_engine::running_in_ci(),
+                !hetmem_tests::running_in_ci(),
                 "{test}: CI=true and no Vulkan device: {e}"
             );
             hetmem_tests::say_skipped(test, kind, &e);
@@ -56,7 +56,7 @@ fn mapped(ctx: &Context, bytes: usize, test: &str) -> Option<Buffer> {
         Ok(b) => Some(b),
         Err(Error::PointersUnavailable(why)) => {
             assert!(
-                !hetmem_engine::running_in_ci(),
+                !hetmem_tests::running_in_ci(),
                 "{test}: CI=true and no CPU pointers: {why}"
             );
             hetmem_tests::say_skipped(test, DeviceKind::Host, &why);
@@ -275,7 +275,7 @@ fn a_large_plain_alloc_makes_alloc_mapped_fail() {
     let buf = match ctx.alloc_mapped(4 * PAGE) {
         Ok(b) => b,
         Err(Error::PointersUnavailable(why)) => {
-            assert!(!hetmem_engine::running_in_ci(), "{why}");
+            assert!(!hetmem_tests::running_in_ci(), "{why}");
             return;
         }
         Err(e) => panic!("alloc_mapped beside a large plain buffer: {e}"),

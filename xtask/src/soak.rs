@@ -236,7 +236,7 @@ pub fn ci() -> Result<()> {
                 && hetmem_engine::Device::open(hetmem_engine::DeviceConfig::default().kind(dev))
                     .is_err()
             {
-                if hetmem_engine::running_in_ci() {
+                if hetmem_tests::running_in_ci() {
                     bail!("soak: CI=true and no Vulkan device");
                 }
                 eprintln!("SKIPPED soak on Vulkan: no Vulkan device");
@@ -254,7 +254,7 @@ pub fn ci() -> Result<()> {
             && hetmem_engine::Device::open(hetmem_engine::DeviceConfig::default().kind(dev))
                 .is_err()
         {
-            if hetmem_engine::running_in_ci() {
+            if hetmem_tests::running_in_ci() {
                 bail!("soak (offload): CI=true and no Vulkan device");
             }
             eprintln!("SKIPPED offload soak on Vulkan: no Vulkan device");

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::backend::{Backend, Submitted};
 use crate::config::{DeviceInfo, DeviceKind, DeviceType, HostAccess};
-use crate::copy::{CopyPlan, Location, MemoryId};
+use crate::copy::{CopyPlan, MemoryId, Place};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
 use crate::pfn::PAGE_SIZE;
@@ -109,9 +109,9 @@ pub(crate) fn open(frames: &Arc<HostFramePool>, reason: &str) -> (DeviceInfo, Bo
 
 impl HostBackend {
     /// Address of `at`, which the caller has resolved to a live chunk or frame segment.
-    fn addr(&self, chunks: &[Option<Arena>], at: Location) -> Result<*mut u8> {
+    fn addr(&self, chunks: &[Option<Arena>], at: Place) -> Result<*mut u8> {
         let base = match at.memory {
-            MemoryId::Frames(_) => return Ok(self.frames.location_ptr(at)),
+            MemoryId::Frames(_) => return Ok(self.frames.place_ptr(at)),
             MemoryId::Chunk(c) => {
                 let arena = chunks
                     .get(c as usize)
@@ -150,14 +150,14 @@ impl Backend for HostBackend {
             for r in &g.regions {
                 let src = self.addr(
                     &chunks,
-                    Location {
+                    Place {
                         memory: g.src,
                         offset: r.src_offset,
                     },
                 )?;
                 let dst = self.addr(
                     &chunks,
-                    Location {
+                    Place {
                         memory: g.dst,
                         offset: r.dst_offset,
                     },
@@ -202,7 +202,7 @@ impl Backend for HostBackend {
         Ok(())
     }
 
-    fn zero_pages(&self, pages: &[Location]) -> Result<()> {
+    fn zero_pages(&self, pages: &[Place]) -> Result<()> {
         let chunks = self.chunks.read();
         for &at in pages {
             let p = self.addr(&chunks, at)?;
@@ -212,7 +212,7 @@ impl Backend for HostBackend {
         Ok(())
     }
 
-    fn read(&self, at: Location, out: &mut [u8]) -> Result<()> {
+    fn read(&self, at: Place, out: &mut [u8]) -> Result<()> {
         let chunks = self.chunks.read();
         let p = self.addr(&chunks, at)?;
         // SAFETY: the span was checked to lie inside one allocated page.
@@ -220,7 +220,7 @@ impl Backend for HostBackend {
         Ok(())
     }
 
-    fn write(&self, at: Location, data: &[u8]) -> Result<()> {
+    fn write(&self, at: Place, data: &[u8]) -> Result<()> {
         let chunks = self.chunks.read();
         let p = self.addr(&chunks, at)?;
         // SAFETY: the span was checked to lie inside one allocated page.

@@ -10,7 +10,7 @@ use gpu_allocator::MemoryLocation;
 use super::context::Context;
 use super::conv::error;
 use super::VulkanBackend;
-use crate::copy::{Location, MemoryId};
+use crate::copy::{MemoryId, Place};
 use crate::error::{EngineError, Result};
 
 /// Usage of every buffer the engine creates: copy source and destination, kernel binding.
@@ -280,14 +280,14 @@ impl VulkanBackend {
     }
 
     /// The host address of any location, when its memory is mapped.
-    pub(super) fn host_ptr(&self, at: Location) -> Option<*mut u8> {
+    pub(super) fn host_ptr(&self, at: Place) -> Option<*mut u8> {
         match at.memory {
-            MemoryId::Frames(_) => Some(self.frames.location_ptr(at)),
+            MemoryId::Frames(_) => Some(self.frames.place_ptr(at)),
             MemoryId::Chunk(_) => self.chunk_host_ptr(at),
         }
     }
 
-    pub(super) fn chunk_host_ptr(&self, at: Location) -> Option<*mut u8> {
+    pub(super) fn chunk_host_ptr(&self, at: Place) -> Option<*mut u8> {
         let MemoryId::Chunk(c) = at.memory else {
             return None;
         };
@@ -300,7 +300,7 @@ impl VulkanBackend {
 
     pub(super) fn copy_through_staging(
         &self,
-        at: Location,
+        at: Place,
         len: usize,
         to_device: Option<&[u8]>,
         out: Option<&mut [u8]>,

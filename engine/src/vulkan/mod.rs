@@ -25,7 +25,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::backend::{Backend, Submitted, FIXED_BINDINGS};
 use crate::config::{GatherMode, HostAccess};
-use crate::copy::{CopyPlan, Location, MemoryId};
+use crate::copy::{CopyPlan, MemoryId, Place};
 use crate::error::Result;
 use crate::frames::HostFramePool;
 use crate::inspect::KernelLimits;
@@ -137,7 +137,7 @@ impl Backend for VulkanBackend {
         Ok(())
     }
 
-    fn zero_pages(&self, pages: &[Location]) -> Result<()> {
+    fn zero_pages(&self, pages: &[Place]) -> Result<()> {
         let mut runs: Vec<(MemoryId, u64, u64)> = Vec::new();
         for at in pages {
             match runs.last_mut() {
@@ -160,7 +160,7 @@ impl Backend for VulkanBackend {
         })
     }
 
-    fn read(&self, at: Location, out: &mut [u8]) -> Result<()> {
+    fn read(&self, at: Place, out: &mut [u8]) -> Result<()> {
         if let Some(p) = self.chunk_host_ptr(at) {
             // SAFETY: the span lies inside one allocated page of a coherent mapping.
             unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
@@ -170,7 +170,7 @@ impl Backend for VulkanBackend {
         self.copy_through_staging(at, len, None, Some(out))
     }
 
-    fn write(&self, at: Location, data: &[u8]) -> Result<()> {
+    fn write(&self, at: Place, data: &[u8]) -> Result<()> {
         if let Some(p) = self.chunk_host_ptr(at) {
             // SAFETY: the span lies inside one allocated page of a coherent mapping.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };

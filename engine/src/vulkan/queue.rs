@@ -12,7 +12,7 @@ use super::conv::error;
 use super::memory::Buffer;
 use super::{record, VulkanBackend};
 use crate::backend::Backend;
-use crate::copy::Location;
+use crate::copy::Place;
 use crate::error::Result;
 
 /// One queue with a timeline semaphore that every submission on it signals.
@@ -34,7 +34,7 @@ pub(crate) struct Readback {
     /// Index into the batch's staging buffers.
     pub(crate) staging: usize,
     pub(crate) staging_offset: u64,
-    pub(crate) dst: Location,
+    pub(crate) dst: Place,
     pub(crate) size: u64,
 }
 
@@ -104,7 +104,7 @@ impl VulkanBackend {
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         src,
-                        self.frames.location_ptr(r.dst),
+                        self.frames.place_ptr(r.dst),
                         r.size as usize,
                     )
                 };

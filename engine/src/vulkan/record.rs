@@ -7,7 +7,7 @@ use super::queue::{Held, Readback};
 use super::VulkanBackend;
 use crate::backend::{copy_frames, gather_wanted, Submitted};
 use crate::config::{GatherMode, HostAccess};
-use crate::copy::{CopyGroup, CopyPlan, Location, MemoryId, Region};
+use crate::copy::{CopyGroup, CopyPlan, MemoryId, Place, Region};
 use crate::error::Result;
 
 /// Begins a one-time command buffer that first waits for all earlier work of its queue.
@@ -151,11 +151,11 @@ fn split_for_cpu(b: &VulkanBackend, plan: &CopyPlan) -> Option<(CopyPlan, Vec<Sp
                 queue.pages += (to_queue / crate::pfn::PAGE_SIZE as u64) as usize;
             }
             if to_queue < r.size {
-                let src = b.host_ptr(Location {
+                let src = b.host_ptr(Place {
                     memory: g.src,
                     offset: r.src_offset + to_queue,
                 })?;
-                let dst = b.host_ptr(Location {
+                let dst = b.host_ptr(Place {
                     memory: g.dst,
                     offset: r.dst_offset + to_queue,
                 })?;
@@ -329,7 +329,7 @@ fn record_staged(
     let mut at = 0u64;
     for r in &g.regions {
         if upload {
-            let src = b.frames.location_ptr(Location {
+            let src = b.frames.place_ptr(Place {
                 memory: g.src,
                 offset: r.src_offset,
             });
@@ -350,7 +350,7 @@ fn record_staged(
             extras.readbacks.push(Readback {
                 staging: index,
                 staging_offset: at,
-                dst: Location {
+                dst: Place {
                     memory: g.dst,
                     offset: r.dst_offset,
                 },

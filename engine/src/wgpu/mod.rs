@@ -13,7 +13,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::backend::{copy_frames, gather_wanted, Backend, Submitted};
 use crate::config::{DeviceConfig, DeviceInfo, DeviceKind, DeviceType, GatherMode, HostAccess};
-use crate::copy::{CopyGroup, CopyPlan, Location, MemoryId};
+use crate::copy::{CopyGroup, CopyPlan, MemoryId, Place};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
 use crate::pfn::PAGE_SIZE;
@@ -119,7 +119,7 @@ struct Download {
     buffer: wgpu::Buffer,
     mapped: Arc<AtomicBool>,
     /// (offset in `buffer`, destination frame location, bytes)
-    pieces: Vec<(u64, Location, u64)>,
+    pieces: Vec<(u64, Place, u64)>,
 }
 
 struct Pending {
@@ -240,7 +240,7 @@ impl WgpuBackend {
                     unsafe {
                         std::ptr::copy_nonoverlapping(
                             src.as_ptr(),
-                            self.frames.location_ptr(at),
+                            self.frames.place_ptr(at),
                             len as usize,
                         )
                     };
@@ -362,7 +362,7 @@ impl Backend for WgpuBackend {
                         .get_mapped_range_mut()
                         .map_err(|e| EngineError::Wgpu(format!("{e:?}")))?;
                     for r in &g.regions {
-                        let s = self.frames.location_ptr(Location {
+                        let s = self.frames.place_ptr(Place {
                             memory: g.src,
                             offset: r.src_offset,
                         });
@@ -381,7 +381,7 @@ impl Backend for WgpuBackend {
                         enc.copy_buffer_to_buffer(&src, r.src_offset, &d.buffer, down_at, r.size);
                         d.pieces.push((
                             down_at,
-                            Location {
+                            Place {
                                 memory: g.dst,
                                 offset: r.dst_offset,
                             },
@@ -465,7 +465,7 @@ impl Backend for WgpuBackend {
         Ok(())
     }
 
-    fn zero_pages(&self, pages: &[Location]) -> Result<()> {
+    fn zero_pages(&self, pages: &[Place]) -> Result<()> {
         let bufs = pages
             .iter()
             .map(|p| self.chunk(p.memory))
@@ -478,7 +478,7 @@ impl Backend for WgpuBackend {
         })
     }
 
-    fn read(&self, at: Location, out: &mut [u8]) -> Result<()> {
+    fn read(&self, at: Place, out: &mut [u8]) -> Result<()> {
         let buf = self.chunk(at.memory)?;
         // Copies move whole 4-byte words: read the aligned span around the request.
         let start = at.offset & !3;
@@ -518,7 +518,7 @@ impl Backend for WgpuBackend {
         Ok(())
     }
 
-    fn write(&self, at: Location, data: &[u8]) -> Result<()> {
+    fn write(&self, at: Place, data: &[u8]) -> Result<()> {
         let buf = self.chunk(at.memory)?;
         if at.offset.is_multiple_of(4) && data.len().is_multiple_of(4) {
             self.queue.write_buffer(&buf, at.offset, data);
@@ -528,7 +528,7 @@ impl Backend for WgpuBackend {
             let end = (at.offset + data.len() as u64).next_multiple_of(4);
             let mut words = vec![0u8; (end - start) as usize];
             self.read(
-                Location {
+                Place {
                     memory: at.memory,
                     offset: start,
                 },
