@@ -273,12 +273,12 @@ fn stores_racing_migrations_and_evictions_are_never_lost() {
         let rounds = mover.join().expect("mover");
         assert!(rounds >= 4);
         for page in 0..pages {
-            for t in 0..3 {
+            for (t, &want) in last.iter().enumerate() {
                 let mut b = [0u8; 4];
                 buf.read(page * PAGE + t * 4, &mut b).unwrap();
                 assert_eq!(
                     u32::from_le_bytes(b),
-                    last[t],
+                    want,
                     "{kind:?} page {page} writer {t}"
                 );
             }
