@@ -36,8 +36,6 @@ pub mod flags {
     pub const LRU: u32 = 1 << 5;
     /// The page is the shared zero page.
     pub const ZERO: u32 = 1 << 6;
-    /// Someone sleeps waiting for the page lock (unlock must wake them).
-    pub const WAITERS: u32 = super::page_lock::WAITERS;
 }
 
 /// One place a page is mapped: an address space and a virtual address.
@@ -582,7 +580,7 @@ mod tests {
             f
         });
         // Let the waiter park (it announces itself with WAITERS).
-        while !p.test(flags::WAITERS) {
+        while !p.test(super::super::page_lock::WAITERS) {
             std::thread::yield_now();
         }
         p.unlock_with(flags::DIRTY | flags::LRU);

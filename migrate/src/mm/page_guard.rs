@@ -30,7 +30,7 @@
 //! ```
 //! ```compile_fail,E0624
 //! fn set_locked(p: &hetmem::mm::Page) {
-//!     p.set(hetmem::mm::flags::LOCKED | hetmem::mm::flags::WAITERS);
+//!     p.set(hetmem::mm::flags::LOCKED);
 //! }
 //! ```
 //! ```compile_fail,E0624

@@ -154,7 +154,7 @@ impl Pte {
 
 /// 512 entries and the lock that serialises changes to them.
 #[derive(Debug)]
-pub struct Leaf {
+pub(crate) struct Leaf {
     lock: Mutex<()>,
     ptes: [AtomicU64; PTRS_PER_LEAF],
 }
@@ -183,7 +183,7 @@ impl Leaf {
 }
 
 /// A locked leaf.
-pub struct LeafGuard<'a> {
+pub(crate) struct LeafGuard<'a> {
     leaf: &'a Leaf,
     _g: MutexGuard<'a, ()>,
 }
