@@ -3,6 +3,7 @@
 //! migration, serves CPU faults with a fault-around window, and evicts least recently used
 //! pages under a budget.
 
+mod access;
 mod evict;
 mod gpu;
 mod table;

@@ -72,7 +72,8 @@ pub fn migrate_device_pfns(pm: &PageMap, src: &mut [u64]) -> Result<usize> {
             .mappings()
             .iter()
             .filter_map(|m| {
-                pm.space(m.space)
+                pm.spaces()
+                    .get(m.space)
                     .map(|s| AddressSpace::from_inner(s).pte(m.addr))
             })
             .any(|pte| {

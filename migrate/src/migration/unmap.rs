@@ -79,7 +79,7 @@ pub(crate) fn for_each_mapping(
         }
     }
     for Mapping { space, addr } in page.mappings() {
-        if let Some(inner) = pm.space(space) {
+        if let Some(inner) = pm.spaces().get(space) {
             f(&AddressSpace::from_inner(inner), addr);
         }
     }
@@ -113,7 +113,7 @@ pub(crate) fn walk_mappings(
         }
     }
     for m in page.begin_walk() {
-        let Some(tables) = pm.tables(m.space) else {
+        let Some(tables) = pm.spaces().tables(m.space) else {
             continue;
         };
         if let Some(leaf) = tables.leaf(m.addr, false) {

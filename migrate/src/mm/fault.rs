@@ -8,37 +8,10 @@ use hetmem_engine::{Pfn, PAGE_SIZE};
 
 use super::notifier::{NotifyEvent, NotifyRange};
 use super::page::{flags, Page};
-use super::pagemap::FrameAccess;
+use super::pagemap::{FaultContext, FrameAccess};
 use super::pte::Pte;
 use super::space::{find_vma, leaf_index, AddressSpace, Vma, PAGE};
 use crate::error::{Error, Result};
-
-/// What a device pagemap's driver provides (the kernel's `dev_pagemap_ops`).
-pub trait PagemapOps: Send + Sync {
-    /// The last reference to a device page was dropped: give it back to the device.
-    fn page_free(&self, page: &Page);
-    /// Several pages of this pagemap lost their last reference (a batch of `page_free`).
-    fn pages_free(&self, pages: &[&Page]) {
-        for p in pages {
-            self.page_free(p);
-        }
-    }
-    /// A CPU access hit a device-private entry: move the page (and, at the driver's choice,
-    /// its neighbours) to system memory. The page is referenced and locked by the caller.
-    fn migrate_to_ram(&self, fault: FaultContext<'_>) -> Result<()>;
-}
-
-/// The faulting access handed to [`PagemapOps::migrate_to_ram`].
-pub struct FaultContext<'a> {
-    /// The address space of the access.
-    pub space: &'a AddressSpace,
-    /// The page-aligned faulting address.
-    pub addr: u64,
-    /// True for a write access.
-    pub write: bool,
-    /// The device-private page that the entry maps; referenced and locked.
-    pub page: &'a Page,
-}
 
 /// Times a fault retries a device-private page that its driver left on the device (another
 /// thread held a reference to it, so it could not move) before failing with

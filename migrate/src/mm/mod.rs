@@ -13,11 +13,11 @@ pub mod range_fault;
 pub mod space;
 mod sync;
 
-pub use fault::{FaultContext, PagemapOps, FAULT_TRIES};
+pub use fault::FAULT_TRIES;
 pub use notifier::{Notifier, NotifyEvent, NotifyRange};
 pub use page::{flags, Mapping, MemoryKind, Page};
 pub use page_guard::{LockedPage, NewPage};
-pub use pagemap::{DevicePagemap, FrameAccess, PageMap};
+pub use pagemap::{DevicePagemap, FaultContext, FrameAccess, PageMap, PagemapOps};
 pub use pin::{pin_pages, PinGuard};
 pub use pte::{MigrationKind, Pte};
 pub use range_fault::{hmm_range_fault, snapshot, HmmPfn, PageState};

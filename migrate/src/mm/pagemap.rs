@@ -1,23 +1,50 @@
 //! `PageMap`: every frame number resolved to its [`Page`] in O(1), over registered ranges
-//! (the host frame pool and each device pagemap), and the registry of address spaces that
-//! reverse mappings point into.
+//! (the host frame pool and each device pagemap), with what a device pagemap's driver
+//! provides ([`PagemapOps`], the kernel keeps `dev_pagemap_ops` with `dev_pagemap` too). It
+//! holds the registry of address spaces that reverse mappings point into
+//! (`space::registry`, beside `SpaceId`).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 
 use hetmem_engine::{EngineError, HostFramePool, Pfn, PfnRange};
-use parking_lot::RwLock;
 
-use super::fault::PagemapOps;
 use super::page::{flags, MemoryKind, Page};
-use super::space::{PageTables, SpaceId, SpaceInner};
-use crate::error::Error as MmError;
+use super::space::AddressSpace;
+use super::space::SpaceRegistry;
+use crate::error::{Error as MmError, Result};
 
 /// Most ranges one page map holds (the host frame pool and the device pagemaps).
 const MAX_RANGES: usize = 64;
 /// Pages per lazily created block of `Page` structs.
 const BLOCK: usize = 16_384;
+
+/// What a device pagemap's driver provides (the kernel's `dev_pagemap_ops`).
+pub trait PagemapOps: Send + Sync {
+    /// The last reference to a device page was dropped: give it back to the device.
+    fn page_free(&self, page: &Page);
+    /// Several pages of this pagemap lost their last reference (a batch of `page_free`).
+    fn pages_free(&self, pages: &[&Page]) {
+        for p in pages {
+            self.page_free(p);
+        }
+    }
+    /// A CPU access hit a device-private entry: move the page (and, at the driver's choice,
+    /// its neighbours) to system memory. The page is referenced and locked by the caller.
+    fn migrate_to_ram(&self, fault: FaultContext<'_>) -> Result<()>;
+}
+
+/// The faulting access handed to [`PagemapOps::migrate_to_ram`].
+pub struct FaultContext<'a> {
+    /// The address space of the access.
+    pub space: &'a AddressSpace,
+    /// The page-aligned faulting address.
+    pub addr: u64,
+    /// True for a write access.
+    pub write: bool,
+    /// The device-private page that the entry maps; referenced and locked.
+    pub page: &'a Page,
+}
 
 /// CPU access to the bytes of frames of a range that the CPU may touch.
 pub trait FrameAccess: Send + Sync {
@@ -33,15 +60,6 @@ impl FrameAccess for HostFramePool {
     }
     fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<(), EngineError> {
         HostFramePool::write(self, pfn, offset, data)
-    }
-}
-
-impl FrameAccess for hetmem_engine::Device {
-    fn read(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<(), EngineError> {
-        self.read_page(pfn, offset, out)
-    }
-    fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<(), EngineError> {
-        self.write_page(pfn, offset, data)
     }
 }
 
@@ -99,17 +117,13 @@ impl DevicePagemap {
     }
 }
 
-/// An address space as the page map knows it: the space (while it lives) and its page
-/// tables (until its teardown has cleared them).
-type Registered = (Weak<SpaceInner>, Arc<PageTables>);
-
 /// The frames of one process: host frames and device pages, each with its [`Page`].
 pub struct PageMap {
     frames: Arc<HostFramePool>,
     ranges: [OnceLock<Range>; MAX_RANGES],
     count: AtomicUsize,
     register: parking_lot::Mutex<()>,
-    spaces: RwLock<HashMap<SpaceId, Registered>>,
+    spaces: SpaceRegistry,
     zero: Pfn,
 }
 
@@ -140,7 +154,7 @@ impl PageMap {
             ranges: std::array::from_fn(|_| OnceLock::new()),
             count: AtomicUsize::new(0),
             register: parking_lot::Mutex::new(()),
-            spaces: RwLock::new(HashMap::new()),
+            spaces: SpaceRegistry::default(),
             zero,
         };
         pm.add_range(
@@ -399,19 +413,8 @@ impl PageMap {
         }
     }
 
-    pub(crate) fn add_space(&self, id: SpaceId, s: Weak<SpaceInner>, tables: Arc<PageTables>) {
-        self.spaces.write().insert(id, (s, tables));
-    }
-    pub(crate) fn remove_space(&self, id: SpaceId) {
-        self.spaces.write().remove(&id);
-    }
-    /// A live address space (not one being torn down).
-    pub(crate) fn space(&self, id: SpaceId) -> Option<Arc<SpaceInner>> {
-        self.spaces.read().get(&id)?.0.upgrade()
-    }
-    /// The page tables of an address space, live or being torn down (its teardown clears
-    /// them under their leaves' locks before it leaves the registry).
-    pub(crate) fn tables(&self, id: SpaceId) -> Option<Arc<PageTables>> {
-        Some(self.spaces.read().get(&id)?.1.clone())
+    /// The address spaces over this page map, which reverse mappings point into.
+    pub(crate) fn spaces(&self) -> &SpaceRegistry {
+        &self.spaces
     }
 }

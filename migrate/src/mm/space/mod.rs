@@ -20,11 +20,14 @@ use crate::error::{Error, Result};
 mod fork;
 mod invalidate;
 mod lock;
+mod registry;
 mod remap;
 
 pub use invalidate::NotifierId;
 use invalidate::Notifiers;
 pub(crate) use lock::MapHold;
+pub use registry::SpaceId;
+pub(crate) use registry::SpaceRegistry;
 pub use remap::MremapFlags;
 
 /// Bytes in a page, as a `u64` for address arithmetic.
@@ -41,10 +44,6 @@ const MMAP_TOP: u64 = 1 << 56;
 
 /// Pages whose references an unmap drops in one batch.
 const ZAP_BATCH: usize = 4096;
-
-/// Identifies an address space (for reverse mappings and notifier callbacks).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpaceId(pub u64);
 
 /// Access a mapping allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -140,8 +139,6 @@ impl Vma {
 /// The VMA tree, keyed by start address.
 pub(crate) type VmaTree = BTreeMap<u64, Arc<Vma>>;
 
-static NEXT_SPACE: AtomicU64 = AtomicU64::new(1);
-
 /// Hashes leaf numbers (already well spread) with one multiplication.
 #[derive(Default, Clone, Copy)]
 pub(crate) struct LeafHasher(u64);
@@ -202,7 +199,7 @@ pub(crate) fn check_aligned(addr: u64) -> Result<()> {
 impl AddressSpace {
     /// An empty address space over `pagemap`.
     pub fn new(pagemap: &Arc<PageMap>) -> AddressSpace {
-        let id = SpaceId(NEXT_SPACE.fetch_add(1, Ordering::Relaxed));
+        let id = SpaceId::next();
         let inner = Arc::new(SpaceInner {
             id,
             pagemap: pagemap.clone(),
@@ -218,7 +215,9 @@ impl AddressSpace {
             idle_lock: Mutex::new(()),
             next_addr: AtomicU64::new(MMAP_BASE),
         });
-        pagemap.add_space(id, Arc::downgrade(&inner), inner.tables.clone());
+        pagemap
+            .spaces()
+            .add(id, Arc::downgrade(&inner), inner.tables.clone());
         AddressSpace { inner }
     }
 
@@ -607,7 +606,7 @@ impl Drop for SpaceInner {
             released.clear();
         }
         drop(released);
-        self.pagemap.remove_space(self.id);
+        self.pagemap.spaces().remove(self.id);
     }
 }
 
