@@ -6,6 +6,8 @@
 mod access;
 mod evict;
 mod gpu;
+mod migrate;
+mod ops;
 mod table;
 
 pub use gpu::{DriverConfig, DriverStats, GpuDriver, Moved, CHUNK_PAGES, MAX_FAULT_AROUND};

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use hetmem_engine::{FaultSite, Kernel, PageTable, Pfn, Ticket};
 use parking_lot::Mutex;
 
-use super::gpu::Inner;
+use super::migrate::Inner;
 use crate::error::{Error, Result};
 use crate::mm::{AddressSpace, MemoryKind, Notifier, NotifyEvent, NotifyRange, Pte, SpaceId, PAGE};
 
@@ -35,6 +35,95 @@ impl std::fmt::Debug for DevicePin {
 }
 
 impl DevicePin {
+    /// Pins `npages` pages from `addr` on the device, migrating those that are not there.
+    pub(crate) fn acquire(
+        driver: &Arc<Inner>,
+        space: &AddressSpace,
+        addr: u64,
+        npages: usize,
+    ) -> Result<DevicePin> {
+        if npages > driver.budget_pages {
+            return Err(Error::OverBudget {
+                pages: npages,
+                budget: driver.budget_pages,
+            });
+        }
+        let pm = &driver.pagemap;
+        let mut pinned: Vec<Option<Pfn>> = vec![None; npages];
+        let mut pin = DevicePin {
+            driver: driver.clone(),
+            addr,
+            pfns: Vec::with_capacity(npages),
+        };
+        for attempt in 0..PIN_ATTEMPTS {
+            if attempt > 0 {
+                std::thread::yield_now();
+            }
+            for (k, slot) in pinned.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
+                let at = addr + k as u64 * PAGE;
+                // Only a settled entry: a page under migration may be on its way out.
+                let (pfn, writable) = match space.pte(at) {
+                    Pte::Present { pfn, write, .. } | Pte::DevicePrivate { pfn, write } => {
+                        (pfn, write)
+                    }
+                    _ => continue,
+                };
+                // A kernel may write what it is given: a read-only entry is made writable
+                // first, as a CPU write would (a copy of a page shared after fork, or
+                // `WriteDenied` for a read-only mapping), then brought back to the device.
+                if !writable {
+                    space.fault(at, true)?;
+                    continue;
+                }
+                let Some(page) = pm.page(pfn).filter(|p| {
+                    p.owner() == driver.owner && p.kind() != MemoryKind::System && p.try_get()
+                }) else {
+                    continue;
+                };
+                page.add_pin();
+                // Still the settled entry: a migration that passed its reference check before
+                // the pin shows a migration entry (whose pfn is still this page's) until it
+                // maps the new page, so only a settled entry proves the pin holds the page
+                // the address maps.
+                let settled = matches!(
+                    space.pte(at),
+                    Pte::Present { pfn: p, .. } | Pte::DevicePrivate { pfn: p, .. } if p == pfn
+                );
+                if settled {
+                    pin.pfns.push(pfn);
+                    *slot = Some(pfn);
+                } else {
+                    page.remove_pin();
+                    pm.put_page(page);
+                }
+            }
+            if pinned.iter().all(Option::is_some) {
+                pin.pfns = pinned.into_iter().map(|p| p.expect("all pinned")).collect();
+                return Ok(pin);
+            }
+            // Another device's private pages cannot move device to device: home first.
+            for (k, _) in pinned.iter().enumerate().filter(|(_, s)| s.is_none()) {
+                let at = addr + k as u64 * PAGE;
+                if let Pte::DevicePrivate { pfn, .. } = space.pte(at) {
+                    if pm.page(pfn).is_some_and(|p| p.owner() != driver.owner) {
+                        space.fault(at, false)?;
+                    }
+                }
+            }
+            driver.migrate_range_to_device(space, addr, npages)?;
+        }
+        let missing = pinned
+            .iter()
+            .position(Option::is_none)
+            .expect("some page is missing");
+        Err(Error::Busy(
+            space
+                .pte(addr + missing as u64 * PAGE)
+                .pfn()
+                .unwrap_or_default(),
+        ))
+    }
+
     /// The device pages, one per page of the pinned range, in order.
     pub fn pfns(&self) -> &[Pfn] {
         &self.pfns
@@ -119,6 +208,25 @@ pub(crate) struct SpaceTable {
 }
 
 impl SpaceTable {
+    /// The table of `space`, made on first use.
+    fn of(driver: &Arc<Inner>, space: &AddressSpace) -> Arc<SpaceTable> {
+        let mut tables = driver.tables.lock();
+        if let Some(t) = tables.get(&space.id()) {
+            return t.clone();
+        }
+        let t = Arc::new(SpaceTable {
+            state: Mutex::new(State {
+                table: None,
+                base: 0,
+                running: None,
+            }),
+        });
+        tables.insert(space.id(), t.clone());
+        drop(tables);
+        space.register_notifier(Arc::new(TableNotifier(Arc::downgrade(driver))));
+        t
+    }
+
     /// The device page the table maps `addr` to.
     pub(crate) fn entry(&self, addr: u64) -> Option<Pfn> {
         let st = self.state.lock();
@@ -183,6 +291,102 @@ impl std::fmt::Debug for Launch {
 }
 
 impl Launch {
+    /// Pins `ranges` (address, pages) of `space` on the device, writes their table entries
+    /// and dispatches `kernel` over `groups`; buffer `i` of the kernel is `ranges[i]`.
+    pub(crate) fn start(
+        driver: &Arc<Inner>,
+        space: &AddressSpace,
+        kernel: &Kernel,
+        ranges: &[(u64, usize)],
+        args: &[u32],
+        groups: [u32; 3],
+    ) -> Result<Launch> {
+        if ranges.is_empty() {
+            return Err(Error::InvalidArgument("a launch binds at least one range"));
+        }
+        let total: usize = ranges.iter().map(|r| r.1).sum();
+        if total > driver.budget_pages {
+            return Err(Error::OverBudget {
+                pages: total,
+                budget: driver.budget_pages,
+            });
+        }
+        for &(addr, n) in ranges {
+            if n == 0 {
+                return Err(Error::EmptyRange);
+            }
+            space.check_range(addr, n as u64 * PAGE)?;
+        }
+        let pins = ranges
+            .iter()
+            .map(|&(addr, n)| DevicePin::acquire(driver, space, addr, n))
+            .collect::<Result<Vec<_>>>()?;
+        let table = SpaceTable::of(driver, space);
+        let mut st = table.state.lock();
+        st.retire();
+        // The window covers every bound range (and what it covered before).
+        let lo = ranges.iter().map(|r| r.0 / PAGE).min().expect("non-empty");
+        let hi = ranges
+            .iter()
+            .map(|r| r.0 / PAGE + r.1 as u64)
+            .max()
+            .expect("non-empty");
+        let covered = st
+            .table
+            .as_ref()
+            .is_some_and(|t| lo >= st.base && hi <= st.base + t.len() as u64);
+        if !covered {
+            let (lo, hi) = match &st.table {
+                Some(t) => (lo.min(st.base), hi.max(st.base + t.len() as u64)),
+                None => (lo, hi),
+            };
+            let len = (hi - lo) as usize;
+            if len > u32::MAX as usize / 2 {
+                return Err(Error::InvalidArgument(
+                    "bound ranges span more than 2^31 pages",
+                ));
+            }
+            // Room to grow upwards, where new buffers are mapped.
+            let fresh = driver.device.page_table(len + len / 2)?;
+            if let Some(old) = &st.table {
+                for i in 0..old.len() {
+                    if let Some(p) = old.get(i) {
+                        let _ = fresh.set((st.base - lo) as usize + i, Some(p));
+                    }
+                }
+            }
+            st.table = Some(fresh);
+            st.base = lo;
+        }
+        for pin in &pins {
+            for (k, &pfn) in pin.pfns.iter().enumerate() {
+                st.set(pin.addr / PAGE + k as u64, pfn);
+            }
+        }
+        let bound: Vec<std::ops::Range<u32>> = ranges
+            .iter()
+            .map(|r| {
+                let first = (r.0 / PAGE - st.base) as u32;
+                first..first + r.1 as u32
+            })
+            .collect();
+        let t = st.table.as_ref().expect("made above");
+        t.reset_faults();
+        let ticket = driver.device.dispatch(kernel, t, &bound, args, groups)?;
+        let running = Arc::new(Running {
+            ticket,
+            outcome: OnceLock::new(),
+        });
+        st.running = Some(running.clone());
+        drop(st);
+        Ok(Launch {
+            running,
+            table,
+            ranges: ranges.to_vec(),
+            pins,
+        })
+    }
+
     /// True once the kernel has finished; does not block.
     pub fn is_done(&self) -> bool {
         self.running.outcome.get().is_some() || self.running.ticket.is_done().unwrap_or(true)
@@ -236,211 +440,5 @@ impl Drop for Launch {
         if !self.pins.is_empty() {
             let _ = self.finish();
         }
-    }
-}
-
-impl Inner {
-    /// The table of `space`, made on first use.
-    fn table_of(self: &Arc<Self>, space: &AddressSpace) -> Arc<SpaceTable> {
-        let mut tables = self.tables.lock();
-        if let Some(t) = tables.get(&space.id()) {
-            return t.clone();
-        }
-        let t = Arc::new(SpaceTable {
-            state: Mutex::new(State {
-                table: None,
-                base: 0,
-                running: None,
-            }),
-        });
-        tables.insert(space.id(), t.clone());
-        drop(tables);
-        space.register_notifier(Arc::new(TableNotifier(Arc::downgrade(self))));
-        t
-    }
-
-    /// Pins `npages` pages from `addr` on the device, migrating those that are not there.
-    pub(crate) fn pin_on_device(
-        self: &Arc<Self>,
-        space: &AddressSpace,
-        addr: u64,
-        npages: usize,
-    ) -> Result<DevicePin> {
-        if npages > self.budget_pages {
-            return Err(Error::OverBudget {
-                pages: npages,
-                budget: self.budget_pages,
-            });
-        }
-        let pm = &self.pagemap;
-        let mut pinned: Vec<Option<Pfn>> = vec![None; npages];
-        let mut pin = DevicePin {
-            driver: self.clone(),
-            addr,
-            pfns: Vec::with_capacity(npages),
-        };
-        for attempt in 0..PIN_ATTEMPTS {
-            if attempt > 0 {
-                std::thread::yield_now();
-            }
-            for (k, slot) in pinned.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
-                let at = addr + k as u64 * PAGE;
-                // Only a settled entry: a page under migration may be on its way out.
-                let (pfn, writable) = match space.pte(at) {
-                    Pte::Present { pfn, write, .. } | Pte::DevicePrivate { pfn, write } => {
-                        (pfn, write)
-                    }
-                    _ => continue,
-                };
-                // A kernel may write what it is given: a read-only entry is made writable
-                // first, as a CPU write would (a copy of a page shared after fork, or
-                // `WriteDenied` for a read-only mapping), then brought back to the device.
-                if !writable {
-                    space.fault(at, true)?;
-                    continue;
-                }
-                let Some(page) = pm.page(pfn).filter(|p| {
-                    p.owner() == self.owner && p.kind() != MemoryKind::System && p.try_get()
-                }) else {
-                    continue;
-                };
-                page.add_pin();
-                // Still the settled entry: a migration that passed its reference check before
-                // the pin shows a migration entry (whose pfn is still this page's) until it
-                // maps the new page, so only a settled entry proves the pin holds the page
-                // the address maps.
-                let settled = matches!(
-                    space.pte(at),
-                    Pte::Present { pfn: p, .. } | Pte::DevicePrivate { pfn: p, .. } if p == pfn
-                );
-                if settled {
-                    pin.pfns.push(pfn);
-                    *slot = Some(pfn);
-                } else {
-                    page.remove_pin();
-                    pm.put_page(page);
-                }
-            }
-            if pinned.iter().all(Option::is_some) {
-                pin.pfns = pinned.into_iter().map(|p| p.expect("all pinned")).collect();
-                return Ok(pin);
-            }
-            // Another device's private pages cannot move device to device: home first.
-            for (k, _) in pinned.iter().enumerate().filter(|(_, s)| s.is_none()) {
-                let at = addr + k as u64 * PAGE;
-                if let Pte::DevicePrivate { pfn, .. } = space.pte(at) {
-                    if pm.page(pfn).is_some_and(|p| p.owner() != self.owner) {
-                        space.fault(at, false)?;
-                    }
-                }
-            }
-            self.migrate_range_to_device(space, addr, npages)?;
-        }
-        let missing = pinned
-            .iter()
-            .position(Option::is_none)
-            .expect("some page is missing");
-        Err(Error::Busy(
-            space
-                .pte(addr + missing as u64 * PAGE)
-                .pfn()
-                .unwrap_or_default(),
-        ))
-    }
-
-    /// Pins `ranges` (address, pages) of `space` on the device, writes their table entries
-    /// and dispatches `kernel` over `groups`; buffer `i` of the kernel is `ranges[i]`.
-    pub(crate) fn launch(
-        self: &Arc<Self>,
-        space: &AddressSpace,
-        kernel: &Kernel,
-        ranges: &[(u64, usize)],
-        args: &[u32],
-        groups: [u32; 3],
-    ) -> Result<Launch> {
-        if ranges.is_empty() {
-            return Err(Error::InvalidArgument("a launch binds at least one range"));
-        }
-        let total: usize = ranges.iter().map(|r| r.1).sum();
-        if total > self.budget_pages {
-            return Err(Error::OverBudget {
-                pages: total,
-                budget: self.budget_pages,
-            });
-        }
-        for &(addr, n) in ranges {
-            if n == 0 {
-                return Err(Error::EmptyRange);
-            }
-            space.check_range(addr, n as u64 * PAGE)?;
-        }
-        let pins = ranges
-            .iter()
-            .map(|&(addr, n)| self.pin_on_device(space, addr, n))
-            .collect::<Result<Vec<_>>>()?;
-        let table = self.table_of(space);
-        let mut st = table.state.lock();
-        st.retire();
-        // The window covers every bound range (and what it covered before).
-        let lo = ranges.iter().map(|r| r.0 / PAGE).min().expect("non-empty");
-        let hi = ranges
-            .iter()
-            .map(|r| r.0 / PAGE + r.1 as u64)
-            .max()
-            .expect("non-empty");
-        let covered = st
-            .table
-            .as_ref()
-            .is_some_and(|t| lo >= st.base && hi <= st.base + t.len() as u64);
-        if !covered {
-            let (lo, hi) = match &st.table {
-                Some(t) => (lo.min(st.base), hi.max(st.base + t.len() as u64)),
-                None => (lo, hi),
-            };
-            let len = (hi - lo) as usize;
-            if len > u32::MAX as usize / 2 {
-                return Err(Error::InvalidArgument(
-                    "bound ranges span more than 2^31 pages",
-                ));
-            }
-            // Room to grow upwards, where new buffers are mapped.
-            let fresh = self.device.page_table(len + len / 2)?;
-            if let Some(old) = &st.table {
-                for i in 0..old.len() {
-                    if let Some(p) = old.get(i) {
-                        let _ = fresh.set((st.base - lo) as usize + i, Some(p));
-                    }
-                }
-            }
-            st.table = Some(fresh);
-            st.base = lo;
-        }
-        for pin in &pins {
-            for (k, &pfn) in pin.pfns.iter().enumerate() {
-                st.set(pin.addr / PAGE + k as u64, pfn);
-            }
-        }
-        let bound: Vec<std::ops::Range<u32>> = ranges
-            .iter()
-            .map(|r| {
-                let first = (r.0 / PAGE - st.base) as u32;
-                first..first + r.1 as u32
-            })
-            .collect();
-        let t = st.table.as_ref().expect("made above");
-        t.reset_faults();
-        let ticket = self.device.dispatch(kernel, t, &bound, args, groups)?;
-        let running = Arc::new(Running {
-            ticket,
-            outcome: OnceLock::new(),
-        });
-        st.running = Some(running.clone());
-        drop(st);
-        Ok(Launch {
-            running,
-            table,
-            ranges: ranges.to_vec(),
-            pins,
-        })
     }
 }
