@@ -4,7 +4,7 @@
 //! Lock order, outermost first: the map lock (the VMA tree) -> a VMA's lock -> a page's lock
 //! -> a page-table leaf's lock. Under a leaf lock a page lock is only ever *tried*.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -22,6 +22,8 @@ mod invalidate;
 mod lock;
 mod registry;
 mod remap;
+mod tables;
+mod tree;
 
 pub use invalidate::NotifierId;
 use invalidate::Notifiers;
@@ -29,10 +31,13 @@ pub(crate) use lock::MapHold;
 pub use registry::SpaceId;
 pub(crate) use registry::SpaceRegistry;
 pub use remap::MremapFlags;
+use tables::{leaf_end, LeafTable, LEAF_SPAN};
+pub(crate) use tables::{leaf_index, PageTables};
+use tree::{any_homed, covered, free_range, overlaps, range_of, split_range};
+pub(crate) use tree::{find_vma, pages_end, VmaTree};
 
 /// Bytes in a page, as a `u64` for address arithmetic.
 pub const PAGE: u64 = PAGE_SIZE as u64;
-const LEAF_SPAN: u64 = PAGE * PTRS_PER_LEAF as u64;
 /// Where `mmap` without an address starts looking: above every address the kernel hands
 /// this process unasked (48-bit user space on x86-64 and arm64; higher only on request), so
 /// a range the space picks never covers one the process maps itself, such as the view of a
@@ -135,29 +140,6 @@ impl Vma {
         true
     }
 }
-
-/// The VMA tree, keyed by start address.
-pub(crate) type VmaTree = BTreeMap<u64, Arc<Vma>>;
-
-/// Hashes leaf numbers (already well spread) with one multiplication.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct LeafHasher(u64);
-
-impl std::hash::Hasher for LeafHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type LeafTable = HashMap<u64, Arc<Leaf>, std::hash::BuildHasherDefault<LeafHasher>>;
 
 pub(crate) struct SpaceInner {
     pub(crate) id: SpaceId,
@@ -610,49 +592,6 @@ impl Drop for SpaceInner {
     }
 }
 
-/// The page tables of one address space: its leaves by leaf number. The page map's registry
-/// holds them too, so that a reverse-map walk reaches the entries of a space that is being
-/// torn down.
-pub(crate) struct PageTables {
-    pub(crate) id: SpaceId,
-    leaves: RwLock<LeafTable>,
-}
-
-impl PageTables {
-    /// The leaf holding `addr`'s entry, created if `create`.
-    pub(crate) fn leaf(&self, addr: u64, create: bool) -> Option<Arc<Leaf>> {
-        let key = addr / LEAF_SPAN;
-        if let Some(l) = self.leaves.read().get(&key) {
-            return Some(l.clone());
-        }
-        if !create {
-            return None;
-        }
-        Some(self.leaves.write().entry(key).or_default().clone())
-    }
-
-    /// Sets entry `i` of a locked leaf to map `page` at `addr`: records the mapping and,
-    /// with `take_ref`, a reference (an allocation's own reference is otherwise handed over).
-    pub(crate) fn install(
-        &self,
-        g: &LeafGuard<'_>,
-        i: usize,
-        addr: u64,
-        pte: Pte,
-        page: &Page,
-        take_ref: bool,
-    ) {
-        if take_ref {
-            page.get();
-        }
-        page.add_rmap(Mapping {
-            space: self.id,
-            addr,
-        });
-        g.set(i, pte);
-    }
-}
-
 /// Copies one frame's bytes to another (both CPU-accessible).
 pub(crate) fn copy_frame(pm: &PageMap, from: Pfn, to: Pfn) -> Result<()> {
     let mut buf = vec![0u8; PAGE_SIZE];
@@ -663,103 +602,4 @@ pub(crate) fn copy_frame(pm: &PageMap, from: Pfn, to: Pfn) -> Result<()> {
         .ok_or(Error::UnknownPfn(to))?
         .write(to, 0, &buf)?;
     Ok(())
-}
-
-/// The index of `addr`'s entry in its leaf.
-pub(crate) fn leaf_index(addr: u64) -> usize {
-    ((addr / PAGE) % PTRS_PER_LEAF as u64) as usize
-}
-
-/// The mapping covering `addr`.
-pub(crate) fn find_vma(map: &VmaTree, addr: u64) -> Option<Arc<Vma>> {
-    map.range(..=addr)
-        .next_back()
-        .filter(|(_, v)| addr < v.end)
-        .map(|(_, v)| v.clone())
-}
-
-fn range_of(addr: u64, len: u64) -> Result<(u64, u64)> {
-    check_aligned(addr)?;
-    check_aligned(len)?;
-    if len == 0 {
-        return Err(Error::EmptyRange);
-    }
-    Ok((
-        addr,
-        addr.checked_add(len)
-            .ok_or(Error::InvalidArgument("range wraps"))?,
-    ))
-}
-
-/// One past the last byte of `npages` pages from `addr`, or an error if that passes the
-/// top of the address space.
-pub(crate) fn pages_end(addr: u64, npages: usize) -> Result<u64> {
-    (npages as u64)
-        .checked_mul(PAGE)
-        .and_then(|b| addr.checked_add(b))
-        .filter(|&e| e <= MMAP_TOP)
-        .ok_or(Error::InvalidArgument(
-            "range past the top of the address space",
-        ))
-}
-
-/// One past the last address of the leaf that holds `addr`.
-fn leaf_end(addr: u64) -> u64 {
-    (addr / LEAF_SPAN + 1).saturating_mul(LEAF_SPAN)
-}
-
-/// True if any mapping overlaps `[start, end)`.
-fn overlaps(map: &VmaTree, start: u64, end: u64) -> bool {
-    map.range(..end)
-        .next_back()
-        .is_some_and(|(_, v)| v.end > start)
-}
-
-/// The first address from `from` where `len` bytes fit below [`MMAP_TOP`], with a guard
-/// page after each mapping it passes.
-fn free_range(map: &VmaTree, from: u64, len: u64) -> Option<u64> {
-    let mut at = from;
-    loop {
-        let end = at.checked_add(len).filter(|&e| e <= MMAP_TOP)?;
-        match map.range(..end).next_back() {
-            Some((_, v)) if v.end > at => at = v.end.checked_add(PAGE)?,
-            _ => return Some(at),
-        }
-    }
-}
-
-/// Fails unless `[start, end)` is mapped without gaps.
-/// True if a mapping of `[start, end)` is mapped for CPU pointers.
-pub(super) fn any_homed(map: &VmaTree, start: u64, end: u64) -> bool {
-    map.range(..end)
-        .rev()
-        .take_while(|(_, v)| v.end > start)
-        .any(|(_, v)| v.home.is_some())
-}
-
-fn covered(map: &VmaTree, start: u64, end: u64) -> Result<()> {
-    let mut at = start;
-    while at < end {
-        let v = find_vma(map, at).ok_or(Error::NotMapped(at))?;
-        at = v.end;
-    }
-    Ok(())
-}
-
-/// Splits the mappings that straddle the edges of `[start, end)` and lists (by start) the
-/// mappings inside it.
-pub(super) fn split_range(map: &mut VmaTree, start: u64, end: u64) -> Vec<u64> {
-    split_at(map, start);
-    split_at(map, end);
-    map.range(start..end).map(|(&k, _)| k).collect()
-}
-
-/// Splits the mapping that straddles `addr`, if one does.
-fn split_at(map: &mut VmaTree, addr: u64) {
-    if let Some(v) = find_vma(map, addr) {
-        if v.start < addr {
-            map.insert(v.start, v.part(v.start, addr, v.prot));
-            map.insert(addr, v.part(addr, v.end, v.prot));
-        }
-    }
 }
