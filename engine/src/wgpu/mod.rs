@@ -3,7 +3,9 @@
 //! through staging buffers; device-to-device copies use regions or the same WGSL gather
 //! kernel as the Vulkan backend.
 
+mod adapter;
 mod gather;
+mod record;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,108 +13,13 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::backend::{copy_frames, gather_wanted, Backend, Submitted};
-use crate::config::{DeviceConfig, DeviceInfo, DeviceKind, DeviceType, GatherMode, HostAccess};
+use crate::backend::{gather_wanted, Backend, Submitted};
+use crate::config::GatherMode;
 use crate::copy::{CopyGroup, CopyPlan, MemoryId, Place};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
 use crate::pfn::PAGE_SIZE;
-
-/// Opens the wgpu adapter `config` selects (by name substring, else high performance).
-pub(crate) fn open(
-    config: &DeviceConfig,
-    frames: &Arc<HostFramePool>,
-) -> Result<(DeviceInfo, Box<dyn Backend>)> {
-    let no_device = |reason: String| EngineError::NoDevice {
-        wanted: "wgpu".into(),
-        reason,
-    };
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
-    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
-    let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
-    let rank = |t: wgpu::DeviceType| match t {
-        wgpu::DeviceType::DiscreteGpu => 0,
-        wgpu::DeviceType::IntegratedGpu => 1,
-        wgpu::DeviceType::VirtualGpu => 2,
-        wgpu::DeviceType::Cpu => 3,
-        wgpu::DeviceType::Other => 4,
-    };
-    let adapter = adapters
-        .into_iter()
-        .filter(|a| {
-            config
-                .adapter
-                .as_ref()
-                .is_none_or(|w| a.get_info().name.to_lowercase().contains(&w.to_lowercase()))
-        })
-        .min_by_key(|a| {
-            (
-                rank(a.get_info().device_type),
-                a.get_info().backend != wgpu::Backend::Vulkan,
-            )
-        })
-        .ok_or_else(|| no_device(format!("no wgpu adapter matches (found: {names:?})")))?;
-    let ainfo = adapter.get_info();
-    let limits = adapter.limits();
-    let desc = wgpu::DeviceDescriptor {
-        label: Some("hetmem"),
-        required_features: wgpu::Features::empty(),
-        required_limits: limits.clone(),
-        experimental_features: wgpu::ExperimentalFeatures::disabled(),
-        memory_hints: wgpu::MemoryHints::Performance,
-        trace: wgpu::Trace::Off,
-    };
-    let (device, queue) = pollster::block_on(adapter.request_device(&desc))
-        .map_err(|e| no_device(format!("request_device: {e}")))?;
-    let errors: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let sink = errors.clone();
-    device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-        tracing::error!("wgpu: {e}");
-        sink.lock().get_or_insert_with(|| e.to_string());
-    }));
-    let lost = Arc::new(AtomicBool::new(false));
-    let lost_flag = lost.clone();
-    device.set_device_lost_callback(move |_, msg| {
-        tracing::error!("wgpu device lost: {msg}");
-        lost_flag.store(true, Ordering::Release);
-    });
-    let device_type = match ainfo.device_type {
-        wgpu::DeviceType::DiscreteGpu => DeviceType::Discrete,
-        wgpu::DeviceType::IntegratedGpu => DeviceType::Integrated,
-        wgpu::DeviceType::VirtualGpu => DeviceType::Virtual,
-        wgpu::DeviceType::Cpu => DeviceType::Cpu,
-        wgpu::DeviceType::Other => DeviceType::Other,
-    };
-    let info = DeviceInfo {
-        kind: DeviceKind::Wgpu,
-        name: format!("{} ({:?})", ainfo.name, ainfo.backend),
-        device_type,
-        reason: match &config.adapter {
-            Some(w) => format!("asked for wgpu; HETMEM_ADAPTER matched {w:?} among {names:?}"),
-            None => format!("asked for wgpu; {device_type:?} ranks first among {names:?}"),
-        },
-        host_access: HostAccess::Staging,
-        dedicated_transfer_queue: false,
-        host_visible_memory: false,
-    };
-    let gather = (config.gather != GatherMode::Never).then(|| gather::Gather::new(&device));
-    let backend = WgpuBackend {
-        frames: frames.clone(),
-        chunks: RwLock::new(Vec::new()),
-        pending: Mutex::new(VecDeque::new()),
-        next: AtomicU64::new(0),
-        completed: AtomicU64::new(0),
-        max_binding: limits.max_storage_buffer_binding_size as u64,
-        gather,
-        gather_mode: config.gather,
-        cpu_device: device_type == DeviceType::Cpu,
-        errors,
-        lost,
-        queue,
-        device,
-    };
-    Ok((info, Box::new(backend)))
-}
+pub(crate) use adapter::open;
 
 /// Downloads of one batch: a mappable buffer and where its pieces go.
 struct Download {
@@ -314,130 +221,7 @@ impl Backend for WgpuBackend {
     }
 
     fn submit(&self, plan: &CopyPlan, _queue_only: bool) -> Result<Submitted> {
-        let mut enc = self.device.create_command_encoder(&Default::default());
-        let mut gathered_pages = 0;
-        // Uploads: every host -> device region of the batch goes through one staging buffer.
-        let upload_bytes: u64 = plan
-            .groups
-            .iter()
-            .filter(|g| !g.src.is_device() && g.dst.is_device())
-            .flat_map(|g| &g.regions)
-            .map(|r| r.size)
-            .sum();
-        let download_bytes: u64 = plan
-            .groups
-            .iter()
-            .filter(|g| g.src.is_device() && !g.dst.is_device())
-            .flat_map(|g| &g.regions)
-            .map(|r| r.size)
-            .sum();
-        let upload = (upload_bytes > 0).then(|| {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("hetmem upload"),
-                size: upload_bytes,
-                usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::MAP_WRITE,
-                mapped_at_creation: true,
-            })
-        });
-        let mut download = (download_bytes > 0).then(|| Download {
-            buffer: self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("hetmem download"),
-                size: download_bytes,
-                usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
-                mapped_at_creation: false,
-            }),
-            mapped: Arc::new(AtomicBool::new(false)),
-            pieces: Vec::new(),
-        });
-        let mut up_at = 0u64;
-        let mut down_at = 0u64;
-        for g in &plan.groups {
-            match (g.src.is_device(), g.dst.is_device()) {
-                (false, false) => copy_frames(&self.frames, g),
-                (false, true) => {
-                    let up = upload.as_ref().expect("sized above");
-                    let dst = self.chunk(g.dst)?;
-                    let mut view = up
-                        .slice(..)
-                        .get_mapped_range_mut()
-                        .map_err(|e| EngineError::Wgpu(format!("{e:?}")))?;
-                    for r in &g.regions {
-                        let s = self.frames.place_ptr(Place {
-                            memory: g.src,
-                            offset: r.src_offset,
-                        });
-                        // SAFETY: the source is an allocated frame span of `r.size` bytes.
-                        let bytes = unsafe { std::slice::from_raw_parts(s, r.size as usize) };
-                        view.slice(up_at as usize..(up_at + r.size) as usize)
-                            .copy_from_slice(bytes);
-                        enc.copy_buffer_to_buffer(up, up_at, &dst, r.dst_offset, r.size);
-                        up_at += r.size;
-                    }
-                }
-                (true, false) => {
-                    let d = download.as_mut().expect("sized above");
-                    let src = self.chunk(g.src)?;
-                    for r in &g.regions {
-                        enc.copy_buffer_to_buffer(&src, r.src_offset, &d.buffer, down_at, r.size);
-                        d.pieces.push((
-                            down_at,
-                            Place {
-                                memory: g.dst,
-                                offset: r.dst_offset,
-                            },
-                            r.size,
-                        ));
-                        down_at += r.size;
-                    }
-                }
-                (true, true) if self.use_gather(g) => {
-                    let gather = self.gather.as_ref().expect("checked by use_gather");
-                    gather.record(
-                        &self.device,
-                        &mut enc,
-                        &self.chunk(g.src)?,
-                        &self.chunk(g.dst)?,
-                        g,
-                    );
-                    gathered_pages += g.pages();
-                }
-                (true, true) if g.src == g.dst => {
-                    // wgpu refuses copies inside one buffer: go through a temporary one.
-                    let buf = self.chunk(g.src)?;
-                    let bytes: u64 = g.regions.iter().map(|r| r.size).sum();
-                    let tmp = self.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("hetmem bounce"),
-                        size: bytes,
-                        usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-                        mapped_at_creation: false,
-                    });
-                    let mut at = 0;
-                    for r in &g.regions {
-                        enc.copy_buffer_to_buffer(&buf, r.src_offset, &tmp, at, r.size);
-                        at += r.size;
-                    }
-                    at = 0;
-                    for r in &g.regions {
-                        enc.copy_buffer_to_buffer(&tmp, at, &buf, r.dst_offset, r.size);
-                        at += r.size;
-                    }
-                }
-                (true, true) => {
-                    let (src, dst) = (self.chunk(g.src)?, self.chunk(g.dst)?);
-                    for r in &g.regions {
-                        enc.copy_buffer_to_buffer(&src, r.src_offset, &dst, r.dst_offset, r.size);
-                    }
-                }
-            }
-        }
-        if let Some(up) = &upload {
-            up.unmap();
-        }
-        let value = self.submit_encoder(enc, download)?;
-        Ok(Submitted {
-            value,
-            gathered_pages,
-        })
+        record::submit_plan(self, plan)
     }
 
     fn poll(&self, value: u64) -> Result<bool> {
