@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, OnceLock, Weak};
 
-use hetmem_engine::{FaultSite, Kernel, PageTable, Pfn, Ticket};
+use hetmem_engine::{Device, FaultSite, Kernel, PageTable, Pfn, Ticket};
 use parking_lot::Mutex;
 
 use super::migrate::Inner;
@@ -60,41 +60,9 @@ impl DevicePin {
                 std::thread::yield_now();
             }
             for (k, slot) in pinned.iter_mut().enumerate().filter(|(_, s)| s.is_none()) {
-                let at = addr + k as u64 * PAGE;
-                // Only a settled entry: a page under migration may be on its way out.
-                let (pfn, writable) = match space.pte(at) {
-                    Pte::Present { pfn, write, .. } | Pte::DevicePrivate { pfn, write } => {
-                        (pfn, write)
-                    }
-                    _ => continue,
-                };
-                // A kernel may write what it is given: a read-only entry is made writable
-                // first, as a CPU write would (a copy of a page shared after fork, or
-                // `WriteDenied` for a read-only mapping), then brought back to the device.
-                if !writable {
-                    space.fault(at, true)?;
-                    continue;
-                }
-                let Some(page) = pm.page(pfn).filter(|p| {
-                    p.owner() == driver.owner && p.kind() != MemoryKind::System && p.try_get()
-                }) else {
-                    continue;
-                };
-                page.add_pin();
-                // Still the settled entry: a migration that passed its reference check before
-                // the pin shows a migration entry (whose pfn is still this page's) until it
-                // maps the new page, so only a settled entry proves the pin holds the page
-                // the address maps.
-                let settled = matches!(
-                    space.pte(at),
-                    Pte::Present { pfn: p, .. } | Pte::DevicePrivate { pfn: p, .. } if p == pfn
-                );
-                if settled {
+                if let Some(pfn) = pin_settled(driver, space, addr + k as u64 * PAGE)? {
                     pin.pfns.push(pfn);
                     *slot = Some(pfn);
-                } else {
-                    page.remove_pin();
-                    pm.put_page(page);
                 }
             }
             if pinned.iter().all(Option::is_some) {
@@ -168,6 +136,40 @@ struct State {
 }
 
 impl State {
+    /// Makes the window cover virtual pages `[lo, hi)` as well as what it covered before:
+    /// a larger table (with room to grow upwards, where new buffers are mapped) replaces
+    /// one that is too small, its entries carried over.
+    fn cover(&mut self, device: &Device, lo: u64, hi: u64) -> Result<()> {
+        let covered = self
+            .table
+            .as_ref()
+            .is_some_and(|t| lo >= self.base && hi <= self.base + t.len() as u64);
+        if covered {
+            return Ok(());
+        }
+        let (lo, hi) = match &self.table {
+            Some(t) => (lo.min(self.base), hi.max(self.base + t.len() as u64)),
+            None => (lo, hi),
+        };
+        let len = (hi - lo) as usize;
+        if len > u32::MAX as usize / 2 {
+            return Err(Error::InvalidArgument(
+                "bound ranges span more than 2^31 pages",
+            ));
+        }
+        let fresh = device.page_table(len + len / 2)?;
+        if let Some(old) = &self.table {
+            for i in 0..old.len() {
+                if let Some(p) = old.get(i) {
+                    let _ = fresh.set((self.base - lo) as usize + i, Some(p));
+                }
+            }
+        }
+        self.table = Some(fresh);
+        self.base = lo;
+        Ok(())
+    }
+
     /// Waits for the running kernel and records what it found.
     fn retire(&mut self) {
         let Some(r) = self.running.take() else { return };
@@ -331,33 +333,7 @@ impl Launch {
             .map(|r| r.0 / PAGE + r.1 as u64)
             .max()
             .expect("non-empty");
-        let covered = st
-            .table
-            .as_ref()
-            .is_some_and(|t| lo >= st.base && hi <= st.base + t.len() as u64);
-        if !covered {
-            let (lo, hi) = match &st.table {
-                Some(t) => (lo.min(st.base), hi.max(st.base + t.len() as u64)),
-                None => (lo, hi),
-            };
-            let len = (hi - lo) as usize;
-            if len > u32::MAX as usize / 2 {
-                return Err(Error::InvalidArgument(
-                    "bound ranges span more than 2^31 pages",
-                ));
-            }
-            // Room to grow upwards, where new buffers are mapped.
-            let fresh = driver.device.page_table(len + len / 2)?;
-            if let Some(old) = &st.table {
-                for i in 0..old.len() {
-                    if let Some(p) = old.get(i) {
-                        let _ = fresh.set((st.base - lo) as usize + i, Some(p));
-                    }
-                }
-            }
-            st.table = Some(fresh);
-            st.base = lo;
-        }
+        st.cover(&driver.device, lo, hi)?;
         for pin in &pins {
             for (k, &pfn) in pin.pfns.iter().enumerate() {
                 st.set(pin.addr / PAGE + k as u64, pfn);
@@ -441,4 +417,44 @@ impl Drop for Launch {
             let _ = self.finish();
         }
     }
+}
+
+/// Pins the page `at` maps if it is one of `driver`'s device pages in a settled, writable
+/// entry, and returns it; `None` if it is not (yet): not on this device, under migration,
+/// or read-only (then made writable first, for the next attempt).
+fn pin_settled(driver: &Inner, space: &AddressSpace, at: u64) -> Result<Option<Pfn>> {
+    let pm = &driver.pagemap;
+    // Only a settled entry: a page under migration may be on its way out.
+    let (pfn, writable) = match space.pte(at) {
+        Pte::Present { pfn, write, .. } | Pte::DevicePrivate { pfn, write } => (pfn, write),
+        _ => return Ok(None),
+    };
+    // A kernel may write what it is given: a read-only entry is made writable
+    // first, as a CPU write would (a copy of a page shared after fork, or
+    // `WriteDenied` for a read-only mapping), then brought back to the device.
+    if !writable {
+        space.fault(at, true)?;
+        return Ok(None);
+    }
+    let Some(page) = pm
+        .page(pfn)
+        .filter(|p| p.owner() == driver.owner && p.kind() != MemoryKind::System && p.try_get())
+    else {
+        return Ok(None);
+    };
+    page.add_pin();
+    // Still the settled entry: a migration that passed its reference check before
+    // the pin shows a migration entry (whose pfn is still this page's) until it
+    // maps the new page, so only a settled entry proves the pin holds the page
+    // the address maps.
+    let settled = matches!(
+        space.pte(at),
+        Pte::Present { pfn: p, .. } | Pte::DevicePrivate { pfn: p, .. } if p == pfn
+    );
+    if settled {
+        return Ok(Some(pfn));
+    }
+    page.remove_pin();
+    pm.put_page(page);
+    Ok(None)
 }
