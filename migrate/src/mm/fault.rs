@@ -128,6 +128,10 @@ impl AddressSpace {
     /// failed copy) ends the fault at once. A thread that holds the space's map lock already
     /// (a migration of its own between setup and finalize) gets
     /// [`Error::MigrationInProgress`] instead of waiting: the page may be its own.
+    ///
+    /// Longer than 80 lines on purpose: one loop over the entry's states, so that where the
+    /// leaf lock is taken and dropped (and `f` runs under it) reads in one place; the
+    /// branches share the lock guard, the retry count and `f`, which runs exactly once.
     pub(crate) fn with_page<R>(
         &self,
         addr: u64,
