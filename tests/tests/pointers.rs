@@ -507,3 +507,46 @@ fn a_load_of_a_page_pinned_on_the_device_waits_for_the_pin() {
         assert!(ctx.take_cpu_fault_error().is_none());
     }
 }
+
+#[test]
+fn launches_over_buffers_far_apart_in_the_space_both_run() {
+    let test = "launches_over_buffers_far_apart";
+    let Some(ctx) = context(DeviceKind::Vulkan, 8 << 20, test) else {
+        return;
+    };
+    let Some(mapped) = mapped(&ctx, 4 * PAGE, test) else {
+        return;
+    };
+    let plain = ctx.alloc(4 * PAGE).unwrap();
+    let far = plain.addr().abs_diff(mapped.addr()) / PAGE as u64;
+    assert!(far > 1 << 31, "the two buffers lie {far} pages apart");
+    let k = ctx
+        .compile_kernel(
+            r#"
+@compute @workgroup_size(64)
+fn inc(@builtin(global_invocation_id) g: vec3<u32>) {
+    let p = hm_ptr(0u, g.x * 4u);
+    hm_store(p, hm_load(p) + 1u);
+}"#,
+            "inc",
+        )
+        .unwrap();
+    for _ in 0..2 {
+        for b in [&plain, &mapped] {
+            ctx.launch(
+                &k,
+                &[(b, 0..b.len())],
+                &[],
+                [(b.len() / 4 / 64) as u32, 1, 1],
+            )
+            .unwrap()
+            .wait()
+            .unwrap();
+        }
+    }
+    for b in [&plain, &mapped] {
+        let mut w = [0u8; 4];
+        b.read(4 * PAGE - 4, &mut w).unwrap();
+        assert_eq!(u32::from_le_bytes(w), 2);
+    }
+}

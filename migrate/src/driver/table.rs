@@ -25,6 +25,10 @@ pub struct DevicePin {
     pub(crate) pfns: Vec<Pfn>,
 }
 
+/// Pages a device page table may cover beyond what one launch needs, to keep the entries of
+/// earlier launches (4 MiB of table).
+const UNION_PAGES: u64 = 1 << 20;
+
 impl std::fmt::Debug for DevicePin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DevicePin")
@@ -147,8 +151,19 @@ impl State {
         if covered {
             return Ok(());
         }
+        // The old window too, unless that would make a sparse table far larger than this
+        // launch needs (buffers can lie far apart: plain ones high in the space, CPU-mapped
+        // ones where the kernel put their views): then a table for this launch's ranges
+        // alone (a running launch keeps the table it was given).
         let (lo, hi) = match &self.table {
-            Some(t) => (lo.min(self.base), hi.max(self.base + t.len() as u64)),
+            Some(t) => {
+                let (ulo, uhi) = (lo.min(self.base), hi.max(self.base + t.len() as u64));
+                if uhi - ulo <= (2 * (hi - lo)).max(UNION_PAGES) {
+                    (ulo, uhi)
+                } else {
+                    (lo, hi)
+                }
+            }
             None => (lo, hi),
         };
         let len = (hi - lo) as usize;
@@ -160,8 +175,10 @@ impl State {
         let fresh = device.page_table(len + len / 2)?;
         if let Some(old) = &self.table {
             for i in 0..old.len() {
-                if let Some(p) = old.get(i) {
-                    let _ = fresh.set((self.base - lo) as usize + i, Some(p));
+                let at = self.base + i as u64;
+                let inside = at >= lo && at < lo + fresh.len() as u64;
+                if let Some(p) = old.get(i).filter(|_| inside) {
+                    let _ = fresh.set((at - lo) as usize, Some(p));
                 }
             }
         }

@@ -352,9 +352,11 @@ fn step(w: &World, o: &mut Owned, op: Op, rng: &mut StdRng) -> Result<(), Failur
                 return wrong(format!("pinned {} pages of {r:?}", pin.pfns().len()));
             }
             if w.ctx.driver().kind() == MemoryKind::DevicePrivate {
-                // A write across a pinned page is refused before any byte is written.
+                // A write across a pinned page is refused before any byte is written, naming
+                // the buffer and an offset inside the write.
                 match b.write(r.start, &[0xEE; 8]) {
-                    Err(Error::Busy(_)) => {}
+                    Err(Error::HeldOnDevice { addr, offset })
+                        if addr == b.addr() && (r.start..r.start + 8).contains(&offset) => {}
                     other => return wrong(format!("a write to a pinned page gave {other:?}")),
                 }
             }
