@@ -550,3 +550,41 @@ fn inc(@builtin(global_invocation_id) g: vec3<u32>) {
         assert_eq!(u32::from_le_bytes(w), 2);
     }
 }
+
+#[test]
+fn long_sequential_scans_and_rewrites_through_slices_keep_every_word() {
+    for kind in [DeviceKind::Host, DeviceKind::Vulkan] {
+        let test = "long_sequential_scans_and_rewrites";
+        let Some(ctx) = context(kind, 16 << 20, test) else {
+            continue;
+        };
+        // Long enough for the windows of a sequential scan to grow past the bulk threshold.
+        let Some(buf) = mapped(&ctx, 2048 * PAGE, test) else {
+            return;
+        };
+        for round in 0..3u32 {
+            buf.prefetch(0..buf.len(), Location::Device)
+                .unwrap()
+                .wait()
+                .unwrap();
+            {
+                let mut v = buf.view_mut::<u32>().unwrap();
+                for (i, w) in v.iter_mut().enumerate() {
+                    if round > 0 {
+                        assert_eq!(*w, word(i, round - 1), "{kind:?} round {round} word {i}");
+                    }
+                    *w = word(i, round);
+                }
+            }
+            buf.prefetch(0..buf.len(), Location::Device)
+                .unwrap()
+                .wait()
+                .unwrap();
+            let v = buf.view::<u32>().unwrap();
+            for (i, &w) in v.iter().enumerate() {
+                assert_eq!(w, word(i, round), "{kind:?} round {round} word {i} (read)");
+            }
+        }
+        assert!(ctx.take_cpu_fault_error().is_none());
+    }
+}

@@ -56,6 +56,9 @@ use crate::mm::{AddressSpace, Notifier, NotifierId, NotifyRange, SpaceId, PAGE};
 
 /// Most pages one fault maps (and, for a sequential scan, brings back) at once.
 pub const MAX_WINDOW: usize = 2048;
+/// Runs of at least this many writable pages are mapped through the kernel's fault path
+/// (`Uffd::map_bulk`) rather than page by page.
+const BULK_PAGES: u64 = 256;
 /// Attempts a fault makes before it gives up with the last error (each waits a little when
 /// the page is busy: pinned by a device kernel, or under migration).
 const SERVE_TRIES: u32 = 20_000;
@@ -387,6 +390,15 @@ impl Shared {
             return Ok(Step::Retry);
         }
         for &(s, e, wp) in &runs {
+            if !wp && e - s >= BULK_PAGES * PAGE {
+                self.uffd
+                    .map_bulk(s, e - s)
+                    .map_err(|e| Error::FaultFailed {
+                        addr,
+                        reason: format!("mapping a window in bulk: {e}"),
+                    })?;
+                continue;
+            }
             let skipped = self
                 .uffd
                 .map(s, e - s, wp)
