@@ -213,9 +213,10 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, String> {
                 })
                 .collect();
             return Err(format!(
-                "stuck: {}\nevery thread: {}",
+                "stuck: {}\nevery thread: {}\n{}",
                 stuck.join("; "),
-                all.join("; ")
+                all.join("; "),
+                hetmem::mm::locks::report()
             ));
         }
     }

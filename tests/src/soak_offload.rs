@@ -400,9 +400,10 @@ fn watch(
                 })
                 .collect();
             return Err(format!(
-                "stuck: {}\nevery thread: {}",
+                "stuck: {}\nevery thread: {}\n{}",
                 stuck.join("; "),
-                every.join("; ")
+                every.join("; "),
+                hetmem::mm::locks::report()
             ));
         }
     }
@@ -581,6 +582,10 @@ mod tests {
         for k in 0..4 {
             assert!(e.contains(&format!("thread {k}: ")), "{e}");
         }
+        assert!(
+            e.contains("soak-offload-0 holds [Map]"),
+            "the locks it holds: {e}"
+        );
     }
 
     #[test]

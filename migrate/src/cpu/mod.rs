@@ -385,6 +385,7 @@ impl Shared {
             at += PAGE;
         }
         let addr = must.unwrap_or(lo);
+        let _t = crate::mm::locks::acquire(crate::mm::locks::Rank::Mirror);
         let g = self.lock.lock();
         if space.read_retry(seq) {
             return Ok(Step::Retry);
@@ -505,6 +506,7 @@ impl Shared {
 
     /// Drops the process's entries of `[start, end)` (the frames stay in the page cache).
     fn drop_view(&self, start: u64, end: u64) {
+        let _t = crate::mm::locks::acquire(crate::mm::locks::Rank::Mirror);
         let _g = self.lock.lock();
         let regions = self.regions.read();
         for (&s, r) in regions.range(..end) {

@@ -210,6 +210,7 @@ pub(crate) fn setup_holding<'s>(
             owner: m.pgmap_owner,
         });
         let elsewhere = {
+            let _vt = crate::mm::locks::acquire(crate::mm::locks::Rank::Vma);
             let _v = vma.lock.lock();
             migrate_vma_collect(m, &vma)
         };
@@ -469,6 +470,7 @@ pub(crate) fn move_state(old: &Page, new: &Page) {
 /// Replacing the zero page changes the frame a mirror may hold: that is invalidated first,
 /// outside the leaf lock.
 fn insert_page(space: &AddressSpace, vma: &Vma, addr: u64, page: &Page) -> bool {
+    let _vt = crate::mm::locks::acquire(crate::mm::locks::Rank::Vma);
     let _v = vma.lock.lock();
     let leaf = space.leaf(addr, true).expect("created");
     let li = leaf_index(addr);

@@ -388,6 +388,7 @@ impl AddressSpace {
                 owner: 0,
             })
         });
+        let _vt = crate::mm::locks::acquire(crate::mm::locks::Rank::Vma);
         let _v = vma.lock.lock();
         let g = leaf.lock();
         if g.get(i) != pte {
@@ -441,6 +442,7 @@ impl AddressSpace {
     /// one mapped for CPU pointers, whose pages live in their home frames), else a new zeroed
     /// page. Takes the VMA's lock, so no migration walk is collecting the range.
     fn populate(&self, vma: &Arc<Vma>, addr: u64, write: bool) -> Result<()> {
+        let _vt = crate::mm::locks::acquire(crate::mm::locks::Rank::Vma);
         let _v = vma.lock.lock();
         let leaf = self.leaf(addr, true).expect("created");
         let i = leaf_index(addr);

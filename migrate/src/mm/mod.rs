@@ -2,6 +2,7 @@
 //! notifiers. It knows nothing of migration; drivers reach it through [`PagemapOps`].
 
 pub mod fault;
+pub mod locks;
 pub mod notifier;
 pub mod page;
 pub mod page_guard;

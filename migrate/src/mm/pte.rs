@@ -175,9 +175,11 @@ impl Leaf {
     }
     /// Takes the leaf's lock: changes to its entries need the guard.
     pub fn lock(&self) -> LeafGuard<'_> {
+        let track = super::locks::acquire(super::locks::Rank::Leaf);
         LeafGuard {
             leaf: self,
             _g: self.lock.lock(),
+            _track: track,
         }
     }
 }
@@ -186,6 +188,7 @@ impl Leaf {
 pub(crate) struct LeafGuard<'a> {
     leaf: &'a Leaf,
     _g: MutexGuard<'a, ()>,
+    _track: super::locks::Held,
 }
 
 impl LeafGuard<'_> {

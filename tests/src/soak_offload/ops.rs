@@ -532,7 +532,21 @@ fn sabotage(w: &World) {
                 .write(at, &[!w.shared_bytes[5]])
                 .expect("the sabotage's write");
         }
-        Some(Sabotage::Stall) => std::thread::sleep(w.stuck_after * 3),
+        Some(Sabotage::Stall) => {
+            // Stuck holding a lock: a migration between its stages holds the map lock, which
+            // the watchdog's report must name.
+            let at = w.shared.addr();
+            let held = hetmem::migration::Migration::setup(
+                w.ctx.space(),
+                at,
+                at + 4096,
+                hetmem::migration::MIGRATE_VMA_SELECT_SYSTEM,
+                0,
+                None,
+            );
+            std::thread::sleep(w.stuck_after * 3);
+            drop(held);
+        }
         Some(Sabotage::Panic) => panic!("sabotage"),
     }
 }

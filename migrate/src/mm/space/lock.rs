@@ -41,6 +41,7 @@ fn unhold(id: SpaceId, exclusive: bool) {
 pub(crate) struct MapWrite<'a> {
     map: RwLockWriteGuard<'a, VmaTree>,
     id: SpaceId,
+    _track: crate::mm::locks::Held,
     _here: std::marker::PhantomData<*const ()>,
 }
 
@@ -69,6 +70,7 @@ impl Drop for MapWrite<'_> {
 pub(crate) struct MapHold<'a> {
     map: RwLockReadGuard<'a, VmaTree>,
     id: SpaceId,
+    _track: crate::mm::locks::Held,
     /// Never sent to another thread: the hold is recorded in this thread's `HELD` (whatever
     /// features the lock's crate was built with).
     _here: std::marker::PhantomData<*const ()>,
@@ -95,11 +97,13 @@ impl AddressSpace {
         if held_here(self.inner.id) == Some(true) {
             return Err(Error::Reentrant);
         }
+        let track = crate::mm::locks::acquire(crate::mm::locks::Rank::Map);
         let map = self.inner.map.read_recursive();
         HELD.with(|h| h.borrow_mut().push((self.inner.id, false)));
         Ok(MapHold {
             map,
             id: self.inner.id,
+            _track: track,
             _here: std::marker::PhantomData,
         })
     }
@@ -114,11 +118,13 @@ impl AddressSpace {
             Some(true) => return Err(Error::Reentrant),
             None => {}
         }
+        let track = crate::mm::locks::acquire(crate::mm::locks::Rank::Map);
         let map = self.inner.map.write();
         HELD.with(|h| h.borrow_mut().push((self.inner.id, true)));
         Ok(MapWrite {
             map,
             id: self.inner.id,
+            _track: track,
             _here: std::marker::PhantomData,
         })
     }
