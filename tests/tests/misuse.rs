@@ -74,6 +74,40 @@ fn a_claimed_frame_is_claimed_once_and_its_guard_frees_it() {
     assert!(!pool.is_allocated(f), "the frame went back to the pool");
 }
 
+/// Two threads claiming one frame at once: exactly one gets it, every time (the check that
+/// the page is not live and making it live are one step).
+#[test]
+fn racing_claims_of_one_frame_give_it_to_exactly_one() {
+    let Gpu { pool, pm, .. } = setup();
+    for _ in 0..2000 {
+        let f = pool.alloc(false).unwrap();
+        let (start, tried) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        let won: usize = std::thread::scope(|s| {
+            let racers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        let guard = pm.claim_frame(f, false).ok();
+                        // The winner keeps its guard until both have tried.
+                        tried.wait();
+                        guard.is_some()
+                    })
+                })
+                .collect();
+            racers
+                .into_iter()
+                .map(|r| r.join().unwrap())
+                .filter(|&w| w)
+                .count()
+        });
+        assert_eq!(won, 1, "frame {f}: {won} claims succeeded");
+        assert!(
+            !pool.is_allocated(f),
+            "the winner's guard gave the frame back"
+        );
+    }
+}
+
 /// `claim_device_page` refuses a device page that maps data; the page stays mapped and its
 /// bytes come home intact.
 #[test]

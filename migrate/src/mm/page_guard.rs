@@ -163,6 +163,7 @@ impl PageMap {
         if !self.frames().is_allocated(pfn) {
             return Err(Error::PageFree(pfn));
         }
+        let _one_claim = self.claims.lock();
         if page.refcount() != 0 {
             return Err(Error::PageInUse(pfn));
         }

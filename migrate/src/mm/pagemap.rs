@@ -123,6 +123,10 @@ pub struct PageMap {
     ranges: [OnceLock<Range>; MAX_RANGES],
     count: AtomicUsize,
     register: parking_lot::Mutex<()>,
+    /// Serializes the public claims of a page the caller allocated (`claim_frame`,
+    /// `claim_device_page`): each checks that the page is not live and makes it live, and two
+    /// claims of one page must not both pass the check.
+    pub(crate) claims: parking_lot::Mutex<()>,
     spaces: SpaceRegistry,
     zero: Pfn,
 }
@@ -154,6 +158,7 @@ impl PageMap {
             ranges: std::array::from_fn(|_| OnceLock::new()),
             count: AtomicUsize::new(0),
             register: parking_lot::Mutex::new(()),
+            claims: parking_lot::Mutex::new(()),
             spaces: SpaceRegistry::default(),
             zero,
         };
@@ -337,6 +342,7 @@ impl PageMap {
         if !p.is_device() {
             return Err(MmError::InvalidArgument("not a device page"));
         }
+        let _one_claim = self.claims.lock();
         if p.refcount() != 0 {
             return Err(MmError::PageInUse(pfn));
         }
