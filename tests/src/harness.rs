@@ -182,3 +182,59 @@ pub fn dev_pfn(space: &AddressSpace, addr: u64) -> Pfn {
         other => panic!("no page at {addr:#x}: {other:?}"),
     }
 }
+
+/// An offload context on `kind` with `budget` bytes of device memory, private device memory,
+/// 1 MiB chunks and a fault-around of 16, over `frames` (the process-wide pool if `None`);
+/// `None` (said by name) when there is no such device outside CI, a failure under
+/// `CI=true`.
+pub fn offload_context(
+    kind: DeviceKind,
+    budget: u64,
+    frames: Option<Arc<HostFramePool>>,
+    test: &str,
+) -> Option<hetmem::offload::Context> {
+    use hetmem::offload::{Context, ContextConfig};
+    let mut device = hetmem_engine::DeviceConfig::default()
+        .kind(kind)
+        .chunk(1 << 20);
+    device.frames = frames;
+    let config = ContextConfig {
+        device,
+        budget_bytes: budget,
+        memory: Some(MemoryKind::DevicePrivate),
+        fault_around: 16,
+    };
+    match Context::new(config) {
+        Ok(c) => Some(c),
+        Err(hetmem::Error::Engine(e @ hetmem_engine::EngineError::NoDevice { .. })) => {
+            assert!(
+                !crate::running_in_ci(),
+                "{test}: CI=true and no Vulkan device: {e}"
+            );
+            crate::say_skipped(test, kind, &e);
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+/// A buffer of `ctx` mapped for CPU pointers; `None` (said by name) where userfaultfd cannot
+/// be had, a failure under `CI=true` (root on Linux 6.x).
+pub fn mapped_buffer(
+    ctx: &hetmem::offload::Context,
+    bytes: usize,
+    test: &str,
+) -> Option<hetmem::offload::Buffer> {
+    match ctx.alloc_mapped(bytes) {
+        Ok(b) => Some(b),
+        Err(hetmem::Error::PointersUnavailable(why)) => {
+            assert!(
+                !crate::running_in_ci(),
+                "{test}: CI=true and no CPU pointers: {why}"
+            );
+            crate::say_skipped(test, DeviceKind::Host, &why);
+            None
+        }
+        Err(e) => panic!("{test}: alloc_mapped: {e}"),
+    }
+}

@@ -182,7 +182,6 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, String> {
         })
         .collect();
     // The watchdog: the run's deadline, and threads that stop making progress.
-    let mut failure = None;
     loop {
         std::thread::sleep(Duration::from_millis(50));
         if t0.elapsed() >= config.duration || world.ops.load(Ordering::Relaxed) >= config.max_ops {
@@ -220,22 +219,8 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, String> {
             ));
         }
     }
-    let mut regions = Vec::new();
-    for (k, h) in workers.into_iter().enumerate() {
-        match h.join() {
-            Ok(Ok(r)) => regions.push(r),
-            Ok(Err(e)) => {
-                failure.get_or_insert(format!("thread {k}: {e}"));
-            }
-            Err(p) => {
-                failure.get_or_insert(format!("thread {k} panicked: {}", panic_message(&*p)));
-            }
-        }
-    }
+    let regions = join_workers(workers)?;
     let wall = t0.elapsed();
-    if let Some(f) = failure {
-        return Err(f);
-    }
     world.device.inject_copy_failures(&[]);
     // Every byte, every entry settled.
     for (k, r) in regions.iter().enumerate() {
@@ -281,6 +266,30 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport, String> {
         ));
     }
     Ok(report)
+}
+
+/// Joins the soak's workers and returns what each handed back, in order; fails with the
+/// first thread's error or panic.
+pub(crate) fn join_workers<T>(
+    workers: Vec<std::thread::JoinHandle<Result<T, String>>>,
+) -> Result<Vec<T>, String> {
+    let mut failure = None;
+    let mut out = Vec::with_capacity(workers.len());
+    for (k, h) in workers.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(r)) => out.push(r),
+            Ok(Err(e)) => {
+                failure.get_or_insert(format!("thread {k}: {e}"));
+            }
+            Err(p) => {
+                failure.get_or_insert(format!("thread {k} panicked: {}", panic_message(&*p)));
+            }
+        }
+    }
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(out),
+    }
 }
 
 /// The message a thread panicked with (a `String` or a `&str` payload; empty otherwise).

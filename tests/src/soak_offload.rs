@@ -32,7 +32,7 @@ use hetmem::{Error, ErrorKind};
 use hetmem_engine::{Device, DeviceConfig, DeviceKind, HostFramePool, Kernel};
 
 use crate::harness::{pattern, unsettled};
-use crate::soak::panic_message;
+use crate::soak::join_workers;
 
 /// How to soak the offload API.
 #[derive(Clone, Debug)]
@@ -283,23 +283,8 @@ pub fn run(config: &OffloadSoakConfig) -> Result<OffloadSoakReport, String> {
         })
         .collect();
     watch(&world, &workers, config, t0)?;
-    let mut all = Vec::new();
-    let mut failure = None;
-    for (k, h) in workers.into_iter().enumerate() {
-        match h.join() {
-            Ok(Ok(owned)) => all.push(owned),
-            Ok(Err(e)) => {
-                failure.get_or_insert(format!("thread {k}: {e}"));
-            }
-            Err(p) => {
-                failure.get_or_insert(format!("thread {k} panicked: {}", panic_message(&*p)));
-            }
-        }
-    }
+    let all = join_workers(workers)?;
     let wall = t0.elapsed();
-    if let Some(f) = failure {
-        return Err(f);
-    }
     world.device.inject_copy_failures(&[]);
     finish(&world, &all)?;
     let stats = world.ctx.stats();

@@ -6,24 +6,7 @@ use hetmem::Error;
 use hetmem_engine::{DeviceConfig, DeviceKind};
 
 fn context(kind: DeviceKind, budget: u64, test: &str) -> Option<Context> {
-    let config = ContextConfig {
-        device: DeviceConfig::default().kind(kind).chunk(1 << 20),
-        budget_bytes: budget,
-        memory: Some(MemoryKind::DevicePrivate),
-        fault_around: 16,
-    };
-    match Context::new(config) {
-        Ok(c) => Some(c),
-        Err(Error::Engine(e @ hetmem_engine::EngineError::NoDevice { .. })) => {
-            assert!(
-                !hetmem_tests::running_in_ci(),
-                "{test}: CI=true and no Vulkan device: {e}"
-            );
-            hetmem_tests::say_skipped(test, kind, &e);
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
+    hetmem_tests::harness::offload_context(kind, budget, None, test)
 }
 
 fn states(ctx: &Context, addr: u64, pages: usize) -> Vec<PageState> {

@@ -4,49 +4,19 @@
 
 use std::sync::Arc;
 
-use hetmem::mm::{MemoryKind, PageState};
-use hetmem::offload::{Buffer, Context, ContextConfig, Location};
+use hetmem::mm::PageState;
+use hetmem::offload::{Buffer, Context, Location};
 use hetmem::Error;
-use hetmem_engine::{DeviceConfig, DeviceKind};
+use hetmem_engine::DeviceKind;
 
 const PAGE: usize = 4096;
 
 fn context(kind: DeviceKind, budget: u64, test: &str) -> Option<Context> {
-    let config = ContextConfig {
-        device: DeviceConfig::default().kind(kind).chunk(1 << 20),
-        budget_bytes: budget,
-        memory: Some(MemoryKind::DevicePrivate),
-        fault_around: 16,
-    };
-    match Context::new(config) {
-        Ok(c) => Some(c),
-        Err(Error::Engine(e @ hetmem_engine::EngineError::NoDevice { .. })) => {
-            assert!(
-                !hetmem_tests::running_in_ci(),
-                "{test}: CI=true and no Vulkan device: {e}"
-            );
-            hetmem_tests::say_skipped(test, kind, &e);
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
+    hetmem_tests::harness::offload_context(kind, budget, None, test)
 }
 
-/// A CPU-mapped buffer, or `None` (said by name) where userfaultfd cannot be had; under
-/// `CI=true` (root on Linux 6.x) that is a failure.
 fn mapped(ctx: &Context, bytes: usize, test: &str) -> Option<Buffer> {
-    match ctx.alloc_mapped(bytes) {
-        Ok(b) => Some(b),
-        Err(Error::PointersUnavailable(why)) => {
-            assert!(
-                !hetmem_tests::running_in_ci(),
-                "{test}: CI=true and no CPU pointers: {why}"
-            );
-            hetmem_tests::say_skipped(test, DeviceKind::Host, &why);
-            None
-        }
-        Err(e) => panic!("{test}: alloc_mapped: {e}"),
-    }
+    hetmem_tests::harness::mapped_buffer(ctx, bytes, test)
 }
 
 fn on_device(ctx: &Context, buf: &Buffer) -> usize {

@@ -7,63 +7,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hetmem::mm::{MemoryKind, PageState};
-use hetmem::offload::{Buffer, Context, ContextConfig, Location};
+use hetmem::mm::PageState;
+use hetmem::offload::{Buffer, Context, Location};
 use hetmem::Error;
-use hetmem_engine::{DeviceConfig, DeviceKind, HostFramePool};
+use hetmem_engine::{DeviceKind, HostFramePool};
 use hetmem_tests::harness::join_all;
 
 const PAGE: usize = 4096;
 
-/// A context on `kind` with `budget` bytes of device memory, over `frames` (the process-wide
-/// pool if `None`); `None` (said by name) when there is no such device outside CI.
 fn context_with(
     kind: DeviceKind,
     budget: u64,
     frames: Option<Arc<HostFramePool>>,
     test: &str,
 ) -> Option<Context> {
-    let mut device = DeviceConfig::default().kind(kind).chunk(1 << 20);
-    device.frames = frames;
-    let config = ContextConfig {
-        device,
-        budget_bytes: budget,
-        memory: Some(MemoryKind::DevicePrivate),
-        fault_around: 16,
-    };
-    match Context::new(config) {
-        Ok(c) => Some(c),
-        Err(Error::Engine(e @ hetmem_engine::EngineError::NoDevice { .. })) => {
-            assert!(
-                !hetmem_tests::running_in_ci(),
-                "{test}: CI=true and no Vulkan device: {e}"
-            );
-            hetmem_tests::say_skipped(test, kind, &e);
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
+    hetmem_tests::harness::offload_context(kind, budget, frames, test)
 }
 
 fn context(kind: DeviceKind, budget: u64, test: &str) -> Option<Context> {
     context_with(kind, budget, None, test)
 }
 
-/// A CPU-mapped buffer; `None` (said by name) where userfaultfd cannot be had, which under
-/// `CI=true` is a failure.
 fn mapped(ctx: &Context, bytes: usize, test: &str) -> Option<Buffer> {
-    match ctx.alloc_mapped(bytes) {
-        Ok(b) => Some(b),
-        Err(Error::PointersUnavailable(why)) => {
-            assert!(
-                !hetmem_tests::running_in_ci(),
-                "{test}: CI=true and no CPU pointers: {why}"
-            );
-            hetmem_tests::say_skipped(test, DeviceKind::Host, &why);
-            None
-        }
-        Err(e) => panic!("{test}: alloc_mapped: {e}"),
-    }
+    hetmem_tests::harness::mapped_buffer(ctx, bytes, test)
 }
 
 fn device_pages(ctx: &Context, buf: &Buffer) -> usize {
