@@ -417,10 +417,17 @@ impl HostFramePool {
 /// The frames of `idx` as (word, mask) of the busy bitmap, one entry per word, in word order
 /// (so two batches lock their words in the same order).
 fn busy_words(idx: &[usize]) -> Vec<(usize, u64)> {
+    // Frees come in ascending order almost always (migrations free in address order, the
+    // pool hands out ascending runs): copy and sort only when they do not.
+    let sorted: std::borrow::Cow<'_, [usize]> = if idx.is_sorted() {
+        idx.into()
+    } else {
+        let mut v = idx.to_vec();
+        v.sort_unstable();
+        v.into()
+    };
     let mut words: Vec<(usize, u64)> = Vec::new();
-    let mut sorted: Vec<usize> = idx.to_vec();
-    sorted.sort_unstable();
-    for i in sorted {
+    for &i in sorted.iter() {
         match words.last_mut() {
             Some((w, m)) if *w == i / 64 => *m |= 1 << (i % 64),
             _ => words.push((i / 64, 1 << (i % 64))),
