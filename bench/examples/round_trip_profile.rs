@@ -33,7 +33,12 @@ fn main() {
     for k in 0..(bytes >> 20) as u64 {
         space.write(a + (k << 20), &chunk).unwrap();
     }
-    for round in 0..8 {
+    // ROUNDS=n runs more rounds (for a profiler's steady state).
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(8);
+    for round in 0..rounds {
         let r0 = d.device().stats().regions;
         let t = Instant::now();
         d.migrate_to_device(&space, a, n).unwrap();

@@ -7,6 +7,7 @@ use crate::copy::{CopyGroup, CopyPlan, Place};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
 use crate::inspect::KernelLimits;
+use crate::memcopy::{copy_spans, Span, STREAM_MIN_BYTES};
 
 /// What a backend reports about a batch it accepted.
 pub(crate) struct Submitted {
@@ -119,17 +120,23 @@ pub(crate) fn gather_wanted(mode: GatherMode, cpu_device: bool, g: &CopyGroup) -
 /// thread now: no device takes part in a host-to-host copy.
 pub(crate) fn copy_frames(frames: &HostFramePool, g: &CopyGroup) {
     debug_assert!(!g.src.is_device() && !g.dst.is_device());
-    for r in &g.regions {
-        let s = frames.place_ptr(Place {
-            memory: g.src,
-            offset: r.src_offset,
-        });
-        let d = frames.place_ptr(Place {
-            memory: g.dst,
-            offset: r.dst_offset,
-        });
-        // SAFETY: both spans are allocated frames that the plan resolved; the plan refused
-        // batches in which a frame is both read and written, so they do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(s, d, r.size as usize) };
-    }
+    let spans: Vec<Span> = g
+        .regions
+        .iter()
+        .map(|r| Span {
+            src: frames.place_ptr(Place {
+                memory: g.src,
+                offset: r.src_offset,
+            }),
+            dst: frames.place_ptr(Place {
+                memory: g.dst,
+                offset: r.dst_offset,
+            }),
+            len: r.size as usize,
+        })
+        .collect();
+    let bytes: u64 = g.regions.iter().map(|r| r.size).sum();
+    // SAFETY: both sides of each span are allocated frames that the plan resolved; the plan
+    // refused batches in which a frame is both read and written, so they do not overlap.
+    unsafe { copy_spans(&spans, bytes >= STREAM_MIN_BYTES) };
 }

@@ -38,6 +38,7 @@ mod frames;
 mod host;
 mod inspect;
 mod kernel;
+mod memcopy;
 mod pagemap;
 mod pfn;
 mod retire;

@@ -487,3 +487,119 @@ fn gather_kernel_matches_region_copies() {
     }
     assert!(outputs.windows(2).all(|w| w[0] == w[1]));
 }
+
+/// Queued batches (on lavapipe: copied by the engine's CPU copier, helped by waiting threads)
+/// run in submission order with every other batch: a chain of copies, each reading what the
+/// one before wrote, submitted without waiting in between, delivers the first source's bytes
+/// at the end of the chain; a ticket dropped unwaited still copies. Run on every device kind
+/// and on Vulkan through staging too (whose downloads land in frames only at retirement:
+/// a later batch that reads or writes those frames on the host must come after them).
+#[test]
+fn queued_batches_keep_submission_order() {
+    use hetmem_engine::HostAccessMode;
+    let staging = {
+        let mut c = test_config(DeviceKind::Vulkan, 64 << 20);
+        c.host_access = HostAccessMode::Staging;
+        c
+    };
+    let configs = KINDS
+        .iter()
+        .map(|&k| test_config(k, 64 << 20))
+        .chain([staging]);
+    for config in configs {
+        let Some(dev) = open_config(config, "queued_batches_keep_submission_order") else {
+            continue;
+        };
+        copy_chains(&dev);
+    }
+}
+
+fn copy_chains(dev: &Device) {
+    const N: usize = 700; // 2.7 MiB: above the size that goes to the copier
+    let k = (dev.info().kind, dev.info().host_access);
+    let f = dev.frames();
+    for round in 0..20u64 {
+        let src = f.alloc_batch(N, false).unwrap();
+        let back = f.alloc_batch(N, false).unwrap();
+        let back2 = f.alloc_batch(N, false).unwrap();
+        let d1 = dev.alloc_pages(N, false).unwrap();
+        let d2 = dev.alloc_pages(N, false).unwrap();
+        write_frames(dev, &src, 10_000 * round);
+        let t1 = dev.copy_queued(&zip(&src, &d1)).unwrap();
+        let t2 = dev.copy_queued(&zip(&d1, &d2)).unwrap();
+        // Batches in the middle of the chain that are not queued: 128 pages (small enough
+        // to go to the device's queue alone), then the rest (shared with this thread on a
+        // CPU device).
+        let t3 = dev.copy(&zip(&d2[..128], &back[..128])).unwrap();
+        let t3b = dev.copy(&zip(&d2[128..], &back[128..])).unwrap();
+        drop(dev.copy_queued(&zip(&back, &back2)).unwrap());
+        let last = dev.copy_queued(&zip(&back2, &src)).unwrap();
+        last.wait().unwrap();
+        for t in [t1, t2, t3, t3b] {
+            assert!(t.is_done().unwrap(), "{k:?}: an earlier batch is not done");
+        }
+        for i in (0..N).step_by(37) {
+            let want = pattern(10_000 * round + i as u64);
+            assert_eq!(
+                read_device(dev, d2[i]),
+                want,
+                "{k:?} round {round} d2 page {i}"
+            );
+            assert_eq!(
+                read_frame(dev, back2[i]),
+                want,
+                "{k:?} round {round} back2 {i}"
+            );
+            assert_eq!(read_frame(dev, src[i]), want, "{k:?} round {round} src {i}");
+        }
+        dev.free_pages(&d1).unwrap();
+        dev.free_pages(&d2).unwrap();
+        for v in [src, back, back2] {
+            f.free_batch(&v).unwrap();
+        }
+    }
+    // Dropping the device with a queued batch nobody waits for ends (the copy is done before
+    // the device goes).
+    let src = f.alloc_batch(N, false).unwrap();
+    let d = dev.alloc_pages(N, false).unwrap();
+    drop(dev.copy_queued(&zip(&src, &d)).unwrap());
+}
+
+/// Threads queuing batches and waiting for them at once: each thread's bytes arrive whole,
+/// whichever thread (the copier or a waiting one) copied them.
+#[test]
+fn queued_batches_from_many_threads() {
+    const N: usize = 400;
+    for k in KINDS {
+        let Some(dev) = open_for_test(k, 128 << 20, "queued_batches_from_many_threads") else {
+            continue;
+        };
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let dev = &dev;
+                s.spawn(move || {
+                    let f = dev.frames();
+                    let src = f.alloc_batch(N, false).unwrap();
+                    let back = f.alloc_batch(N, false).unwrap();
+                    let d = dev.alloc_pages(N, false).unwrap();
+                    for round in 0..10u64 {
+                        let seed = 1_000_000 * t + 1000 * round;
+                        write_frames(dev, &src, seed);
+                        dev.copy_queued(&zip(&src, &d)).unwrap().wait().unwrap();
+                        dev.copy_queued(&zip(&d, &back)).unwrap().wait().unwrap();
+                        for i in (0..N).step_by(41) {
+                            assert_eq!(
+                                read_frame(dev, back[i]),
+                                pattern(seed + i as u64),
+                                "{k:?} thread {t} round {round} page {i}"
+                            );
+                        }
+                    }
+                    dev.free_pages(&d).unwrap();
+                    f.free_batch(&src).unwrap();
+                    f.free_batch(&back).unwrap();
+                });
+            }
+        });
+    }
+}

@@ -13,6 +13,7 @@ use crate::config::{DeviceInfo, DeviceKind, DeviceType, HostAccess};
 use crate::copy::{CopyPlan, MemoryId, Place};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
+use crate::memcopy::{copy_spans, Span, STREAM_MIN_BYTES};
 use crate::pfn::PAGE_SIZE;
 
 /// Copies at most this many bytes per task, so that one large region spreads over threads.
@@ -65,19 +66,6 @@ impl Drop for Arena {
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
-
-/// A span to copy, as raw addresses.
-#[derive(Clone, Copy)]
-struct Span {
-    src: *const u8,
-    dst: *mut u8,
-    len: usize,
-}
-// SAFETY: spans point into the frame pool and the arenas, which outlive the copy; the plan
-// guarantees no two spans write the same bytes.
-unsafe impl Send for Span {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for Span {}
 
 pub(crate) struct HostBackend {
     frames: Arc<HostFramePool>,
@@ -177,15 +165,16 @@ impl Backend for HostBackend {
                 }
             }
         }
-        let run = |s: &Span| {
-            // SAFETY: each span lies inside a live frame segment or arena, and the plan
-            // refused batches in which spans overlap.
-            unsafe { std::ptr::copy_nonoverlapping(s.src, s.dst, s.len) }
-        };
+        let streaming = plan.bytes() >= STREAM_MIN_BYTES;
+        // SAFETY: each span lies inside a live frame segment or arena, and the plan refused
+        // batches in which spans overlap.
+        let run = |s: &[Span]| unsafe { copy_spans(s, streaming) };
         if plan.bytes() < PARALLEL_BYTES {
-            spans.iter().for_each(run);
+            run(&spans);
         } else {
-            spans.par_iter().for_each(run);
+            // Pieces of about TASK_BYTES each, so that one long region spreads over threads.
+            let per = (TASK_BYTES / spans.iter().map(|s| s.len).max().unwrap_or(1)).max(1);
+            spans.par_chunks(per).for_each(run);
         }
         let value = self.completed.fetch_add(1, Ordering::AcqRel) + 1;
         Ok(Submitted {

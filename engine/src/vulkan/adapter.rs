@@ -13,7 +13,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::context::Context;
 use super::deferred::Graveyard;
-use super::{gather, instance, VulkanBackend};
+use super::{copier, gather, instance, VulkanBackend};
 use crate::backend::Backend;
 use crate::config::{
     DeviceConfig, DeviceInfo, DeviceKind, DeviceType, GatherMode, HostAccess, HostAccessMode,
@@ -78,12 +78,23 @@ pub(crate) fn open(
         },
     };
     let cpu_device = adapter.device_type == DeviceType::Cpu;
+    let cpu_assist =
+        cpu_device && host_access == HostAccess::Import && host_visible_memory && config.cpu_assist;
+    let copier = if cpu_assist {
+        match copier::Copier::new(&ctx.device) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("no CPU copier, queued batches go to the queue: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let backend = VulkanBackend {
         cpu_device,
-        cpu_assist: cpu_device
-            && host_access == HostAccess::Import
-            && host_visible_memory
-            && config.cpu_assist,
+        cpu_assist,
+        copier,
         gather,
         gather_mode: config.gather,
         frames: frames.clone(),

@@ -4,6 +4,7 @@
 mod adapter;
 mod context;
 mod conv;
+mod copier;
 mod deferred;
 mod gather;
 mod instance;
@@ -64,6 +65,8 @@ pub(crate) struct VulkanBackend {
     cpu_device: bool,
     /// Split batches between the queue and the calling thread (CPU device, all memory mapped).
     cpu_assist: bool,
+    /// Copies queued batches on a CPU device (with `cpu_assist`); see [`copier`].
+    copier: Option<copier::Copier>,
     ctx: Context,
 }
 
@@ -132,6 +135,12 @@ impl Backend for VulkanBackend {
     fn wait(&self, value: u64) -> Result<()> {
         let q = usize::from(value & QUEUE_BIT != 0);
         let v = value & !QUEUE_BIT;
+        if let Some(c) = &self.copier {
+            // A thread about to block helps the copier with the job it is copying, as long
+            // as its own batch is not done (it may help jobs queued after its own while the
+            // queue has not yet noticed its job's end: work that must be done anyway).
+            while self.queue(q).completed(&self.ctx.device)? < v && c.help() {}
+        }
         self.queue(q).wait(&self.ctx.device, v)?;
         self.retire(q, v);
         Ok(())
@@ -228,6 +237,11 @@ impl Backend for VulkanBackend {
 
 impl Drop for VulkanBackend {
     fn drop(&mut self) {
+        // The copier finishes and signals every job first: batches on the transfer queue
+        // wait for them, so the device cannot become idle before.
+        if let Some(c) = &self.copier {
+            c.stop(&self.ctx.device);
+        }
         // After idle no submission uses any object; everything is destroyed before the
         // context (a later field) destroys the device.
         self.ctx.wait_idle();

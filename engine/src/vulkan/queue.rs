@@ -71,8 +71,21 @@ impl VulkanBackend {
         cb: vk::CommandBuffer,
         held: Held,
     ) -> Result<u64> {
+        self.submit_recorded_after(q, cb, held, None)
+    }
+
+    /// As [`VulkanBackend::submit_recorded`]; with `after`, the batch first waits for that
+    /// timeline semaphore to reach that value.
+    pub(super) fn submit_recorded_after(
+        &self,
+        q: usize,
+        cb: vk::CommandBuffer,
+        held: Held,
+        after: Option<(vk::Semaphore, u64)>,
+    ) -> Result<u64> {
         let batch = InFlight { cb, held };
-        match self.in_flight[q].submit(batch, || self.queue(q).submit(&self.ctx.device, cb)) {
+        let submit = || self.queue(q).submit(&self.ctx.device, cb, after);
+        match self.in_flight[q].submit(batch, submit) {
             Ok(value) => Ok(value | if q == 1 { QUEUE_BIT } else { 0 }),
             Err((e, batch)) => {
                 self.abandon(q, batch.cb, batch.held);
@@ -117,6 +130,22 @@ impl VulkanBackend {
             }
         });
         self.collect(false);
+    }
+
+    /// Waits for every batch submitted so far and retires it, so that their host readbacks
+    /// have landed.
+    pub(super) fn settle_readbacks(&self) -> Result<()> {
+        for q in 0..2 {
+            if q == 1 && self.ctx.compute.is_none() {
+                continue;
+            }
+            let v = self.queue(q).last_submitted();
+            if v > 0 {
+                self.queue(q).wait(&self.ctx.device, v)?;
+                self.retire(q, v);
+            }
+        }
+        Ok(())
     }
 
     /// Records with `record` on the transfer queue, submits and waits.
@@ -192,15 +221,28 @@ impl Queue {
         }
     }
 
-    /// Submits a recorded command buffer, signalling the next timeline value, which it returns.
-    pub(crate) fn submit(&self, device: &ash::Device, cb: vk::CommandBuffer) -> Result<u64> {
+    /// Submits a recorded command buffer, signalling the next timeline value, which it returns;
+    /// with `after`, the batch first waits for that timeline semaphore to reach that value.
+    pub(crate) fn submit(
+        &self,
+        device: &ash::Device,
+        cb: vk::CommandBuffer,
+        after: Option<(vk::Semaphore, u64)>,
+    ) -> Result<u64> {
         let queue = self.handle.lock();
         let value = self.last.load(Ordering::Acquire) + 1;
         let cbs = [cb];
         let sems = [self.timeline];
         let vals = [value];
-        let mut tl = vk::TimelineSemaphoreSubmitInfo::default().signal_semaphore_values(&vals);
+        let wait_sems: Vec<vk::Semaphore> = after.iter().map(|a| a.0).collect();
+        let wait_vals: Vec<u64> = after.iter().map(|a| a.1).collect();
+        let stages = vec![vk::PipelineStageFlags::ALL_COMMANDS; wait_sems.len()];
+        let mut tl = vk::TimelineSemaphoreSubmitInfo::default()
+            .wait_semaphore_values(&wait_vals)
+            .signal_semaphore_values(&vals);
         let submit = vk::SubmitInfo::default()
+            .wait_semaphores(&wait_sems)
+            .wait_dst_stage_mask(&stages)
             .command_buffers(&cbs)
             .signal_semaphores(&sems)
             .push_next(&mut tl);

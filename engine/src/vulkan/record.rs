@@ -9,6 +9,7 @@ use crate::backend::{copy_frames, gather_wanted, Submitted};
 use crate::config::{GatherMode, HostAccess};
 use crate::copy::{CopyGroup, CopyPlan, MemoryId, Place, Region};
 use crate::error::Result;
+use crate::memcopy::{copy_spans, Span, STREAM_MIN_BYTES};
 
 /// Begins a one-time command buffer that first waits for all earlier work of its queue.
 pub(crate) fn begin(ctx: &super::Context, cb: vk::CommandBuffer) -> Result<()> {
@@ -103,13 +104,6 @@ const QUEUE_SHARE_SCATTERED: u64 = 40;
 /// Regions averaging at least this many bytes count as long.
 const LONG_REGION: u64 = 64 << 10;
 
-/// A span the calling thread copies on a CPU device.
-struct Span {
-    src: *const u8,
-    dst: *mut u8,
-    len: usize,
-}
-
 /// On a CPU device (lavapipe) whose memory and host frames are both mapped, the device's
 /// queue and the calling thread are two CPU cores: split the batch between them. Returns
 /// the queue's part and the calling thread's part.
@@ -180,6 +174,11 @@ pub(crate) fn submit_plan(
     plan: &CopyPlan,
     queue_only: bool,
 ) -> Result<Submitted> {
+    if queue_only && b.cpu_assist && plan.bytes() >= STREAM_MIN_BYTES {
+        if let (Some(copier), Some(spans)) = (&b.copier, all_spans(b, plan)) {
+            return submit_to_copier(b, copier, spans);
+        }
+    }
     let split = if queue_only {
         None
     } else {
@@ -201,15 +200,85 @@ pub(crate) fn submit_plan(
     } else {
         submit_on_queue(b, &queue_part)?
     };
-    for s in &cpu_part {
-        // SAFETY: both spans lie inside mapped, allocated memory (resolved by the plan); the
-        // plan refused overlapping pairs, so the queue's part never touches these bytes.
-        unsafe { std::ptr::copy_nonoverlapping(s.src, s.dst, s.len) };
-    }
+    // SAFETY: every span lies inside mapped, allocated memory (resolved by the plan); the
+    // plan refused overlapping pairs, so the queue's part never touches these bytes.
+    unsafe { copy_spans(&cpu_part, plan.bytes() >= STREAM_MIN_BYTES) };
     Ok(submitted)
 }
 
+/// Every region of `plan` as host addresses, if all of them are mapped.
+fn all_spans(b: &VulkanBackend, plan: &CopyPlan) -> Option<Vec<Span>> {
+    let mut spans = Vec::with_capacity(plan.region_count());
+    for g in &plan.groups {
+        for r in &g.regions {
+            spans.push(Span {
+                src: b.host_ptr(Place {
+                    memory: g.src,
+                    offset: r.src_offset,
+                })?,
+                dst: b.host_ptr(Place {
+                    memory: g.dst,
+                    offset: r.dst_offset,
+                })?,
+                len: r.size as usize,
+            });
+        }
+    }
+    Some(spans)
+}
+
+/// Hands a queued batch to the CPU copier and submits, on the transfer queue, the empty batch
+/// that waits for it (see [`super::copier`]); the ticket's value is that batch's.
+fn submit_to_copier(
+    b: &VulkanBackend,
+    copier: &super::copier::Copier,
+    spans: Vec<Span>,
+) -> Result<Submitted> {
+    let q = &b.ctx.transfer;
+    let cb = q.command_buffer(&b.ctx.device)?;
+    if let Err(e) = begin(&b.ctx, cb).and_then(|_| end(&b.ctx, cb)) {
+        b.abandon(0, cb, Held::default());
+        return Err(e);
+    }
+    // Every batch submitted before this one comes first, except the copier's own, which
+    // are in order anyway (and waiting for them would add two thread wake-ups per job).
+    let after = b
+        .ctx
+        .queues()
+        .map(|q| (q.timeline, q.last_submitted()))
+        .filter(|&(sem, v)| !(sem == b.ctx.transfer.timeline && copier.is_own_batch(v)))
+        .collect();
+    let value = match copier.queue(after, spans) {
+        Ok(v) => v,
+        Err(e) => {
+            b.abandon(0, cb, Held::default());
+            return Err(e);
+        }
+    };
+    match b.submit_recorded_after(0, cb, Held::default(), Some((copier.timeline, value))) {
+        Ok(value) => {
+            copier.submitted(value);
+            Ok(Submitted {
+                value,
+                gathered_pages: 0,
+            })
+        }
+        Err(e) => {
+            // The caller takes the error as "nothing was submitted" and may reuse the pages
+            // at once: the copy must be over before it hears of it.
+            copier.wait(&b.ctx.device, value);
+            Err(e)
+        }
+    }
+}
+
 fn submit_on_queue(b: &VulkanBackend, plan: &CopyPlan) -> Result<Submitted> {
+    if b.host_access == HostAccess::Staging && plan.groups.iter().any(|g| !g.src.is_device()) {
+        // Through staging, host frames are read (uploads) or written (host-to-host copies)
+        // while recording, and earlier batches' downloads land in frames only when they
+        // retire: let them land first.
+        b.settle_readbacks()?;
+    }
     let gathered: Vec<bool> = plan.groups.iter().map(|g| use_gather(b, g)).collect();
     let any_gather = gathered.iter().any(|&x| x);
     let q = usize::from(any_gather && b.ctx.compute.is_some());

@@ -92,6 +92,22 @@ impl WgpuBackend {
         gather_wanted(self.gather_mode, self.cpu_device, g)
     }
 
+    /// Waits until every submitted batch with a download has retired (its bytes are in
+    /// their frames).
+    fn settle_downloads(&self) -> Result<()> {
+        let last = self
+            .pending
+            .lock()
+            .iter()
+            .filter(|p| p.download.is_some())
+            .map(|p| p.value)
+            .max();
+        match last {
+            Some(v) => self.wait(v),
+            None => Ok(()),
+        }
+    }
+
     fn submit_encoder(
         &self,
         encoder: wgpu::CommandEncoder,

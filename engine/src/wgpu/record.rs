@@ -12,6 +12,12 @@ use crate::error::{EngineError, Result};
 
 /// Records and submits `plan` as one submission.
 pub(super) fn submit_plan(b: &WgpuBackend, plan: &CopyPlan) -> Result<Submitted> {
+    // Host frames are read (uploads) or written (host-to-host copies) now, while downloads of
+    // earlier batches land in frames only when those batches retire: let them land first,
+    // or this batch would read bytes not yet there or have its writes overwritten later.
+    if plan.groups.iter().any(|g| !g.src.is_device()) {
+        b.settle_downloads()?;
+    }
     let mut enc = b.device.create_command_encoder(&Default::default());
     let mut staging = Staging::for_plan(b, plan);
     let mut gathered_pages = 0;
