@@ -77,6 +77,9 @@ pub(crate) struct Shortfall {
 
 /// Allocation state of `limit` page slots.
 ///
+/// Home runs of at least this many slots (2 MiB of frames) start at a multiple of it.
+pub(crate) const HOME_ALIGN: usize = 512;
+
 /// Besides slots handed out one by one, runs of slots can be *reserved* as homes (for memory
 /// that must sit at a fixed slot, such as the frames behind a CPU-mapped region): homes are
 /// carved from the top, below `limit`, and lower the `ceiling` under which ordinary slots are
@@ -124,24 +127,47 @@ impl Slots {
     }
 
     /// Reserves a run of `n` consecutive home slots and returns its first index; the slots are
-    /// not in use until claimed.
+    /// not in use until claimed. A run of at least [`HOME_ALIGN`] slots starts at a multiple
+    /// of it, so that where the kernel backs the frame file with huge pages, the run's CPU
+    /// mapping can use them (one page-table entry per 2 MiB instead of 512).
     pub(crate) fn reserve_home(&mut self, n: usize) -> Result<usize, Shortfall> {
-        let start = if let Some(k) = self.home_free.iter().position(|&(_, len)| len >= n) {
-            let (start, len) = self.home_free[k];
-            if len == n {
-                self.home_free.swap_remove(k);
-            } else {
-                self.home_free[k] = (start + n, len - n);
-            }
-            start
-        } else if n <= self.ceiling - self.watermark {
-            self.ceiling -= n;
-            self.ceiling
-        } else {
-            return Err(Shortfall {
-                requested: n,
-                available: self.ceiling - self.watermark,
+        let align = if n >= HOME_ALIGN { HOME_ALIGN } else { 1 };
+        // The first free home run with room for an aligned start.
+        let fit = self
+            .home_free
+            .iter()
+            .enumerate()
+            .find_map(|(k, &(start, len))| {
+                let at = start.next_multiple_of(align);
+                (at + n <= start + len).then_some((k, at))
             });
+        let start = if let Some((k, at)) = fit {
+            let (start, len) = self.home_free.swap_remove(k);
+            if at > start {
+                self.home_free.push((start, at - start));
+            }
+            if at + n < start + len {
+                self.home_free.push((at + n, start + len - at - n));
+            }
+            at
+        } else {
+            let at = self
+                .ceiling
+                .checked_sub(n)
+                .map(|c| c / align * align)
+                .filter(|&at| at >= self.watermark);
+            let Some(at) = at else {
+                return Err(Shortfall {
+                    requested: n,
+                    available: self.ceiling - self.watermark,
+                });
+            };
+            // The slots between the run's end and the old ceiling stay free home space.
+            if at + n < self.ceiling {
+                self.home_free.push((at + n, self.ceiling - at - n));
+            }
+            self.ceiling = at;
+            at
         };
         for i in start..start + n {
             self.homed.set_mut(i, true);
@@ -159,6 +185,16 @@ impl Slots {
             self.homed.set_mut(i, false);
         }
         self.home_free.push((start, n));
+        // Free neighbours become one run (alignment leaves gaps that later releases fill).
+        self.home_free.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(self.home_free.len());
+        for &(s, l) in &self.home_free {
+            match merged.last_mut() {
+                Some((ms, ml)) if *ms + *ml == s => *ml += l,
+                _ => merged.push((s, l)),
+            }
+        }
+        self.home_free = merged;
         // Runs that reach down to the ceiling give their space back to ordinary slots.
         while let Some(k) = self.home_free.iter().position(|&(s, _)| s == self.ceiling) {
             let (_, len) = self.home_free.swap_remove(k);
@@ -326,6 +362,37 @@ mod tests {
             "a run at the ceiling gives its space back"
         );
         assert_eq!(s.reserve_home(13).unwrap_err().available, 12);
+    }
+
+    /// Runs of 2 MiB or more start on a 2 MiB boundary; the gaps alignment leaves are reused
+    /// by smaller runs, and releasing everything gives every slot back.
+    #[test]
+    fn large_home_runs_are_aligned_and_gaps_come_back() {
+        let mut s = Slots::new(4 * HOME_ALIGN + 100);
+        s.take(10).unwrap();
+        let small = s.reserve_home(3).unwrap();
+        assert_eq!(small, 4 * HOME_ALIGN + 97, "small runs are not aligned");
+        let big = s.reserve_home(HOME_ALIGN + 1).unwrap();
+        assert_eq!(big % HOME_ALIGN, 0);
+        assert!(big + HOME_ALIGN < small, "below the small run");
+        // The gap between the big run's end and the small run serves a later small run.
+        let gap = s.reserve_home(50).unwrap();
+        assert!(
+            gap > big + HOME_ALIGN && gap + 50 <= small,
+            "{gap} in the gap"
+        );
+        let big2 = s.reserve_home(HOME_ALIGN).unwrap();
+        assert_eq!(big2 % HOME_ALIGN, 0);
+        for (start, n) in [
+            (gap, 50),
+            (big, HOME_ALIGN + 1),
+            (small, 3),
+            (big2, HOME_ALIGN),
+        ] {
+            s.release_home(start, n).unwrap();
+        }
+        assert_eq!(s.available(), 4 * HOME_ALIGN + 90, "every slot is back");
+        assert_eq!(s.reserve_home(3 * HOME_ALIGN).unwrap(), HOME_ALIGN);
     }
 
     #[test]

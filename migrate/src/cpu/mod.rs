@@ -555,6 +555,12 @@ fn map_view(fd: std::os::fd::BorrowedFd<'_>, offset: u64, len: u64) -> std::io::
     }
     // SAFETY: advice on the mapping just made; it changes only what fork(2) inherits.
     unsafe { libc::madvise(p, len as usize, libc::MADV_DONTFORK) };
+    // Huge mappings where the frame file has huge pages (the kernel picks a 2 MiB-aligned
+    // address for a shared-memory mapping then, and home runs of 2 MiB or more start on a
+    // 2 MiB boundary of the file); no effect otherwise.
+    // SAFETY: advice on the mapping just made; it changes only the page size the kernel may
+    // use to map it.
+    unsafe { libc::madvise(p, len as usize, libc::MADV_HUGEPAGE) };
     Ok(p as u64)
 }
 
