@@ -151,28 +151,43 @@ impl Slots {
             }
             at
         } else {
-            let at = self
-                .ceiling
-                .checked_sub(n)
-                .map(|c| c / align * align)
-                .filter(|&at| at >= self.watermark);
-            let Some(at) = at else {
-                return Err(Shortfall {
-                    requested: n,
-                    available: self.ceiling - self.watermark,
-                });
-            };
-            // The slots between the run's end and the old ceiling stay free home space.
-            if at + n < self.ceiling {
-                self.home_free.push((at + n, self.ceiling - at - n));
+            match self.lower_ceiling(n, align) {
+                Some(at) => at,
+                None => {
+                    return Err(Shortfall {
+                        requested: n,
+                        available: self.ceiling - self.watermark,
+                    })
+                }
             }
-            self.ceiling = at;
-            at
         };
         for i in start..start + n {
             self.homed.set_mut(i, true);
         }
         Ok(start)
+    }
+
+    /// Lowers the ceiling to make room for a run of `n` slots starting at a multiple of
+    /// `align` below it, and returns the run's start; the slots between the run's end and the
+    /// old ceiling become free home space. The room is never-used space above the watermark,
+    /// or, once the watermark has met the ceiling (say under a passing exhaustion, though the
+    /// free list may hold most of the memory), ordinary slots that are all free now: those
+    /// leave the free list and the watermark comes down to the run. `None` if a slot of that
+    /// span is in use.
+    fn lower_ceiling(&mut self, n: usize, align: usize) -> Option<usize> {
+        let low = self.ceiling.checked_sub(n)? / align * align;
+        if low < self.watermark {
+            if (low..self.watermark).any(|i| self.used.get(i)) {
+                return None;
+            }
+            self.free.retain(|&i| (i as usize) < low);
+            self.watermark = low;
+        }
+        if low + n < self.ceiling {
+            self.home_free.push((low + n, self.ceiling - low - n));
+        }
+        self.ceiling = low;
+        Some(low)
     }
 
     /// Ends the reservation of the home run `start..start + n`; every slot of it must be
@@ -393,6 +408,35 @@ mod tests {
         }
         assert_eq!(s.available(), 4 * HOME_ALIGN + 90, "every slot is back");
         assert_eq!(s.reserve_home(3 * HOME_ALIGN).unwrap(), HOME_ALIGN);
+    }
+
+    #[test]
+    fn a_home_run_fits_in_slots_given_back_after_the_watermark_met_the_ceiling() {
+        let mut s = Slots::new(16);
+        let all = s.take(16).unwrap();
+        assert_eq!(s.reserve_home(4).unwrap_err().available, 0);
+        // Everything but slot 9 comes back: the top seven are free, slot 9 is not.
+        let back: Vec<usize> = all
+            .iter()
+            .map(|&i| i as usize)
+            .filter(|&i| i != 9)
+            .collect();
+        s.put_all(&back).unwrap();
+        assert_eq!(s.available(), 15);
+        assert_eq!(s.reserve_home(4).unwrap(), 12);
+        assert_eq!(s.reserve_home(2).unwrap(), 10);
+        assert!(
+            s.reserve_home(1).is_err(),
+            "slot 9 is in use: no run reaches down past it"
+        );
+        assert_eq!(s.in_use(), 1);
+        assert_eq!(s.available(), 9, "slots 0..9 stay ordinary");
+        let taken = s.take(9).unwrap();
+        assert_eq!(taken, (0..9).collect::<Vec<u32>>());
+        assert!(s.take(1).is_err());
+        s.release_home(10, 2).unwrap();
+        s.release_home(12, 4).unwrap();
+        assert_eq!(s.available(), 6, "the runs' space is ordinary again");
     }
 
     #[test]
