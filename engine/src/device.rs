@@ -1,7 +1,6 @@
 //! A device: one GPU (or the built-in host device), its memory as numbered pages, and batched
 //! page copies between it and the host frame pool.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -12,6 +11,7 @@ use crate::config::{DeviceConfig, DeviceInfo};
 use crate::copy::{plan_batch, CopyPlan, Place};
 use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
+use crate::inject::Injections;
 use crate::inspect::KernelLimits;
 use crate::kernel::{Kernel, PageTable};
 use crate::pagemap::DevicePages;
@@ -43,7 +43,7 @@ struct Shared {
     frames: Arc<HostFramePool>,
     pages: Mutex<DevicePages>,
     counters: Counters,
-    fail_dst: Mutex<HashSet<Pfn>>,
+    injections: Mutex<Injections>,
     backend: Box<dyn Backend>,
 }
 
@@ -91,7 +91,7 @@ impl Device {
                 frames,
                 pages: Mutex::new(pages),
                 counters: Counters::default(),
-                fail_dst: Mutex::new(HashSet::new()),
+                injections: Mutex::new(Injections::default()),
                 backend,
             }),
         })
@@ -226,7 +226,7 @@ impl Device {
     }
 
     fn copy_inner(&self, pairs: &[(Pfn, Pfn)], queue_only: bool) -> Result<Ticket> {
-        let (plan, failed) = self.plan_with_injected_failures(pairs)?;
+        let (plan, failed, lost) = self.plan_with_injections(pairs)?;
         let sub = self.shared.backend.submit(&plan, queue_only)?;
         let c = &self.shared.counters;
         c.batches.fetch_add(1, Ordering::Relaxed);
@@ -240,6 +240,7 @@ impl Device {
             value: sub.value,
             pairs: pairs.len(),
             failed,
+            lost,
         })
     }
 
@@ -248,17 +249,21 @@ impl Device {
         self.copy(pairs)?.wait()
     }
 
-    fn plan_with_injected_failures(&self, pairs: &[(Pfn, Pfn)]) -> Result<(CopyPlan, Vec<usize>)> {
-        let fail = self.shared.fail_dst.lock();
-        if fail.is_empty() {
-            return Ok((self.resolve_plan(pairs)?, Vec::new()));
+    /// The batch's plan as the injected faults leave it, the pairs that fail, and the error
+    /// of a batch lost mid-way.
+    fn plan_with_injections(
+        &self,
+        pairs: &[(Pfn, Pfn)],
+    ) -> Result<(CopyPlan, Vec<usize>, Option<String>)> {
+        let mut injections = self.shared.injections.lock();
+        if injections.is_empty() {
+            return Ok((self.resolve_plan(pairs)?, Vec::new(), None));
         }
         // Validate the whole batch first, so that bad input is refused as usual.
         self.resolve_plan(pairs)?;
-        let (ok, failed): (Vec<usize>, Vec<usize>) =
-            (0..pairs.len()).partition(|&i| !fail.contains(&pairs[i].1));
-        let kept: Vec<(Pfn, Pfn)> = ok.iter().map(|&i| pairs[i]).collect();
-        Ok((self.resolve_plan(&kept)?, failed))
+        let fate = injections.apply(pairs, &self.shared.frames);
+        let kept: Vec<(Pfn, Pfn)> = fate.kept.iter().map(|&i| pairs[i]).collect();
+        Ok((self.resolve_plan(&kept)?, fate.failed, fate.lost))
     }
 
     /// Test hook (the `testing` feature): copies whose destination is one of `pfns` fail
@@ -266,7 +271,25 @@ impl Device {
     /// its bytes). Empty clears it.
     #[cfg(feature = "testing")]
     pub fn inject_copy_failures(&self, pfns: &[Pfn]) {
-        *self.shared.fail_dst.lock() = pfns.iter().copied().collect();
+        self.shared.injections.lock().fail_dst = pfns.iter().copied().collect();
+    }
+
+    /// Test hook (the `testing` feature): the next `batches` copy batches (of at least one
+    /// pair) are lost mid-way, as a device that goes away loses them: the first half of
+    /// their pairs is copied, the rest is not, and [`Ticket::wait`] fails with
+    /// [`EngineError::DeviceLost`] for the whole batch (the device itself keeps working).
+    /// With `spare_home`, batches that write a home frame are left alone (a CPU fault through
+    /// a pointer that meets a lost device is `SIGBUS` by contract). Zero disarms it.
+    #[cfg(feature = "testing")]
+    pub fn inject_device_loss(&self, batches: usize, spare_home: bool) {
+        self.shared.injections.lock().lose(batches, spare_home);
+    }
+
+    /// Test hook (the `testing` feature): how many batches [`Device::inject_device_loss`]
+    /// has lost so far.
+    #[cfg(feature = "testing")]
+    pub fn lost_batches(&self) -> u64 {
+        self.shared.injections.lock().lost()
     }
 
     /// Reads bytes of an allocated device page, synchronously.
@@ -420,6 +443,7 @@ impl Device {
             value,
             pairs: 0,
             failed: Vec::new(),
+            lost: None,
         })
     }
 
@@ -447,6 +471,8 @@ pub struct Ticket {
     value: u64,
     pairs: usize,
     failed: Vec<usize>,
+    /// Lost mid-way by an injected device loss: the error its wait reports.
+    lost: Option<String>,
 }
 
 impl std::fmt::Debug for Ticket {
@@ -483,6 +509,9 @@ impl Ticket {
     }
 
     fn outcome(&self) -> Result<()> {
+        if let Some(lost) = &self.lost {
+            return Err(EngineError::DeviceLost(lost.clone()));
+        }
         if self.failed.is_empty() {
             Ok(())
         } else {

@@ -36,6 +36,7 @@ mod device;
 mod error;
 mod frames;
 mod host;
+mod inject;
 mod inspect;
 mod kernel;
 mod memcopy;

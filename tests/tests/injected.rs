@@ -30,7 +30,9 @@ fn a_home_run_is_reserved_again_after_a_passing_exhaustion() {
     let e = pool.reserve_home(8).unwrap_err();
     assert_eq!(e.kind(), hetmem_engine::ErrorKind::OutOfMemory, "{e}");
     pool.free_batch(&all).unwrap();
-    let run = pool.reserve_home(8).expect("a home run once the frames are back");
+    let run = pool
+        .reserve_home(8)
+        .expect("a home run once the frames are back");
     assert_eq!(run.count, 8);
     pool.release_home(run).unwrap();
 
@@ -59,4 +61,63 @@ fn write_and_check(b: &Buffer) {
     let mut got = vec![0u8; bytes.len()];
     b.read(0, &mut got).unwrap();
     assert!(got == bytes, "the buffer reads back what was written");
+}
+
+/// A copy batch lost with the device mid-way ended a prefetch or an eviction in `Ok` (the
+/// pages were counted as failed copies, as for a transient failure) or in `FaultFailed`: the
+/// caller could not tell that the device was gone. Each now fails with
+/// `ErrorKind::DeviceLost`, every page where it was with its bytes, nothing leaked.
+#[test]
+fn a_copy_lost_with_the_device_is_a_device_lost_error_with_every_page_in_place() {
+    let pool = small_pool();
+    let name = "a_copy_lost_with_the_device_is_a_device_lost_error_with_every_page_in_place";
+    let Some(ctx) = offload_context(DeviceKind::Host, 1 << 20, Some(pool.clone()), name) else {
+        return;
+    };
+    let device = ctx.driver().device().clone();
+    let frames_before = pool.in_use();
+    let b = ctx.alloc(8 * 4096).unwrap();
+    let bytes = pattern(8, 0x61);
+    b.write(0, &bytes).unwrap();
+    let check = |what: &str| {
+        let mut got = vec![0u8; bytes.len()];
+        b.read(0, &mut got).unwrap();
+        assert!(got == bytes, "{what}: the bytes survive");
+    };
+
+    // To the device: the batch is lost after half of it; nothing moved.
+    device.inject_device_loss(1, false);
+    let e = b
+        .prefetch(0..b.len(), hetmem::offload::Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::DeviceLost, "{e}");
+    assert_eq!(device.lost_batches(), 1);
+    assert_eq!(device.pages_in_use(), 0, "the destinations went back");
+    check("a lost prefetch to the device");
+
+    // Home again: on the device first, then an eviction whose batch is lost.
+    let moved = b
+        .prefetch(0..b.len(), hetmem::offload::Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(moved.migrated, 8);
+    device.inject_device_loss(1, false);
+    let e = b.evict(0..b.len()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::DeviceLost, "{e}");
+    assert_eq!(device.pages_in_use(), 8, "every page stayed on the device");
+    device.inject_device_loss(1, false);
+    let e = ctx.driver().evict(8).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::DeviceLost, "{e}");
+    assert_eq!(device.pages_in_use(), 8, "every page stayed on the device");
+    assert_eq!(device.lost_batches(), 3);
+    check("lost evictions");
+
+    b.free().unwrap();
+    drop(ctx);
+    assert_eq!(device.pages_in_use(), 0, "no device page leaked");
+    drop(device);
+    assert_eq!(pool.in_use(), frames_before, "no host frame leaked");
 }

@@ -81,7 +81,8 @@ fn typestate_runs_the_stages_in_order() {
             Outcome {
                 cpages: 4,
                 migrated: 4,
-                failed: 0
+                failed: 0,
+                device_lost: false
             }
         );
         assert!(dev

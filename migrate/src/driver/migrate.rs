@@ -274,6 +274,10 @@ impl Inner {
             .fetch_add(t1.elapsed().as_nanos() as u64, Ordering::Relaxed);
         total.cpages += outcome.cpages;
         total.migrated += outcome.migrated;
+        if outcome.device_lost {
+            // Every page of the chunk stayed where it was; the caller hears why.
+            return Err(lost(outcome.failed));
+        }
         Ok(outcome.failed)
     }
 
@@ -447,6 +451,9 @@ impl Inner {
             ((t1 - t0) + t2.elapsed()).as_nanos() as u64,
             Ordering::Relaxed,
         );
+        if outcome.device_lost {
+            return Err(lost(outcome.failed));
+        }
         if outcome.failed > 0 {
             return Err(Error::FaultFailed {
                 addr: 0,
@@ -458,6 +465,13 @@ impl Inner {
         }
         Ok(moved)
     }
+}
+
+/// The error of a migration whose copy was lost with the device.
+fn lost(pages: usize) -> Error {
+    Error::Engine(hetmem_engine::EngineError::DeviceLost(format!(
+        "the copy of {pages} pages did not complete: every page stayed where it was"
+    )))
 }
 
 impl Drop for Inner {

@@ -46,6 +46,9 @@ pub struct Outcome {
     pub migrated: usize,
     /// Entries whose copy failed (they stayed where they were).
     pub failed: usize,
+    /// The copy failed because the device was lost (every entry of it stayed where it
+    /// was): a caller reports [`crate::ErrorKind::DeviceLost`] rather than a count.
+    pub device_lost: bool,
 }
 
 /// A copy submitted for a migration: its ticket (or the error that kept it from being
@@ -61,6 +64,8 @@ struct Arrays {
     dst: Vec<u64>,
     copy: Option<Copy>,
     failed: usize,
+    /// The copy's error was a lost device.
+    device_lost: bool,
 }
 
 impl Arrays {
@@ -95,6 +100,7 @@ impl Arrays {
     fn wait(&mut self, pm: &PageMap) -> Option<EngineError> {
         let c = self.copy.take()?;
         let err = c.ticket.and_then(|t| t.wait()).err()?;
+        self.device_lost |= matches!(err, EngineError::DeviceLost(_));
         let failed: Vec<usize> = match &err {
             EngineError::CopyFailed { failed, .. } => failed.clone(),
             _ => (0..c.entries.len()).collect(),
@@ -180,6 +186,7 @@ impl<'a> Migration<'a, Collected> {
                 dst,
                 copy: None,
                 failed: 0,
+                device_lost: false,
             },
             map: Some(map),
             vma: Some(vma),
@@ -280,6 +287,7 @@ impl<'a, S> Migration<'a, S> {
                 dst: std::mem::take(&mut self.arrays.dst),
                 copy: self.arrays.copy.take(),
                 failed: self.arrays.failed,
+                device_lost: self.arrays.device_lost,
             },
             map: self.map.take(),
             vma: self.vma.take(),
@@ -348,6 +356,7 @@ impl<'a, S> Migration<'a, S> {
             cpages: self.cpages,
             migrated,
             failed: self.arrays.failed,
+            device_lost: self.arrays.device_lost,
         }
     }
 }
@@ -402,6 +411,7 @@ impl<'p> DeviceMigration<'p, Collected> {
                 dst: vec![0; n],
                 copy: None,
                 failed: 0,
+                device_lost: false,
             },
             stage: Stage::SetUp,
             _state: PhantomData,
@@ -476,6 +486,7 @@ impl<'p, S> DeviceMigration<'p, S> {
                 dst: std::mem::take(&mut self.arrays.dst),
                 copy: self.arrays.copy.take(),
                 failed: self.arrays.failed,
+                device_lost: self.arrays.device_lost,
             },
             stage: self.stage,
             _state: PhantomData,
@@ -507,6 +518,7 @@ impl<'p, S> DeviceMigration<'p, S> {
             cpages: self.cpages,
             migrated,
             failed: self.arrays.failed,
+            device_lost: self.arrays.device_lost,
         }
     }
 }
