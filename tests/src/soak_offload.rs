@@ -1,5 +1,6 @@
 //! The offload soak: threads doing random operations on managed buffers of one
-//! `hetmem::offload::Context` under a small device budget, with copy failures injected,
+//! `hetmem::offload::Context` under a small device budget, with faults injected (failed
+//! copies, host frames run out, copy batches lost with the device mid-way: see `inject`),
 //! checked against a shadow copy of every byte.
 //!
 //! Each thread owns its buffers outright (half of them CPU-mapped by `Context::alloc_mapped`
@@ -7,7 +8,8 @@
 //! plain loads and stores through the buffer's pointer, views, prefetches both ways,
 //! evictions, advice, pins on the device, `free` and reallocation (a fresh buffer reads as
 //! zeros), and WGSL kernel launches on Vulkan change or move them. After every operation,
-//! and after every error the soak accepts (out of memory, a busy page, a failed copy), the
+//! and after every error the soak accepts (out of memory, a busy page, a failed copy, a lost
+//! device), the
 //! buffer the operation touched must read back as its shadow, which is checked without
 //! moving a page (through `hmm_range_fault`, as a device mirror reads) or with
 //! `Buffer::read`. Evictions by the driver (`evict(n)`, `evict_all`) reach every thread's
@@ -20,6 +22,7 @@
 //! A watchdog fails the run, naming each thread's operation, when a thread makes no progress
 //! for `stuck_after`; a panic in any thread fails it with its message.
 
+mod inject;
 mod ops;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,6 +64,13 @@ pub struct OffloadSoakConfig {
     pub spare_host_frames: usize,
     /// Chance per operation that the device's next copies into some pages fail.
     pub copy_failure_rate: f64,
+    /// Chance per operation that the thread takes every free host frame and holds them
+    /// through its next operation: it, and whatever other threads do meanwhile, meet
+    /// exhaustion (`ErrorKind::OutOfMemory`).
+    pub host_exhaustion_rate: f64,
+    /// Chance per operation that the next copy batch (of any thread) is lost mid-way, half
+    /// copied, with `ErrorKind::DeviceLost` (the device keeps working afterwards).
+    pub device_loss_rate: f64,
     /// A thread without progress for this long fails the run.
     pub stuck_after: Duration,
     /// Breaks the run on purpose, to show that its checks catch it (`None` for a real run).
@@ -76,6 +86,10 @@ pub enum Sabotage {
     Stall,
     /// ... panics.
     Panic,
+    /// ... takes a host frame from the pool and never gives it back.
+    LeakFrame,
+    /// ... allocates a device page and never frees it.
+    LeakDevicePage,
 }
 
 impl Default for OffloadSoakConfig {
@@ -93,6 +107,8 @@ impl Default for OffloadSoakConfig {
             budget_pages: 24,
             spare_host_frames: 64,
             copy_failure_rate: 0.02,
+            host_exhaustion_rate: 0.0,
+            device_loss_rate: 0.0,
             stuck_after: Duration::from_secs(30),
             sabotage: None,
         }
@@ -106,12 +122,21 @@ pub struct OffloadSoakReport {
     pub ops: u64,
     /// Operations that ended in an accepted error (out of memory, busy, a failed copy).
     pub errors: u64,
-    /// Of those, how many were out of memory (device or host).
+    /// Accepted errors that were out of memory (device or host), the retries of the
+    /// soak's own checks included.
     pub out_of_memory: u64,
+    /// Accepted errors that were a lost device, the retries of checks included.
+    pub device_lost: u64,
     /// The accepted errors by operation and error variant (`"kernel launch: Busy"`).
     pub error_counts: std::collections::BTreeMap<String, u64>,
     /// Times copy failures were injected.
     pub injected: u64,
+    /// Times a thread took every free host frame through one operation.
+    pub exhaustions: u64,
+    /// Times the loss of the next copy batch was armed.
+    pub loss_injections: u64,
+    /// Copy batches lost mid-way (armed losses that a batch met).
+    pub lost_batches: u64,
     /// Kernel launches that ran (0 where the device runs no kernels).
     pub launches: u64,
     /// Loads, stores and views through CPU pointers.
@@ -147,12 +172,21 @@ struct World {
     ops: AtomicU64,
     errors: AtomicU64,
     out_of_memory: AtomicU64,
+    device_lost: AtomicU64,
+    /// Host frames taken from the pool by an injected exhaustion, until given back.
+    hogged: Mutex<Vec<hetmem_engine::Pfn>>,
+    /// Threads retrying a check (see `retried`): no exhaustion starts meanwhile.
+    holding_off: std::sync::atomic::AtomicUsize,
     error_counts: Mutex<std::collections::BTreeMap<String, u64>>,
     injected: AtomicU64,
+    exhaustions: AtomicU64,
+    loss_injections: AtomicU64,
     launches: AtomicU64,
     pointer_ops: AtomicU64,
     max_ops: u64,
     copy_failure_rate: f64,
+    host_exhaustion_rate: f64,
+    device_loss_rate: f64,
     sabotage: Option<Sabotage>,
     stuck_after: Duration,
     /// Per thread: what it is doing and since when.
@@ -252,12 +286,19 @@ pub fn run(config: &OffloadSoakConfig) -> Result<OffloadSoakReport, String> {
         ops: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         out_of_memory: AtomicU64::new(0),
+        device_lost: AtomicU64::new(0),
+        hogged: Mutex::default(),
+        holding_off: Default::default(),
         error_counts: Mutex::default(),
         injected: AtomicU64::new(0),
+        exhaustions: AtomicU64::new(0),
+        loss_injections: AtomicU64::new(0),
         launches: AtomicU64::new(0),
         pointer_ops: AtomicU64::new(0),
         max_ops: config.max_ops,
         copy_failure_rate: config.copy_failure_rate,
+        host_exhaustion_rate: config.host_exhaustion_rate,
+        device_loss_rate: config.device_loss_rate,
         sabotage: config.sabotage,
         stuck_after: config.stuck_after,
         doing: (0..config.threads)
@@ -286,14 +327,26 @@ pub fn run(config: &OffloadSoakConfig) -> Result<OffloadSoakReport, String> {
     let all = join_workers(workers)?;
     let wall = t0.elapsed();
     world.device.inject_copy_failures(&[]);
+    world.device.inject_device_loss(0, true);
+    let lost_batches = world.device.lost_batches();
+    let device_lost = world.device_lost.load(Ordering::Relaxed);
+    if device_lost > 0 && lost_batches == 0 {
+        return Err(format!(
+            "{device_lost} operations failed with a lost device, and no loss was injected"
+        ));
+    }
     finish(&world, &all)?;
     let stats = world.ctx.stats();
     let report = OffloadSoakReport {
         ops: world.ops.load(Ordering::Relaxed),
         errors: world.errors.load(Ordering::Relaxed),
         out_of_memory: world.out_of_memory.load(Ordering::Relaxed),
+        device_lost,
         error_counts: world.error_counts.lock().unwrap().clone(),
         injected: world.injected.load(Ordering::Relaxed),
+        exhaustions: world.exhaustions.load(Ordering::Relaxed),
+        loss_injections: world.loss_injections.load(Ordering::Relaxed),
+        lost_batches,
         launches: world.launches.load(Ordering::Relaxed),
         pointer_ops: world.pointer_ops.load(Ordering::Relaxed),
         cpu_faults: world.ctx.cpu_faults(),
@@ -428,27 +481,56 @@ fn finish(w: &World, all: &[Vec<Owned>]) -> Result<(), String> {
 }
 
 /// Errors an operation may end in under the soak's pressure. A live view is not one: every
-/// buffer has one owner, which drops its views before its next call.
+/// buffer has one owner, which drops its views before its next call. A lost device is one
+/// only where a loss was injected (the run checks at its end).
 fn accepted(e: &Error) -> bool {
     !matches!(e, Error::ViewActive)
-        && matches!(e.kind(), ErrorKind::OutOfMemory | ErrorKind::Transient)
+        && matches!(
+            e.kind(),
+            ErrorKind::OutOfMemory | ErrorKind::Transient | ErrorKind::DeviceLost
+        )
+}
+
+impl World {
+    /// Counts an accepted error by kind.
+    fn count_kind(&self, e: &Error) {
+        match e.kind() {
+            ErrorKind::OutOfMemory => self.out_of_memory.fetch_add(1, Ordering::Relaxed),
+            ErrorKind::DeviceLost => self.device_lost.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
 }
 
 /// Retries `f` while it fails with an accepted error (a read may meet exhaustion or a failed
 /// copy itself); clears the injected failures after a few tries, so that it ends.
+/// While it retries, no thread exhausts the host frames anew.
 fn retried<T>(w: &World, mut f: impl FnMut() -> hetmem::Result<T>) -> Result<T, String> {
     let mut tries = 0;
+    let mut _holding_off = None;
     loop {
         match f() {
             Ok(v) => return Ok(v),
             Err(e) if accepted(&e) && tries < 200 => {
                 tries += 1;
+                w.count_kind(&e);
+                // Checking bytes needs frames: an injected exhaustion ends here, and no new
+                // one starts until this thread is through.
+                _holding_off.get_or_insert_with(|| inject::HoldOff::new(w));
+                inject::release_frames(w)?;
                 if tries % 20 == 0 {
                     w.device.inject_copy_failures(&[]);
+                    w.device.inject_device_loss(0, true);
                 }
                 std::thread::yield_now();
             }
-            Err(e) => return Err(format!("{e} ({e:?})")),
+            Err(e) => {
+                return Err(format!(
+                    "{e} ({e:?}; {} host frames free, {} taken by an injected exhaustion)",
+                    w.pool.available(),
+                    w.hogged.lock().unwrap().len()
+                ))
+            }
         }
     }
 }
@@ -530,7 +612,18 @@ mod tests {
     use super::*;
 
     fn short(device: DeviceKind, sabotage: Option<Sabotage>) -> Result<OffloadSoakReport, String> {
+        short_with(device, sabotage, 0.0)
+    }
+
+    /// A short run with host-frame exhaustion and device losses injected at `rate` each.
+    fn short_with(
+        device: DeviceKind,
+        sabotage: Option<Sabotage>,
+        rate: f64,
+    ) -> Result<OffloadSoakReport, String> {
         run(&OffloadSoakConfig {
+            host_exhaustion_rate: rate,
+            device_loss_rate: rate,
             device,
             threads: 4,
             duration: Duration::from_millis(1500),
@@ -583,5 +676,46 @@ mod tests {
     fn a_panic_fails_the_run_with_its_message() {
         let e = short(DeviceKind::Host, Some(Sabotage::Panic)).unwrap_err();
         assert!(e.contains("thread 0 panicked: sabotage"), "{e}");
+    }
+
+    /// Under exhaustion and device losses, a run passes, and it did meet both: operations
+    /// failed with `OutOfMemory` and with `DeviceLost`, and batches were lost mid-way.
+    #[test]
+    fn a_short_offload_soak_with_exhaustion_and_device_loss_passes() {
+        let mut devices = vec![DeviceKind::Host];
+        if crate::open_for_test(DeviceKind::Vulkan, 1 << 20, "offload_soak_injected").is_some() {
+            devices.push(DeviceKind::Vulkan);
+        }
+        for device in devices {
+            let r = short_with(device, None, 0.05).unwrap();
+            assert!(r.exhaustions > 0 && r.loss_injections > 0, "{r:?}");
+            assert!(r.lost_batches > 0, "no batch was lost: {r:?}");
+            assert!(r.device_lost > 0, "no operation saw the loss: {r:?}");
+            assert!(r.out_of_memory > 0, "no operation met exhaustion: {r:?}");
+        }
+    }
+
+    #[test]
+    fn a_byte_changed_behind_the_shadow_fails_a_run_with_exhaustion_and_device_loss() {
+        let e = short_with(DeviceKind::Host, Some(Sabotage::CorruptByte), 0.05).unwrap_err();
+        assert!(e.contains("shared buffer") && e.contains("expected"), "{e}");
+    }
+
+    #[test]
+    fn a_leaked_host_frame_fails_a_run_with_exhaustion_and_device_loss() {
+        let e = short_with(DeviceKind::Host, Some(Sabotage::LeakFrame), 0.05).unwrap_err();
+        assert!(
+            e.contains("host frames in use after the context was dropped"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_leaked_device_page_fails_a_run_with_exhaustion_and_device_loss() {
+        let e = short_with(DeviceKind::Host, Some(Sabotage::LeakDevicePage), 0.05).unwrap_err();
+        assert!(
+            e.contains("device pages in use after the context was dropped"),
+            "{e}"
+        );
     }
 }

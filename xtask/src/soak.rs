@@ -60,6 +60,14 @@ pub struct Args {
     /// Chance per operation of injecting copy failures.
     #[arg(long, default_value_t = 0.02)]
     copy_failures: f64,
+    /// Offload: chance per operation that a thread takes every free host frame through its
+    /// next operation (host-frame exhaustion).
+    #[arg(long, default_value_t = 0.0)]
+    host_exhaustion: f64,
+    /// Offload: chance per operation that the next copy batch is lost mid-way, with the
+    /// device (`DeviceLost`).
+    #[arg(long, default_value_t = 0.0)]
+    device_loss: f64,
 }
 
 #[cfg(feature = "full")]
@@ -120,6 +128,8 @@ fn offload_config(args: &Args) -> Result<OffloadSoakConfig> {
         budget_pages: args.budget.max(1),
         spare_host_frames: args.spare_frames.unwrap_or(64),
         copy_failure_rate: args.copy_failures.clamp(0.0, 1.0),
+        host_exhaustion_rate: args.host_exhaustion.clamp(0.0, 1.0),
+        device_loss_rate: args.device_loss.clamp(0.0, 1.0),
         ..OffloadSoakConfig::default()
     })
 }
@@ -128,7 +138,8 @@ fn offload_config(args: &Args) -> Result<OffloadSoakConfig> {
 fn soak_offload(config: &OffloadSoakConfig) -> Result<()> {
     eprintln!(
         "soak (offload): {:?} {:?}, {} threads x {} buffers of {} pages, budget {} pages, \
-         {:?}, seed {}, copy failures injected at {}",
+         {:?}, seed {}, injected: copy failures at {}, host-frame exhaustion at {}, device \
+         loss at {}",
         config.device,
         config.memory,
         config.threads,
@@ -137,7 +148,9 @@ fn soak_offload(config: &OffloadSoakConfig) -> Result<()> {
         config.budget_pages,
         config.duration,
         config.seed,
-        config.copy_failure_rate
+        config.copy_failure_rate,
+        config.host_exhaustion_rate,
+        config.device_loss_rate
     );
     match hetmem_tests::soak_offload::run(config) {
         Ok(r) => {
@@ -164,13 +177,18 @@ fn print_offload_report(r: &OffloadSoakReport) {
     }
     println!(
         "soak (offload): {} ops in {secs:.1} s ({:.0} ops/s wall), {} ended in an accepted \
-         error ({} out of memory), {} copy-failure injections, {} kernel launches, {} pointer loads/stores/views \
-         ({} CPU faults served), {} faults, {} evictions; failures: 0",
+         error ({} out of memory, {} device lost), {} copy-failure injections, {} host-frame \
+         exhaustions, {} device losses armed ({} batches lost), {} kernel launches, {} pointer \
+         loads/stores/views ({} CPU faults served), {} faults, {} evictions; failures: 0",
         r.ops,
         r.ops as f64 / secs,
         r.errors,
         r.out_of_memory,
+        r.device_lost,
         r.injected,
+        r.exhaustions,
+        r.loss_injections,
+        r.lost_batches,
         r.launches,
         r.pointer_ops,
         r.cpu_faults,
@@ -248,7 +266,7 @@ pub fn ci() -> Result<()> {
         }
     }
     // The offload API on both devices (private memory), with pointers and, on Vulkan,
-    // kernel launches.
+    // kernel launches; copy failures, host-frame exhaustion and device losses injected.
     for dev in [DeviceKind::Host, DeviceKind::Vulkan] {
         if dev == DeviceKind::Vulkan
             && hetmem_engine::Device::open(hetmem_engine::DeviceConfig::default().kind(dev))
@@ -265,6 +283,8 @@ pub fn ci() -> Result<()> {
             device: dev,
             duration: Duration::from_secs(10),
             seed: 0x0ff1,
+            host_exhaustion_rate: 0.01,
+            device_loss_rate: 0.01,
             ..OffloadSoakConfig::default()
         })?;
         passed += 1;

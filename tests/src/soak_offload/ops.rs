@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use hetmem::mm::MemoryKind;
 use hetmem::offload::{workgroups, Advice, Buffer, Location};
 use hetmem::Error;
-use hetmem_engine::Pfn;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{accepted, check_peek, check_read, first_difference, Doing, Owned, Sabotage, World};
+use super::{
+    accepted, check_peek, check_read, first_difference, inject, Doing, Owned, Sabotage, World,
+};
 
 /// The operations, with their weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,9 +35,11 @@ pub(super) enum Op {
     SharedMove,
     SharedRead,
     Inject,
+    Exhaust,
+    LoseDevice,
 }
 
-/// Every operation but `Inject` (chosen at its own rate), with its weight.
+/// Every operation but the injections (each chosen at its own rate), with its weight.
 const MIX: [(Op, u32); 17] = [
     (Op::Write, 12),
     (Op::Read, 7),
@@ -79,13 +82,27 @@ impl Op {
             Op::SharedMove => "move the shared buffer",
             Op::SharedRead => "read the shared buffer",
             Op::Inject => "inject copy failures",
+            Op::Exhaust => "exhaust the host frames",
+            Op::LoseDevice => "lose the device mid-batch",
         }
     }
 
-    fn pick(rng: &mut StdRng, inject_rate: f64) -> Op {
-        if rng.random_bool(inject_rate) {
-            return Op::Inject;
+    /// A random operation: an injection at its rate, or else one of [`MIX`].
+    fn pick(rng: &mut StdRng, w: &World) -> Op {
+        for (op, rate) in [
+            (Op::Inject, w.copy_failure_rate),
+            (Op::Exhaust, w.host_exhaustion_rate),
+            (Op::LoseDevice, w.device_loss_rate),
+        ] {
+            if rate > 0.0 && rng.random_bool(rate) {
+                return op;
+            }
         }
+        Op::pick_plain(rng)
+    }
+
+    /// One of [`MIX`], by weight.
+    fn pick_plain(rng: &mut StdRng) -> Op {
         let total: u32 = MIX.iter().map(|(_, w)| w).sum();
         let mut x = rng.random_range(0..total);
         for (op, weight) in MIX {
@@ -101,7 +118,13 @@ impl Op {
     fn on_owned(self) -> bool {
         !matches!(
             self,
-            Op::DriverEvict | Op::DriverEvictAll | Op::SharedMove | Op::SharedRead | Op::Inject
+            Op::DriverEvict
+                | Op::DriverEvictAll
+                | Op::SharedMove
+                | Op::SharedRead
+                | Op::Inject
+                | Op::Exhaust
+                | Op::LoseDevice
         )
     }
 }
@@ -118,7 +141,10 @@ pub(super) fn worker(w: &World, me: usize, seed: u64, nbuf: usize) -> Result<Vec
         })
         .collect();
     for o in owned.iter_mut() {
-        o.buf = Some(allocate(w, o.mapped).map_err(|e| format!("allocating: {e}"))?);
+        // Another thread may have exhausted the host frames: retried until it ends.
+        o.buf = Some(
+            super::retried(w, || allocate(w, o.mapped)).map_err(|e| format!("allocating: {e}"))?,
+        );
     }
     let mut done = 0u64;
     while !w.stop.load(Ordering::Relaxed) && w.ops.load(Ordering::Relaxed) < w.max_ops {
@@ -126,7 +152,18 @@ pub(super) fn worker(w: &World, me: usize, seed: u64, nbuf: usize) -> Result<Vec
         if me == 0 && done == 50 {
             sabotage(w);
         }
-        let op = Op::pick(&mut rng, w.copy_failure_rate);
+        let mut op = Op::pick(&mut rng, w);
+        // Host frames run out for this thread's next operation (and everyone else's
+        // meanwhile); a device loss hits whichever thread copies next.
+        let exhausted = op == Op::Exhaust;
+        match op {
+            Op::Exhaust => inject::exhaust_frames(w),
+            Op::LoseDevice => inject::device_loss(w),
+            _ => {}
+        }
+        if matches!(op, Op::Exhaust | Op::LoseDevice) {
+            op = Op::pick_plain(&mut rng);
+        }
         let slot = rng.random_range(0..nbuf);
         *w.doing[me].lock().unwrap() = Doing {
             op,
@@ -140,14 +177,15 @@ pub(super) fn worker(w: &World, me: usize, seed: u64, nbuf: usize) -> Result<Vec
         } else {
             step(w, o, op, &mut rng)
         };
+        if exhausted {
+            inject::release_frames(w)?;
+        }
         w.ops.fetch_add(1, Ordering::Relaxed);
         let failed = match result {
             Ok(()) => false,
             Err(Failure::Accepted(e)) => {
                 w.errors.fetch_add(1, Ordering::Relaxed);
-                if e.kind() == hetmem::ErrorKind::OutOfMemory {
-                    w.out_of_memory.fetch_add(1, Ordering::Relaxed);
-                }
+                w.count_kind(&e);
                 let variant = |debug: String| {
                     let end = debug.find(['(', ' ', '{']).unwrap_or(debug.len());
                     debug[..end].to_string()
@@ -398,7 +436,9 @@ fn step(w: &World, o: &mut Owned, op: Op, rng: &mut StdRng) -> Result<(), Failur
                 return wrong(format!("the shared buffer's {r:?}: {e}"));
             }
         }
-        Op::Inject => inject(w, rng),
+        Op::Inject => inject::copy_failures(w, rng),
+        // Chosen as the companions of another operation (see `worker`), never run alone.
+        Op::Exhaust | Op::LoseDevice => {}
     }
     Ok(())
 }
@@ -494,31 +534,6 @@ fn launch(
     Ok(())
 }
 
-/// Copies into a few device pages and host frames fail from now on (until the next
-/// injection, or a clear): migrations both ways, faults, prefetches, evictions and launches
-/// meet them. Home frames of CPU-mapped buffers are left out: a CPU fault through a pointer
-/// that cannot be served is `SIGBUS` by contract, which would end the soak rather than test
-/// it; home runs are carved from the top of the pool, so only the lower half is chosen.
-fn inject(w: &World, rng: &mut StdRng) {
-    if rng.random_bool(0.2) {
-        w.device.inject_copy_failures(&[]);
-        return;
-    }
-    let dev = w.device.pfn_range();
-    let host = w.pool.pfn_range();
-    let mut pfns: Vec<Pfn> = (0..2)
-        .map(|_| dev.start.add(rng.random_range(0..dev.count)))
-        .collect();
-    for _ in 0..2 {
-        let p = host.start.add(rng.random_range(0..host.count / 2));
-        if !w.pool.is_home(p) {
-            pfns.push(p);
-        }
-    }
-    w.device.inject_copy_failures(&pfns);
-    w.injected.fetch_add(1, Ordering::Relaxed);
-}
-
 /// Breaks the run as the configuration asks (tests of the soak's own checks).
 fn sabotage(w: &World) {
     match w.sabotage {
@@ -548,5 +563,29 @@ fn sabotage(w: &World) {
             drop(held);
         }
         Some(Sabotage::Panic) => panic!("sabotage"),
+        // Leaks as an error path that forgets its page would; tried until it succeeds (the
+        // pool or the budget may be exhausted right now).
+        Some(Sabotage::LeakFrame) => {
+            leak_one(|| w.pool.alloc(false).is_ok());
+        }
+        Some(Sabotage::LeakDevicePage) => leak_one(|| {
+            let ok = w.device.alloc_page(false).is_ok();
+            if !ok {
+                let _ = w.ctx.driver().evict(1);
+            }
+            ok
+        }),
+    }
+}
+
+/// Calls `leak` until it says it leaked something.
+fn leak_one(mut leak: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !leak() {
+        assert!(
+            Instant::now() < deadline,
+            "the sabotage found nothing to leak"
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
