@@ -1,7 +1,7 @@
 //! A device: one GPU (or the built-in host device), its memory as numbered pages, and batched
 //! page copies between it and the host frame pool.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -238,6 +238,7 @@ impl Device {
         Ok(Ticket {
             shared: self.shared.clone(),
             value: sub.value,
+            settled: AtomicBool::new(false),
             pairs: pairs.len(),
             failed,
             lost,
@@ -441,6 +442,7 @@ impl Device {
         Ok(Ticket {
             shared: self.shared.clone(),
             value,
+            settled: AtomicBool::new(false),
             pairs: 0,
             failed: Vec::new(),
             lost: None,
@@ -464,11 +466,17 @@ impl Device {
     }
 }
 
-/// A submitted copy batch. Dropping it does not cancel the copy.
+/// A submitted copy batch (or kernel dispatch). Dropping it does not cancel the work: it
+/// waits for it, unless a wait or poll saw it complete already, so that nothing of the
+/// batch happens after its ticket is gone (a readback through staging lands in its host
+/// frames when the batch retires: without the wait it could land after the caller freed a
+/// frame and the pool gave it to a new owner).
 #[must_use = "a copy is only known to be done once its ticket is waited on"]
 pub struct Ticket {
     shared: Arc<Shared>,
     value: u64,
+    /// A wait or poll saw the batch complete (and retired it): dropping need not wait.
+    settled: AtomicBool,
     pairs: usize,
     failed: Vec<usize>,
     /// Lost mid-way by an injected device loss: the error its wait reports.
@@ -492,15 +500,21 @@ impl Ticket {
             .backend
             .wait(self.value)
             .map_err(|e| self.all_failed(e))?;
+        self.settled.store(true, Ordering::Relaxed);
         self.outcome()
     }
 
     /// True once the batch has completed (successfully or not); does not block.
     pub fn is_done(&self) -> Result<bool> {
-        self.shared
+        let done = self
+            .shared
             .backend
             .poll(self.value)
-            .map_err(|e| self.all_failed(e))
+            .map_err(|e| self.all_failed(e))?;
+        if done {
+            self.settled.store(true, Ordering::Relaxed);
+        }
+        Ok(done)
     }
 
     /// The completion value of this batch on its device's timeline.
@@ -531,6 +545,18 @@ impl Ticket {
                 failed: (0..self.pairs).collect(),
                 reason: other.to_string(),
             },
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.settled.load(Ordering::Relaxed) {
+            return;
+        }
+        // Its outcome has no one to go to; a device lost meanwhile finishes nothing anyway.
+        if let Err(e) = self.shared.backend.wait(self.value) {
+            tracing::debug!("a dropped ticket's batch {}: {e}", self.value);
         }
     }
 }

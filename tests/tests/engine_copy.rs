@@ -603,3 +603,53 @@ fn queued_batches_from_many_threads() {
         });
     }
 }
+
+/// A batch whose ticket is dropped unwaited must not write a host frame after the drop: on
+/// the staging path its readback landed in the frame whenever a later wait or poll retired
+/// the batch, so a frame freed after the drop and handed to a new owner got the old batch's
+/// bytes over the new owner's (read back: the device page's 0xAA, not the owner's 0x55).
+/// Through the public API only: `copy_queued`, a dropped ticket, the pool's free and alloc.
+#[test]
+fn a_dropped_tickets_copy_never_lands_in_a_frame_freed_and_reused_after_the_drop() {
+    use hetmem_engine::{HostAccessMode, HostFramePool};
+    let name = "a_dropped_tickets_copy_never_lands_in_a_frame_freed_and_reused_after_the_drop";
+    for mode in [HostAccessMode::Staging, HostAccessMode::Auto] {
+        // A private pool: no other test's frees reorder its free list.
+        let pool = HostFramePool::new(4 << 20).unwrap();
+        let mut config = test_config(DeviceKind::Vulkan, 4 << 20);
+        config.host_access = mode;
+        config.frames = Some(pool.clone());
+        let Some(dev) = open_config(config, name) else {
+            return;
+        };
+        let pages = dev.alloc_pages(16, false).unwrap();
+        for &p in &pages {
+            dev.write_page(p, 0, &[0xAA; PAGE_SIZE]).unwrap();
+        }
+        let frames = pool.alloc_batch(16, false).unwrap();
+        // Queued (the calling thread copies nothing), and the ticket dropped unwaited.
+        drop(dev.copy_queued(&zip(&pages, &frames)).unwrap());
+        pool.free_batch(&frames).unwrap();
+        let reused = pool.alloc_batch(16, false).unwrap();
+        let mut sorted = frames.clone();
+        sorted.sort();
+        assert_eq!(reused, sorted, "the pool hands the freed frames out again");
+        for &f in &reused {
+            pool.write(f, 0, &[0x55; PAGE_SIZE]).unwrap();
+        }
+        // Any later wait retires every batch before it on the queue.
+        let other = pool.alloc(false).unwrap();
+        dev.copy(&[(pages[0], other)]).unwrap().wait().unwrap();
+        for (k, &f) in reused.iter().enumerate() {
+            let got = read_frame(&dev, f);
+            assert!(
+                got.iter().all(|&b| b == 0x55),
+                "{mode:?}: the new owner's frame {k} reads {:#04x} (the dropped batch's bytes)",
+                got.iter().find(|&&b| b != 0x55).unwrap()
+            );
+        }
+        dev.free_pages(&pages).unwrap();
+        pool.free_batch(&reused).unwrap();
+        pool.free(other).unwrap();
+    }
+}
