@@ -144,6 +144,16 @@ pub enum Error {
         /// The byte offset in the buffer of the first held byte the access touches.
         offset: usize,
     },
+    /// A page of a buffer could not be brought to the device and held there for a pin or a
+    /// launch (other threads kept moving it, or its copies failed); nothing is pinned. Try
+    /// again.
+    #[error("byte {offset} of the buffer at {addr:#x} could not be brought to the device and held there")]
+    BufferBusy {
+        /// The buffer's address.
+        addr: u64,
+        /// The byte offset in the buffer of the page that could not be held.
+        offset: usize,
+    },
     /// This thread holds the address space's map lock shared (a migration between setup and
     /// finalize, or a fault callback): munmap, mremap, mprotect and fork, which need it
     /// exclusively, would wait for it forever, and so would an access to a page under
@@ -206,7 +216,7 @@ impl Error {
             Error::PointersUnavailable(_) => ErrorKind::Unavailable,
             Error::OverBudget { .. } | Error::NoAddressSpace(_) => ErrorKind::OutOfMemory,
             Error::NoProgress { .. } => ErrorKind::Transient,
-            Error::HeldOnDevice { .. } => ErrorKind::Transient,
+            Error::HeldOnDevice { .. } | Error::BufferBusy { .. } => ErrorKind::Transient,
             Error::Engine(e) => match e.kind() {
                 hetmem_engine::ErrorKind::OutOfMemory => ErrorKind::OutOfMemory,
                 hetmem_engine::ErrorKind::DeviceLost => ErrorKind::DeviceLost,

@@ -127,7 +127,7 @@ pub struct OffloadSoakReport {
     pub out_of_memory: u64,
     /// Accepted errors that were a lost device, the retries of checks included.
     pub device_lost: u64,
-    /// The accepted errors by operation and error variant (`"kernel launch: Busy"`).
+    /// The accepted errors by operation and error variant (`"kernel launch: BufferBusy"`).
     pub error_counts: std::collections::BTreeMap<String, u64>,
     /// Times copy failures were injected.
     pub injected: u64,

@@ -156,7 +156,8 @@ fn space_read_races_a_live_view_mut() {
 /// A view made while the buffer's pages are pinned on the device (by `pin_on_device`, as a
 /// launch does) used to be handed out; its first load then waited for the pin, which the
 /// same thread holds: after the fault's retries the thread got SIGBUS, from safe code. A
-/// view of pinned pages is refused with `Busy` instead, and a pin under a live view with
+/// view of pinned pages is refused with `HeldOnDevice` (the buffer and the first pinned
+/// page's offset, never a frame number) instead, and a pin under a live view with
 /// `ViewActive`.
 #[test]
 fn a_view_under_its_own_threads_device_pin_is_refused_not_a_hang() {
@@ -171,13 +172,21 @@ fn a_view_under_its_own_threads_device_pin_is_refused_not_a_hang() {
         assert_eq!(device_pages(&ctx, &buf), 4);
         let v = buf.view::<u8>();
         assert!(
-            matches!(v, Err(Error::Busy(_))),
+            matches!(v, Err(Error::HeldOnDevice { addr, offset: 0 }) if addr == buf.addr()),
             "view of pinned pages: {v:?}"
         );
         let m = buf.view_mut::<u8>();
         assert!(
-            matches!(m, Err(Error::Busy(_))),
+            matches!(m, Err(Error::HeldOnDevice { addr, offset: 0 }) if addr == buf.addr()),
             "view_mut of pinned pages: {m:?}"
+        );
+        drop(pin);
+        // Only the third page pinned: the offset names it.
+        let pin = buf.pin_on_device(2 * PAGE..3 * PAGE).unwrap();
+        let v = buf.view::<u8>();
+        assert!(
+            matches!(v, Err(Error::HeldOnDevice { addr, offset }) if addr == buf.addr() && offset == 2 * PAGE),
+            "view with page 2 pinned: {v:?}"
         );
         drop(pin);
     }
@@ -200,7 +209,8 @@ fn a_view_under_its_own_threads_device_pin_is_refused_not_a_hang() {
 }
 
 /// The same scenario run to its end in a child: before the fix the load through the view
-/// waited for its own thread's pin and the child died of SIGBUS; now `view` says `Busy`.
+/// waited for its own thread's pin and the child died of SIGBUS; now `view` says
+/// `HeldOnDevice`.
 #[test]
 fn reading_a_view_under_ones_own_device_pin_is_not_a_sigbus() {
     let test = "reading_a_view_under_ones_own_device_pin_is_not_a_sigbus";
@@ -217,7 +227,7 @@ fn reading_a_view_under_ones_own_device_pin_is_not_a_sigbus() {
     let _pin = buf.pin_on_device(0..buf.len()).unwrap();
     let sum: u32 = match buf.view::<u8>() {
         Ok(v) => v.iter().map(|&b| b as u32).sum(),
-        Err(Error::Busy(_)) => 0,
+        Err(Error::HeldOnDevice { .. }) => 0,
         Err(e) => panic!("{e}"),
     };
     assert_eq!(sum, 0);

@@ -273,6 +273,18 @@ impl Shared {
         (addr < start + r.len).then_some((start, r))
     }
 
+    /// A page still pinned on the device after every retry (`Busy`, naming its frame) is
+    /// reported as [`Error::HeldOnDevice`]: the buffer (its range's start) and the offset.
+    fn held_on_device(&self, error: Error, addr: u64) -> Error {
+        match (&error, self.region_of(addr)) {
+            (Error::Busy(_), Some((start, _))) => Error::HeldOnDevice {
+                addr: start,
+                offset: (addr - start) as usize,
+            },
+            _ => error,
+        }
+    }
+
     fn serve(&self, f: &Fault) {
         let addr = f.addr & !(PAGE - 1);
         let write = f.flags & (FAULT_WRITE | FAULT_WP) != 0;
@@ -285,6 +297,7 @@ impl Shared {
             }
             Err(error) => {
                 tracing::debug!("CPU fault at {addr:#x}: {error}");
+                let error = self.held_on_device(error, addr);
                 *self.last_error.lock() = Some(CpuFaultError { addr, error });
                 signal_bus(f.tid);
                 // The thread runs again, into its signal.

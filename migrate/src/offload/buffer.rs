@@ -170,8 +170,9 @@ impl Buffer {
     /// ```
     ///
     /// A buffer with a page pinned on the device ([`Buffer::pin_on_device`], a launch in
-    /// flight) has no view: [`Error::Busy`] (a load of that page would wait for the pin,
-    /// which may be the viewing thread's own).
+    /// flight) has no view: [`Error::HeldOnDevice`], naming the buffer and the first held
+    /// page's offset (a load of that page would wait for the pin, which may be the viewing
+    /// thread's own).
     pub fn view<T: bytemuck::Pod>(&self) -> Result<View<'_, T>> {
         let p = self.as_ptr()?;
         // SAFETY: the range is the buffer's own CPU mapping, page-aligned (so aligned for
@@ -184,8 +185,8 @@ impl Buffer {
         Ok(view)
     }
 
-    /// Fails with [`Error::Busy`] if a page of the buffer is pinned on the device (private
-    /// or coherent): a CPU access to it waits until the pin goes.
+    /// Fails with [`Error::HeldOnDevice`] if a page of the buffer is pinned on the device
+    /// (private or coherent): a CPU access to it waits until the pin goes.
     fn refuse_pinned(&self) -> Result<()> {
         let space = self.inner.ctx.space();
         let pm = space.pagemap();
@@ -196,7 +197,10 @@ impl Buffer {
                 _ => continue,
             };
             if pm.page(pfn).is_some_and(|p| p.pincount() > 0) {
-                return Err(Error::Busy(pfn));
+                return Err(Error::HeldOnDevice {
+                    addr: self.inner.addr,
+                    offset: (k * PAGE) as usize,
+                });
             }
         }
         Ok(())
@@ -205,7 +209,7 @@ impl Buffer {
     /// The buffer's bytes as `&mut [T]` (as many whole `T`s as fit), for a buffer made by
     /// [`Context::alloc_mapped`]. While it lives, every other use of the bytes through the
     /// library (`read`, `write`, views, launches, pins, `free`) fails with
-    /// [`Error::ViewActive`]. Refused with [`Error::Busy`] as [`Buffer::view`] is.
+    /// [`Error::ViewActive`]. Refused with [`Error::HeldOnDevice`] as [`Buffer::view`] is.
     pub fn view_mut<T: bytemuck::Pod>(&self) -> Result<ViewMut<'_, T>> {
         let p = self.as_mut_ptr()?;
         // SAFETY: as in `view`, and the exclusive token keeps every other library access out.
@@ -317,6 +321,30 @@ impl Buffer {
         }
     }
 
+    /// What a device-side call (a pin, a launch) on `range` that failed with `e` reports: a
+    /// page that could not be held (`Busy`, naming its frame) becomes
+    /// [`Error::BufferBusy`] with the buffer's address and the offset of that page in
+    /// `range` (the range's first byte if the page has moved on since), never a frame
+    /// number.
+    pub(crate) fn busy_in(&self, e: Error, range: Range<usize>) -> Error {
+        let Error::Busy(pfn) = e else {
+            return e;
+        };
+        let offset = self.offset_of(pfn, range.clone()).unwrap_or(range.start);
+        Error::BufferBusy {
+            addr: self.inner.addr,
+            offset: offset.max(range.start),
+        }
+    }
+
+    /// The offset of the page of `range` that maps `pfn` now, if one does.
+    pub(crate) fn offset_of(&self, pfn: hetmem_engine::Pfn, range: Range<usize>) -> Option<usize> {
+        let space = self.inner.ctx.space();
+        (range.start as u64 / PAGE..(range.end as u64).div_ceil(PAGE))
+            .find(|&k| space.pte(self.inner.addr + k * PAGE).pfn() == Some(pfn))
+            .map(|k| (k * PAGE) as usize)
+    }
+
     /// Moves the pages of `range` to `to`, in the background (on the context's one prefetch
     /// worker, in the order asked). A device prefetch larger than the device budget is
     /// refused (`OverBudget`) with nothing moved.
@@ -419,13 +447,16 @@ impl Buffer {
     /// until the guard drops: what a device kernel needs while it runs. Pages already on the
     /// device are pinned first, so bringing in the rest cannot evict them. Fails with
     /// [`Error::ViewActive`] while a view of the buffer lives (its loads would wait for the
-    /// pin), and views are refused while the pin lives.
+    /// pin), and views are refused while the pin lives. A page that cannot be brought and
+    /// held there fails it with [`Error::BufferBusy`] (buffer and offset), nothing pinned.
     pub fn pin_on_device(&self, range: Range<usize>) -> Result<DevicePin> {
-        let (addr, n) = self.pages(range)?;
+        let (addr, n) = self.pages(range.clone())?;
         // Held while pinning: a view made afterwards sees the pins.
         let _use = self.begin(Use::Write)?;
         let ctx = &self.inner.ctx;
-        ctx.driver().pin_on_device_unchecked(ctx.space(), addr, n)
+        ctx.driver()
+            .pin_on_device_unchecked(ctx.space(), addr, n)
+            .map_err(|e| self.busy_in(e, range))
     }
 
     /// The pages of `range` (address, count), for binding to a kernel launch.

@@ -197,7 +197,7 @@ impl Context {
     ) -> Result<Launch> {
         // No view may watch the bytes change: a live view fails the launch, and none can be
         // made while the ranges are brought to the device and pinned (afterwards a view is
-        // refused with `Busy` until the launch is waited on or dropped).
+        // refused with `HeldOnDevice` until the launch is waited on or dropped).
         let _uses = buffers
             .iter()
             .map(|(b, _)| b.begin(super::view::Use::Write))
@@ -214,6 +214,18 @@ impl Context {
         self.inner
             .driver
             .launch_unchecked(&self.inner.space, kernel, &ranges, args, groups)
+            .map_err(|e| {
+                // A page that could not be held names its buffer and offset, not its frame.
+                let Error::Busy(pfn) = e else { return e };
+                let held = buffers
+                    .iter()
+                    .find(|(b, r)| b.offset_of(pfn, r.clone()).is_some())
+                    .or(buffers.first());
+                match held {
+                    Some((b, r)) => b.busy_in(e, r.clone()),
+                    None => e,
+                }
+            })
     }
 
     fn device(&self) -> &Device {

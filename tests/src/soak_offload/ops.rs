@@ -232,6 +232,10 @@ enum Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
+        // An offload user gets the buffer and an offset, never an internal frame number.
+        if let Error::Busy(pfn) = e {
+            return Failure::Wrong(format!("an error that names frame {pfn}: {e}"));
+        }
         if accepted(&e) {
             Failure::Accepted(e)
         } else {
