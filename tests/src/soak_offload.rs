@@ -20,7 +20,9 @@
 //! frame pool must hold as many pages as before the context existed.
 //!
 //! A watchdog fails the run, naming each thread's operation, when a thread makes no progress
-//! for `stuck_after`; a panic in any thread fails it with its message.
+//! for `stuck_after`; a panic in any thread fails it with its message. (A thread's first
+//! panic in a process with `RUST_BACKTRACE` set sits for a few hundred milliseconds in the
+//! panic hook, symbolising its backtrace, before it unwinds: keep `stuck_after` above that.)
 
 mod inject;
 mod ops;
@@ -627,8 +629,11 @@ mod tests {
             device,
             threads: 4,
             duration: Duration::from_millis(1500),
-            // Short only for the stall it must catch: a panicking thread unwinds through its
-            // buffers' unmaps, which can take longer than that on a loaded machine.
+            // Short only for the stall it must catch. A panicking thread is not slow to
+            // unwind (its buffers' unmaps take about 0.1 ms), but the first panic of a
+            // process with RUST_BACKTRACE set spends 0.2-0.5 s in the default panic hook,
+            // symbolising the backtrace from this debug build's DWARF, before unwinding
+            // starts; the watchdog would call it stuck.
             stuck_after: Duration::from_millis(if matches!(sabotage, Some(Sabotage::Stall)) {
                 500
             } else {
