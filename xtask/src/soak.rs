@@ -93,6 +93,9 @@ fn memory(name: &str) -> Result<MemoryKind> {
 /// Runs one soak and prints what it did.
 pub fn run(args: &Args) -> Result<()> {
     match args.layer.as_str() {
+        "mm" if args.host_exhaustion > 0.0 || args.device_loss > 0.0 => {
+            bail!("--host-exhaustion and --device-loss are options of --layer offload")
+        }
         "mm" => {}
         "offload" => return soak_offload(&offload_config(args)?),
         other => bail!("unknown layer {other:?} (mm, offload)"),
