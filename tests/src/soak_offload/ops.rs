@@ -279,8 +279,12 @@ fn random_bytes(rng: &mut StdRng, n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Runs `op`. The slot's buffer may be missing (freed, and its reallocation failed) only
+/// for operations that are not on it.
 fn step(w: &World, o: &mut Owned, op: Op, rng: &mut StdRng) -> Result<(), Failure> {
-    let b = o.buf.clone().expect("the caller allocates first");
+    let Some(b) = o.buf.clone() else {
+        return step_shared(w, op, rng);
+    };
     let pages = w.pages;
     match op {
         Op::Write => write(w, &b, o, rng)?,
@@ -414,16 +418,32 @@ fn step(w: &World, o: &mut Owned, op: Op, rng: &mut StdRng) -> Result<(), Failur
             o.shadow.fill(0);
             realloc(w, o, rng)?;
         }
+        Op::Launch => match &w.kernel {
+            Some(kernel) => launch(w, kernel, &b, o, rng)?,
+            None => write(w, &b, o, rng)?,
+        },
+        // Not on an owned buffer: `step_shared`.
+        Op::DriverEvict
+        | Op::DriverEvictAll
+        | Op::SharedMove
+        | Op::SharedRead
+        | Op::Inject
+        | Op::Exhaust
+        | Op::LoseDevice => step_shared(w, op, rng)?,
+    }
+    Ok(())
+}
+
+/// The operations on no buffer a thread owns: the driver's evictions, the shared buffer,
+/// injections.
+fn step_shared(w: &World, op: Op, rng: &mut StdRng) -> Result<(), Failure> {
+    match op {
         Op::DriverEvict => {
             w.ctx.driver().evict(rng.random_range(1..8))?;
         }
         Op::DriverEvictAll => {
             w.ctx.driver().evict_all()?;
         }
-        Op::Launch => match &w.kernel {
-            Some(kernel) => launch(w, kernel, &b, o, rng)?,
-            None => write(w, &b, o, rng)?,
-        },
         Op::SharedMove => {
             let r = page_range(rng, w.shared_bytes.len() / 4096, usize::MAX);
             match rng.random_range(0..3) {
@@ -443,6 +463,7 @@ fn step(w: &World, o: &mut Owned, op: Op, rng: &mut StdRng) -> Result<(), Failur
         Op::Inject => inject::copy_failures(w, rng),
         // Chosen as the companions of another operation (see `worker`), never run alone.
         Op::Exhaust | Op::LoseDevice => {}
+        op => return wrong(format!("{} needs a buffer of the thread's own", op.name())),
     }
     Ok(())
 }
