@@ -24,20 +24,23 @@
 //! panic in a process with `RUST_BACKTRACE` set sits for a few hundred milliseconds in the
 //! panic hook, symbolising its backtrace, before it unwinds: keep `stuck_after` above that.)
 
+mod check;
 mod inject;
 mod ops;
+mod sabotage;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hetmem::mm::{hmm_range_fault, MemoryKind};
+use hetmem::mm::MemoryKind;
 use hetmem::offload::{Buffer, Context, ContextConfig};
 use hetmem::{Error, ErrorKind};
 use hetmem_engine::{Device, DeviceConfig, DeviceKind, HostFramePool, Kernel};
 
-use crate::harness::{pattern, unsettled};
+use crate::harness::pattern;
 use crate::soak::join_workers;
+use check::{check_peek, check_read, finish, first_difference};
 
 /// How to soak the offload API.
 #[derive(Clone, Debug)]
@@ -449,39 +452,6 @@ fn watch(
     }
 }
 
-/// The end of a run: every byte of every buffer and of the shared one, read through the
-/// library and through pointers, and every entry settled.
-fn finish(w: &World, all: &[Vec<Owned>]) -> Result<(), String> {
-    let pm = w.ctx.space().pagemap().clone();
-    for (k, owned) in all.iter().enumerate() {
-        for (s, o) in owned.iter().enumerate() {
-            let Some(b) = &o.buf else { continue };
-            let at = |e: String| format!("at the end, thread {k} buffer {s}: {e}");
-            check_read(w, b, &o.shadow).map_err(at)?;
-            check_peek(w, b, &o.shadow).map_err(at)?;
-            if o.mapped {
-                let v = b.view::<u8>().map_err(|e| at(format!("view: {e}")))?;
-                first_difference(&v, &o.shadow).map_err(|e| at(format!("through a view: {e}")))?;
-            }
-            let bad = unsettled(w.ctx.space(), &pm, b.addr(), b.len().div_ceil(4096));
-            if !bad.is_empty() {
-                return Err(at(bad.join("; ")));
-            }
-        }
-    }
-    check_read(w, &w.shared, &w.shared_bytes).map_err(|e| format!("the shared buffer: {e}"))?;
-    let bad = unsettled(
-        w.ctx.space(),
-        &pm,
-        w.shared.addr(),
-        w.shared_bytes.len() / 4096,
-    );
-    if !bad.is_empty() {
-        return Err(format!("the shared buffer: {}", bad.join("; ")));
-    }
-    Ok(())
-}
-
 /// Errors an operation may end in under the soak's pressure. A live view is not one: every
 /// buffer has one owner, which drops its views before its next call. A lost device is one
 /// only where a loss was injected (the run checks at its end).
@@ -537,190 +507,10 @@ fn retried<T>(w: &World, mut f: impl FnMut() -> hetmem::Result<T>) -> Result<T, 
     }
 }
 
-/// Where `got` first differs from `want`, as an error.
-fn first_difference(got: &[u8], want: &[u8]) -> Result<(), String> {
-    if got.len() != want.len() {
-        return Err(format!("{} bytes, {} expected", got.len(), want.len()));
-    }
-    match got.iter().zip(want).position(|(a, b)| a != b) {
-        None => Ok(()),
-        Some(i) => {
-            let wrong = got[i..]
-                .iter()
-                .zip(&want[i..])
-                .filter(|(a, b)| a != b)
-                .count();
-            Err(format!(
-                "byte {i} (page {}) reads {:#04x}, {:#04x} expected ({wrong} bytes wrong from there)",
-                i / 4096,
-                got[i],
-                want[i]
-            ))
-        }
-    }
-}
-
-/// Reads the whole buffer with `Buffer::read` (pages on the device come back) and compares.
-fn check_read(w: &World, b: &Buffer, want: &[u8]) -> Result<(), String> {
-    let mut got = vec![0u8; want.len()];
-    retried(w, || b.read(0, &mut got)).map_err(|e| format!("reading it: {e}"))?;
-    first_difference(&got, want)
-}
-
-/// Reads the whole buffer where its pages are, without moving them, as a device mirror
-/// does: `hmm_range_fault` with the driver's owner gives each page's frame or device page,
-/// read between `read_begin` and `read_retry` (retried if an invalidation ran meanwhile).
-fn check_peek(w: &World, b: &Buffer, want: &[u8]) -> Result<(), String> {
-    let space = w.ctx.space();
-    let owner = w.ctx.driver().owner();
-    let n = b.len().div_ceil(4096);
-    let mut got = vec![0u8; n * 4096];
-    for _ in 0..1000 {
-        let seq = space.read_begin();
-        let pfns = retried(w, || hmm_range_fault(space, b.addr(), n, false, owner))
-            .map_err(|e| format!("hmm_range_fault: {e}"))?;
-        let mut failed = None;
-        for (k, p) in pfns.iter().enumerate() {
-            let out = &mut got[k * 4096..(k + 1) * 4096];
-            let r = if w.device.owns(p.pfn) {
-                w.device.read_page(p.pfn, 0, out).map_err(Error::from)
-            } else {
-                space.pagemap().read_frame(p.pfn, 0, out)
-            };
-            if let Err(e) = r {
-                failed.get_or_insert(e);
-            }
-        }
-        if space.read_retry(seq) {
-            continue;
-        }
-        if let Some(e) = failed {
-            return Err(format!("reading a page in place: {e}"));
-        }
-        return first_difference(&got[..want.len()], want).map_err(|e| format!("in place: {e}"));
-    }
-    Err(format!(
-        "in place: invalidated 1000 times running ({n} pages)"
-    ))
-}
-
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn short(device: DeviceKind, sabotage: Option<Sabotage>) -> Result<OffloadSoakReport, String> {
-        short_with(device, sabotage, 0.0)
-    }
-
-    /// A short run with host-frame exhaustion and device losses injected at `rate` each.
-    fn short_with(
-        device: DeviceKind,
-        sabotage: Option<Sabotage>,
-        rate: f64,
-    ) -> Result<OffloadSoakReport, String> {
-        run(&OffloadSoakConfig {
-            host_exhaustion_rate: rate,
-            device_loss_rate: rate,
-            device,
-            threads: 4,
-            duration: Duration::from_millis(1500),
-            // Short only for the stall it must catch. A panicking thread is not slow to
-            // unwind (its buffers' unmaps take about 0.1 ms), but the first panic of a
-            // process with RUST_BACKTRACE set spends 0.2-0.5 s in the default panic hook,
-            // symbolising the backtrace from this debug build's DWARF, before unwinding
-            // starts; the watchdog would call it stuck.
-            stuck_after: Duration::from_millis(if matches!(sabotage, Some(Sabotage::Stall)) {
-                500
-            } else {
-                20_000
-            }),
-            sabotage,
-            ..OffloadSoakConfig::default()
-        })
-    }
-
-    #[test]
-    fn a_short_offload_soak_passes_on_every_device() {
-        let report = short(DeviceKind::Host, None).unwrap();
-        assert!(report.ops > 100, "{report:?}");
-        // Under CI=true (as root) pointers must have been used; the run fails otherwise.
-        if report.pointers_unavailable.is_none() {
-            assert!(report.pointer_ops > 0, "{report:?}");
-        }
-        if crate::open_for_test(DeviceKind::Vulkan, 1 << 20, "offload_soak").is_some() {
-            let report = short(DeviceKind::Vulkan, None).unwrap();
-            assert!(report.launches > 0, "kernels ran on Vulkan: {report:?}");
-        }
-    }
-
-    #[test]
-    fn a_byte_changed_behind_the_shadow_fails_the_run() {
-        let e = short(DeviceKind::Host, Some(Sabotage::CorruptByte)).unwrap_err();
-        assert!(e.contains("shared buffer") && e.contains("expected"), "{e}");
-    }
-
-    #[test]
-    fn a_stuck_thread_fails_the_run_naming_every_thread() {
-        let e = short(DeviceKind::Host, Some(Sabotage::Stall)).unwrap_err();
-        assert!(e.starts_with("stuck: thread 0:"), "{e}");
-        for k in 0..4 {
-            assert!(e.contains(&format!("thread {k}: ")), "{e}");
-        }
-        assert!(
-            e.contains("soak-offload-0 holds [Map]"),
-            "the locks it holds: {e}"
-        );
-    }
-
-    #[test]
-    fn a_panic_fails_the_run_with_its_message() {
-        let e = short(DeviceKind::Host, Some(Sabotage::Panic)).unwrap_err();
-        assert!(e.contains("thread 0 panicked: sabotage"), "{e}");
-    }
-
-    /// Under exhaustion and device losses, a run passes, and it did meet both: operations
-    /// failed with `OutOfMemory` and with `DeviceLost`, and batches were lost mid-way.
-    #[test]
-    fn a_short_offload_soak_with_exhaustion_and_device_loss_passes() {
-        let mut devices = vec![DeviceKind::Host];
-        if crate::open_for_test(DeviceKind::Vulkan, 1 << 20, "offload_soak_injected").is_some() {
-            devices.push(DeviceKind::Vulkan);
-        }
-        for device in devices {
-            let r = short_with(device, None, 0.05).unwrap();
-            assert!(r.exhaustions > 0 && r.loss_injections > 0, "{r:?}");
-            assert!(r.lost_batches > 0, "no batch was lost: {r:?}");
-            assert!(r.device_lost > 0, "no operation saw the loss: {r:?}");
-            assert!(r.out_of_memory > 0, "no operation met exhaustion: {r:?}");
-        }
-    }
-
-    #[test]
-    fn a_byte_changed_behind_the_shadow_fails_a_run_with_exhaustion_and_device_loss() {
-        let e = short_with(DeviceKind::Host, Some(Sabotage::CorruptByte), 0.05).unwrap_err();
-        assert!(e.contains("shared buffer") && e.contains("expected"), "{e}");
-    }
-
-    #[test]
-    fn a_leaked_host_frame_fails_a_run_with_exhaustion_and_device_loss() {
-        let e = short_with(DeviceKind::Host, Some(Sabotage::LeakFrame), 0.05).unwrap_err();
-        assert!(
-            e.contains("host frames in use after the context was dropped"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn a_leaked_device_page_fails_a_run_with_exhaustion_and_device_loss() {
-        let e = short_with(DeviceKind::Host, Some(Sabotage::LeakDevicePage), 0.05).unwrap_err();
-        assert!(
-            e.contains("device pages in use after the context was dropped"),
-            "{e}"
-        );
-    }
-}
+mod tests;
