@@ -4,11 +4,12 @@
 
 use hetmem_engine::{Pfn, PAGE_SIZE};
 
+use super::dst::{forget_foreign_dst, take_dst, validate_dst};
 use super::finalize::finalize;
 use super::pfn::*;
 use super::staged::DeviceMigration;
 use super::unmap::{restore_page, unmap_page, Unmapped};
-use super::vma::{move_state, validate_dst};
+use super::vma::move_state;
 use crate::error::{Error, Result};
 use crate::mm::page::MemoryKind;
 use crate::mm::{AddressSpace, PageMap};
@@ -107,6 +108,7 @@ pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Resul
         });
     }
     validate_dst(pm, src, &dst[..src.len()])?;
+    take_dst(pm, &dst[..src.len()])?;
     for i in 0..src.len() {
         if src[i] & MIGRATE_PFN_MIGRATE == 0 {
             continue;
@@ -128,6 +130,11 @@ pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Resul
 /// arrays does nothing (device pages carry no migration of their own to tell a second call
 /// by, and the pages may since belong to another migration).
 pub fn migrate_device_finalize(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
+    // Whether a pages stage ran on these arrays is not known here: a destination a pages
+    // stage took counts as ours, anything else a driver could not have handed over is left
+    // alone (and its entry restored).
+    let n = src.len().min(dst.len());
+    forget_foreign_dst(pm, &mut dst[..n], true);
     if dst.len() < src.len() {
         let mut padded = dst.to_vec();
         padded.resize(src.len(), 0);
@@ -135,7 +142,6 @@ pub fn migrate_device_finalize(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
     } else {
         finalize(pm, src, &dst[..src.len()], None, None);
     }
-    let n = src.len().min(dst.len());
     src.fill(0);
     dst[..n].fill(0);
 }

@@ -2,6 +2,7 @@
 //! a range of a mapping, `migrate_device_*` for device pages by frame number.
 
 pub mod device;
+mod dst;
 mod finalize;
 pub mod pfn;
 pub mod staged;

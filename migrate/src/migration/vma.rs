@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use hetmem_engine::Pfn;
 
+use super::dst::{forget_foreign_dst, take_dst, validate_dst};
 use super::finalize::finalize;
 use super::pfn::*;
 use super::unmap::{entry_for, migration_entry, restore_page, unmap_page, Unmapped};
@@ -377,54 +378,6 @@ fn migrate_vma_unmap(m: &mut MigrateVma<'_>, elsewhere: &[usize]) {
     }
 }
 
-/// Checks the driver's `dst` entries; nothing is changed on error.
-pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()> {
-    // Destinations allocated in a batch come ascending: then no pfn repeats and nothing
-    // needs collecting; otherwise they are collected and sorted to find repeats.
-    let mut last: Option<Pfn> = None;
-    let mut ascending = true;
-    let mut named = Vec::new();
-    for (i, &w) in dst.iter().enumerate() {
-        // Every named destination is checked, collected entry or not: finalize releases
-        // them all (the driver's pages), so each must be a live, locked, unmapped page.
-        let Some(pfn) = migrate_pfn_to_pfn(w) else {
-            continue;
-        };
-        let p = pm.page_or_err(pfn)?;
-        if p.refcount() == 0 {
-            return Err(Error::PageFree(pfn));
-        }
-        if p.mapcount() != 0 || migrate_pfn_to_pfn(src[i]) == Some(pfn) {
-            return Err(Error::PageInUse(pfn));
-        }
-        if !p.test(flags::LOCKED) {
-            return Err(Error::NotLocked(pfn));
-        }
-        // Still held by a guard of the driver's, which would release it after us.
-        if p.test(crate::mm::page::GUARDED) {
-            return Err(Error::PageInUse(pfn));
-        }
-        if ascending && last.is_some_and(|l| l >= pfn) {
-            ascending = false;
-            // Everything named so far was ascending: rebuild the list once.
-            named.extend(dst[..i].iter().filter_map(|&d| migrate_pfn_to_pfn(d)));
-        }
-        if ascending {
-            last = Some(pfn);
-        } else {
-            named.push(pfn);
-        }
-    }
-    if ascending {
-        return Ok(());
-    }
-    named.sort_unstable();
-    match named.windows(2).find(|w| w[0] == w[1]) {
-        Some(w) => Err(Error::PageInUse(w[0])),
-        None => Ok(()),
-    }
-}
-
 /// Stage 2: entries without a destination stop migrating; holes get their new page mapped
 /// (unless the address was populated meanwhile); page state moves to the destinations.
 /// A bad `dst` entry (unknown, free, mapped, unlocked or repeated page) fails the call with
@@ -437,6 +390,7 @@ pub fn migrate_vma_pages(m: &mut MigrateVma<'_>) -> Result<()> {
     }
     let pm = m.space.pagemap().clone();
     validate_dst(&pm, &m.src[..m.npages], &m.dst[..m.npages])?;
+    take_dst(&pm, &m.dst[..m.npages])?;
     let vma = m.held.vma.clone().expect("set up");
     for i in 0..m.npages {
         if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
@@ -519,7 +473,8 @@ fn insert_page(space: &AddressSpace, vma: &Vma, addr: u64, page: &Page) -> bool 
 ///
 /// Finalizing a migration that is not set up (never, or already finalized) does nothing; one
 /// whose pages stage did not run restores every page and releases the destinations the
-/// driver named (live, locked, unmapped pages; anything else in `dst` is not touched).
+/// driver named (live, locked, unmapped pages that no guard holds and no other migration's
+/// pages stage took; anything else in `dst` is not touched).
 /// Returns with the map lock released.
 pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
     let stage = m.held.stage;
@@ -537,17 +492,12 @@ pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
 }
 
 /// Makes a migration whose pages stage did not run migrate nothing: `MIGRATE` is cleared,
-/// and destinations that are not live, locked, unmapped pages are forgotten.
+/// and destinations that are not the driver's to hand over (see [`forget_foreign_dst`]) are
+/// forgotten.
 pub(crate) fn abandon(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
-    let mut seen = std::collections::HashSet::new();
-    for (s, d) in src.iter_mut().zip(dst.iter_mut()) {
+    for s in src.iter_mut() {
         *s &= !MIGRATE_PFN_MIGRATE;
-        // A page named twice is released once.
-        let ours = migrate_pfn_to_page(pm, *d).is_some_and(|p| {
-            p.refcount() > 0 && p.mapcount() == 0 && p.test(flags::LOCKED) && seen.insert(p.pfn())
-        });
-        if !ours {
-            *d = 0;
-        }
     }
+    // No pages stage of this migration took a destination: one marked taken is another's.
+    forget_foreign_dst(pm, dst, false);
 }

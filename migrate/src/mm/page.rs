@@ -94,6 +94,19 @@ pub(crate) const RMAP_WALK: u32 = 1 << 8;
 /// page's reference, so no migration may take the page as a destination.
 pub(crate) const GUARDED: u32 = 1 << 9;
 
+/// Flag bit (crate-private): a [`super::page_guard::LockedPage`] holds the page's lock and a
+/// reference. Its own bit, not [`GUARDED`]: a `NewPage` of the same page may come and go
+/// while the `LockedPage` lives, and its drop must not clear the `LockedPage`'s mark.
+pub(crate) const LOCK_GUARDED: u32 = 1 << 10;
+
+/// Either guard's mark.
+pub(crate) const ANY_GUARD: u32 = GUARDED | LOCK_GUARDED;
+
+/// Flag bit (crate-private): a migration's pages stage took the page as a destination; it
+/// is that migration's until its finalize unlocks it (which clears the bit), and no other
+/// migration may take it.
+pub(crate) const TAKEN_AS_DST: u32 = 1 << 11;
+
 /// Bit position of the memory kind in `Page::pfn_kind`.
 const KIND_SHIFT: u32 = 62;
 
@@ -287,6 +300,10 @@ impl Page {
     /// Clears flag bits.
     pub(crate) fn clear(&self, f: u32) {
         self.flags.fetch_and(!f, Ordering::AcqRel);
+    }
+    /// Sets flag bits, returning whether all were set already.
+    pub(crate) fn test_and_set(&self, f: u32) -> bool {
+        self.flags.fetch_or(f, Ordering::AcqRel) & f == f
     }
     /// Clears flag bits, returning whether all were set.
     pub(crate) fn test_and_clear(&self, f: u32) -> bool {
@@ -491,6 +508,16 @@ impl Page {
             "unlock of unlocked page {}",
             self.pfn()
         );
+        self.unlocked_dst(was);
+    }
+
+    /// A destination's unlock by its migration's finalize ends its being taken. The bit is
+    /// cleared just after the unlock: meanwhile an unlocked page is refused as a
+    /// destination anyway, and the finalize still holds its reference.
+    fn unlocked_dst(&self, was: u32) {
+        if was & TAKEN_AS_DST != 0 {
+            self.clear(TAKEN_AS_DST);
+        }
     }
 
     /// Sets flag bits and unlocks the page in one step, waking every waiter (as
@@ -502,6 +529,7 @@ impl Page {
             "unlock of unlocked page {}",
             self.pfn()
         );
+        self.unlocked_dst(was);
     }
 
     /// Waits until the page is unlocked (without taking the lock). The caller need not hold

@@ -6,7 +6,8 @@
 //! reachable: a page is freed only by its last reference, and every reference a guard holds
 //! is its own.
 //!
-//! A guard marks its page (a crate-private flag bit) until it is dropped or given up, so a
+//! A guard marks its page (a crate-private flag bit, one per kind of guard, so that one
+//! guard's drop never clears another's mark) until it is dropped or given up, so a
 //! migration refuses a destination that a guard still holds ([`Error::PageInUse`]): the
 //! guard would otherwise release, after the migration, a reference that went with the
 //! page to the migration.
@@ -46,7 +47,7 @@
 
 use hetmem_engine::Pfn;
 
-use super::page::{flags, Page, GUARDED};
+use super::page::{flags, Page, GUARDED, LOCK_GUARDED};
 use super::pagemap::PageMap;
 use crate::error::{Error, Result};
 
@@ -137,7 +138,7 @@ impl std::fmt::Debug for LockedPage<'_> {
 
 impl Drop for LockedPage<'_> {
     fn drop(&mut self) {
-        self.page.clear(GUARDED);
+        self.page.clear(LOCK_GUARDED);
         self.page.unlock();
         self.pm.put_page(self.page);
     }
@@ -200,7 +201,7 @@ impl PageMap {
             return Err(Error::PageFree(pfn));
         }
         page.lock();
-        page.set(GUARDED);
+        page.set(LOCK_GUARDED);
         Ok(LockedPage { pm: self, page })
     }
 }

@@ -1,0 +1,134 @@
+//! The driver's `dst` words: what a pages stage accepts as destinations, how it takes them
+//! (so no other migration can take the same page while this one holds it), and which named
+//! pages a finalize may release when no pages stage of its own took them.
+//!
+//! A destination is a frame number, a plain `Copy` value: nothing stops a driver from
+//! naming a page it does not own (another migration's source or destination, a page a guard
+//! holds). The pages stage accepts only live, locked, unmapped pages that no guard holds and
+//! no other pages stage has taken, and marks each it accepts ([`TAKEN_AS_DST`]) until the
+//! finalize that maps or releases it unlocks it.
+
+use std::collections::HashSet;
+
+use hetmem_engine::Pfn;
+
+use super::pfn::*;
+use crate::error::{Error, Result};
+use crate::mm::page::{flags, Page, ANY_GUARD, TAKEN_AS_DST};
+use crate::mm::PageMap;
+
+/// Checks the driver's `dst` entries; nothing is changed on error.
+pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()> {
+    // Destinations allocated in a batch come ascending: then no pfn repeats and nothing
+    // needs collecting; otherwise they are collected and sorted to find repeats.
+    let mut last: Option<Pfn> = None;
+    let mut ascending = true;
+    let mut named = Vec::new();
+    for (i, &w) in dst.iter().enumerate() {
+        // Every named destination is checked, collected entry or not: finalize releases
+        // them all (the driver's pages), so each must be a live, locked, unmapped page.
+        let Some(pfn) = migrate_pfn_to_pfn(w) else {
+            continue;
+        };
+        let p = pm.page_or_err(pfn)?;
+        if p.refcount() == 0 {
+            return Err(Error::PageFree(pfn));
+        }
+        if p.mapcount() != 0 || migrate_pfn_to_pfn(src[i]) == Some(pfn) {
+            return Err(Error::PageInUse(pfn));
+        }
+        if !p.test(flags::LOCKED) {
+            return Err(Error::NotLocked(pfn));
+        }
+        // Still held by a guard of the driver's (which would release it after us), or taken
+        // by another migration's pages stage (which will map or release it).
+        if p.flags() & (ANY_GUARD | TAKEN_AS_DST) != 0 {
+            return Err(Error::PageInUse(pfn));
+        }
+        if ascending && last.is_some_and(|l| l >= pfn) {
+            ascending = false;
+            // Everything named so far was ascending: rebuild the list once.
+            named.extend(dst[..i].iter().filter_map(|&d| migrate_pfn_to_pfn(d)));
+        }
+        if ascending {
+            last = Some(pfn);
+        } else {
+            named.push(pfn);
+        }
+    }
+    if ascending {
+        return Ok(());
+    }
+    named.sort_unstable();
+    match named.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(Error::PageInUse(w[0])),
+        None => Ok(()),
+    }
+}
+
+/// Marks every page `dst` names (checked by [`validate_dst`]) as taken by this migration.
+/// Two pages stages that validated the same page at once race here: the second to mark it
+/// fails with `PageInUse` and takes back its own marks, so nothing is changed on error.
+pub(crate) fn take_dst(pm: &PageMap, dst: &[u64]) -> Result<()> {
+    for (i, &w) in dst.iter().enumerate() {
+        let Some(p) = migrate_pfn_to_page(pm, w) else {
+            continue;
+        };
+        if !p.test_and_set(TAKEN_AS_DST) {
+            continue;
+        }
+        for &back in &dst[..i] {
+            if let Some(q) = migrate_pfn_to_page(pm, back) {
+                q.clear(TAKEN_AS_DST);
+            }
+        }
+        return Err(Error::PageInUse(p.pfn()));
+    }
+    Ok(())
+}
+
+/// Zeroes the `dst` words that a finalize must not release: pages that are not live,
+/// locked and unmapped, pages a guard holds, a page named a second time, and (unless
+/// `taken_is_ours`, for a caller that cannot tell whether its own pages stage ran) pages a
+/// pages stage took. Finalize restores the source of an entry whose word is zeroed.
+pub(crate) fn forget_foreign_dst(pm: &PageMap, dst: &mut [u64], taken_is_ours: bool) {
+    let mut last: Option<Pfn> = None;
+    // Built only when the named pages stop ascending (batches come ascending).
+    let mut seen: Option<HashSet<Pfn>> = None;
+    for i in 0..dst.len() {
+        let Some(p) = migrate_pfn_to_page(pm, dst[i]) else {
+            continue;
+        };
+        let pfn = p.pfn();
+        let repeat = match (&mut seen, last) {
+            (Some(s), _) => !s.insert(pfn),
+            (None, Some(l)) if l >= pfn => {
+                let mut s: HashSet<Pfn> = dst[..i]
+                    .iter()
+                    .filter_map(|&d| migrate_pfn_to_pfn(d))
+                    .collect();
+                let repeat = !s.insert(pfn);
+                seen = Some(s);
+                repeat
+            }
+            _ => {
+                last = Some(pfn);
+                false
+            }
+        };
+        if repeat || !releasable(p, taken_is_ours) {
+            dst[i] = 0;
+        }
+    }
+}
+
+/// True if `p` looks like a destination its driver handed over: live, locked, unmapped,
+/// held by no guard, and taken by no pages stage unless `taken_is_ours`.
+fn releasable(p: &Page, taken_is_ours: bool) -> bool {
+    let f = p.flags();
+    p.refcount() > 0
+        && p.mapcount() == 0
+        && f & flags::LOCKED != 0
+        && f & ANY_GUARD == 0
+        && (taken_is_ours || f & TAKEN_AS_DST == 0)
+}
