@@ -422,27 +422,30 @@ pub(crate) fn move_state(old: &Page, new: &Page) {
 /// Maps a new page into a hole (or over the zero page); false if the address was populated
 /// meanwhile. The mapping cannot have changed since setup (the migration holds the map lock).
 /// Replacing the zero page changes the frame a mirror may hold: that is invalidated first,
-/// outside the leaf lock.
+/// outside the VMA and leaf locks (a notifier may use other address spaces).
 fn insert_page(space: &AddressSpace, vma: &Vma, addr: u64, page: &Page) -> bool {
-    let _vt = crate::mm::locks::acquire(crate::mm::locks::Rank::Vma);
-    let _v = vma.lock.lock();
     let leaf = space.leaf(addr, true).expect("created");
     let li = leaf_index(addr);
     let zero = space.pagemap().zero_pfn();
+    // Declared before the locks: notifiers (user code, which may use other spaces) run with
+    // no VMA or leaf lock held, at the start and at the end.
     let mut inv = None;
     loop {
+        let vt = crate::mm::locks::acquire(crate::mm::locks::Rank::Vma);
+        let v = vma.lock.lock();
         let g = leaf.lock();
         match g.get(li) {
             Pte::None => {}
             Pte::Present { pfn, .. } if pfn == zero => {
                 if inv.is_none() {
-                    drop(g);
+                    drop((g, v, vt));
                     inv = Some(space.invalidate(NotifyRange {
                         start: addr,
                         end: addr + PAGE,
                         event: NotifyEvent::Migrate,
                         owner: 0,
                     }));
+                    // The entry is looked at again under the locks.
                     continue;
                 }
             }
