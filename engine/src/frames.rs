@@ -211,11 +211,21 @@ impl HostFramePool {
             .range
             .index_of(run.start)
             .ok_or(EngineError::UnknownPfn(run.start))? as usize;
-        if !self
-            .range
-            .contains(run.start.add(run.count.saturating_sub(1)))
-        {
-            return Err(EngineError::UnknownPfn(run.start.add(run.count - 1)));
+        // Checked: the run is the caller's (its fields are public), not one we handed out.
+        let last = run
+            .count
+            .checked_sub(1)
+            .and_then(|k| run.start.get().checked_add(k))
+            .map(Pfn);
+        match last {
+            Some(l) if self.range.contains(l) => {}
+            Some(l) => return Err(EngineError::UnknownPfn(l)),
+            None => {
+                return Err(EngineError::InvalidConfig(format!(
+                    "a home run of {} frames from {}",
+                    run.count, run.start
+                )))
+            }
         }
         self.slots
             .lock()

@@ -525,3 +525,172 @@ fn a_forgotten_launch_does_not_hang_free_or_teardown() {
         drop(ctx);
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// E. Bad input the list did not name: each call returns (an error or a harmless
+//    answer), never panics, and what was there before is intact afterwards.
+// ---------------------------------------------------------------------------------------
+
+/// Runs `f`, turning a panic into its message.
+fn no_panic<T>(what: &str, panics: &mut Vec<String>, f: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Some(v),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panics.push(format!("{what}: {msg}"));
+            None
+        }
+    }
+}
+
+/// Frame-pool and device calls with counts, offsets and ranges at the edges of their types.
+#[test]
+fn engine_calls_at_the_edges_of_their_types_are_errors() {
+    use hetmem_engine::{Pfn, PfnRange};
+    watchdog("engine edges", || {
+        let g = setup();
+        let mut panics = Vec::new();
+        let f = g.pool.alloc(false).unwrap();
+        g.pool.write(f, 0, b"kept").unwrap();
+        let used = g.pool.in_use();
+        let p = &mut panics;
+        let pool = &g.pool;
+        let dev = g.d.device();
+        let mut b = [0u8; 4];
+        let r = no_panic("pool.read at usize::MAX", p, || {
+            pool.read(f, usize::MAX, &mut b)
+        });
+        assert!(!matches!(r, Some(Ok(_))));
+        let r = no_panic("pool.alloc_batch(usize::MAX)", p, || {
+            pool.alloc_batch(usize::MAX, true).map(|v| v.len())
+        });
+        assert!(!matches!(r, Some(Ok(_))));
+        let r = no_panic("pool.reserve_home(usize::MAX)", p, || {
+            pool.reserve_home(usize::MAX)
+        });
+        assert!(!matches!(r, Some(Ok(_))));
+        let huge = PfnRange {
+            start: pool.pfn_range().start,
+            count: u64::MAX,
+        };
+        let r = no_panic("pool.release_home(count u64::MAX)", p, || {
+            pool.release_home(huge)
+        });
+        assert!(!matches!(r, Some(Ok(_))), "{r:?}");
+        let top = PfnRange {
+            start: Pfn(u64::MAX),
+            count: 2,
+        };
+        let r = no_panic("pool.release_home(start u64::MAX)", p, || {
+            pool.release_home(top)
+        });
+        assert!(!matches!(r, Some(Ok(_))), "{r:?}");
+        let r = no_panic("pool.claim_home(u64::MAX)", p, || {
+            pool.claim_home(Pfn(u64::MAX), true)
+        });
+        assert!(!matches!(r, Some(Ok(_))));
+        let r = no_panic("pool.free(u64::MAX)", p, || pool.free(Pfn(u64::MAX)));
+        assert!(!matches!(r, Some(Ok(_))));
+        let r = no_panic("HostFramePool::new(usize::MAX)", p, || {
+            hetmem_engine::HostFramePool::new(usize::MAX).map(|_| ())
+        });
+        assert!(!matches!(r, Some(Ok(_))));
+        let r = no_panic("dev.alloc_pages(usize::MAX)", p, || {
+            dev.alloc_pages(usize::MAX, true).map(|v| v.len())
+        });
+        assert!(!matches!(r, Some(Ok(_))));
+        let r = no_panic("dev.page_table(usize::MAX)", p, || {
+            dev.page_table(usize::MAX).map(|_| ())
+        });
+        assert!(!matches!(r, Some(Ok(_))));
+        let r = no_panic("dev.read_page(u64::MAX)", p, || {
+            dev.read_page(Pfn(u64::MAX), 0, &mut b)
+        });
+        assert!(!matches!(r, Some(Ok(_))));
+        let r = no_panic("dev.copy(u64::MAX -> f)", p, || {
+            dev.copy(&[(Pfn(u64::MAX), f)]).map(|_| ())
+        });
+        assert!(!matches!(r, Some(Ok(_))));
+        let r = no_panic("dev.copy(f -> f)", p, || dev.copy(&[(f, f)]).map(|_| ()));
+        assert!(!matches!(r, Some(Ok(_))));
+        let r = no_panic("DeviceMigration::range at the top", p, || {
+            DeviceMigration::range(&g.pm, Pfn(u64::MAX - 1), 4).map(|m| m.cpages())
+        });
+        assert!(!matches!(r, Some(Ok(_))), "{r:?}");
+        let first = g.d.device().pfn_range().start;
+        let r = no_panic("DeviceMigration::range of usize::MAX pages", p, || {
+            DeviceMigration::range(&g.pm, first, usize::MAX).map(|m| m.cpages())
+        });
+        assert!(!matches!(r, Some(Ok(_))), "{r:?}");
+        let mut src = vec![0u64; 2];
+        let r = no_panic("migrate_device_range(u64::MAX - 1, 2)", p, || {
+            migrate_device_range(&g.pm, &mut src, Pfn(u64::MAX - 1), 2)
+        });
+        assert!(!matches!(r, Some(Ok(_))), "{r:?}");
+        let mut w = [0u64; 1];
+        let mut d = [migrate_pfn(Pfn(u64::MAX >> 7))];
+        no_panic("migrate_device_finalize of an unknown pfn", p, || {
+            migrate_device_finalize(&g.pm, &mut w, &mut d)
+        });
+        let mut out = [0u8; 4];
+        pool.read(f, 0, &mut out).unwrap();
+        assert_eq!(&out, b"kept");
+        assert_eq!(
+            pool.in_use(),
+            used,
+            "a failed call took or gave back frames"
+        );
+        assert!(panics.is_empty(), "panics: {panics:#?}");
+    });
+}
+
+/// Offload calls with reversed, empty and huge ranges, and views of odd sizes.
+#[test]
+fn offload_ranges_at_the_edges_are_errors() {
+    use hetmem::offload::Location;
+    watchdog("offload edges", || {
+        let ctx = offload_context(DeviceKind::Host, 16 * 4096, None, "offload edges").unwrap();
+        let mut panics = Vec::new();
+        let p = &mut panics;
+        let b = ctx.alloc(3 * 4096).unwrap();
+        b.write(0, b"kept").unwrap();
+        #[allow(clippy::reversed_empty_ranges)]
+        let bad = [
+            5..3,
+            0..usize::MAX,
+            usize::MAX - 1..usize::MAX,
+            4096 * 3..4096 * 3 + 1,
+        ];
+        for r in bad {
+            let what = format!("{r:?}");
+            let e = no_panic(&format!("prefetch {what}"), p, || {
+                b.prefetch(r.clone(), Location::Device).map(|_| ())
+            });
+            assert!(matches!(e, Some(Err(_))), "prefetch {what}: {e:?}");
+            let e = no_panic(&format!("evict {what}"), p, || {
+                b.evict(r.clone()).map(|_| ())
+            });
+            assert!(matches!(e, Some(Err(_))), "evict {what}: {e:?}");
+            let e = no_panic(&format!("pin {what}"), p, || {
+                b.pin_on_device(r.clone()).map(|_| ())
+            });
+            assert!(matches!(e, Some(Err(_))), "pin {what}: {e:?}");
+        }
+        let e = no_panic("view::<[u8; 5000]>", p, || {
+            b.view::<[u8; 5000]>().map(|_| ())
+        });
+        assert!(matches!(e, Some(Err(_))), "{e:?}");
+        let e = no_panic("workgroups(usize::MAX, 1, 1)", p, || {
+            hetmem::offload::workgroups(usize::MAX, 1, 1)
+        });
+        assert!(matches!(e, Some(Err(_))), "{e:?}");
+        let mut out = [0u8; 4];
+        b.read(0, &mut out).unwrap();
+        assert_eq!(&out, b"kept");
+        assert!(panics.is_empty(), "panics: {panics:#?}");
+    });
+}

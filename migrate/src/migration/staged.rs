@@ -24,7 +24,7 @@ use super::device::{migrate_device_pages, migrate_device_pfns};
 use super::finalize::finalize;
 use super::pfn::*;
 use super::vma::{abandon, migrate_vma_pages, setup_holding, Held, MigrateVma, Stage};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::mm::space::MapHold;
 use crate::mm::{AddressSpace, PageMap, Vma, PAGE};
 
@@ -394,6 +394,17 @@ pub struct DeviceMigration<'p, S> {
 impl<'p> DeviceMigration<'p, Collected> {
     /// Collects the device pages `start..start + npages` (`migrate_device_range`).
     pub fn range(pm: &'p PageMap, start: Pfn, npages: usize) -> Result<Self> {
+        if npages == 0 {
+            return Self::pfns(pm, &[]);
+        }
+        // Both ends must be pages of the map before anything is built: the range is the
+        // caller's, and `start + npages` may wrap or name more pages than exist.
+        let last = start
+            .0
+            .checked_add(npages as u64 - 1)
+            .ok_or(Error::InvalidArgument("device pfn range out of bounds"))?;
+        pm.page_or_err(start)?;
+        pm.page_or_err(Pfn(last))?;
         let pfns: Vec<Pfn> = (0..npages as u64).map(|i| start.add(i)).collect();
         Self::pfns(pm, &pfns)
     }
