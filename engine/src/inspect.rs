@@ -75,8 +75,9 @@ pub enum KernelRejection {
         /// The device's most invocations per workgroup.
         max_invocations: u32,
     },
-    /// The kernel builds an `HmPage` itself, or keeps one where it can change it (a `var`):
-    /// its fields name device memory directly, so only `hm_page` may make one.
+    /// The kernel builds an `HmPage` itself (in a function or a module-scope `const`), or
+    /// keeps one where it can change it (a `var`): its fields name device memory directly,
+    /// so only `hm_page` may make one.
     #[error("line {line}: an HmPage may only come from hm_page() and be kept in a `let`")]
     PageHandle {
         /// The line of the construction or the variable.
@@ -127,6 +128,24 @@ pub(crate) fn inspect(
         .find(|(_, t)| t.name.as_deref() == Some(PAGE_HANDLE))
         .map(|(h, _)| h);
     let holds_page = |ty| page.is_some_and(|p| contains(module, ty, p));
+    // A module-scope `const` holding an HmPage is built outside any function (its
+    // constructor lives among the module's expressions): refused like one built inside.
+    for (h, c) in module.constants.iter() {
+        if holds_page(c.ty) {
+            return Err(KernelRejection::PageHandle {
+                line: origin.span_line(module.constants.get_span(h)),
+            });
+        }
+    }
+    if let Some(p) = page {
+        for (h, e) in module.global_expressions.iter() {
+            if matches!(*e, Expression::Compose { ty, .. } if ty == p) {
+                return Err(KernelRejection::PageHandle {
+                    line: origin.span_line(module.global_expressions.get_span(h)),
+                });
+            }
+        }
+    }
     let mut shared: Option<u64> = Some(0);
     for (h, g) in module.global_variables.iter() {
         let span = module.global_variables.get_span(h);

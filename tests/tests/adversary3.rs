@@ -694,3 +694,65 @@ fn offload_ranges_at_the_edges_are_errors() {
         assert!(panics.is_empty(), "panics: {panics:#?}");
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// F. User kernels that forge a translated page.
+// ---------------------------------------------------------------------------------------
+
+/// An `HmPage` names a device chunk and a word in it directly, so only `hm_page` may make
+/// one: building one in a function or keeping one in a `var` is refused. A module-scope
+/// `const` built with the struct's constructor is neither (its expression lives in the
+/// module, not in a function), and would let `hm_page_store` write any word of any chunk:
+/// other buffers' device pages. Every such kernel must be refused before a pipeline exists.
+#[test]
+fn a_kernel_cannot_forge_a_page_handle() {
+    watchdog_for("forged HmPage", Duration::from_secs(60), || {
+        let Some(ctx) = vulkan("a_kernel_cannot_forge_a_page_handle") else {
+            return;
+        };
+        let forged = [
+            (
+                "module const",
+                "const FORGED = HmPage(0u, 3072u, true);\n\
+                 @compute @workgroup_size(1)\n\
+                 fn main() { hm_page_store(FORGED, 0u, 57005u); }\n",
+            ),
+            (
+                "typed module const",
+                "const FORGED: HmPage = HmPage(0u, 3072u, true);\n\
+                 @compute @workgroup_size(1)\n\
+                 fn main() { hm_page_store(FORGED, 0u, 57005u); }\n",
+            ),
+            (
+                "module const in a struct",
+                "struct Wrap { p: HmPage }\n\
+                 const W = Wrap(HmPage(0u, 3072u, true));\n\
+                 @compute @workgroup_size(1)\n\
+                 fn main() { hm_page_store(W.p, 0u, 57005u); }\n",
+            ),
+            (
+                "function const",
+                "@compute @workgroup_size(1)\n\
+                 fn main() { const F = HmPage(0u, 3072u, true); hm_page_store(F, 0u, 57005u); }\n",
+            ),
+            (
+                "private global",
+                "var<private> g: HmPage;\n\
+                 @compute @workgroup_size(1)\n\
+                 fn main() { g = hm_page(0u, 0u); g.first = 3072u; hm_page_store(g, 0u, 57005u); }\n",
+            ),
+        ];
+        let mut accepted = Vec::new();
+        for (what, src) in forged {
+            match ctx.compile_kernel(src, "main") {
+                Err(Error::Engine(hetmem_engine::EngineError::KernelRejected(_))) => {}
+                Err(e) => panic!("{what}: refused, but not as a rejection: {e}"),
+                Ok(_) => accepted.push(what),
+            }
+        }
+        assert!(
+            accepted.is_empty(),
+            "kernels that forge an HmPage compiled: {accepted:?}"
+        );
+    });
+}
