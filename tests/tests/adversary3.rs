@@ -756,3 +756,232 @@ fn a_kernel_cannot_forge_a_page_handle() {
         );
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// G. Views against moves, pins, writes and frees from other threads.
+// ---------------------------------------------------------------------------------------
+
+/// One thread takes views of a CPU-mapped buffer over and over and checks every byte; three
+/// others evict it, prefetch it both ways, pin it on the device, rewrite it (with the same
+/// bytes) and try to free it. Views never see another byte, the calls that conflict with a
+/// view fail with `ViewActive`/`Busy` (never a panic, a hang or a SIGBUS), `free` succeeds
+/// only once no view is alive, and afterwards the context's frames come back.
+#[test]
+fn views_race_moves_pins_writes_and_free() {
+    use hetmem::offload::Location;
+    watchdog_for("views vs moves", Duration::from_secs(60), || {
+        let test = "views_race_moves_pins_writes_and_free";
+        let pool = hetmem_engine::HostFramePool::new(SMALL_POOL).unwrap();
+        let ctx = offload_context(DeviceKind::Host, 64 * 4096, Some(pool.clone()), test).unwrap();
+        let frames0 = pool.in_use();
+        let n = 24usize;
+        let Some(buf) = mapped_buffer(&ctx, n * 4096, test) else {
+            return;
+        };
+        let data = Arc::new(pattern(n, 71));
+        buf.write(0, &data).unwrap();
+        let buf = Arc::new(buf);
+        let stop = Arc::new(AtomicBool::new(false));
+        // Set before the free is tried: from then on, "freed" is an answer too.
+        let freeing = Arc::new(AtomicBool::new(false));
+        let viewer = {
+            let (buf, data, stop) = (buf.clone(), data.clone(), stop.clone());
+            let freeing = freeing.clone();
+            thread::spawn(move || {
+                let (mut views, mut busy) = (0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    match buf.view::<u8>() {
+                        Ok(v) => {
+                            if let Some(i) = (0..v.len()).find(|&i| v[i] != data[i]) {
+                                panic!("view byte {i}: {:#x}, wrote {:#x}", v[i], data[i]);
+                            }
+                            views += 1;
+                        }
+                        Err(Error::Busy(_) | Error::ViewActive) => busy += 1,
+                        Err(Error::Freed) if freeing.load(Ordering::Acquire) => break,
+                        Err(e) => panic!("view: {e}"),
+                    }
+                }
+                (views, busy)
+            })
+        };
+        let movers: Vec<_> = (0..3u64)
+            .map(|t| {
+                let (buf, data, stop) = (buf.clone(), data.clone(), stop.clone());
+                let freeing = freeing.clone();
+                thread::spawn(move || {
+                    let mut x = t + 1;
+                    let len = buf.len();
+                    while !stop.load(Ordering::Relaxed) {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let a = (x >> 33) as usize % n;
+                        let r = a * 4096..((a + 1 + (x >> 50) as usize % 4).min(n)) * 4096;
+                        let res = match x % 6 {
+                            0 => buf.evict(r.clone()).map(|_| ()),
+                            1 => buf
+                                .prefetch(r.clone(), Location::Device)
+                                .and_then(|p| p.wait())
+                                .map(|_| ()),
+                            2 => buf
+                                .prefetch(r.clone(), Location::Host)
+                                .and_then(|p| p.wait())
+                                .map(|_| ()),
+                            3 => buf.pin_on_device(r.clone()).map(drop),
+                            4 => buf.write(r.start, &data[r.clone()]),
+                            _ => {
+                                let mut out = vec![0u8; r.len()];
+                                buf.read(r.start, &mut out).map(|()| {
+                                    assert_eq!(out, data[r.clone()], "read at {r:?}");
+                                })
+                            }
+                        };
+                        match res {
+                            Ok(()) => {}
+                            Err(
+                                Error::ViewActive
+                                | Error::Busy(_)
+                                | Error::HeldOnDevice { .. }
+                                | Error::OverBudget { .. },
+                            ) => {}
+                            Err(Error::Freed | Error::NotMapped(_))
+                                if freeing.load(Ordering::Acquire) => {}
+                            Err(e) => panic!("mover on {r:?} of {len}: {e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(1500));
+        // A free while views come and go: refused while one lives, else it succeeds.
+        freeing.store(true, Ordering::Release);
+        let freed = loop {
+            match buf.free() {
+                Ok(()) => break true,
+                Err(Error::ViewActive | Error::Busy(_)) => thread::yield_now(),
+                Err(e) => panic!("free: {e}"),
+            }
+            if stop.load(Ordering::Relaxed) {
+                break false;
+            }
+        };
+        stop.store(true, Ordering::Relaxed);
+        let (views, _) = join_all("viewer", vec![viewer], Duration::from_secs(20)).remove(0);
+        join_all("movers", movers, Duration::from_secs(20));
+        assert!(freed);
+        eprintln!("views: {views}");
+        assert!(views > 0, "no view was ever had");
+        drop(buf);
+        drop(ctx);
+        assert!(frames0 > 0);
+        assert_eq!(
+            pool.in_use(),
+            0,
+            "frames left in use after the context went"
+        );
+    });
+}
+
+/// A freed buffer's handle, still used by another thread (writes, pins, moves), while its
+/// range is freed and a new buffer allocated (the space reuses the addresses): nothing
+/// done through the old handle may reach the new buffer (its bytes stay the ones written
+/// through it, and it is never held by a pin it did not take).
+#[test]
+fn a_freed_buffers_handle_never_reaches_the_next_buffer() {
+    use hetmem::offload::Location;
+    watchdog_for("stale handle", Duration::from_secs(60), || {
+        let test = "a_freed_buffers_handle_never_reaches_the_next_buffer";
+        let ctx = offload_context(DeviceKind::Host, 64 * 4096, None, test).unwrap();
+        let n = 4usize;
+        let (old_bytes, new_bytes) = (pattern(n, 81), pattern(n, 82));
+        let mut reused = 0;
+        for round in 0..100 {
+            let old = Arc::new(ctx.alloc(n * 4096).unwrap());
+            old.write(0, &old_bytes).unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut hammer = Some({
+                let (old, stop, bytes) = (old.clone(), stop.clone(), old_bytes.clone());
+                thread::spawn(move || {
+                    let mut k = 0u32;
+                    let mut pins = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = match k % 5 {
+                            0 => old.write(0, &bytes),
+                            1 => old.pin_on_device(0..n * 4096).map(|p| pins.push(p)),
+                            2 => old.evict(0..n * 4096).map(drop),
+                            3 => old
+                                .prefetch(0..n * 4096, Location::Device)
+                                .and_then(|p| p.wait())
+                                .map(drop),
+                            _ => {
+                                pins.clear();
+                                Ok(())
+                            }
+                        };
+                        k += 1;
+                        match r {
+                            Ok(())
+                            | Err(
+                                Error::Freed
+                                | Error::NotMapped(_)
+                                | Error::Busy(_)
+                                | Error::HeldOnDevice { .. },
+                            ) => {}
+                            Err(e) => panic!("old handle: {e}"),
+                        }
+                    }
+                })
+            });
+            let stop_hammer = |hammer: &mut Option<thread::JoinHandle<()>>| {
+                stop.store(true, Ordering::Relaxed);
+                if let Some(h) = hammer.take() {
+                    join_all("hammer", vec![h], Duration::from_secs(20));
+                }
+            };
+            thread::sleep(Duration::from_millis(2));
+            let addr = old.addr();
+            loop {
+                match old.free() {
+                    Ok(()) => break,
+                    Err(Error::Busy(_) | Error::HeldOnDevice { .. }) => thread::yield_now(),
+                    Err(e) => panic!("free: {e}"),
+                }
+            }
+            // The next mapping at the same addresses (the space would reuse them sooner or
+            // later; here at once).
+            let space = ctx.space();
+            let len = (n * 4096) as u64;
+            let at = space
+                .mmap(Some(addr), len, hetmem::mm::Prot::RW, false)
+                .unwrap_or_else(|e| panic!("round {round}: mmap at the freed range: {e}"));
+            assert_eq!(at, addr);
+            reused += 1;
+            let w = match space.write(at, &new_bytes) {
+                Err(Error::HeldOnDevice { .. } | Error::Busy(_)) => {
+                    // Only a pin through the old handle could hold the new mapping.
+                    stop_hammer(&mut hammer);
+                    space.write(at, &new_bytes).map(|()| false)
+                }
+                other => other.map(|()| true),
+            };
+            let clean = w.unwrap_or_else(|e| panic!("round {round}: write of the new buffer: {e}"));
+            thread::sleep(Duration::from_millis(2));
+            let mut got = vec![0u8; n * 4096];
+            space.read(at, &mut got).unwrap();
+            assert!(
+                got == new_bytes,
+                "round {round}: the new mapping shows the old handle's bytes"
+            );
+            assert!(
+                clean,
+                "round {round}: the new mapping was held by the old handle's pin"
+            );
+            stop_hammer(&mut hammer);
+            space.read(at, &mut got).unwrap();
+            assert!(got == new_bytes, "round {round}: after the hammer stopped");
+            space.munmap(at, len).unwrap();
+        }
+        eprintln!("address reused in {reused} of 100 rounds");
+    });
+}

@@ -475,11 +475,13 @@ impl Buffer {
     /// kernel to finish, then the buffer's pages leave the address space; the device pages
     /// the launch holds go back to the device when it is waited on or dropped, and its wait
     /// reports the kernel's own outcome. Other buffers' bytes are untouched.
+    ///
+    /// Waits for this buffer's reads and writes in progress on other threads (they would
+    /// otherwise land in whatever is mapped at its addresses next); fails with
+    /// [`Error::ViewActive`] while a view lives.
     pub fn free(&self) -> Result<()> {
-        let _use = self.begin(Use::Write)?;
-        if self.inner.freed.swap(true, Ordering::AcqRel) {
-            return Err(Error::Freed);
-        }
+        self.inner.access.close()?;
+        self.inner.freed.store(true, Ordering::Release);
         self.inner.unmap()
     }
 }

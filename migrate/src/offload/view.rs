@@ -7,7 +7,7 @@
 
 use std::ops::{Deref, DerefMut};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 
@@ -15,6 +15,8 @@ use crate::error::{Error, Result};
 #[derive(Default, Debug)]
 pub(crate) struct Access {
     state: Mutex<State>,
+    /// Signalled when the last library read or write ends (a `close` may be waiting).
+    idle: Condvar,
 }
 
 #[derive(Default, Debug)]
@@ -23,6 +25,8 @@ struct State {
     view_mut: bool,
     readers: usize,
     writers: usize,
+    /// The buffer is freed (or being freed): every use fails with [`Error::Freed`].
+    closed: bool,
 }
 
 /// What an operation does to the bytes.
@@ -51,6 +55,9 @@ enum Kind {
 impl Access {
     fn take(&self, kind: Kind) -> Result<Token<'_>> {
         let mut s = self.state.lock();
+        if s.closed {
+            return Err(Error::Freed);
+        }
         let ok = match kind {
             Kind::View => !s.view_mut && s.writers == 0,
             Kind::ViewMut => !s.view_mut && s.views == 0 && s.readers == 0 && s.writers == 0,
@@ -76,6 +83,28 @@ impl Access {
             Use::Write => Kind::Write,
         })
     }
+
+    /// Ends every use, for `free`: fails with [`Error::ViewActive`] while a view lives (it
+    /// may be the caller's own), waits for the library's reads and writes in progress (short
+    /// calls, which checked the buffer before `close` and would otherwise reach whatever is
+    /// mapped at its addresses next), and from then on every use fails with
+    /// [`Error::Freed`]. A second `close` fails with `Freed`.
+    pub(crate) fn close(&self) -> Result<()> {
+        let mut s = self.state.lock();
+        loop {
+            if s.closed {
+                return Err(Error::Freed);
+            }
+            if s.views > 0 || s.view_mut {
+                return Err(Error::ViewActive);
+            }
+            if s.readers == 0 && s.writers == 0 {
+                s.closed = true;
+                return Ok(());
+            }
+            self.idle.wait(&mut s);
+        }
+    }
 }
 
 impl Drop for Token<'_> {
@@ -86,6 +115,9 @@ impl Drop for Token<'_> {
             Kind::ViewMut => s.view_mut = false,
             Kind::Read => s.readers -= 1,
             Kind::Write => s.writers -= 1,
+        }
+        if s.readers == 0 && s.writers == 0 {
+            self.access.idle.notify_all();
         }
     }
 }
