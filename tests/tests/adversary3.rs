@@ -985,3 +985,148 @@ fn a_freed_buffers_handle_never_reaches_the_next_buffer() {
         eprintln!("address reused in {reused} of 100 rounds");
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// H. A driver's own pagemap callbacks are user code too.
+// ---------------------------------------------------------------------------------------
+
+/// Callbacks of a user's device pagemap: `page_free` reads another address space (a driver
+/// that keeps its bookkeeping there); faults are refused.
+struct ReadingOps {
+    other: AddressSpace,
+    at: u64,
+    seen: std::sync::Mutex<Vec<Result<u8, String>>>,
+}
+
+impl hetmem::mm::PagemapOps for ReadingOps {
+    fn page_free(&self, _page: &hetmem::mm::Page) {
+        let mut b = [0u8; 1];
+        let r = self.other.read(self.at, &mut b).map(|()| b[0]);
+        self.seen.lock().unwrap().push(r.map_err(|e| e.to_string()));
+    }
+    fn migrate_to_ram(&self, _f: hetmem::mm::FaultContext<'_>) -> hetmem::Result<()> {
+        Err(Error::InvalidArgument(
+            "this test's device serves no faults",
+        ))
+    }
+}
+
+/// A user's `PagemapOps::page_free` that uses another address space, called when a munmap
+/// (or a space's teardown) drops the last mapping of one of its device pages: it must run
+/// with no leaf lock held (under `lock-tracking`, taking the other space's map lock inside a
+/// leaf lock panics "lock order"; without it, an inversion), and must see the other
+/// space's bytes.
+#[test]
+fn a_device_page_free_callback_may_use_another_space() {
+    use hetmem_engine::{Pfn, PfnRange};
+    watchdog("page_free reads another space", || {
+        let g = setup();
+        let other = AddressSpace::new(&g.pm);
+        let b = map(&other, 1);
+        other.write(b, &[0x3C; 4096]).unwrap();
+        let ops = Arc::new(ReadingOps {
+            other: other.clone(),
+            at: b,
+            seen: std::sync::Mutex::new(Vec::new()),
+        });
+        // Frame numbers far above what the engine reserves.
+        let range = PfnRange {
+            start: Pfn(1 << 44),
+            count: 64,
+        };
+        let owner = 0x5EED;
+        g.pm.register_device(range, MemoryKind::DevicePrivate, owner, ops.clone(), None)
+            .unwrap();
+        for (round, teardown) in [(0, false), (1, true)] {
+            let space = AddressSpace::new(&g.pm);
+            let a = map(&space, 1);
+            space.write(a, &[7; 4096]).unwrap();
+            let (mut src, mut dst) = ([0u64; 1], [0u64; 1]);
+            let mut m = MigrateVma::new(&space, a, a + PAGE, &mut src, &mut dst);
+            m.flags = MIGRATE_VMA_SELECT_SYSTEM;
+            m.pgmap_owner = owner;
+            migrate_vma_setup(&mut m).unwrap();
+            let x =
+                g.pm.claim_device_page(range.start.add(round), true)
+                    .unwrap();
+            m.dst[0] = migrate_pfn(x.into_pfn());
+            migrate_vma_pages(&mut m).unwrap();
+            migrate_vma_finalize(&mut m);
+            drop(m);
+            assert!(matches!(space.pte(a), Pte::DevicePrivate { .. }));
+            if teardown {
+                drop(space);
+            } else {
+                space.munmap(a, PAGE).unwrap();
+            }
+            let seen = ops.seen.lock().unwrap().clone();
+            assert_eq!(seen.len(), round as usize + 1, "page_free calls");
+            assert!(seen.iter().all(|r| r == &Ok(0x3C)), "{seen:?}");
+        }
+    });
+}
+
+/// `register_device` with a caller-made range whose end overflows, or that overlaps the
+/// host frames: a typed error, no panic.
+#[test]
+fn register_device_with_a_bad_range_is_an_error() {
+    use hetmem_engine::{Pfn, PfnRange};
+    let g = setup();
+    let ops = Arc::new(ReadingOps {
+        other: AddressSpace::new(&g.pm),
+        at: 0,
+        seen: std::sync::Mutex::new(Vec::new()),
+    });
+    let mut panics = Vec::new();
+    let host = g.pool.pfn_range();
+    for range in [
+        PfnRange {
+            start: Pfn(1 << 45),
+            count: u64::MAX,
+        },
+        PfnRange {
+            start: Pfn(u64::MAX - 4),
+            count: 8,
+        },
+        PfnRange {
+            start: host.start,
+            count: 4,
+        },
+    ] {
+        let r = no_panic(&format!("register_device({range:?})"), &mut panics, || {
+            g.pm.register_device(range, MemoryKind::DevicePrivate, 9, ops.clone(), None)
+                .map(|_| ())
+        });
+        assert!(!matches!(r, Some(Ok(()))), "{range:?} registered");
+    }
+    assert!(panics.is_empty(), "panics: {panics:#?}");
+}
+
+/// A shared view (`&[u8]`) of a CPU-mapped buffer is promised unchanging bytes, but the
+/// buffer's pages live in home frames of the host frame pool, and `HostFramePool::write`
+/// (safe, public) writes any allocated frame: the bytes behind a live `&[u8]` change (a
+/// data race and a broken aliasing promise, from safe code). `PageMap::write_frame` and
+/// `Device::copy` into the frame do the same.
+#[test]
+#[ignore = "bug: HostFramePool::write / PageMap::write_frame / Device::copy change the bytes behind a live Buffer::view (home frames are reachable by number from safe code)"]
+fn a_frame_write_changes_the_bytes_under_a_view() {
+    let test = "a_frame_write_changes_the_bytes_under_a_view";
+    let pool = hetmem_engine::HostFramePool::new(SMALL_POOL).unwrap();
+    let ctx = offload_context(DeviceKind::Host, 64 * 4096, Some(pool.clone()), test).unwrap();
+    let Some(buf) = mapped_buffer(&ctx, 4096, test) else {
+        return;
+    };
+    buf.write(0, &[1u8; 4096]).unwrap();
+    let view = buf.view::<u8>().unwrap();
+    // SAFETY: a plain read of an element of the live view.
+    let before = unsafe { std::ptr::read_volatile(&view[0]) };
+    let frame = ctx.space().pte(buf.addr()).pfn().expect("mapped");
+    let w = pool.write(frame, 0, &[0xEE; 4]);
+    // SAFETY: as above.
+    let after = unsafe { std::ptr::read_volatile(&view[0]) };
+    drop(view);
+    assert!(
+        w.is_err() && after == before,
+        "a frame write through the pool ({w:?}) changed a viewed byte {before:#x} -> {after:#x}"
+    );
+}

@@ -193,6 +193,18 @@ impl PageMap {
         access: Option<Arc<dyn FrameAccess>>,
         ops: Option<Arc<dyn PagemapOps>>,
     ) -> Result<usize, MmError> {
+        // The range is the caller's: its end must not wrap, and its page table (one slot per
+        // BLOCK frames) must be had without aborting the process.
+        if range.count == 0 || range.start.0.checked_add(range.count).is_none() {
+            return Err(MmError::InvalidArgument("empty or wrapping frame range"));
+        }
+        let nblocks = usize::try_from(range.count.div_ceil(BLOCK as u64))
+            .map_err(|_| MmError::InvalidArgument("frame range too large"))?;
+        let mut blocks = Vec::new();
+        blocks
+            .try_reserve_exact(nblocks)
+            .map_err(|_| MmError::InvalidArgument("frame range too large"))?;
+        blocks.resize_with(nblocks, OnceLock::new);
         let _g = self.register.lock();
         let n = self.count.load(Ordering::Acquire);
         for r in self.ranges[..n].iter().filter_map(OnceLock::get) {
@@ -204,14 +216,11 @@ impl PageMap {
         if n == MAX_RANGES {
             return Err(MmError::TooManyRanges);
         }
-        let blocks = (0..(range.count as usize).div_ceil(BLOCK))
-            .map(|_| OnceLock::new())
-            .collect();
         let _ = self.ranges[n].set(Range {
             range,
             kind,
             owner,
-            blocks,
+            blocks: blocks.into_boxed_slice(),
             access,
             ops,
         });
