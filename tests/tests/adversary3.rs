@@ -1130,3 +1130,95 @@ fn a_frame_write_changes_the_bytes_under_a_view() {
         "a frame write through the pool ({w:?}) changed a viewed byte {before:#x} -> {after:#x}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// I. Launches racing moves and CPU access of their buffer (lavapipe).
+// ---------------------------------------------------------------------------------------
+
+/// One thread launches "add 1 to every word" over a buffer and waits, 200 times; another
+/// evicts it, prefetches it both ways, reads it and pins it meanwhile. Reads see a count
+/// between the start and the end (never a torn or lost update), the calls that meet a
+/// launch fail with `HeldOnDevice`/`Busy` or wait, and at the end every word counts every
+/// launch exactly once.
+#[test]
+fn launches_race_moves_and_reads_of_their_buffer() {
+    use hetmem::offload::Location;
+    watchdog_for("launches vs moves", Duration::from_secs(120), || {
+        let test = "launches_race_moves_and_reads_of_their_buffer";
+        let Some(ctx) = vulkan(test) else { return };
+        let kernel = ctx.compile_kernel(SLOW_ADD, "add").unwrap();
+        let n = 4usize;
+        let buf = Arc::new(ctx.alloc(n * 4096).unwrap());
+        buf.write(0, &vec![0u8; n * 4096]).unwrap();
+        let launches = 200u32;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mover = {
+            let (buf, stop) = (buf.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut k = 0u32;
+                let mut reads = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let r = match k % 5 {
+                        0 => buf.evict(0..n * 4096).map(drop),
+                        1 => buf
+                            .prefetch(0..n * 4096, Location::Device)
+                            .and_then(|p| p.wait())
+                            .map(drop),
+                        2 => buf
+                            .prefetch(0..n * 4096, Location::Host)
+                            .and_then(|p| p.wait())
+                            .map(drop),
+                        3 => buf.pin_on_device(0..4096).map(drop),
+                        _ => {
+                            let mut out = vec![0u8; n * 4096];
+                            buf.read(0, &mut out).map(|()| {
+                                let w: Vec<u32> = out
+                                    .chunks(4)
+                                    .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                                    .collect();
+                                let first = w[0];
+                                assert!(first <= launches, "a word counts {first} > {launches}");
+                                reads += 1;
+                            })
+                        }
+                    };
+                    k += 1;
+                    match r {
+                        Ok(())
+                        | Err(
+                            Error::HeldOnDevice { .. } | Error::Busy(_) | Error::OverBudget { .. },
+                        ) => {}
+                        Err(e) => panic!("mover: {e}"),
+                    }
+                }
+                reads
+            })
+        };
+        for i in 0..launches {
+            let l = ctx
+                .launch(
+                    &kernel,
+                    &[(&buf, 0..n * 4096)],
+                    &[1, n as u32, 1],
+                    [64, 1, 1],
+                )
+                .unwrap_or_else(|e| panic!("launch {i}: {e}"));
+            l.wait().unwrap_or_else(|e| panic!("launch {i}: {e}"));
+        }
+        stop.store(true, Ordering::Relaxed);
+        join_all("mover", vec![mover], Duration::from_secs(30));
+        let mut out = vec![0u8; n * 4096];
+        buf.read(0, &mut out).unwrap();
+        let wrong: Vec<(usize, u32)> = out
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .enumerate()
+            .filter(|&(_, w)| w != launches)
+            .take(8)
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "words that missed or doubled a launch: {wrong:?}"
+        );
+    });
+}
