@@ -1222,3 +1222,33 @@ fn launches_race_moves_and_reads_of_their_buffer() {
         );
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// J. The frame pool under the page map.
+// ---------------------------------------------------------------------------------------
+
+/// The page map's pages are frames of a `HostFramePool` that safe code also holds
+/// (`PageMap::frames`, `Device::frames`): `HostFramePool::free` of the frame of a page that a
+/// space maps succeeds, the next allocation gets the same frame, and two owners share it
+/// (one's writes show in the other's page).
+#[test]
+#[ignore = "bug: HostFramePool::free (safe, public) frees the frame of a live page the page map owns; the next owner shares it"]
+fn freeing_a_mapped_pages_frame_through_the_pool_is_refused() {
+    let g = setup();
+    let a = map(&g.space, 1);
+    g.space.write(a, &[0x42; 4096]).unwrap();
+    let pfn = g.space.pte(a).pfn().expect("present");
+    let r = g.pool.free(pfn);
+    if r.is_ok() {
+        // Show what it costs: the next page shares the frame.
+        let other = AddressSpace::new(&g.pm);
+        let b = map(&other, 1);
+        other.write(b, &[0x17; 4096]).unwrap();
+        let shared = other.pte(b).pfn() == Some(pfn);
+        let mine = read(&g.space, a, 1);
+        std::mem::forget(other);
+        std::mem::forget(g);
+        panic!("the pool freed a mapped page's frame; reused: {shared}, first byte now {mine:?}");
+    }
+    assert_eq!(read(&g.space, a, 4096), vec![0x42; 4096]);
+}
