@@ -218,7 +218,7 @@ fn views_race_moves_pins_writes_and_free() {
                             }
                             views += 1;
                         }
-                        Err(Error::Busy(_) | Error::ViewActive) => busy += 1,
+                        Err(Error::HeldOnDevice { .. } | Error::ViewActive) => busy += 1,
                         Err(Error::Freed) if freeing.load(Ordering::Acquire) => break,
                         Err(e) => panic!("view: {e}"),
                     }
@@ -262,7 +262,7 @@ fn views_race_moves_pins_writes_and_free() {
                             Ok(()) => {}
                             Err(
                                 Error::ViewActive
-                                | Error::Busy(_)
+                                | Error::BufferBusy { .. }
                                 | Error::HeldOnDevice { .. }
                                 | Error::OverBudget { .. },
                             ) => {}
@@ -346,7 +346,7 @@ fn a_freed_buffers_handle_never_reaches_the_next_buffer() {
                             | Err(
                                 Error::Freed
                                 | Error::NotMapped(_)
-                                | Error::Busy(_)
+                                | Error::BufferBusy { .. }
                                 | Error::HeldOnDevice { .. },
                             ) => {}
                             Err(e) => panic!("old handle: {e}"),
@@ -462,7 +462,9 @@ fn launches_race_moves_and_reads_of_their_buffer() {
                     match r {
                         Ok(())
                         | Err(
-                            Error::HeldOnDevice { .. } | Error::Busy(_) | Error::OverBudget { .. },
+                            Error::HeldOnDevice { .. }
+                            | Error::BufferBusy { .. }
+                            | Error::OverBudget { .. },
                         ) => {}
                         Err(e) => panic!("mover: {e}"),
                     }
@@ -471,14 +473,21 @@ fn launches_race_moves_and_reads_of_their_buffer() {
             })
         };
         for i in 0..launches {
-            let l = ctx
-                .launch(
+            // A launch whose pages the mover keeps taking away may give up with the typed
+            // BufferBusy (bounded retries); then it did not run, and is tried again.
+            let mut tries = 0;
+            let l = loop {
+                match ctx.launch(
                     &kernel,
                     &[(&buf, 0..n * 4096)],
                     &[1, n as u32, 1],
                     [64, 1, 1],
-                )
-                .unwrap_or_else(|e| panic!("launch {i}: {e}"));
+                ) {
+                    Ok(l) => break l,
+                    Err(Error::BufferBusy { .. }) if tries < 1000 => tries += 1,
+                    Err(e) => panic!("launch {i}: {e}"),
+                }
+            };
             l.wait().unwrap_or_else(|e| panic!("launch {i}: {e}"));
         }
         stop.store(true, Ordering::Relaxed);
