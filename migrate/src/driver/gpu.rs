@@ -57,9 +57,6 @@ pub struct DriverStats {
     pub bookkeeping_ns: u64,
 }
 
-/// What one migration did: the migration layer's [`Outcome`], summed over chunks.
-pub type Moved = Outcome;
-
 /// Pages per chunk of a pipelined migration (64 MiB): on lavapipe, 16 MiB chunks measured
 /// 152 ms per 256 MiB round trip, 64 MiB chunks 83 ms, one 256 MiB batch 74-87 ms.
 pub const CHUNK_PAGES: usize = 16384;
@@ -168,18 +165,24 @@ impl GpuDriver {
     }
 
     /// Migrates `npages` pages from `addr` to the device, evicting least recently used pages
-    /// first if the budget requires.
+    /// first if the budget requires. The [`Outcome`] is summed over the migration's chunks.
     pub fn migrate_to_device(
         &self,
         space: &AddressSpace,
         addr: u64,
         npages: usize,
-    ) -> Result<Moved> {
+    ) -> Result<Outcome> {
         self.inner.migrate_range_to_device(space, addr, npages)
     }
 
-    /// Migrates this driver's pages among `npages` pages from `addr` back to host memory.
-    pub fn migrate_to_host(&self, space: &AddressSpace, addr: u64, npages: usize) -> Result<Moved> {
+    /// Migrates this driver's pages among `npages` pages from `addr` back to host memory. The
+    /// [`Outcome`] is summed over the migration's chunks.
+    pub fn migrate_to_host(
+        &self,
+        space: &AddressSpace,
+        addr: u64,
+        npages: usize,
+    ) -> Result<Outcome> {
         let flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
         let end = crate::mm::space::pages_end(addr, npages)?;
         self.inner.migrate(space, addr, end, flags, None, false)

@@ -11,7 +11,7 @@ use hetmem_engine::{Device, Pfn, PAGE_SIZE};
 use parking_lot::Mutex;
 
 use super::evict::Resident;
-use super::gpu::{Moved, CHUNK_PAGES};
+use super::gpu::CHUNK_PAGES;
 use super::ops::Ops;
 use super::table::SpaceTable;
 use crate::error::{Error, ErrorKind, Result};
@@ -79,7 +79,7 @@ impl Inner {
         space: &AddressSpace,
         addr: u64,
         npages: usize,
-    ) -> Result<Moved> {
+    ) -> Result<Outcome> {
         let end = crate::mm::space::pages_end(addr, npages)?;
         self.migrate(space, addr, end, MIGRATE_VMA_SELECT_SYSTEM, None, true)
     }
@@ -102,8 +102,8 @@ impl Inner {
         flags: u32,
         fault_page: Option<Pfn>,
         to_device: bool,
-    ) -> Result<Moved> {
-        let mut total = Moved::default();
+    ) -> Result<Outcome> {
+        let mut total = Outcome::default();
         let mut failed = 0;
         let mut pending: Option<(Migration<'_, InFlight>, Instant, u64)> = None;
         // With more than one chunk, the calling thread's time goes to the next chunk's
@@ -228,7 +228,7 @@ impl Inner {
         space: &AddressSpace,
         (m, submitted, seq): (Migration<'_, InFlight>, Instant, u64),
         to_device: bool,
-        total: &mut Moved,
+        total: &mut Outcome,
     ) -> Result<usize> {
         let m = m.wait();
         let t1 = Instant::now();

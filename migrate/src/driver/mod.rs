@@ -10,5 +10,5 @@ mod migrate;
 mod ops;
 mod table;
 
-pub use gpu::{DriverConfig, DriverStats, GpuDriver, Moved, CHUNK_PAGES, MAX_FAULT_AROUND};
+pub use gpu::{DriverConfig, DriverStats, GpuDriver, CHUNK_PAGES, MAX_FAULT_AROUND};
 pub use table::{DevicePin, Launch};

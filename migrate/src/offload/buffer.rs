@@ -9,8 +9,9 @@ use parking_lot::Mutex;
 
 use super::context::Context;
 use super::view::{Access, Use, View, ViewMut};
-use crate::driver::{DevicePin, Moved};
+use crate::driver::DevicePin;
 use crate::error::{Error, Result};
+use crate::migration::Outcome;
 use crate::mm::PAGE;
 
 /// Where a buffer's pages should be.
@@ -81,14 +82,14 @@ impl std::fmt::Debug for Buffer {
 /// A prefetch in flight; `wait` gives what moved.
 #[must_use = "a prefetch is only known to be done once waited on"]
 pub struct Prefetch {
-    rx: std::sync::mpsc::Receiver<Result<Moved>>,
+    rx: std::sync::mpsc::Receiver<Result<Outcome>>,
     /// The result, once `is_done` has taken it from the worker.
-    done: Mutex<Option<Result<Moved>>>,
+    done: Mutex<Option<Result<Outcome>>>,
 }
 
 impl Prefetch {
     /// Blocks until the pages have moved (or failed to).
-    pub fn wait(self) -> Result<Moved> {
+    pub fn wait(self) -> Result<Outcome> {
         if let Some(r) = self.done.lock().take() {
             return r;
         }
@@ -378,7 +379,7 @@ impl Buffer {
     /// for the running kernel to finish (the device page table is cleared only then), and the
     /// pages the launch holds stay on the device until it is waited on or dropped; they are
     /// counted as not migrated. Their bytes are the kernel's.
-    pub fn evict(&self, range: Range<usize>) -> Result<Moved> {
+    pub fn evict(&self, range: Range<usize>) -> Result<Outcome> {
         let (addr, n) = self.pages(range)?;
         self.inner
             .ctx
