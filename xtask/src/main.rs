@@ -7,10 +7,13 @@
 //!   injected (see `hetmem_tests::soak`; `--layer offload`: `hetmem_tests::soak_offload`).
 //! - `cargo xtask bench-report`: tables and plots of the last `cargo bench` results, with
 //!   ratios.
+//! - `cargo xtask audit`: files over 600 lines and functions over 80 lines that do not say
+//!   why at their top.
 //!
 //! Built without the `full` feature (as the `cargo xtask` alias does), only the demo runs
 //! here; every other task runs this binary again, built with `full`.
 
+mod audit;
 mod demo;
 #[cfg(feature = "full")]
 mod plots;
@@ -48,6 +51,13 @@ enum Task {
     /// mm`) or a Context's managed buffers (`--layer offload`), with failed copies and
     /// memory exhaustion injected, checked against a shadow model.
     Soak(soak::Args),
+    /// List files over 600 lines and functions over 80 lines without a `Long:` reason at
+    /// their top; fails if there are any.
+    Audit {
+        /// Also list the long ones that give a reason.
+        #[arg(long)]
+        all: bool,
+    },
     /// Run the whole test suite (installs the Vulkan driver for the CPU if missing).
     Test {
         /// Extra arguments passed to `cargo test`.
@@ -72,6 +82,7 @@ fn main() -> Result<()> {
             setup::ensure_vulkan_driver();
             demo::run(args)
         }
+        Task::Audit { all } => audit::run(all),
         #[cfg(not(feature = "full"))]
         _ => run_with_full(),
         #[cfg(feature = "full")]
@@ -94,7 +105,7 @@ fn run_with_full() -> Result<()> {
 #[cfg(feature = "full")]
 fn run_full(task: Task) -> Result<()> {
     match task {
-        Task::Demo(_) => unreachable!("main runs the demo"),
+        Task::Demo(_) | Task::Audit { .. } => unreachable!("main runs the demo and the audit"),
         Task::BenchReport { machine, copy_to } => {
             setup::ensure_plot_font();
             report::run(machine, copy_to)
