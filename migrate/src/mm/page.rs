@@ -7,7 +7,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use hetmem_engine::Pfn;
 
 use super::page_lock::{self, PageLock};
-use super::space::SpaceId;
+
+mod rmap;
+pub use rmap::Mapping;
+use rmap::Rmap;
+#[allow(unused_imports, reason = "the path `migration`'s docs link to")]
+pub(crate) use rmap::RMAP_WALK;
 
 /// What memory a page is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -36,15 +41,6 @@ pub mod flags {
     pub const LRU: u32 = 1 << 5;
     /// The page is the shared zero page.
     pub const ZERO: u32 = 1 << 6;
-}
-
-/// One place a page is mapped: an address space and a virtual address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Mapping {
-    /// The address space.
-    pub space: SpaceId,
-    /// The page-aligned virtual address.
-    pub addr: u64,
 }
 
 /// Metadata of one frame: 64 bytes on a cache line of its own, so that walking a batch of
@@ -84,12 +80,6 @@ impl std::fmt::Debug for Page {
     }
 }
 
-/// Flag bit (crate-private, beside [`flags`]): the lock holder is walking the page's
-/// reverse map (restoring or replacing its migration entries), so no migration entry of the
-/// page may move or be copied until the walk ends (mremap and fork wait for it). The kernel
-/// keeps rmap walks and mremap apart with the anon_vma lock in the same way.
-pub(crate) const RMAP_WALK: u32 = 1 << 8;
-
 /// Flag bit (crate-private): a guard outside the crate ([`super::page_guard`]) holds the
 /// page's reference, so no migration may take the page as a destination.
 pub(crate) const GUARDED: u32 = 1 << 9;
@@ -114,116 +104,10 @@ const KIND_SHIFT: u32 = 62;
 const RMAP_LOCKED: u32 = page_lock::RMAP_LOCKED;
 
 impl Page {
-    /// Locks the reverse map. The lock shares the map count's word: taking it is one
-    /// compare-exchange, and releasing it is one plain store that also publishes the new
-    /// count (critical sections are a few loads and stores; a mutex's release would be
-    /// another locked instruction, which on a migration's path costs as much as the work it
-    /// protects).
-    fn rmap_lock(&self) -> RmapGuard<'_> {
-        RmapGuard {
-            page: self,
-            count: page_lock::rmap_lock(&self.map_count),
-        }
-    }
-
     /// The page lock in the flag word, with the page's address as its wait-queue key.
     #[inline]
     fn lock_word(&self) -> PageLock<'_> {
         PageLock::new(&self.flags, self as *const Page as usize)
-    }
-}
-
-/// The locked rmap, with the map count to publish on release.
-struct RmapGuard<'a> {
-    page: &'a Page,
-    count: u32,
-}
-
-impl std::ops::Deref for RmapGuard<'_> {
-    type Target = Rmap;
-    fn deref(&self) -> &Rmap {
-        // SAFETY: the guard holds the lock, so no other thread touches the rmap.
-        unsafe { &*self.page.rmap.get() }
-    }
-}
-
-impl std::ops::DerefMut for RmapGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Rmap {
-        // SAFETY: as for `deref`; the guard is the only way in while it lives.
-        unsafe { &mut *self.page.rmap.get() }
-    }
-}
-
-impl Drop for RmapGuard<'_> {
-    fn drop(&mut self) {
-        page_lock::rmap_unlock(&self.page.map_count, self.count);
-    }
-}
-
-/// Where a page is mapped: the first mapping inline (the common case allocates nothing;
-/// space id 0, which no address space has, marks it empty), further ones (after fork) in a
-/// vector behind one pointer.
-#[derive(Default)]
-struct Rmap {
-    first: (u64, u64),
-    #[allow(
-        clippy::box_collection,
-        reason = "one pointer (a Vec is three words) keeps Page at 64 bytes"
-    )]
-    rest: Option<Box<Vec<Mapping>>>,
-}
-
-impl Rmap {
-    fn first(&self) -> Option<Mapping> {
-        (self.first.0 != 0).then_some(Mapping {
-            space: SpaceId(self.first.0),
-            addr: self.first.1,
-        })
-    }
-    fn set_first(&mut self, m: Option<Mapping>) {
-        self.first = m.map_or((0, 0), |m| (m.space.0, m.addr));
-    }
-    fn rest(&self) -> &[Mapping] {
-        self.rest.as_deref().map_or(&[], |v| v.as_slice())
-    }
-    fn push(&mut self, m: Mapping) {
-        debug_assert_ne!(m.space.0, 0, "space id 0 marks an empty rmap slot");
-        if self.first.0 == 0 {
-            self.set_first(Some(m));
-        } else {
-            self.rest.get_or_insert_default().push(m);
-        }
-    }
-    fn remove(&mut self, m: Mapping) -> bool {
-        if self.first() == Some(m) {
-            let next = self.rest.as_mut().and_then(|v| v.pop());
-            self.set_first(next);
-            return true;
-        }
-        let Some(rest) = self.rest.as_mut() else {
-            return false;
-        };
-        match rest.iter().position(|&x| x == m) {
-            Some(i) => {
-                rest.swap_remove(i);
-                true
-            }
-            None => false,
-        }
-    }
-    fn to_vec(&self) -> Vec<Mapping> {
-        self.first().iter().chain(self.rest()).copied().collect()
-    }
-    fn sole(&self) -> Option<Mapping> {
-        if self.rest().is_empty() {
-            self.first()
-        } else {
-            None
-        }
-    }
-    fn clear(&mut self) {
-        self.first = (0, 0);
-        self.rest = None;
     }
 }
 
@@ -403,81 +287,6 @@ impl Page {
         self.pincount.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Records a mapping of the page.
-    pub(crate) fn add_rmap(&self, m: Mapping) {
-        let mut r = self.rmap_lock();
-        r.push(m);
-        r.count += 1;
-    }
-    /// Forgets a mapping of the page; false if it was not recorded.
-    pub(crate) fn remove_rmap(&self, m: Mapping) -> bool {
-        let mut r = self.rmap_lock();
-        let removed = r.remove(m);
-        if removed {
-            r.count -= 1;
-        }
-        removed
-    }
-    /// Every place the page is mapped (or held by a migration entry). Crate-private, as is
-    /// every way into the reverse map: its users hold the page's lock, a reference to it or
-    /// an entry that maps it, which [`Page::release_replaced`] relies on.
-    pub(crate) fn mappings(&self) -> Vec<Mapping> {
-        self.rmap_lock().to_vec()
-    }
-    /// Forgets mapping `m` if it is the page's only one; false (and nothing changed) otherwise.
-    pub(crate) fn take_sole_rmap(&self, m: Mapping) -> bool {
-        let mut r = self.rmap_lock();
-        if r.sole() == Some(m) {
-            r.clear();
-            r.count -= 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Starts a walk of the reverse map (see [`RMAP_WALK`]): returns the mappings, which no
-    /// migration entry can join or leave by a move until [`Page::end_walk`] (an unmap may
-    /// still drop one). The caller holds the page's lock.
-    pub(crate) fn begin_walk(&self) -> Vec<Mapping> {
-        let r = self.rmap_lock();
-        self.flags.fetch_or(RMAP_WALK, Ordering::AcqRel);
-        r.to_vec()
-    }
-
-    /// Ends a walk started by [`Page::begin_walk`].
-    pub(crate) fn end_walk(&self) {
-        self.flags.fetch_and(!RMAP_WALK, Ordering::AcqRel);
-    }
-
-    /// For mremap and fork, under the leaf lock(s) of the entry: records mapping `to` (and
-    /// forgets `from`) unless a walk of the reverse map is running, in which case nothing
-    /// changes and the caller waits for [`Page::walking`] to clear, then retries.
-    pub(crate) fn move_rmap_unless_walked(&self, from: Option<Mapping>, to: Mapping) -> bool {
-        let mut r = self.rmap_lock();
-        if self.flags.load(Ordering::Acquire) & RMAP_WALK != 0 {
-            return false;
-        }
-        r.push(to);
-        r.count += 1;
-        if let Some(f) = from {
-            if r.remove(f) {
-                r.count -= 1;
-            }
-        }
-        true
-    }
-
-    /// True while a reverse-map walk of the page runs.
-    pub(crate) fn walking(&self) -> bool {
-        self.flags.load(Ordering::Acquire) & RMAP_WALK != 0
-    }
-
-    /// The page's mapping if it has exactly one.
-    pub(crate) fn sole_mapping(&self) -> Option<Mapping> {
-        self.rmap_lock().sole()
-    }
-
     /// Tries to lock the page without waiting.
     pub(crate) fn trylock(&self) -> bool {
         self.lock_word().trylock()
@@ -543,13 +352,6 @@ impl Page {
 mod tests {
     use super::*;
 
-    fn at(space: u64, addr: u64) -> Mapping {
-        Mapping {
-            space: SpaceId(space),
-            addr,
-        }
-    }
-
     #[test]
     fn kind_and_pfn_share_a_word_and_the_page_fills_one_line() {
         for kind in [
@@ -565,35 +367,6 @@ mod tests {
             assert_eq!(p.is_device(), kind != MemoryKind::System);
         }
         assert_eq!(std::mem::align_of::<Page>(), 64);
-    }
-
-    #[test]
-    fn rmap_keeps_every_mapping_and_the_count_in_step() {
-        let p = Page::new(Pfn(1), MemoryKind::System, 0);
-        p.init_allocated(false);
-        assert_eq!((p.mapcount(), p.sole_mapping()), (0, None));
-        p.add_rmap(at(1, 0x1000));
-        assert_eq!((p.mapcount(), p.sole_mapping()), (1, Some(at(1, 0x1000))));
-        p.add_rmap(at(2, 0x1000));
-        p.add_rmap(at(3, 0x5000));
-        assert_eq!(p.mapcount(), 3);
-        assert_eq!(p.sole_mapping(), None);
-        assert!(!p.take_sole_rmap(at(1, 0x1000)), "not the only mapping");
-        assert!(!p.remove_rmap(at(4, 0x1000)), "never recorded");
-        // Removing the inline one moves a later one inline.
-        assert!(p.remove_rmap(at(1, 0x1000)));
-        let mut left = p.mappings();
-        left.sort_by_key(|m| m.space);
-        assert_eq!(left, vec![at(2, 0x1000), at(3, 0x5000)]);
-        assert!(p.remove_rmap(at(3, 0x5000)));
-        assert_eq!((p.mapcount(), p.sole_mapping()), (1, Some(at(2, 0x1000))));
-        assert!(p.take_sole_rmap(at(2, 0x1000)));
-        assert_eq!((p.mapcount(), p.mappings()), (0, vec![]));
-        // Reallocation starts from an empty map.
-        p.add_rmap(at(5, 0));
-        p.add_rmap(at(6, 0));
-        p.init_allocated(true);
-        assert_eq!((p.mapcount(), p.mappings()), (0, vec![]));
     }
 
     #[test]
