@@ -24,6 +24,7 @@ mod registry;
 mod remap;
 mod tables;
 mod tree;
+mod vma;
 
 pub use invalidate::NotifierId;
 use invalidate::Notifiers;
@@ -35,6 +36,7 @@ use tables::{leaf_end, LeafTable, LEAF_SPAN};
 pub(crate) use tables::{leaf_index, PageTables};
 use tree::{any_homed, covered, free_range, overlaps, range_of, split_range};
 pub(crate) use tree::{find_vma, pages_end, VmaTree};
+pub use vma::{Home, Prot, Vma};
 
 /// Bytes in a page, as a `u64` for address arithmetic.
 pub const PAGE: u64 = PAGE_SIZE as u64;
@@ -49,97 +51,6 @@ const MMAP_TOP: u64 = 1 << 56;
 
 /// Pages whose references an unmap drops in one batch.
 const ZAP_BATCH: usize = 4096;
-
-/// Access a mapping allows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Prot {
-    /// Reads allowed.
-    pub read: bool,
-    /// Writes allowed.
-    pub write: bool,
-}
-
-impl Prot {
-    /// Read and write.
-    pub const RW: Prot = Prot {
-        read: true,
-        write: true,
-    };
-    /// Read only.
-    pub const READ: Prot = Prot {
-        read: true,
-        write: false,
-    };
-    /// No access.
-    pub const NONE: Prot = Prot {
-        read: false,
-        write: false,
-    };
-}
-
-/// One mapping: an anonymous range, private (copy-on-write after fork) or shared.
-#[derive(Debug)]
-pub struct Vma {
-    /// First address.
-    pub start: u64,
-    /// One past the last address.
-    pub end: u64,
-    /// Allowed access.
-    pub prot: Prot,
-    /// Shared between forked spaces (no copy-on-write).
-    pub shared: bool,
-    /// Taken by migration walks, so that no fault populates the range behind them.
-    pub(crate) lock: Mutex<()>,
-    /// For a mapping the process can also reach through a CPU pointer: the host frame each
-    /// address must live in while it is in host memory (see [`Home`]).
-    pub(crate) home: Option<Home>,
-}
-
-/// The fixed frames of a CPU-mapped range: address `addr + i * PAGE` lives, while in host
-/// memory, in frame `pfn + i` (the frame the process's own mapping shows at that address).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Home {
-    /// An address of the range.
-    pub addr: u64,
-    /// The home frame of `addr`.
-    pub pfn: Pfn,
-}
-
-impl Home {
-    /// The home frame of `addr`.
-    pub fn of(&self, addr: u64) -> Pfn {
-        Pfn(self.pfn.0 + (addr - self.addr) / PAGE)
-    }
-}
-
-impl Vma {
-    fn new(start: u64, end: u64, prot: Prot, shared: bool) -> Arc<Vma> {
-        Vma::with_home(start, end, prot, shared, None)
-    }
-    fn with_home(start: u64, end: u64, prot: Prot, shared: bool, home: Option<Home>) -> Arc<Vma> {
-        Arc::new(Vma {
-            start,
-            end,
-            prot,
-            shared,
-            lock: Mutex::new(()),
-            home,
-        })
-    }
-    /// This mapping's `[start, end)` part with protection `prot` (a split or a protect).
-    fn part(&self, start: u64, end: u64, prot: Prot) -> Arc<Vma> {
-        Vma::with_home(start, end, prot, self.shared, self.home)
-    }
-    /// The home frame of `addr`, for a mapping the process also reaches through a CPU
-    /// pointer (`None` for any other).
-    pub fn home_of(&self, addr: u64) -> Option<Pfn> {
-        Some(self.home?.of(addr))
-    }
-    /// True if the mapping is anonymous (every mapping hetmem makes is).
-    pub fn is_anonymous(&self) -> bool {
-        true
-    }
-}
 
 pub(crate) struct SpaceInner {
     pub(crate) id: SpaceId,
