@@ -6,7 +6,7 @@ use super::{copy_frame, leaf_end, leaf_index, AddressSpace, Vma, PAGE};
 use crate::error::Result;
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
 use crate::mm::page::{flags, Mapping, Page};
-use crate::mm::pte::{MigrationKind, Pte};
+use crate::mm::pte::{LeafGuard, MigrationKind, Pte};
 
 /// How [`AddressSpace::fork`] left one entry.
 enum Forked<'p> {
@@ -65,133 +65,158 @@ impl AddressSpace {
         Ok(child)
     }
 
+    /// Forks the entry at `addr` (in VMA `v`) into `child`. Takes the parent's leaf lock,
+    /// then the child's, and hands the entry to the step for its kind; both leaves stay
+    /// locked until the step returns.
     fn fork_one(&self, child: &AddressSpace, v: &Vma, addr: u64) -> Result<Forked<'_>> {
         let Some(leaf) = self.leaf(addr, false) else {
             return Ok(Forked::Done);
         };
-        let i = leaf_index(addr);
         let g = leaf.lock();
-        let pte = g.get(i);
         let cleaf = child.leaf(addr, true).expect("created");
         let cg = cleaf.lock();
-        let pm = self.pagemap();
-        match pte {
-            Pte::None | Pte::Swap { .. } => {}
-            Pte::Migration {
-                pfn,
-                kind,
-                young,
-                dirty,
-            } => {
-                // A page under migration is shared like a mapped one: the child gets the
-                // entry too (read-only if private), recorded in the reverse map so that
-                // finalize points it at the destination or restores it (unless finalize is
-                // walking the reverse map right now: then wait for it). Migration entries
-                // hold no reference: the migration holds its own.
-                let page = pm.page_or_err(pfn)?;
-                let mapping = Mapping {
-                    space: child.id(),
-                    addr,
-                };
-                if !page.move_rmap_unless_walked(None, mapping) {
-                    return Ok(Forked::Walked(page));
-                }
-                let kind = if v.shared {
-                    kind
-                } else {
-                    page.clear(flags::ANON_EXCLUSIVE);
-                    MigrationKind::Read
-                };
-                let entry = Pte::Migration {
-                    pfn,
-                    kind,
-                    young,
-                    dirty,
-                };
-                g.set(i, entry);
-                cg.set(i, entry);
+        let slot = Slot {
+            child,
+            v,
+            addr,
+            i: leaf_index(addr),
+            g: &g,
+            cg: &cg,
+        };
+        match g.get(slot.i) {
+            Pte::None | Pte::Swap { .. } => Ok(Forked::Done),
+            pte @ Pte::Migration { .. } => self.fork_migration_entry(&slot, pte),
+            pte @ Pte::Present { .. } => self.fork_present(&slot, pte).map(|()| Forked::Done),
+            pte @ Pte::DevicePrivate { .. } => {
+                self.fork_device_private(&slot, pte).map(|()| Forked::Done)
             }
-            Pte::Present {
-                pfn,
+        }
+    }
+
+    /// A page under migration is shared like a mapped one: the child gets the entry too
+    /// (read-only if private), recorded in the reverse map so that finalize points it at
+    /// the destination or restores it, unless finalize is walking the reverse map right
+    /// now (then [`Forked::Walked`]: nothing changed, wait for it). Migration entries hold
+    /// no reference: the migration holds its own.
+    fn fork_migration_entry(&self, at: &Slot<'_>, pte: Pte) -> Result<Forked<'_>> {
+        let Pte::Migration {
+            pfn,
+            kind,
+            young,
+            dirty,
+        } = pte
+        else {
+            unreachable!("fork_one passes migration entries only");
+        };
+        let page = self.pagemap().page_or_err(pfn)?;
+        let mapping = Mapping {
+            space: at.child.id(),
+            addr: at.addr,
+        };
+        if !page.move_rmap_unless_walked(None, mapping) {
+            return Ok(Forked::Walked(page));
+        }
+        let kind = if at.v.shared {
+            kind
+        } else {
+            page.clear(flags::ANON_EXCLUSIVE);
+            MigrationKind::Read
+        };
+        let entry = Pte::Migration {
+            pfn,
+            kind,
+            young,
+            dirty,
+        };
+        at.g.set(at.i, entry);
+        at.cg.set(at.i, entry);
+        Ok(Forked::Done)
+    }
+
+    /// A present page: the zero page is shared as it is; a pinned private page is copied
+    /// (a pinned page cannot be shared); any other page is shared, copy-on-write (both
+    /// entries read-only, no longer anon-exclusive) in a private mapping.
+    fn fork_present(&self, at: &Slot<'_>, pte: Pte) -> Result<()> {
+        let Pte::Present {
+            pfn,
+            write,
+            dirty,
+            young,
+        } = pte
+        else {
+            unreachable!("fork_one passes present entries only");
+        };
+        let pm = self.pagemap();
+        let page = pm.page_or_err(pfn)?;
+        if page.test(flags::ZERO) {
+            at.cg.set(at.i, pte);
+            return Ok(());
+        }
+        if !at.v.shared && page.pincount() > 0 {
+            let copy = pm.alloc_system(false, false)?;
+            copy_frame(pm, pfn, copy.pfn())?;
+            copy.set(flags::ANON_EXCLUSIVE | flags::LRU | if dirty { flags::DIRTY } else { 0 });
+            let entry = Pte::Present {
+                pfn: copy.pfn(),
                 write,
                 dirty,
                 young,
-            } => {
-                let page = pm.page_or_err(pfn)?;
-                if page.test(flags::ZERO) {
-                    cg.set(i, pte);
-                } else if !v.shared && page.pincount() > 0 {
-                    // A pinned page cannot be shared: the child gets its own copy.
-                    let copy = pm.alloc_system(false, false)?;
-                    copy_frame(pm, pfn, copy.pfn())?;
-                    copy.set(
-                        flags::ANON_EXCLUSIVE | flags::LRU | if dirty { flags::DIRTY } else { 0 },
-                    );
-                    child.install(
-                        &cg,
-                        i,
-                        addr,
-                        Pte::Present {
-                            pfn: copy.pfn(),
-                            write,
-                            dirty,
-                            young,
-                        },
-                        copy,
-                        false,
-                    );
-                } else {
-                    let cow = !v.shared;
-                    if cow {
-                        page.clear(flags::ANON_EXCLUSIVE);
-                        g.set(
-                            i,
-                            Pte::Present {
-                                pfn,
-                                write: false,
-                                dirty,
-                                young,
-                            },
-                        );
-                    }
-                    if dirty {
-                        page.set(flags::DIRTY);
-                    }
-                    child.install(
-                        &cg,
-                        i,
-                        addr,
-                        Pte::Present {
-                            pfn,
-                            write: write && !cow,
-                            dirty,
-                            young,
-                        },
-                        page,
-                        true,
-                    );
-                }
-            }
-            Pte::DevicePrivate { pfn, write } => {
-                let page = pm.page_or_err(pfn)?;
-                let cow = !v.shared;
-                if cow {
-                    page.clear(flags::ANON_EXCLUSIVE);
-                    g.set(i, Pte::DevicePrivate { pfn, write: false });
-                }
-                child.install(
-                    &cg,
-                    i,
-                    addr,
-                    Pte::DevicePrivate {
-                        pfn,
-                        write: write && !cow,
-                    },
-                    page,
-                    true,
-                );
-            }
+            };
+            at.child.install(at.cg, at.i, at.addr, entry, copy, false);
+            return Ok(());
         }
-        Ok(Forked::Done)
+        let cow = !at.v.shared;
+        if cow {
+            page.clear(flags::ANON_EXCLUSIVE);
+            let read_only = Pte::Present {
+                pfn,
+                write: false,
+                dirty,
+                young,
+            };
+            at.g.set(at.i, read_only);
+        }
+        if dirty {
+            page.set(flags::DIRTY);
+        }
+        let entry = Pte::Present {
+            pfn,
+            write: write && !cow,
+            dirty,
+            young,
+        };
+        at.child.install(at.cg, at.i, at.addr, entry, page, true);
+        Ok(())
     }
+
+    /// A device-private entry is shared, copy-on-write in a private mapping: a CPU write on
+    /// either side faults the page back and copies it.
+    fn fork_device_private(&self, at: &Slot<'_>, pte: Pte) -> Result<()> {
+        let Pte::DevicePrivate { pfn, write } = pte else {
+            unreachable!("fork_one passes device-private entries only");
+        };
+        let page = self.pagemap().page_or_err(pfn)?;
+        let cow = !at.v.shared;
+        if cow {
+            page.clear(flags::ANON_EXCLUSIVE);
+            at.g.set(at.i, Pte::DevicePrivate { pfn, write: false });
+        }
+        let entry = Pte::DevicePrivate {
+            pfn,
+            write: write && !cow,
+        };
+        at.child.install(at.cg, at.i, at.addr, entry, page, true);
+        Ok(())
+    }
+}
+
+/// The entry [`AddressSpace::fork_one`] is forking: where it is, and the parent's and the
+/// child's leaves, both locked (parent first).
+struct Slot<'a> {
+    child: &'a AddressSpace,
+    v: &'a Vma,
+    addr: u64,
+    i: usize,
+    g: &'a LeafGuard<'a>,
+    cg: &'a LeafGuard<'a>,
 }
