@@ -88,6 +88,9 @@ fn configure(g: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>, bytes
         .throughput(Throughput::Bytes(bytes as u64));
 }
 
+/// Long: one case per size, layout and direction, in nested loops that share what each level
+/// sets up (the device and its frames per size, the pairs and baseline per layout); split,
+/// each part would take most of them as arguments.
 fn sweep(c: &mut Criterion) {
     // `cargo bench` passes `--bench`; `cargo test` runs each case once as a smoke test, at
     // the smallest sizes only.

@@ -4,9 +4,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Result};
+use hetmem::driver::DriverStats;
 use hetmem::offload::{Context, ContextConfig};
 use hetmem_engine::DeviceConfig;
-use hetmem_kv::{run_kv, KvPhases, KvShape};
+use hetmem_kv::{run_kv, KvPhases, KvReport, KvShape};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Options of the demo.
@@ -79,7 +80,20 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     bar.finish();
     let wall = start.elapsed();
-    let s = ctx.stats();
+    let ok = print_totals(&args, &report, &ctx.stats(), wall, fault_around);
+    ensure!(ok, "some block does not match the CPU reference");
+    Ok(())
+}
+
+/// Prints the run's totals after the phase table: traffic, faults, evictions, wall time and
+/// the check against the CPU reference. True if every block and spot check matched.
+fn print_totals(
+    args: &Args,
+    report: &KvReport,
+    s: &DriverStats,
+    wall: Duration,
+    fault_around: usize,
+) -> bool {
     let ok = report.blocks_ok == args.blocks && report.spot_checks_ok == report.spot_checks;
     println!();
     print_phases(&report.phases, wall);
@@ -123,8 +137,7 @@ pub fn run(args: Args) -> Result<()> {
         report.spot_checks
     );
     println!("{:<28} {}", "device step", report.device_step);
-    ensure!(ok, "some block does not match the CPU reference");
-    Ok(())
+    ok
 }
 
 fn mib(bytes: u64) -> f64 {
