@@ -13,7 +13,7 @@ use crate::error::{EngineError, Result};
 use crate::frames::HostFramePool;
 use crate::inject::Injections;
 use crate::inspect::KernelLimits;
-use crate::kernel::{Kernel, PageTable};
+use crate::kernel::{Kernel, KernelHost, PageTable};
 use crate::pagemap::DevicePages;
 use crate::pfn::{Pfn, PfnRange, PAGE_SIZE};
 
@@ -45,6 +45,20 @@ struct Shared {
     counters: Counters,
     injections: Mutex<Injections>,
     backend: Box<dyn Backend>,
+}
+
+impl KernelHost for Shared {
+    fn destroy_kernel(&self, id: u64) {
+        self.backend.destroy_kernel(id);
+    }
+
+    fn free_table(&self, id: u64) {
+        self.backend.free_table(id);
+    }
+
+    fn pfn_range(&self) -> PfnRange {
+        self.pages.lock().range()
+    }
 }
 
 impl Drop for Shared {
@@ -109,7 +123,7 @@ impl Device {
 
     /// The frame numbers of this device's pages.
     pub fn pfn_range(&self) -> PfnRange {
-        self.shared.pages.lock().range()
+        KernelHost::pfn_range(&*self.shared)
     }
 
     /// True if `pfn` is one of this device's pages (allocated or not).
@@ -375,7 +389,7 @@ impl Device {
         let (chunks, chunk_pages, limits) = self.kernel_layout()?;
         let spirv = crate::kernel::compile(wgsl, entry, chunks, chunk_pages, &limits)?;
         let id = self.shared.backend.create_kernel(&spirv, entry, chunks)?;
-        Ok(Kernel::new(self.clone(), id, entry))
+        Ok(Kernel::new(self.shared.clone(), id, entry))
     }
 
     /// A page table of `entries` entries, all empty, in memory this device's kernels read.
@@ -390,7 +404,7 @@ impl Device {
             .shared
             .backend
             .alloc_table(crate::kernel::TABLE_HEADER_WORDS + entries)?;
-        Ok(PageTable::new(self.clone(), id, words, entries))
+        Ok(PageTable::new(self.shared.clone(), id, words, entries))
     }
 
     /// Dispatches `kernel` over `groups` workgroups, translating through `table`. `buffers`
@@ -407,9 +421,7 @@ impl Device {
         args: &[u32],
         groups: [u32; 3],
     ) -> Result<Ticket> {
-        if !Arc::ptr_eq(&kernel.device.shared, &self.shared)
-            || !Arc::ptr_eq(&table.device.shared, &self.shared)
-        {
+        if !self.is_host_of(&kernel.host) || !self.is_host_of(&table.host) {
             return Err(EngineError::InvalidConfig(
                 "kernel or page table of another device".into(),
             ));
@@ -457,12 +469,9 @@ impl Device {
         self.shared.backend.deferred_destroys()
     }
 
-    pub(crate) fn destroy_kernel(&self, id: u64) {
-        self.shared.backend.destroy_kernel(id);
-    }
-
-    pub(crate) fn free_table(&self, id: u64) {
-        self.shared.backend.free_table(id);
+    /// Whether `host` (a kernel's or a page table's) is this device.
+    fn is_host_of(&self, host: &Arc<dyn KernelHost>) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(host), Arc::as_ptr(&self.shared))
     }
 }
 

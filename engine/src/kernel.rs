@@ -8,10 +8,9 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::backend::FIXED_BINDINGS;
-use crate::device::Device;
 use crate::error::{EngineError, Result};
 use crate::inspect::{inspect, KernelLimits, Origin};
-use crate::pfn::Pfn;
+use crate::pfn::{Pfn, PfnRange};
 
 /// The helper every kernel is compiled with.
 pub const KERNEL_HELPER: &str = include_str!("../../shaders/hetmem.wgsl");
@@ -109,9 +108,23 @@ fn compile_error(origin: &Origin<'_>, (message, at): crate::spirv::Failure) -> E
     })
 }
 
+/// What a kernel or a page table needs of the device that made it: to be released there,
+/// and the device's page numbers. The device implements it for its shared state, so this
+/// module knows no `Device` and the two modules do not import each other (`device` uses
+/// `kernel`, not the other way round).
+pub(crate) trait KernelHost: Send + Sync {
+    /// Destroys kernel `id` once no submission uses it.
+    fn destroy_kernel(&self, id: u64);
+    /// Frees page table `id` once no submission uses it.
+    fn free_table(&self, id: u64);
+    /// The frame numbers of the device's pages.
+    fn pfn_range(&self) -> PfnRange;
+}
+
 /// A compiled kernel, ready to dispatch on the device that compiled it.
 pub struct Kernel {
-    pub(crate) device: Device,
+    /// The device that compiled it (kept open while the kernel lives).
+    pub(crate) host: std::sync::Arc<dyn KernelHost>,
     pub(crate) id: u64,
     entry: String,
 }
@@ -125,9 +138,9 @@ impl std::fmt::Debug for Kernel {
 }
 
 impl Kernel {
-    pub(crate) fn new(device: Device, id: u64, entry: &str) -> Kernel {
+    pub(crate) fn new(host: std::sync::Arc<dyn KernelHost>, id: u64, entry: &str) -> Kernel {
         Kernel {
-            device,
+            host,
             id,
             entry: entry.to_string(),
         }
@@ -141,7 +154,7 @@ impl Kernel {
 
 impl Drop for Kernel {
     fn drop(&mut self) {
-        self.device.destroy_kernel(self.id);
+        self.host.destroy_kernel(self.id);
     }
 }
 
@@ -149,7 +162,8 @@ impl Drop for Kernel {
 /// virtual page `i` of some window, or nothing. Kernels translate through it (see
 /// [`KERNEL_HELPER`]); whoever moves pages keeps it current.
 pub struct PageTable {
-    pub(crate) device: Device,
+    /// The device whose kernels read it (kept open while the table lives).
+    pub(crate) host: std::sync::Arc<dyn KernelHost>,
     pub(crate) id: u64,
     words: NonNull<AtomicU32>,
     entries: usize,
@@ -170,9 +184,14 @@ impl std::fmt::Debug for PageTable {
 }
 
 impl PageTable {
-    pub(crate) fn new(device: Device, id: u64, words: NonNull<u32>, entries: usize) -> PageTable {
+    pub(crate) fn new(
+        host: std::sync::Arc<dyn KernelHost>,
+        id: u64,
+        words: NonNull<u32>,
+        entries: usize,
+    ) -> PageTable {
         PageTable {
-            device,
+            host,
             id,
             words: words.cast(),
             entries,
@@ -207,7 +226,7 @@ impl PageTable {
         let v = match page {
             None => 0,
             Some(p) => {
-                let range = self.device.pfn_range();
+                let range = self.host.pfn_range();
                 if !range.contains(p) {
                     return Err(EngineError::UnknownPfn(p));
                 }
@@ -235,7 +254,7 @@ impl PageTable {
         let v = self
             .word(TABLE_HEADER_WORDS + index)
             .load(Ordering::Acquire);
-        (v != 0).then(|| Pfn(self.device.pfn_range().start.0 + u64::from(v - 1)))
+        (v != 0).then(|| Pfn(self.host.pfn_range().start.0 + u64::from(v - 1)))
     }
 
     /// Accesses by kernels outside their launch's bound ranges or to pages the table did not
@@ -262,7 +281,7 @@ impl PageTable {
 
 impl Drop for PageTable {
     fn drop(&mut self) {
-        self.device.free_table(self.id);
+        self.host.free_table(self.id);
     }
 }
 

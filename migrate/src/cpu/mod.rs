@@ -27,8 +27,8 @@
 //!
 //! A fault that cannot be served (the range was unmapped, the device is lost, host frames are
 //! exhausted, a write to a read-only range) is not retried forever and is never served with
-//! zeros: the faulting thread gets `SIGBUS`, and the error is kept for
-//! [`crate::offload::Context::take_cpu_fault_error`].
+//! zeros: the faulting thread gets `SIGBUS`, and the error is kept until the mirror's owner
+//! takes it (the offload layer's `Context::take_cpu_fault_error`).
 //!
 //! The alternative, anonymous memory filled with `UFFDIO_COPY` on each fault, would keep a
 //! second copy of every CPU-resident page and copy on each fault; this design copies nothing
