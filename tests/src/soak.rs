@@ -132,6 +132,8 @@ struct Region {
 
 /// Runs a soak; `Err` describes the first failure (a wrong byte, a page left locked, a leak,
 /// an unexpected error, a panic or a stuck thread).
+/// Long: sets up the world, starts the workers and the watchdog, and checks every invariant at
+/// the end, in that order; the parts share the world and the workers' handles.
 pub fn run(config: &SoakConfig) -> Result<SoakReport, String> {
     let n = config.pages_per_thread;
     let frames = config.threads * n + config.spare_host_frames + 32;
@@ -377,6 +379,8 @@ fn worker(w: &World, me: usize, seed: u64, n: usize) -> Result<Region, String> {
     Ok(r)
 }
 
+/// Long: one match arm per operation; the arms share the world and the shadow model, and a
+/// function per arm would only move the match.
 fn step(w: &World, r: &mut Region, op: usize, rng: &mut StdRng, n: usize) -> hetmem::Result<()> {
     let len = n as u64 * PAGE;
     let page = rng.random_range(0..n);

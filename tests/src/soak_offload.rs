@@ -233,6 +233,8 @@ fn add(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
 
 /// Runs an offload soak; `Err` describes the first failure (a wrong byte, a page left
 /// locked, a leak, an unexpected error, a panic or a stuck thread).
+/// Long: sets up the world, starts the workers and the watchdog, and checks every invariant at
+/// the end, in that order; the parts share the world and the workers' handles.
 pub fn run(config: &OffloadSoakConfig) -> Result<OffloadSoakReport, String> {
     let pages = config.pages_per_buffer.clamp(1, config.budget_pages.max(1));
     let budget = config.budget_pages.max(pages);

@@ -1,3 +1,6 @@
+//! Long: one test per defect the adversarial review found, sharing its fixtures and the chaos
+//! runner; splitting it into a folder of modules is left for later.
+//!
 //! Adversarial tests: sequences of public API calls that try to lose bytes, leave pages
 //! locked or migration entries behind, leak frames, hang or panic.
 //!
@@ -158,6 +161,8 @@ fn bug_dying_space_device_remap_gives_up() {
 /// not seen: an entry that was away when its address was visited and came back later is
 /// never restored. It stays a migration entry for an unlocked page: its data is lost and any
 /// access to it spins forever.
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// its steps share the fixture and the threads' handles.
 #[test]
 fn bug_device_restore_walk_misses_entry_moved_back() {
     watchdog_for(
@@ -575,6 +580,8 @@ fn chaos_with(mem: MemoryKind, budget: usize, pool: usize, secs: u64, knobs: Kno
     chaos_on(DeviceKind::Host, mem, budget, pool, secs, knobs)
 }
 
+/// Long: sets up the world, starts the workers and the watchdog, and checks every invariant at
+/// the end, in that order; the parts share the world and the workers' handles.
 fn chaos_on(
     kind: DeviceKind,
     mem: MemoryKind,
@@ -1422,6 +1429,8 @@ fn check_space(g: &Gpu, a: u64, n: usize, data: &[u8], what: &str) {
     assert_eq!(read(&g.space, a, n * 4096), data, "{what}: bytes");
 }
 
+/// Long: one case per state an owning type can be dropped in, over one fixture; each case is a
+/// few lines.
 #[test]
 fn held_owning_types_dropped_at_every_state() {
     watchdog_for("drop at every state", Duration::from_secs(30), || {

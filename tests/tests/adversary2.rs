@@ -337,6 +337,8 @@ fn driver_drop_races_faults() {
 /// Evictions (abandoned and completed) of a device page shared by a parent and fork children,
 /// while children mremap back and forth, fork grandchildren, and die; afterwards every space
 /// reads the data and nothing is left locked or in migration.
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// its steps share the fixture and the threads' handles.
 #[test]
 fn walk_vs_remap_fork_drop_chaos() {
     watchdog_for("walk chaos", Duration::from_secs(20), || {

@@ -1,6 +1,9 @@
 //! The migration API beyond the conformance table: the typestate wrapper, bad destinations,
 //! pagemap registration, remap, fork of pinned and device-private pages, mirrors of another
 //! owner's pages, and long-term pins of coherent memory.
+//!
+//! Long: a little over the limit; its tests share one fixture and read as the migration API's
+//! specification, in the order of shared/HMM-SEMANTICS.md.
 
 use std::sync::Arc;
 
@@ -464,6 +467,8 @@ fn notifiers_see_start_and_end_with_event_and_owner() {
 /// shares the pages where the migration left them (the destination, shared and not
 /// anon-exclusive; or the source). Either way both read the bytes of before, and a write on
 /// one side stays on that side.
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// its steps share the fixture and the threads' handles.
 #[test]
 fn fork_during_a_migration_waits_for_it() {
     #[derive(Clone, Copy, Debug, PartialEq)]

@@ -107,6 +107,8 @@ impl World {
         );
     }
 
+    /// Long: one match arm per operation; the arms share the world and the shadow model, and a
+    /// function per arm would only move the match.
     fn apply(&mut self, op: &Op) {
         let n = self.spaces.len();
         match *op {
@@ -253,6 +255,8 @@ fn no_byte_lost_on_vulkan() {
 
 /// Threads fault, migrate and evict overlapping ranges for a bounded time; afterwards every
 /// byte is what its writer last wrote.
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// its steps share the fixture and the threads' handles.
 #[test]
 fn concurrent_faults_migrations_and_evictions() {
     for (kind, mem) in [

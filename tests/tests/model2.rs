@@ -1,3 +1,7 @@
+//! Long: one differential model (the model, its generator, the applier, the checks, the
+//! runner), which a reader follows as one algorithm; splitting it into modules is left for
+//! later.
+//!
 //! A seeded, randomized differential test of hetmem against a byte-level model.
 //!
 //! Each seed builds a fresh page map, host frame pool and host device (even seeds register
@@ -683,6 +687,8 @@ impl World {
         }
     }
 
+    /// Long: one arm per operation the generator can draw, with its weights; the arms share the
+    /// model's view of what exists.
     fn gen_any(&self, rng: &mut StdRng) -> Op {
         // Half the time, stay where the last operation was: a page gets written, moved,
         // read, protected, shared in quick succession more often than by chance.
@@ -1153,6 +1159,8 @@ impl World {
         r
     }
 
+    /// Long: one match arm per operation; the arms share the world and the shadow model, and a
+    /// function per arm would only move the match.
     fn apply_op(&mut self, op: &Op) -> Result<(), String> {
         match *op {
             Op::CpuWrite {
@@ -1541,6 +1549,8 @@ impl World {
 
     /// A migration through the raw API, with `mid` between the driver's copy and
     /// `migrate_vma_pages`.
+    /// Long: the raw migration API's stages in order (setup, the driver's copy, the hook,
+    /// pages, finalize), checked against the model as they go.
     fn staged(
         &mut self,
         sp: usize,
@@ -1705,6 +1715,8 @@ impl World {
     // -- checks ----------------------------------------------------------------------------
 
     /// Page tables against the model, after every operation.
+    /// Long: one pass over every page table and page, checking each invariant against the
+    /// model; the checks share the walk.
     fn check_structure(&self) -> Result<(), String> {
         let mut dev_pfns: HashSet<Pfn> = HashSet::new();
         let mut host_pfns: HashSet<Pfn> = HashSet::new();
@@ -1955,6 +1967,8 @@ struct Progress {
     current: Mutex<Vec<String>>,
 }
 
+/// Long: sets up the world, starts the workers and the watchdog, and checks every invariant at
+/// the end, in that order; the parts share the world and the workers' handles.
 fn run_seed(
     seed: u64,
     nops: usize,
@@ -2054,6 +2068,8 @@ fn env_num(name: &str) -> Option<u64> {
     )
 }
 
+/// Long: sets up the world, starts the workers and the watchdog, and checks every invariant at
+/// the end, in that order; the parts share the world and the workers' handles.
 #[test]
 fn model2_differential() {
     let nseeds = env_num("HETMEM_MODEL_SEEDS").unwrap_or(200);

@@ -1,4 +1,7 @@
 //! The offload API: managed buffers, prefetch, advice, eviction, device pins, bad input.
+//!
+//! Long: a little over the limit; its tests share the context helpers and the kernels' WGSL
+//! sources.
 
 use hetmem::mm::{MemoryKind, PageState};
 use hetmem::offload::{Advice, Context, ContextConfig, Location};
@@ -369,6 +372,8 @@ fn a_kernel_past_its_buffer_faults_and_bad_launches_are_refused() {
     assert!(host.compile_kernel(ADD, "add").is_err());
 }
 
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// its steps share the fixture and the threads' handles.
 #[test]
 fn kernels_racing_faults_and_evictions_lose_no_update() {
     let Some(ctx) = context(DeviceKind::Vulkan, 32 * 4096, "kernels_racing") else {
@@ -537,6 +542,8 @@ fn probe(@builtin(global_invocation_id) g: vec3<u32>) {
 }
 "#;
 
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// its steps share the fixture and the threads' handles.
 #[test]
 fn a_kernel_outside_its_ranges_faults_naming_the_buffer_and_touches_nothing_else() {
     let Some(ctx) = context(DeviceKind::Vulkan, 32 * 4096, "kernel_outside_ranges") else {

@@ -2,6 +2,9 @@
 //! or careless user would: through the public API only, plus raw loads and stores that stay
 //! in bounds and race no other writer. Each test is named after what it found (or what it
 //! rules out); scenarios that end in a signal run in a child process of this binary.
+//!
+//! Long: a little over the limit; its scenarios share the child-process runner that turns a
+//! signal into a result.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

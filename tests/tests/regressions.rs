@@ -9,6 +9,9 @@
 //! watchdog, which turns the hang into a failure (and, where it can, lets the stuck thread
 //! go). Everything runs on the host device with a private host frame pool, so no GPU is
 //! needed and no test sees the frames another one frees or exhausts.
+//!
+//! Long: one test per defect of the issue (d01 to d11), sharing the watchdogs and fixtures
+//! above; splitting it into a folder of modules is left for later.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -587,6 +590,8 @@ fn d04_mprotect_during_a_migration_leaves_entries_read_only() {
 /// or hang; afterwards the bytes at the final address are those written, no page is locked
 /// and no migration entry is left, the vacated address has no entries, and once the range is
 /// unmapped no device page is in use.
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// its steps share the fixture and the threads' handles.
 #[test]
 fn d05a_mremap_racing_a_migration() {
     watchdog_for("d05a", WATCHDOG + RACE, || {
@@ -701,6 +706,8 @@ fn d05a_mremap_racing_a_migration() {
 /// seconds. Neither may panic or hang; afterwards the range holds the last bytes written (the
 /// new mapping's holes are holes), no page is locked, no migration entry is left, and once
 /// the range is unmapped no device page is in use.
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// its steps share the fixture and the threads' handles.
 #[test]
 fn d05b_munmap_racing_a_migration() {
     watchdog_for("d05b", WATCHDOG + RACE, || {
@@ -837,6 +844,8 @@ impl Notifier for SlowRelease {
 /// for two seconds. Nothing may panic or hang, every read sees the bytes written; afterwards
 /// no page is locked, no migration entry is left, and once the range is unmapped no device
 /// page is in use.
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// its steps share the fixture and the threads' handles.
 #[test]
 fn d05c_fork_racing_a_migration() {
     watchdog_for("d05c", WATCHDOG + RACE, || {

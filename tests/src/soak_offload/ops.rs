@@ -279,6 +279,9 @@ fn random_bytes(rng: &mut StdRng, n: usize) -> Vec<u8> {
 
 /// Runs `op`. The slot's buffer may be missing (freed, and its reallocation failed) only
 /// for operations that are not on it.
+///
+/// Long: one match arm per operation; the arms share the world and the shadow model, and a
+/// function per arm would only move the match.
 fn step(w: &World, o: &mut Owned, op: Op, rng: &mut StdRng) -> Result<(), Failure> {
     let Some(b) = o.buf.clone() else {
         return step_shared(w, op, rng);
