@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use hetmem::driver::{DriverConfig, GpuDriver};
 use hetmem::mm::{AddressSpace, MemoryKind, PageMap, Prot, PAGE};
+use hetmem::VirtAddr;
 use hetmem_bench::{save_results, Baseline};
 use hetmem_engine::{Device, DeviceConfig};
 
@@ -26,7 +27,7 @@ fn driver(fault_around: usize) -> (GpuDriver, AddressSpace) {
     (d, space)
 }
 
-fn filled(space: &AddressSpace, bytes: usize) -> u64 {
+fn filled(space: &AddressSpace, bytes: usize) -> VirtAddr {
     let a = space.mmap(None, bytes as u64, Prot::RW, false).unwrap();
     let chunk = vec![0x5au8; bytes.min(1 << 20)];
     let mut at = 0;

@@ -9,6 +9,7 @@ use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use hetmem::driver::{DriverConfig, GpuDriver};
 use hetmem::migration::*;
 use hetmem::mm::{AddressSpace, FaultContext, MemoryKind, Page, PageMap, PagemapOps, Prot, PAGE};
+use hetmem::{Owner, VirtAddr};
 use hetmem_bench::{criterion_mean_ns, print_ratios, Baseline};
 use hetmem_engine::{Device, DeviceConfig, DeviceKind};
 
@@ -39,9 +40,9 @@ struct Range<'a> {
     space: &'a AddressSpace,
     dev: &'a Device,
     pm: &'a PageMap,
-    addr: u64,
+    addr: VirtAddr,
     pages: usize,
-    owner: u64,
+    owner: Owner,
 }
 
 /// One migration with the copy skipped; returns the time of setup + pages + finalize.
@@ -93,7 +94,7 @@ fn bookkeeping(c: &mut Criterion) {
     )
     .unwrap();
     let pm = PageMap::new(dev.frames().clone()).unwrap();
-    let owner = 0xb0;
+    let owner = Owner(0xb0);
     pm.register_device(
         dev.pfn_range(),
         MemoryKind::DevicePrivate,

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use hetmem::migration::*;
 use hetmem::mm::{AddressSpace, FaultContext, MemoryKind, Page, PageMap, PagemapOps, Prot, PAGE};
+use hetmem::Owner;
 use hetmem_engine::{Device, DeviceConfig, DeviceKind};
 
 struct FreeOnly(Device);
@@ -37,7 +38,7 @@ fn main() {
     pm.register_device(
         dev.pfn_range(),
         MemoryKind::DevicePrivate,
-        9,
+        Owner(9),
         Arc::new(FreeOnly(dev.clone())),
         None,
     )
@@ -58,7 +59,7 @@ fn main() {
             let mut dst = vec![0u64; n];
             let mut m = MigrateVma::new(&space, a, a + n as u64 * PAGE, &mut src, &mut dst);
             m.flags = flags;
-            m.pgmap_owner = 9;
+            m.pgmap_owner = Owner(9);
             let t0 = Instant::now();
             migrate_vma_setup(&mut m).unwrap();
             let t1 = Instant::now();

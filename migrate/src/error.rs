@@ -2,6 +2,8 @@
 
 use hetmem_engine::{EngineError, Pfn};
 
+use crate::addr::VirtAddr;
+
 /// What a caller can do about an [`Error`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
@@ -30,24 +32,24 @@ pub enum Error {
     EmptyRange,
     /// No mapping covers the address.
     #[error("address {0:#x} is not mapped")]
-    NotMapped(u64),
+    NotMapped(VirtAddr),
     /// The range spans more than one mapping (or a gap).
     #[error("range {start:#x}..{end:#x} is not inside one mapping")]
     AcrossVmas {
         /// Start of the range.
-        start: u64,
+        start: VirtAddr,
         /// End of the range.
-        end: u64,
+        end: VirtAddr,
     },
     /// The mapping allows no access at all, so it cannot be migrated.
     #[error("mapping at {0:#x} allows no access")]
-    NoAccess(u64),
+    NoAccess(VirtAddr),
     /// A read of memory mapped without read permission.
     #[error("read of {0:#x} denied")]
-    ReadDenied(u64),
+    ReadDenied(VirtAddr),
     /// A write of memory mapped read-only.
     #[error("write of {0:#x} denied: read-only mapping")]
-    WriteDenied(u64),
+    WriteDenied(VirtAddr),
     /// `src` or `dst` is shorter than the range's page count.
     #[error("{which} array has {got} entries, {needed} needed")]
     ShortArray {
@@ -81,7 +83,7 @@ pub enum Error {
     TooManyRanges,
     /// The address range is already mapped.
     #[error("range at {0:#x} is already mapped")]
-    AlreadyMapped(u64),
+    AlreadyMapped(VirtAddr),
     /// The page is busy (pinned, locked elsewhere) and could not be migrated.
     #[error("page {0} is busy")]
     Busy(Pfn),
@@ -89,7 +91,7 @@ pub enum Error {
     #[error("fault at {addr:#x} failed: {reason}")]
     FaultFailed {
         /// The faulting address.
-        addr: u64,
+        addr: VirtAddr,
         /// Why.
         reason: String,
     },
@@ -126,7 +128,7 @@ pub enum Error {
         /// The address of the buffer's byte 0 as the kernel sees it (the start of the page
         /// holding the bound range's first byte); `None` if the launch bound no buffer
         /// with that index.
-        addr: Option<u64>,
+        addr: Option<VirtAddr>,
         /// The byte offset of the first such access from `addr`.
         offset: u64,
         /// Loads and stores that fell outside.
@@ -140,7 +142,7 @@ pub enum Error {
     )]
     HeldOnDevice {
         /// The buffer's address.
-        addr: u64,
+        addr: VirtAddr,
         /// The byte offset in the buffer of the first held byte the access touches.
         offset: usize,
     },
@@ -171,7 +173,7 @@ pub enum Error {
     #[error("fault at {addr:#x} made no progress after {tries} tries")]
     NoProgress {
         /// The faulting address.
-        addr: u64,
+        addr: VirtAddr,
         /// Attempts made.
         tries: u32,
     },

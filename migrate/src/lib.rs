@@ -36,6 +36,7 @@
 
 #![warn(missing_docs)]
 
+mod addr;
 pub mod cpu;
 pub mod driver;
 pub mod error;
@@ -43,6 +44,7 @@ pub mod migration;
 pub mod mm;
 pub mod offload;
 
+pub use addr::{Owner, VirtAddr};
 pub use error::{Error, ErrorKind, Result};
 
 /// The README's examples, run as doc tests so that none can fail as written.

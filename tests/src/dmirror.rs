@@ -11,17 +11,17 @@ use hetmem::mm::{
     hmm_range_fault, snapshot, AddressSpace, DevicePagemap, FaultContext, FrameAccess, MemoryKind,
     NewPage, Page, PageMap, PageState, PagemapOps, PAGE,
 };
-use hetmem::{Error, Result};
+use hetmem::{Error, Owner, Result, VirtAddr};
 use hetmem_engine::{Device, EngineError, Pfn, PAGE_SIZE};
 use parking_lot::Mutex;
 
 /// What the device's pagemap callbacks share with the mirror.
 struct Shared {
     device: Device,
-    owner: u64,
+    owner: Owner,
     faults: AtomicU64,
     /// Addresses whose next copy to or from the device fails.
-    fail_addrs: Mutex<HashSet<u64>>,
+    fail_addrs: Mutex<HashSet<VirtAddr>>,
     /// Pages the next migration may allocate on the device (usize::MAX: no limit).
     alloc_limit: AtomicUsize,
     /// Held while the device reads or writes frames it got from `hmm_range_fault`; an
@@ -171,7 +171,7 @@ pub struct Moved {
 impl Dmirror {
     /// Registers `device`'s memory in `pagemap` as `kind` with a fresh owner.
     pub fn new(device: Device, kind: MemoryKind, pagemap: &Arc<PageMap>) -> Dmirror {
-        let owner = NEXT_OWNER.fetch_add(1, Ordering::Relaxed);
+        let owner = Owner(NEXT_OWNER.fetch_add(1, Ordering::Relaxed));
         let shared = Arc::new(Shared {
             device: device.clone(),
             owner,
@@ -205,7 +205,7 @@ impl Dmirror {
         &self.shared.device
     }
     /// The pagemap owner.
-    pub fn owner(&self) -> u64 {
+    pub fn owner(&self) -> Owner {
         self.shared.owner
     }
     /// CPU faults the device has served.
@@ -213,7 +213,7 @@ impl Dmirror {
         self.shared.faults.load(Ordering::Relaxed)
     }
     /// Makes the next copies of these addresses fail.
-    pub fn fail_copies_at(&self, addrs: &[u64]) {
+    pub fn fail_copies_at(&self, addrs: &[VirtAddr]) {
         *self.shared.fail_addrs.lock() = addrs.iter().copied().collect();
     }
     /// Limits how many pages the next migrations may allocate (None: no limit).
@@ -231,7 +231,7 @@ impl Dmirror {
     pub fn migrate_to_device(
         &self,
         space: &AddressSpace,
-        addr: u64,
+        addr: VirtAddr,
         npages: usize,
     ) -> Result<Moved> {
         self.migrate(
@@ -248,7 +248,7 @@ impl Dmirror {
     pub fn migrate_to_system(
         &self,
         space: &AddressSpace,
-        addr: u64,
+        addr: VirtAddr,
         npages: usize,
     ) -> Result<Moved> {
         let flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
@@ -260,7 +260,7 @@ impl Dmirror {
     pub fn migrate_to_device_with(
         &self,
         space: &AddressSpace,
-        addr: u64,
+        addr: VirtAddr,
         npages: usize,
         at: Between,
         hook: impl FnOnce(),
@@ -278,7 +278,7 @@ impl Dmirror {
     fn migrate(
         &self,
         space: &AddressSpace,
-        addr: u64,
+        addr: VirtAddr,
         npages: usize,
         flags: u32,
         dir: Direction,
@@ -314,7 +314,7 @@ impl Dmirror {
 
     /// Reads `len` bytes at `addr` as the device would: through `hmm_range_fault`, reading its
     /// own pages in place and host pages where they are.
-    pub fn device_read(&self, space: &AddressSpace, addr: u64, len: usize) -> Result<Vec<u8>> {
+    pub fn device_read(&self, space: &AddressSpace, addr: VirtAddr, len: usize) -> Result<Vec<u8>> {
         let mut out = vec![0u8; len];
         self.device_access(space, addr, len, false, |dev, pm, pfn, off, range| {
             if dev.owns(pfn) {
@@ -328,7 +328,7 @@ impl Dmirror {
     }
 
     /// Writes `data` at `addr` as the device would.
-    pub fn device_write(&self, space: &AddressSpace, addr: u64, data: &[u8]) -> Result<()> {
+    pub fn device_write(&self, space: &AddressSpace, addr: VirtAddr, data: &[u8]) -> Result<()> {
         self.device_access(space, addr, data.len(), true, |dev, pm, pfn, off, range| {
             if dev.owns(pfn) {
                 dev.write_page(pfn, off, &data[range]).map_err(Error::from)
@@ -341,13 +341,13 @@ impl Dmirror {
     fn device_access(
         &self,
         space: &AddressSpace,
-        addr: u64,
+        addr: VirtAddr,
         len: usize,
         write: bool,
         mut f: impl FnMut(&Device, &PageMap, Pfn, usize, std::ops::Range<usize>) -> Result<()>,
     ) -> Result<()> {
-        let start = addr & !(PAGE - 1);
-        let npages = ((addr + len as u64).div_ceil(PAGE) * PAGE - start) / PAGE;
+        let start = addr.page_down();
+        let npages = ((addr + len as u64).get().div_ceil(PAGE) * PAGE - start.get()) / PAGE;
         self.mirror_space(space);
         loop {
             // As a real mirror does: the view is built between read_begin and read_retry,
@@ -363,7 +363,7 @@ impl Dmirror {
             let mut k = 0usize;
             while done < len {
                 let at = addr + done as u64;
-                let off = (at % PAGE) as usize;
+                let off = at.page_offset() as usize;
                 let n = (PAGE_SIZE - off).min(len - done);
                 f(
                     self.device(),
@@ -387,7 +387,7 @@ impl Dmirror {
     }
 
     /// Per-page state as this device sees it.
-    pub fn snapshot(&self, space: &AddressSpace, addr: u64, npages: usize) -> Vec<PageState> {
+    pub fn snapshot(&self, space: &AddressSpace, addr: VirtAddr, npages: usize) -> Vec<PageState> {
         snapshot(space, addr, npages, self.owner())
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use hetmem::driver::{DriverConfig, GpuDriver};
 use hetmem::mm::{flags, AddressSpace, MemoryKind, PageMap, Prot, Pte, PAGE};
+use hetmem::VirtAddr;
 use hetmem_engine::{Device, DeviceKind, HostFramePool, Pfn};
 
 use crate::{open_config, test_config};
@@ -142,12 +143,12 @@ pub fn pattern(pages: usize, seed: u8) -> Vec<u8> {
 }
 
 /// Maps `pages` read-write pages anywhere.
-pub fn map(space: &AddressSpace, pages: u64) -> u64 {
+pub fn map(space: &AddressSpace, pages: u64) -> VirtAddr {
     space.mmap(None, pages * PAGE, Prot::RW, false).unwrap()
 }
 
 /// Reads `len` bytes through the CPU access path.
-pub fn read(space: &AddressSpace, addr: u64, len: usize) -> Vec<u8> {
+pub fn read(space: &AddressSpace, addr: VirtAddr, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     space.read(addr, &mut v).unwrap();
     v
@@ -155,7 +156,7 @@ pub fn read(space: &AddressSpace, addr: u64, len: usize) -> Vec<u8> {
 
 /// What is wrong with the entries of `npages` pages from `addr` once every operation on
 /// them has returned: migration entries left behind, pages left locked or free.
-pub fn unsettled(space: &AddressSpace, pm: &PageMap, addr: u64, npages: usize) -> Vec<String> {
+pub fn unsettled(space: &AddressSpace, pm: &PageMap, addr: VirtAddr, npages: usize) -> Vec<String> {
     let mut out = Vec::new();
     for k in 0..npages {
         let pte = space.pte(addr + k as u64 * PAGE);
@@ -175,7 +176,7 @@ pub fn unsettled(space: &AddressSpace, pm: &PageMap, addr: u64, npages: usize) -
 }
 
 /// The device page behind `addr`.
-pub fn dev_pfn(space: &AddressSpace, addr: u64) -> Pfn {
+pub fn dev_pfn(space: &AddressSpace, addr: VirtAddr) -> Pfn {
     match space.pte(addr) {
         Pte::DevicePrivate { pfn, .. } => pfn,
         Pte::Present { pfn, .. } => pfn,

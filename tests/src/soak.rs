@@ -23,7 +23,7 @@ use hetmem::migration::pin_pages_longterm;
 use hetmem::mm::{
     flags, hmm_range_fault, pin_pages, AddressSpace, MemoryKind, PageMap, Prot, Pte, PAGE,
 };
-use hetmem::{Error, ErrorKind};
+use hetmem::{Error, ErrorKind, VirtAddr};
 use hetmem_engine::{Device, DeviceConfig, DeviceKind, HostFramePool, Pfn};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -124,7 +124,7 @@ struct World {
 
 /// One thread's region: where it is now, and the byte each page holds.
 struct Region {
-    addr: u64,
+    addr: VirtAddr,
     bytes: Vec<u8>,
     /// Read-only right now (after an mprotect, until the next one).
     read_only: bool,

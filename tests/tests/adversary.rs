@@ -42,6 +42,7 @@ use hetmem::mm::{
     flags, pin_pages, AddressSpace, MemoryKind, MremapFlags, Notifier, NotifyEvent, NotifyRange,
     PageMap, Prot, Pte, SpaceId, PAGE,
 };
+use hetmem::VirtAddr;
 use hetmem::{Error, ErrorKind};
 use hetmem_engine::{DeviceKind, HostFramePool, Pfn};
 use hetmem_tests::dmirror::Dmirror;
@@ -538,7 +539,7 @@ struct Chaos {
     seen: Arc<parking_lot::Mutex<std::collections::BTreeMap<String, usize>>>,
     g: Gpu,
     /// Writers' pages: each writer owns `PER` pages from its base.
-    base: u64,
+    base: VirtAddr,
     writers: usize,
     per: usize,
     stop: Arc<AtomicBool>,
@@ -966,7 +967,7 @@ fn bug_evict_restore_races_space_drop() {
 fn bug_notifier_reading_space_in_munmap_hangs() {
     struct Reader {
         space: parking_lot::Mutex<Option<AddressSpace>>,
-        addr: u64,
+        addr: VirtAddr,
         result: parking_lot::Mutex<Vec<String>>,
     }
     impl Notifier for Reader {
@@ -1334,7 +1335,7 @@ fn held_mremap_flags_across_leaves() {
     watchdog_for("mremap across leaves", Duration::from_secs(30), || {
         let g = gpu(MemoryKind::DevicePrivate, 256, 16, SMALL_POOL);
         let leaf = 512 * PAGE;
-        let base = 0x10_0000_0000u64;
+        let base = VirtAddr(0x10_0000_0000);
         let n = 40u64;
         let a = base + leaf - 7 * PAGE;
         g.space.mmap(Some(a), n * PAGE, Prot::RW, false).unwrap();
@@ -1423,7 +1424,7 @@ fn held_chaos_vulkan() {
 // 14. Owning types dropped at every state; raw API misuse; notifier re-entry.
 // ---------------------------------------------------------------------------------------
 
-fn check_space(g: &Gpu, a: u64, n: usize, data: &[u8], what: &str) {
+fn check_space(g: &Gpu, a: VirtAddr, n: usize, data: &[u8], what: &str) {
     let bad = unsettled(&g.space, &g.pm, a, n);
     assert!(bad.is_empty(), "{what}: {bad:?}");
     assert_eq!(read(&g.space, a, n * 4096), data, "{what}: bytes");
@@ -1649,7 +1650,7 @@ fn held_notifier_reentry() {
     struct Meddler {
         space: AddressSpace,
         other: AddressSpace,
-        other_addr: u64,
+        other_addr: VirtAddr,
         ids: parking_lot::Mutex<Vec<hetmem::mm::NotifierId>>,
         calls: AtomicUsize,
     }

@@ -8,6 +8,7 @@ use hetmem::migration::*;
 use hetmem::mm::{hmm_range_fault, pin_pages, snapshot, AddressSpace, MemoryKind, PageMap, Prot};
 use hetmem::offload::{Context, ContextConfig};
 use hetmem::{Error, ErrorKind};
+use hetmem::{Owner, VirtAddr};
 use hetmem_engine::{DeviceConfig, DeviceKind, HostFramePool, Pfn};
 
 /// Runs `f` on a thread and fails if it does not return within 10 s (a hang is a failure).
@@ -72,9 +73,9 @@ fn huge_sizes_and_offsets_are_errors() {
             ErrorKind::Misuse
         );
         assert!(pin_pages(&space, a, usize::MAX, false, false).is_err());
-        assert!(hmm_range_fault(&space, a, usize::MAX, false, 0).is_err());
-        let top: u64 = !4095;
-        let states = snapshot(&space, top, 4, 0);
+        assert!(hmm_range_fault(&space, a, usize::MAX, false, Owner::NONE).is_err());
+        let top = VirtAddr(!4095);
+        let states = snapshot(&space, top, 4, Owner::NONE);
         assert_eq!(states.len(), 4, "one state per page asked for");
         d.touch(&space, a, usize::MAX);
         let mut src = vec![0u64; 4];

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use hetmem::migration::*;
 use hetmem::mm::{flags, pin_pages, AddressSpace, MemoryKind, PageMap, PageState, Prot, Pte, PAGE};
 use hetmem::Error;
+use hetmem::VirtAddr;
 use hetmem_engine::DeviceKind;
 use hetmem_tests::dmirror::Dmirror;
 use hetmem_tests::open_for_test;
@@ -55,31 +56,31 @@ fn each(test: &str, budget_pages: usize, f: impl Fn(&Env)) {
     }
 }
 
-fn pattern(addr: u64, len: usize, seed: u8) -> Vec<u8> {
+fn pattern(addr: VirtAddr, len: usize, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| ((addr as usize / 4096 * 131 + i * 7) as u8) ^ seed)
+        .map(|i| ((addr.get() as usize / 4096 * 131 + i * 7) as u8) ^ seed)
         .collect()
 }
 
-fn fill(env: &Env, addr: u64, npages: usize, seed: u8) -> Vec<u8> {
+fn fill(env: &Env, addr: VirtAddr, npages: usize, seed: u8) -> Vec<u8> {
     let data = pattern(addr, npages * 4096, seed);
     env.space.write(addr, &data).unwrap();
     data
 }
 
-fn cpu_read(env: &Env, addr: u64, npages: usize) -> Vec<u8> {
+fn cpu_read(env: &Env, addr: VirtAddr, npages: usize) -> Vec<u8> {
     let mut v = vec![0; npages * 4096];
     env.space.read(addr, &mut v).unwrap();
     v
 }
 
-fn map(env: &Env, npages: usize) -> u64 {
+fn map(env: &Env, npages: usize) -> VirtAddr {
     env.space
         .mmap(None, npages as u64 * PAGE, Prot::RW, false)
         .unwrap()
 }
 
-fn on_device(env: &Env, addr: u64, npages: usize) -> bool {
+fn on_device(env: &Env, addr: VirtAddr, npages: usize) -> bool {
     let want = if env.private() {
         PageState::DevicePrivateLocal
     } else {
@@ -91,7 +92,7 @@ fn on_device(env: &Env, addr: u64, npages: usize) -> bool {
         .all(|&s| s == want)
 }
 
-fn on_host(env: &Env, addr: u64, npages: usize) -> bool {
+fn on_host(env: &Env, addr: VirtAddr, npages: usize) -> bool {
     env.dev
         .snapshot(&env.space, addr, npages)
         .iter()
@@ -360,7 +361,7 @@ fn dirty_kept() {
         let n = 8;
         let a = map(env, n);
         let data = fill(env, a, n, 41);
-        let failing: Vec<u64> = (0..n as u64).step_by(2).map(|i| a + i * PAGE).collect();
+        let failing: Vec<VirtAddr> = (0..n as u64).step_by(2).map(|i| a + i * PAGE).collect();
         env.dev.fail_copies_at(&failing);
         let moved = env.dev.migrate_to_device(&env.space, a, n).unwrap();
         env.dev.fail_copies_at(&[]);
@@ -461,7 +462,7 @@ fn setup_einval() {
         let data = fill(env, a, 4, 53);
         let mut src = vec![0xdead; 8];
         let mut dst = vec![0xbeef; 8];
-        let cases: Vec<(u64, u64, usize, ErrorIs)> = vec![
+        let cases: Vec<(VirtAddr, VirtAddr, usize, ErrorIs)> = vec![
             (a + 1, a + PAGE, 8, |e| matches!(e, Error::Unaligned(_))),
             (a, a + PAGE + 7, 8, |e| matches!(e, Error::Unaligned(_))),
             (a, a, 8, |e| matches!(e, Error::EmptyRange)),
@@ -470,7 +471,9 @@ fn setup_einval() {
             (a, a + 4 * PAGE, 3, |e| {
                 matches!(e, Error::ShortArray { which: "src", .. })
             }),
-            (0x1000, 0x3000, 8, |e| matches!(e, Error::NotMapped(_))),
+            (VirtAddr(0x1000), VirtAddr(0x3000), 8, |e| {
+                matches!(e, Error::NotMapped(_))
+            }),
         ];
         for (start, end, len, ok) in cases {
             let mut m = MigrateVma::new(&env.space, start, end, &mut src[..len], &mut dst);

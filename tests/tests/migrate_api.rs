@@ -10,6 +10,7 @@ use std::sync::Arc;
 use hetmem::migration::*;
 use hetmem::mm::{flags, pin_pages, AddressSpace, MemoryKind, PageMap, PageState, Prot, Pte, PAGE};
 use hetmem::Error;
+use hetmem::{Owner, VirtAddr};
 use hetmem_engine::{Device, DeviceKind, Pfn, PfnRange};
 use hetmem_tests::dmirror::Dmirror;
 use hetmem_tests::{open_for_test, KINDS};
@@ -206,7 +207,7 @@ fn a_pfn_range_registers_once() {
     let again = pm.register_device(
         device.pfn_range(),
         MemoryKind::DevicePrivate,
-        77,
+        Owner(77),
         Arc::new(NoOps),
         None,
     );
@@ -214,7 +215,7 @@ fn a_pfn_range_registers_once() {
     let frames = pm.register_device(
         device.frames().pfn_range(),
         MemoryKind::DevicePrivate,
-        77,
+        Owner(77),
         Arc::new(NoOps),
         None,
     );
@@ -227,7 +228,7 @@ fn a_pfn_range_registers_once() {
             count: 8,
         },
         MemoryKind::DeviceCoherent,
-        78,
+        Owner(78),
         Arc::new(NoOps),
         None,
     );
@@ -412,7 +413,7 @@ fn notifiers_see_start_and_end_with_event_and_owner() {
     use hetmem::mm::{Notifier, NotifyEvent, NotifyRange, SpaceId};
     use parking_lot::Mutex;
     /// (start?, event, start, end, owner)
-    type Event = (bool, NotifyEvent, u64, u64, u64);
+    type Event = (bool, NotifyEvent, VirtAddr, VirtAddr, Owner);
     #[derive(Default)]
     struct Log(Mutex<Vec<Event>>);
     impl Notifier for Log {
@@ -450,12 +451,36 @@ fn notifiers_see_start_and_end_with_event_and_owner() {
     space.mremap(a + 2 * PAGE, 2 * PAGE, a + 16 * PAGE).unwrap();
     let events = std::mem::take(&mut *log.0.lock());
     let want = [
-        (true, NotifyEvent::Protect, a, a + PAGE, 0),
-        (false, NotifyEvent::Protect, a, a + PAGE, 0),
-        (true, NotifyEvent::Unmap, a + PAGE, a + 2 * PAGE, 0),
-        (false, NotifyEvent::Unmap, a + PAGE, a + 2 * PAGE, 0),
-        (true, NotifyEvent::Remap, a + 2 * PAGE, a + 4 * PAGE, 0),
-        (false, NotifyEvent::Remap, a + 2 * PAGE, a + 4 * PAGE, 0),
+        (true, NotifyEvent::Protect, a, a + PAGE, Owner::NONE),
+        (false, NotifyEvent::Protect, a, a + PAGE, Owner::NONE),
+        (
+            true,
+            NotifyEvent::Unmap,
+            a + PAGE,
+            a + 2 * PAGE,
+            Owner::NONE,
+        ),
+        (
+            false,
+            NotifyEvent::Unmap,
+            a + PAGE,
+            a + 2 * PAGE,
+            Owner::NONE,
+        ),
+        (
+            true,
+            NotifyEvent::Remap,
+            a + 2 * PAGE,
+            a + 4 * PAGE,
+            Owner::NONE,
+        ),
+        (
+            false,
+            NotifyEvent::Remap,
+            a + 2 * PAGE,
+            a + 4 * PAGE,
+            Owner::NONE,
+        ),
     ];
     assert_eq!(events, want);
 }

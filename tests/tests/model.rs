@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hetmem::mm::{flags, pin_pages, AddressSpace, MemoryKind, PageMap, PinGuard, Prot, PAGE};
+use hetmem::VirtAddr;
 use hetmem_engine::DeviceKind;
 use hetmem_tests::dmirror::{Between, Dmirror};
 use hetmem_tests::open_for_test;
@@ -74,7 +75,7 @@ fn op() -> impl Strategy<Value = Op> {
 struct World {
     pm: std::sync::Arc<PageMap>,
     dev: Dmirror,
-    spaces: Vec<(AddressSpace, u64, Vec<u8>)>,
+    spaces: Vec<(AddressSpace, VirtAddr, Vec<u8>)>,
     pins: Vec<PinGuard>,
 }
 

@@ -56,6 +56,7 @@ use hetmem::mm::{
     PageState, PinGuard, Prot, Pte, PAGE,
 };
 use hetmem::Error;
+use hetmem::VirtAddr;
 use hetmem_engine::{DeviceKind, HostFramePool, Pfn, PAGE_SIZE};
 use hetmem_tests::dmirror::{Between, Dmirror};
 use hetmem_tests::{open_config, test_config};
@@ -578,7 +579,10 @@ impl World {
         let dev = Arc::new(Dmirror::new(device, mem, &pm));
         let s = AddressSpace::new(&pm);
         let n = 8 + (seed % 5) as usize;
-        let base = s.mmap(None, n as u64 * PAGE, Prot::RW, false).unwrap();
+        let base = s
+            .mmap(None, n as u64 * PAGE, Prot::RW, false)
+            .unwrap()
+            .get();
         let mut m = Model::default();
         m.map(base, n, Prot::RW);
         World {
@@ -1009,7 +1013,7 @@ impl World {
 
     /// The entry of `a` in `sp` and the counts of the page it maps, for failure reports.
     fn describe(&self, sp: usize, a: u64) -> String {
-        let pte = self.spaces[sp].s.pte(a);
+        let pte = self.spaces[sp].s.pte(VirtAddr(a));
         match pte.pfn().and_then(|pfn| self.pm.page(pfn)) {
             Some(p) => format!(
                 "{pte:?}: {:?} page, refcount {}, mapcount {}, pincount {}, flags {:#x}",
@@ -1036,7 +1040,7 @@ impl World {
     fn expected_cpages(&self, sp: usize, addr: u64, n: usize, to_device: bool) -> usize {
         let s = &self.spaces[sp].s;
         (0..n as u64)
-            .map(|k| s.pte(addr + k * PAGE))
+            .map(|k| s.pte(VirtAddr(addr + k * PAGE)))
             .filter(|&pte| {
                 if to_device {
                     !self.dev_local(pte) && !self.pinned(pte)
@@ -1053,7 +1057,7 @@ impl World {
         let s = &self.spaces[sp].s;
         for k in 0..n as u64 {
             let a = addr + k * PAGE;
-            let pte = s.pte(a);
+            let pte = s.pte(VirtAddr(a));
             if self.dev_local(pte) != on_device && !self.pinned(pte) {
                 return Err(format!(
                     "page {} of space {sp} is not on the {} after its migration: {pte:?}",
@@ -1068,7 +1072,7 @@ impl World {
     /// Reads one page through its entry, without faulting anything in.
     fn peek(&self, sp: usize, a: u64) -> Result<Vec<u8>, String> {
         let mut buf = vec![0u8; PG];
-        match self.spaces[sp].s.pte(a) {
+        match self.spaces[sp].s.pte(VirtAddr(a)) {
             Pte::None => {}
             Pte::Present { pfn, .. } | Pte::DevicePrivate { pfn, .. } => {
                 self.read_frame(pfn, 0, &mut buf)
@@ -1122,7 +1126,7 @@ impl World {
             for p in pages_of(addr, len) {
                 match tlb.map.get(&p) {
                     Some(h) if h.write || !write => out.push(*h),
-                    _ => match hmm_range_fault(s, p, 1, write, owner) {
+                    _ => match hmm_range_fault(s, VirtAddr(p), 1, write, owner) {
                         Ok(v) => {
                             tlb.map.insert(p, v[0]);
                             out.push(v[0]);
@@ -1180,7 +1184,7 @@ impl World {
                     }
                     m.write_page(addr, &data, p);
                 }
-                let r = self.spaces[sp].s.write(addr, &data);
+                let r = self.spaces[sp].s.write(VirtAddr(addr), &data);
                 expect("cpu write", r, &[want])?;
             }
             Op::CpuRead {
@@ -1190,7 +1194,7 @@ impl World {
             } => {
                 let want = self.spaces[sp].m.access_range(addr, len, false);
                 let mut buf = vec![0u8; len];
-                let r = self.spaces[sp].s.read(addr, &mut buf);
+                let r = self.spaces[sp].s.read(VirtAddr(addr), &mut buf);
                 if expect("cpu read", r, &[want])?.is_some() {
                     compare("cpu read", addr, &buf, &self.spaces[sp].m.read(addr, len))?;
                 }
@@ -1226,7 +1230,8 @@ impl World {
                         Err(e) => Err(e),
                     }
                 } else {
-                    self.dev.device_read(&self.spaces[sp].s, addr, len)
+                    self.dev
+                        .device_read(&self.spaces[sp].s, VirtAddr(addr), len)
                 };
                 if let Some(buf) = expect("device read", r, &[want])? {
                     compare(
@@ -1270,7 +1275,8 @@ impl World {
                         Err(e) => Err(e),
                     }
                 } else {
-                    self.dev.device_write(&self.spaces[sp].s, addr, &data)
+                    self.dev
+                        .device_write(&self.spaces[sp].s, VirtAddr(addr), &data)
                 };
                 if want == Want::Ok {
                     let m = &mut self.spaces[sp].m;
@@ -1295,9 +1301,9 @@ impl World {
                 let cpages = self.expected_cpages(sp, addr, n, to_device);
                 let s = &self.spaces[sp].s;
                 let r = if to_device {
-                    self.dev.migrate_to_device(s, addr, n)
+                    self.dev.migrate_to_device(s, VirtAddr(addr), n)
                 } else {
-                    self.dev.migrate_to_system(s, addr, n)
+                    self.dev.migrate_to_system(s, VirtAddr(addr), n)
                 };
                 if let Some(moved) = expect("migration", r, &want)? {
                     if moved.cpages != cpages || moved.migrated != cpages {
@@ -1328,7 +1334,7 @@ impl World {
                 }
                 for sp in 0..self.spaces.len() {
                     for &a in self.spaces[sp].m.pages.keys() {
-                        let pte = self.spaces[sp].s.pte(a);
+                        let pte = self.spaces[sp].s.pte(VirtAddr(a));
                         if self.dev_local(pte) && !self.pinned(pte) && !self.locked(pte) {
                             return Err(format!(
                                 "page {} of space {sp} is on the device after evict_all: {pte:?}",
@@ -1344,7 +1350,7 @@ impl World {
                 n,
             } => {
                 self.spaces[sp].m.unmap(addr, n);
-                let r = self.spaces[sp].s.munmap(addr, n as u64 * PAGE);
+                let r = self.spaces[sp].s.munmap(VirtAddr(addr), n as u64 * PAGE);
                 expect("munmap", r, &[Want::Ok])?;
             }
             Op::Mremap {
@@ -1362,7 +1368,9 @@ impl World {
                     m.remap(addr, n, to);
                     Want::Ok
                 };
-                let r = self.spaces[sp].s.mremap(addr, n as u64 * PAGE, to);
+                let r = self.spaces[sp]
+                    .s
+                    .mremap(VirtAddr(addr), n as u64 * PAGE, VirtAddr(to));
                 expect("mremap", r, &[want])?;
             }
             Op::Mprotect {
@@ -1380,13 +1388,14 @@ impl World {
                 };
                 let r = self.spaces[sp]
                     .s
-                    .mprotect(addr, n as u64 * PAGE, prot_of(prot));
+                    .mprotect(VirtAddr(addr), n as u64 * PAGE, prot_of(prot));
                 expect("mprotect", r, &[want])?;
             }
             Op::Mmap { sp, n, prot } => {
                 let r = self.spaces[sp]
                     .s
-                    .mmap(None, n as u64 * PAGE, prot_of(prot), false);
+                    .mmap(None, n as u64 * PAGE, prot_of(prot), false)
+                    .map(VirtAddr::get);
                 if let Some(a) = expect("mmap(None)", r, &[Want::Ok])? {
                     let m = &mut self.spaces[sp].m;
                     if a % PAGE != 0 || m.overlaps(a, n) {
@@ -1410,7 +1419,8 @@ impl World {
                 };
                 let r = self.spaces[sp]
                     .s
-                    .mmap(Some(addr), n as u64 * PAGE, prot_of(prot), false);
+                    .mmap(Some(VirtAddr(addr)), n as u64 * PAGE, prot_of(prot), false)
+                    .map(VirtAddr::get);
                 if let Some(a) = expect("mmap(Some)", r, &[want])? {
                     if a != addr {
                         return Err(format!("mmap(Some({})) mapped {}", A(addr), A(a)));
@@ -1442,7 +1452,7 @@ impl World {
                 // A long-term pin must move a device-coherent page to host first, which a
                 // page pinned already cannot do (a pinned page is exclusive: no copy on
                 // write gets in the way).
-                let pte = self.spaces[sp].s.pte(addr);
+                let pte = self.spaces[sp].s.pte(VirtAddr(addr));
                 if longterm && want == Want::Ok && self.pinned(pte) {
                     let pfn = pte.pfn().expect("pinned");
                     if self.pm.page(pfn).map(|p| p.kind()) == Some(MemoryKind::DeviceCoherent) {
@@ -1451,15 +1461,15 @@ impl World {
                 }
                 let s = &self.spaces[sp].s;
                 let r = if longterm {
-                    pin_pages_longterm(s, addr, 1, true)
+                    pin_pages_longterm(s, VirtAddr(addr), 1, true)
                 } else {
-                    pin_pages(s, addr, 1, true, false)
+                    pin_pages(s, VirtAddr(addr), 1, true, false)
                 };
                 let r = expect("pin", r, &[want])
                     .map_err(|e| format!("{e}; the page: {}", self.describe(sp, addr)))?;
                 let s = &self.spaces[sp].s;
                 if let Some(g) = r {
-                    let pte = s.pte(addr);
+                    let pte = s.pte(VirtAddr(addr));
                     let pfn = g.pfns()[0];
                     let ok = matches!(pte, Pte::Present { pfn: p, write: true, .. } if p == pfn);
                     let kind = self.pm.page(pfn).map(|p| p.kind());
@@ -1494,7 +1504,7 @@ impl World {
                 // from setup to finalize): on the migrating thread it fails, and it is
                 // applied once the migration is over.
                 let deferred = defers(inner, sp);
-                let r = dev.migrate_to_device_with(&space, addr, n, at, || {
+                let r = dev.migrate_to_device_with(&space, VirtAddr(addr), n, at, || {
                     inner_result = Some(if deferred {
                         self.refused_mid_migration(inner)
                     } else {
@@ -1566,7 +1576,13 @@ impl World {
         let dev = self.dev.clone();
         let mut src = vec![0u64; n];
         let mut dst = vec![0u64; n];
-        let mut m = MigrateVma::new(&space, addr, addr + n as u64 * PAGE, &mut src, &mut dst);
+        let mut m = MigrateVma::new(
+            &space,
+            VirtAddr(addr),
+            VirtAddr(addr + n as u64 * PAGE),
+            &mut src,
+            &mut dst,
+        );
         m.pgmap_owner = dev.owner();
         m.flags = if to_device {
             MIGRATE_VMA_SELECT_SYSTEM
@@ -1670,13 +1686,15 @@ impl World {
                 sp,
                 addr: A(addr),
                 n,
-            } => self.spaces[sp].s.munmap(addr, n as u64 * PAGE),
+            } => self.spaces[sp].s.munmap(VirtAddr(addr), n as u64 * PAGE),
             Op::Mremap {
                 sp,
                 addr: A(addr),
                 n,
                 to: A(to),
-            } => self.spaces[sp].s.mremap(addr, n as u64 * PAGE, to),
+            } => self.spaces[sp]
+                .s
+                .mremap(VirtAddr(addr), n as u64 * PAGE, VirtAddr(to)),
             Op::Mprotect {
                 sp,
                 addr: A(addr),
@@ -1684,7 +1702,7 @@ impl World {
                 prot,
             } => self.spaces[sp]
                 .s
-                .mprotect(addr, n as u64 * PAGE, prot_of(prot)),
+                .mprotect(VirtAddr(addr), n as u64 * PAGE, prot_of(prot)),
             Op::Mmap { sp, n, prot } => self.spaces[sp]
                 .s
                 .mmap(None, n as u64 * PAGE, prot_of(prot), false)
@@ -1696,7 +1714,7 @@ impl World {
                 prot,
             } => self.spaces[sp]
                 .s
-                .mmap(Some(addr), n as u64 * PAGE, prot_of(prot), false)
+                .mmap(Some(VirtAddr(addr)), n as u64 * PAGE, prot_of(prot), false)
                 .map(|_| ()),
             Op::Fork { sp } => self.spaces[sp].s.fork().map(|_| ()),
             _ => unreachable!("{} does not change the mappings", op.name()),
@@ -1723,8 +1741,8 @@ impl World {
         let owner = self.dev.owner();
         for (k, sp) in self.spaces.iter().enumerate() {
             for &a in &sp.m.touched {
-                let pte = sp.s.pte(a);
-                let vma = sp.s.vma(a);
+                let pte = sp.s.pte(VirtAddr(a));
+                let vma = sp.s.vma(VirtAddr(a));
                 let Some(prot) = sp.m.prot_at(a) else {
                     if pte != Pte::None || vma.is_some() {
                         return Err(format!(
@@ -1838,7 +1856,7 @@ impl World {
                 compare(&format!("space {k}, page {}", A(a)), a, &got, want)?;
             }
             for &a in &sp.m.touched {
-                let state = snapshot(&sp.s, a, 1, owner)[0];
+                let state = snapshot(&sp.s, VirtAddr(a), 1, owner)[0];
                 let readable = sp.m.prot_at(a).is_some_and(|p| p.read);
                 if (state == PageState::Error) == readable || state == PageState::Migrating {
                     return Err(format!(
@@ -1863,13 +1881,13 @@ impl World {
                 let want = self.spaces[k].m.pages[&a].clone();
                 let got = self
                     .dev
-                    .device_read(&self.spaces[k].s, a, PG)
+                    .device_read(&self.spaces[k].s, VirtAddr(a), PG)
                     .map_err(|e| format!("final device read of {}: {e}", A(a)))?;
                 compare(&format!("final device read, space {k}"), a, &got, &want)?;
                 let mut got = vec![0u8; PG];
                 self.spaces[k]
                     .s
-                    .read(a, &mut got)
+                    .read(VirtAddr(a), &mut got)
                     .map_err(|e| format!("final cpu read of {}: {e}", A(a)))?;
                 compare(&format!("final cpu read, space {k}"), a, &got, &want)?;
             }

@@ -6,13 +6,14 @@
 use hetmem::mm::{MemoryKind, PageState};
 use hetmem::offload::{Advice, Context, ContextConfig, Location};
 use hetmem::Error;
+use hetmem::VirtAddr;
 use hetmem_engine::{DeviceConfig, DeviceKind};
 
 fn context(kind: DeviceKind, budget: u64, test: &str) -> Option<Context> {
     hetmem_tests::harness::offload_context(kind, budget, None, test)
 }
 
-fn states(ctx: &Context, addr: u64, pages: usize) -> Vec<PageState> {
+fn states(ctx: &Context, addr: VirtAddr, pages: usize) -> Vec<PageState> {
     hetmem::mm::snapshot(ctx.space(), addr, pages, ctx.driver().owner())
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use hetmem::mm::PageState;
 use hetmem::offload::{Buffer, Context, Location};
 use hetmem::Error;
+use hetmem::VirtAddr;
 use hetmem_engine::DeviceKind;
 
 const PAGE: usize = 4096;
@@ -50,7 +51,7 @@ fn plain_loads_and_stores_fault_pages_back_from_the_device() {
         let Some(buf) = mapped(&ctx, 64 * PAGE, test) else {
             return;
         };
-        assert_eq!(buf.as_ptr().unwrap() as u64, buf.addr());
+        assert_eq!(buf.as_ptr().unwrap() as u64, buf.addr().get());
         {
             let v = buf.view::<u32>().unwrap();
             assert!(v.iter().all(|&w| w == 0), "a new buffer reads as zeros");
@@ -384,7 +385,8 @@ fn a_forked_child_does_not_inherit_mapped_ranges_and_their_pages_stay() {
     buf.view_mut::<u8>().unwrap()[0] = b'P';
     assert_eq!(&buf.view::<u8>().unwrap()[..6], b"Parent");
     assert!(matches!(
-        ctx.space().mremap(buf.addr(), PAGE as u64, 1 << 40),
+        ctx.space()
+            .mremap(buf.addr(), PAGE as u64, VirtAddr(1 << 40)),
         Err(Error::InvalidArgument(_))
     ));
 }
@@ -488,7 +490,7 @@ fn launches_over_buffers_far_apart_in_the_space_both_run() {
         return;
     };
     let plain = ctx.alloc(4 * PAGE).unwrap();
-    let far = plain.addr().abs_diff(mapped.addr()) / PAGE as u64;
+    let far = plain.addr().get().abs_diff(mapped.addr().get()) / PAGE as u64;
     assert!(far > 1 << 31, "the two buffers lie {far} pages apart");
     let k = ctx
         .compile_kernel(

@@ -13,6 +13,7 @@ use std::time::Duration;
 use hetmem::mm::PageState;
 use hetmem::offload::{Buffer, Context, Location};
 use hetmem::Error;
+use hetmem::VirtAddr;
 use hetmem_engine::{DeviceKind, HostFramePool};
 use hetmem_tests::harness::join_all;
 
@@ -730,7 +731,7 @@ fn a_notifier_reading_a_view_during_an_unmap_deadlocks_the_fault_thread() {
     }
     struct Peek {
         buf: Buffer,
-        watch: u64,
+        watch: VirtAddr,
     }
     impl hetmem::mm::Notifier for Peek {
         fn invalidate(&self, _space: hetmem::mm::SpaceId, range: &hetmem::mm::NotifyRange) {

@@ -25,6 +25,7 @@ use hetmem::mm::{
     flags, AddressSpace, MemoryKind, Notifier, NotifyEvent, NotifyRange, PageMap, Prot, Pte,
     SpaceId, PAGE,
 };
+use hetmem::VirtAddr;
 use hetmem::{Error, ErrorKind};
 use hetmem_engine::{Device, DeviceKind, HostFramePool, Pfn};
 use hetmem_tests::dmirror::{Between, Dmirror};
@@ -271,7 +272,7 @@ fn differences(got: &[u8], want: &[u8]) -> Vec<String> {
 }
 
 /// The entries of `npages` pages from `addr` that are not `Pte::None`.
-fn entries_left(space: &AddressSpace, addr: u64, npages: usize) -> Vec<(usize, Pte)> {
+fn entries_left(space: &AddressSpace, addr: VirtAddr, npages: usize) -> Vec<(usize, Pte)> {
     (0..npages)
         .map(|k| (k, space.pte(addr + k as u64 * PAGE)))
         .filter(|(_, p)| *p != Pte::None)
@@ -372,7 +373,7 @@ fn unpaired(what: &str, events: &[(bool, NotifyRange)]) -> Vec<String> {
 }
 
 /// Fails unless `events` hold an invalidation covering `addr` and, after it, its end.
-fn invalidated(what: &str, events: &[(bool, NotifyRange)], addr: u64) -> Option<String> {
+fn invalidated(what: &str, events: &[(bool, NotifyRange)], addr: VirtAddr) -> Option<String> {
     let Some(k) = events
         .iter()
         .position(|(s, r)| *s && r.start <= addr && addr < r.end)
@@ -1107,7 +1108,7 @@ fn d08a_every_invalidation_of_a_vma_migration_ends() {
         let (pm, dev, space) = (&env.pm, &env.dev, &env.space);
         let rec = Arc::new(Recorder::default());
         space.register_notifier(rec.clone());
-        let setup = |a: u64| {
+        let setup = |a: VirtAddr| {
             Migration::setup(
                 space,
                 a,
@@ -1217,7 +1218,7 @@ fn d08b_every_invalidation_of_a_device_migration_ends() {
 /// waits for it; if the read cannot finish in 2 s, the leaf's lock was held.
 struct LeafProbe {
     space: Mutex<Option<AddressSpace>>,
-    probe: u64,
+    probe: VirtAddr,
     armed: AtomicBool,
     failures: Mutex<Vec<String>>,
 }
@@ -1259,7 +1260,7 @@ fn d08c_invalidate_runs_without_the_leaf_lock() {
         env.keep(&mut keep);
         let (pm, dev, space) = (&env.pm, &env.dev, &env.space);
         // One 2 MiB leaf: the migrated ranges and, in a mapping of its own, the probe page.
-        let base = 0x2000_0000_0000u64;
+        let base = VirtAddr(0x2000_0000_0000);
         let (a, h, probe) = (base, base + 16 * PAGE, base + 256 * PAGE);
         for (at, pages) in [(a, 8), (h, 4), (probe, 1)] {
             space.mmap(Some(at), pages * PAGE, Prot::RW, false).unwrap();

@@ -12,7 +12,7 @@ use super::migrate::Inner;
 use super::table::{DevicePin, Launch};
 use crate::error::{Error, Result};
 use crate::migration::*;
-use crate::mm::{AddressSpace, DevicePagemap, FrameAccess, MemoryKind, PageMap, PAGE};
+use crate::mm::{AddressSpace, DevicePagemap, FrameAccess, MemoryKind, Owner, PageMap, VirtAddr};
 
 /// How to set a driver up.
 #[derive(Clone, Debug)]
@@ -85,7 +85,7 @@ impl GpuDriver {
         if budget == 0 {
             return Err(Error::InvalidArgument("driver budget of 0 pages"));
         }
-        let owner = NEXT_OWNER.fetch_add(1, Ordering::Relaxed);
+        let owner = Owner(NEXT_OWNER.fetch_add(1, Ordering::Relaxed));
         let fault_around = config.fault_around.clamp(1, MAX_FAULT_AROUND);
         let inner = Inner::new(device.clone(), pagemap, owner, kind, fault_around, budget);
         let access: Option<Arc<dyn FrameAccess>> =
@@ -108,7 +108,7 @@ impl GpuDriver {
         &self.pgmap
     }
     /// The owner cookie of this driver's pages.
-    pub fn owner(&self) -> u64 {
+    pub fn owner(&self) -> Owner {
         self.inner.owner
     }
     /// Private or coherent.
@@ -119,11 +119,10 @@ impl GpuDriver {
     /// Marks the device pages behind `npages` pages from `addr` as recently used, so that
     /// eviction passes them over once. Counts past the top of the address space stop there;
     /// only mapped pages are visited.
-    pub fn touch(&self, space: &AddressSpace, addr: u64, npages: usize) {
-        let end = (npages as u64)
-            .checked_mul(PAGE)
-            .and_then(|b| addr.checked_add(b))
-            .unwrap_or(u64::MAX);
+    pub fn touch(&self, space: &AddressSpace, addr: VirtAddr, npages: usize) {
+        let end = addr
+            .checked_add_pages(npages as u64)
+            .unwrap_or(VirtAddr(u64::MAX));
         space.for_each_entry(addr, end, |_, pte| {
             if let Some(p) = pte.pfn().and_then(|pfn| self.inner.pagemap.page(pfn)) {
                 if p.owner() == self.inner.owner {
@@ -169,7 +168,7 @@ impl GpuDriver {
     pub fn migrate_to_device(
         &self,
         space: &AddressSpace,
-        addr: u64,
+        addr: VirtAddr,
         npages: usize,
     ) -> Result<Outcome> {
         self.inner.migrate_range_to_device(space, addr, npages)
@@ -180,7 +179,7 @@ impl GpuDriver {
     pub fn migrate_to_host(
         &self,
         space: &AddressSpace,
-        addr: u64,
+        addr: VirtAddr,
         npages: usize,
     ) -> Result<Outcome> {
         let flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
@@ -197,7 +196,7 @@ impl GpuDriver {
     pub fn pin_on_device(
         &self,
         space: &AddressSpace,
-        addr: u64,
+        addr: VirtAddr,
         npages: usize,
     ) -> Result<DevicePin> {
         space.refuse_homed(addr, npages.saturating_mul(PAGE_SIZE))?;
@@ -208,7 +207,7 @@ impl GpuDriver {
     pub(crate) fn pin_on_device_unchecked(
         &self,
         space: &AddressSpace,
-        addr: u64,
+        addr: VirtAddr,
         npages: usize,
     ) -> Result<DevicePin> {
         DevicePin::acquire(&self.inner, space, addr, npages)
@@ -225,7 +224,7 @@ impl GpuDriver {
         &self,
         space: &AddressSpace,
         kernel: &Kernel,
-        ranges: &[(u64, usize)],
+        ranges: &[(VirtAddr, usize)],
         args: &[u32],
         groups: [u32; 3],
     ) -> Result<Launch> {
@@ -240,7 +239,7 @@ impl GpuDriver {
         &self,
         space: &AddressSpace,
         kernel: &Kernel,
-        ranges: &[(u64, usize)],
+        ranges: &[(VirtAddr, usize)],
         args: &[u32],
         groups: [u32; 3],
     ) -> Result<Launch> {
@@ -249,7 +248,7 @@ impl GpuDriver {
 
     /// The device page behind `addr` in `space`'s device page table, if the table maps it
     /// (what a kernel would use).
-    pub fn table_entry(&self, space: &AddressSpace, addr: u64) -> Option<Pfn> {
+    pub fn table_entry(&self, space: &AddressSpace, addr: VirtAddr) -> Option<Pfn> {
         let t = self.inner.tables.lock().get(&space.id()).cloned()?;
         t.entry(addr)
     }

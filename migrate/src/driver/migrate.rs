@@ -16,7 +16,7 @@ use super::ops::Ops;
 use super::table::SpaceTable;
 use crate::error::{Error, ErrorKind, Result};
 use crate::migration::*;
-use crate::mm::{AddressSpace, MemoryKind, PageMap, SpaceId, PAGE};
+use crate::mm::{AddressSpace, MemoryKind, Owner, PageMap, SpaceId, VirtAddr, PAGE};
 
 /// The driver's counters, read by [`GpuDriver::stats`](super::GpuDriver::stats).
 #[derive(Default)]
@@ -34,7 +34,7 @@ pub(crate) struct Counters {
 pub(crate) struct Inner {
     pub(crate) device: Device,
     pub(crate) pagemap: Arc<PageMap>,
-    pub(crate) owner: u64,
+    pub(crate) owner: Owner,
     pub(crate) kind: MemoryKind,
     pub(crate) fault_around: usize,
     pub(crate) budget_pages: usize,
@@ -52,7 +52,7 @@ impl Inner {
     pub(crate) fn new(
         device: Device,
         pagemap: &Arc<PageMap>,
-        owner: u64,
+        owner: Owner,
         kind: MemoryKind,
         fault_around: usize,
         budget_pages: usize,
@@ -77,7 +77,7 @@ impl Inner {
     pub(crate) fn migrate_range_to_device(
         &self,
         space: &AddressSpace,
-        addr: u64,
+        addr: VirtAddr,
         npages: usize,
     ) -> Result<Outcome> {
         let end = crate::mm::space::pages_end(addr, npages)?;
@@ -97,8 +97,8 @@ impl Inner {
     pub(crate) fn migrate(
         &self,
         space: &AddressSpace,
-        start: u64,
-        end: u64,
+        start: VirtAddr,
+        end: VirtAddr,
         flags: u32,
         fault_page: Option<Pfn>,
         to_device: bool,
@@ -155,8 +155,8 @@ impl Inner {
     fn begin<'s>(
         &self,
         space: &'s AddressSpace,
-        start: u64,
-        end: u64,
+        start: VirtAddr,
+        end: VirtAddr,
         flags: u32,
         fault_page: Option<Pfn>,
         to_device: bool,
@@ -456,7 +456,7 @@ impl Inner {
         }
         if outcome.failed > 0 {
             return Err(Error::FaultFailed {
-                addr: 0,
+                addr: VirtAddr(0),
                 reason: format!(
                     "{} device pages could not be copied to host",
                     outcome.failed

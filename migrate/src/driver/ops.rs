@@ -11,14 +11,14 @@ use parking_lot::Mutex;
 use super::migrate::Inner;
 use crate::error::{Error, ErrorKind, Result};
 use crate::migration::*;
-use crate::mm::{FaultContext, Page, PagemapOps, Pte, PAGE};
+use crate::mm::{FaultContext, Owner, Page, PagemapOps, Pte, VirtAddr, PAGE};
 
 /// The driver's pagemap callbacks. Once the driver is gone, a device that still holds pages
 /// (its teardown could not bring them all home: no host frames) stays here, so that a fault
 /// can still copy a page home and a freed page still goes back to the device.
 pub(crate) struct Ops {
     driver: Weak<Inner>,
-    pub(crate) orphan: Mutex<Option<(Device, u64)>>,
+    pub(crate) orphan: Mutex<Option<(Device, Owner)>>,
 }
 
 impl Ops {
@@ -71,7 +71,7 @@ impl PagemapOps for Ops {
         // An aligned window around the fault, clipped to the mapping.
         let vma = f.space.vma(f.addr).ok_or(Error::NotMapped(f.addr))?;
         let span = d.fault_around as u64 * PAGE;
-        let start = (f.addr / span * span).max(vma.start);
+        let start = VirtAddr(f.addr.get() / span * span).max(vma.start);
         let end = start.saturating_add(span).min(vma.end);
         let flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
         let fault_page = Some(f.page.pfn());
@@ -97,7 +97,7 @@ impl PagemapOps for Ops {
 
 /// A fault on a page of a driver that is gone: the page alone comes home through the device
 /// the driver left behind.
-fn bring_home(device: &Device, owner: u64, f: &FaultContext<'_>) -> Result<()> {
+fn bring_home(device: &Device, owner: Owner, f: &FaultContext<'_>) -> Result<()> {
     let pm = f.space.pagemap();
     let mut m = Migration::setup(
         f.space,

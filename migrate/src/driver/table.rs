@@ -14,14 +14,16 @@ use parking_lot::Mutex;
 
 use super::migrate::Inner;
 use crate::error::{Error, Result};
-use crate::mm::{AddressSpace, MemoryKind, Notifier, NotifyEvent, NotifyRange, Pte, SpaceId, PAGE};
+use crate::mm::{
+    AddressSpace, MemoryKind, Notifier, NotifyEvent, NotifyRange, Pte, SpaceId, VirtAddr, PAGE,
+};
 
 /// Device pages held in place for the lifetime of a device kernel: never evicted, never
 /// migrated, until the guard drops.
 #[must_use = "pages are released when the guard drops"]
 pub struct DevicePin {
     pub(crate) driver: Arc<Inner>,
-    pub(crate) addr: u64,
+    pub(crate) addr: VirtAddr,
     pub(crate) pfns: Vec<Pfn>,
 }
 
@@ -43,7 +45,7 @@ impl DevicePin {
     pub(crate) fn acquire(
         driver: &Arc<Inner>,
         space: &AddressSpace,
-        addr: u64,
+        addr: VirtAddr,
         npages: usize,
     ) -> Result<DevicePin> {
         if npages > driver.budget_pages {
@@ -102,7 +104,7 @@ impl DevicePin {
     }
 
     /// The first address of the pinned range.
-    pub fn addr(&self) -> u64 {
+    pub fn addr(&self) -> VirtAddr {
         self.addr
     }
 }
@@ -201,9 +203,9 @@ impl State {
     }
 
     /// Clears the entries of `[start, end)`.
-    fn clear(&self, start: u64, end: u64) {
+    fn clear(&self, start: VirtAddr, end: VirtAddr) {
         let Some(t) = &self.table else { return };
-        let (s, e) = (start / PAGE, end.div_ceil(PAGE));
+        let (s, e) = (start.page_number(), end.get().div_ceil(PAGE));
         let lo = s.max(self.base);
         let hi = e.min(self.base + t.len() as u64);
         if lo < hi {
@@ -247,10 +249,10 @@ impl SpaceTable {
     }
 
     /// The device page the table maps `addr` to.
-    pub(crate) fn entry(&self, addr: u64) -> Option<Pfn> {
+    pub(crate) fn entry(&self, addr: VirtAddr) -> Option<Pfn> {
         let st = self.state.lock();
         let t = st.table.as_ref()?;
-        let vpn = addr / PAGE;
+        let vpn = addr.page_number();
         if vpn < st.base || vpn >= st.base + t.len() as u64 {
             return None;
         }
@@ -259,13 +261,13 @@ impl SpaceTable {
 
     /// Records migrated pages: `pages` are (address, device page), all still locked by the
     /// migration; nothing is written if the space saw an invalidation since `seq`.
-    pub(crate) fn migrated(&self, space: &AddressSpace, seq: u64, pages: &[(u64, Pfn)]) {
+    pub(crate) fn migrated(&self, space: &AddressSpace, seq: u64, pages: &[(VirtAddr, Pfn)]) {
         let st = self.state.lock();
         if space.invalidate_seq() != seq {
             return;
         }
         for &(addr, pfn) in pages {
-            st.set(addr / PAGE, pfn);
+            st.set(addr.page_number(), pfn);
         }
     }
 }
@@ -297,7 +299,7 @@ pub struct Launch {
     running: Arc<Running>,
     table: Arc<SpaceTable>,
     /// The bound ranges (page-aligned address, pages), in the kernel's buffer order.
-    ranges: Vec<(u64, usize)>,
+    ranges: Vec<(VirtAddr, usize)>,
     pins: Vec<DevicePin>,
 }
 
@@ -316,7 +318,7 @@ impl Launch {
         driver: &Arc<Inner>,
         space: &AddressSpace,
         kernel: &Kernel,
-        ranges: &[(u64, usize)],
+        ranges: &[(VirtAddr, usize)],
         args: &[u32],
         groups: [u32; 3],
     ) -> Result<Launch> {
@@ -344,22 +346,26 @@ impl Launch {
         let mut st = table.state.lock();
         st.retire();
         // The window covers every bound range (and what it covered before).
-        let lo = ranges.iter().map(|r| r.0 / PAGE).min().expect("non-empty");
+        let lo = ranges
+            .iter()
+            .map(|r| r.0.page_number())
+            .min()
+            .expect("non-empty");
         let hi = ranges
             .iter()
-            .map(|r| r.0 / PAGE + r.1 as u64)
+            .map(|r| r.0.page_number() + r.1 as u64)
             .max()
             .expect("non-empty");
         st.cover(&driver.device, lo, hi)?;
         for pin in &pins {
             for (k, &pfn) in pin.pfns.iter().enumerate() {
-                st.set(pin.addr / PAGE + k as u64, pfn);
+                st.set(pin.addr.page_number() + k as u64, pfn);
             }
         }
         let bound: Vec<std::ops::Range<u32>> = ranges
             .iter()
             .map(|r| {
-                let first = (r.0 / PAGE - st.base) as u32;
+                let first = (r.0.page_number() - st.base) as u32;
                 first..first + r.1 as u32
             })
             .collect();
@@ -439,7 +445,7 @@ impl Drop for Launch {
 /// Pins the page `at` maps if it is one of `driver`'s device pages in a settled, writable
 /// entry, and returns it; `None` if it is not (yet): not on this device, under migration,
 /// or read-only (then made writable first, for the next attempt).
-fn pin_settled(driver: &Inner, space: &AddressSpace, at: u64) -> Result<Option<Pfn>> {
+fn pin_settled(driver: &Inner, space: &AddressSpace, at: VirtAddr) -> Result<Option<Pfn>> {
     let pm = &driver.pagemap;
     // Only a settled entry: a page under migration may be on its way out.
     let (pfn, writable) = match space.pte(at) {

@@ -12,7 +12,7 @@ use super::unmap::{restore_page, unmap_page, Unmapped};
 use super::vma::move_state;
 use crate::error::{Error, Result};
 use crate::mm::page::MemoryKind;
-use crate::mm::{AddressSpace, PageMap};
+use crate::mm::{AddressSpace, PageMap, VirtAddr};
 
 /// Collects the device pages `start..start + npages` into `src`: free pages are skipped,
 /// busy (locked) ones too; the rest are referenced, locked and unmapped from every address
@@ -188,7 +188,7 @@ const LONGTERM_ROUNDS: usize = 8;
 /// (as the kernel does for FOLL_LONGTERM), then pinned.
 pub fn pin_pages_longterm(
     space: &AddressSpace,
-    addr: u64,
+    addr: VirtAddr,
     npages: usize,
     write: bool,
 ) -> Result<crate::mm::PinGuard> {

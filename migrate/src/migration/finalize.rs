@@ -9,7 +9,7 @@ use super::unmap::{entry_for, restore_entries, walk_mappings};
 use crate::mm::page::{flags, Mapping, MemoryKind, Page};
 use crate::mm::pte::{LeafGuard, Pte, PTRS_PER_LEAF};
 use crate::mm::space::{leaf_index, AddressSpace, PAGE};
-use crate::mm::PageMap;
+use crate::mm::{PageMap, VirtAddr};
 
 /// The finalize stage shared with `migrate_device_finalize`. `own` is the address space and
 /// start address of a `migrate_vma` range (entry `i` maps `start + i` pages there): pages
@@ -20,7 +20,7 @@ pub(crate) fn finalize(
     src: &mut [u64],
     dst: &[u64],
     fault_page: Option<Pfn>,
-    own: Option<(&AddressSpace, u64)>,
+    own: Option<(&AddressSpace, VirtAddr)>,
 ) {
     let mut done = Done {
         fault_page,
@@ -139,7 +139,7 @@ fn migrated(s: u64, d: u64) -> bool {
 fn finish_in_leaf(
     g: &LeafGuard<'_>,
     space: &AddressSpace,
-    addr: u64,
+    addr: VirtAddr,
     old: Option<&Page>,
     new: Option<&Page>,
     migrated: bool,
@@ -190,7 +190,7 @@ fn finish_in_leaf(
 }
 
 /// Finishes one entry through the reverse map (pages mapped in several places).
-fn finish_slow(pm: &PageMap, s: u64, d: u64, here: Option<(&AddressSpace, u64)>) {
+fn finish_slow(pm: &PageMap, s: u64, d: u64, here: Option<(&AddressSpace, VirtAddr)>) {
     let Some(old) = migrate_pfn_to_page(pm, s) else {
         return;
     };
@@ -233,7 +233,7 @@ fn new_flags(new: &Page, kind: crate::mm::MigrationKind, dirty: bool) -> u32 {
 /// bits (a device-private destination gives device-private entries). A destination mapped
 /// read-only-shared (a source shared by fork, maybe after the pages stage moved the source's
 /// exclusivity over) is not anon-exclusive.
-fn remap_to(pm: &PageMap, old: &Page, new: &Page, own: Option<(&AddressSpace, u64)>) {
+fn remap_to(pm: &PageMap, old: &Page, new: &Page, own: Option<(&AddressSpace, VirtAddr)>) {
     let mut shared = false;
     // Each mapping of the locked `old` is a migration entry, and becomes `new`'s.
     walk_mappings(pm, old, own, |tables, addr, g, li| {

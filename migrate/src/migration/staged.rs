@@ -26,7 +26,7 @@ use super::pfn::*;
 use super::vma::{abandon, migrate_vma_pages, setup_holding, Held, MigrateVma, Stage};
 use crate::error::{Error, Result};
 use crate::mm::space::MapHold;
-use crate::mm::{AddressSpace, PageMap, Vma, PAGE};
+use crate::mm::{AddressSpace, Owner, PageMap, VirtAddr, Vma, PAGE};
 
 /// State: pages are collected, locked and unmapped; the driver fills destinations, then
 /// copies ([`Migration::submit`]) or says it has copied ([`Migration::copied`]).
@@ -139,8 +139,8 @@ impl Arrays {
 /// A migration of one range of one mapping, in state `S` (see the module docs).
 pub struct Migration<'a, S> {
     space: &'a AddressSpace,
-    start: u64,
-    owner: u64,
+    start: VirtAddr,
+    owner: Owner,
     flags: u32,
     fault_page: Option<Pfn>,
     cpages: usize,
@@ -158,13 +158,13 @@ impl<'a> Migration<'a, Collected> {
     /// [`crate::migration::migrate_vma_setup`]).
     pub fn setup(
         space: &'a AddressSpace,
-        start: u64,
-        end: u64,
+        start: VirtAddr,
+        end: VirtAddr,
         flags: u32,
-        owner: u64,
+        owner: Owner,
         fault_page: Option<Pfn>,
     ) -> Result<Self> {
-        let n = (end.saturating_sub(start) / PAGE) as usize;
+        let n = (end.get().saturating_sub(start.get()) / PAGE) as usize;
         let mut src = vec![0; n];
         let mut dst = vec![0; n];
         let mut m = MigrateVma::new(space, start, end, &mut src, &mut dst);
@@ -270,7 +270,7 @@ impl<'a, S> Migration<'a, S> {
         self.cpages
     }
     /// The address of entry `i`.
-    pub fn addr(&self, i: usize) -> u64 {
+    pub fn addr(&self, i: usize) -> VirtAddr {
         self.start + i as u64 * PAGE
     }
 

@@ -6,7 +6,7 @@ use crate::mm::page::{flags, Mapping, MemoryKind, Page};
 use crate::mm::pte::LeafGuard;
 use crate::mm::pte::{MigrationKind, Pte};
 use crate::mm::space::{leaf_index, AddressSpace, PageTables, PAGE};
-use crate::mm::PageMap;
+use crate::mm::{PageMap, VirtAddr};
 
 /// The migration entry that stands in for `pte` (which maps `page`): `Write` if writable,
 /// `ReadExclusive` if the page is anon-exclusive, else `Read`; young and dirty ride along,
@@ -64,8 +64,8 @@ pub(crate) fn entry_for(page: &Page, kind: MigrationKind, young: bool, dirty: bo
 pub(crate) fn for_each_mapping(
     pm: &PageMap,
     page: &Page,
-    own: Option<(&AddressSpace, u64)>,
-    mut f: impl FnMut(&AddressSpace, u64),
+    own: Option<(&AddressSpace, VirtAddr)>,
+    mut f: impl FnMut(&AddressSpace, VirtAddr),
 ) {
     if let Some((space, addr)) = own {
         if page.sole_mapping()
@@ -94,8 +94,8 @@ pub(crate) fn for_each_mapping(
 pub(crate) fn walk_mappings(
     pm: &PageMap,
     page: &Page,
-    own: Option<(&AddressSpace, u64)>,
-    mut f: impl FnMut(&PageTables, u64, &LeafGuard<'_>, usize),
+    own: Option<(&AddressSpace, VirtAddr)>,
+    mut f: impl FnMut(&PageTables, VirtAddr, &LeafGuard<'_>, usize),
 ) {
     if let Some((space, addr)) = own {
         let me = Mapping {
@@ -190,7 +190,7 @@ pub(crate) fn unmap_page(
 
 /// Turns `page`'s migration entries back into the entries they replaced, each taking its
 /// reference again (wherever they are now: see [`walk_mappings`]).
-pub(crate) fn restore_entries(pm: &PageMap, page: &Page, own: Option<(&AddressSpace, u64)>) {
+pub(crate) fn restore_entries(pm: &PageMap, page: &Page, own: Option<(&AddressSpace, VirtAddr)>) {
     walk_mappings(pm, page, own, |_, _, g, li| {
         if let Pte::Migration {
             pfn,
@@ -214,7 +214,7 @@ pub(crate) fn restore_page(
     pm: &PageMap,
     page: &Page,
     unlock: bool,
-    own: Option<(&AddressSpace, u64)>,
+    own: Option<(&AddressSpace, VirtAddr)>,
 ) {
     restore_entries(pm, page, own);
     if page.kind() == MemoryKind::System {

@@ -26,22 +26,22 @@ use crate::mm::notifier::{NotifyEvent, NotifyRange};
 use crate::mm::page::{flags, Mapping, MemoryKind, Page};
 use crate::mm::pte::{LeafGuard, Pte, PTRS_PER_LEAF};
 use crate::mm::space::{check_aligned, find_vma, leaf_index, AddressSpace, MapHold, Vma, PAGE};
-use crate::mm::PageMap;
+use crate::mm::{Owner, PageMap, VirtAddr};
 
 /// The arguments and results of one migration (the kernel's `struct migrate_vma`).
 pub struct MigrateVma<'a> {
     /// The address space.
     pub space: &'a AddressSpace,
     /// First address (page-aligned).
-    pub start: u64,
+    pub start: VirtAddr,
     /// One past the last address (page-aligned).
-    pub end: u64,
+    pub end: VirtAddr,
     /// Source words, one per page; written by setup.
     pub src: &'a mut [u64],
     /// Destination words, one per page; written by the driver.
     pub dst: &'a mut [u64],
     /// Device pages are collected only if their pagemap has this owner.
-    pub pgmap_owner: u64,
+    pub pgmap_owner: Owner,
     /// `MIGRATE_VMA_SELECT_*` bits.
     pub flags: u32,
     /// The device-private page a CPU fault is migrating; the caller holds it locked and
@@ -92,8 +92,8 @@ impl<'a> MigrateVma<'a> {
     /// `flags` and `fault_page` before setup.
     pub fn new(
         space: &'a AddressSpace,
-        start: u64,
-        end: u64,
+        start: VirtAddr,
+        end: VirtAddr,
         src: &'a mut [u64],
         dst: &'a mut [u64],
     ) -> Self {
@@ -103,7 +103,7 @@ impl<'a> MigrateVma<'a> {
             end,
             src,
             dst,
-            pgmap_owner: 0,
+            pgmap_owner: Owner::NONE,
             flags: 0,
             fault_page: None,
             cpages: 0,
@@ -118,7 +118,7 @@ impl<'a> MigrateVma<'a> {
     }
 
     /// The address of entry `i`.
-    pub fn addr(&self, i: usize) -> u64 {
+    pub fn addr(&self, i: usize) -> VirtAddr {
         self.start + i as u64 * PAGE
     }
 }
@@ -130,8 +130,8 @@ fn validate(m: &MigrateVma<'_>, map: &MapHold<'_>) -> Result<Arc<Vma>> {
             "setup of a migration already set up",
         ));
     }
-    check_aligned(m.start)?;
-    check_aligned(m.end)?;
+    check_aligned(m.start.get())?;
+    check_aligned(m.end.get())?;
     if m.start >= m.end {
         return Err(Error::EmptyRange);
     }
@@ -221,7 +221,7 @@ pub(crate) fn setup_holding<'s>(
 }
 
 /// Whether a device page of `kind` and `owner` is selected by the migration's flags.
-fn selected(m: &MigrateVma<'_>, kind: MemoryKind, owner: u64) -> bool {
+fn selected(m: &MigrateVma<'_>, kind: MemoryKind, owner: Owner) -> bool {
     match kind {
         MemoryKind::System => m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0,
         MemoryKind::DevicePrivate => {
@@ -423,7 +423,7 @@ pub(crate) fn move_state(old: &Page, new: &Page) {
 /// meanwhile. The mapping cannot have changed since setup (the migration holds the map lock).
 /// Replacing the zero page changes the frame a mirror may hold: that is invalidated first,
 /// outside the VMA and leaf locks (a notifier may use other address spaces).
-fn insert_page(space: &AddressSpace, vma: &Vma, addr: u64, page: &Page) -> bool {
+fn insert_page(space: &AddressSpace, vma: &Vma, addr: VirtAddr, page: &Page) -> bool {
     let leaf = space.leaf(addr, true).expect("created");
     let li = leaf_index(addr);
     let zero = space.pagemap().zero_pfn();
@@ -443,7 +443,7 @@ fn insert_page(space: &AddressSpace, vma: &Vma, addr: u64, page: &Page) -> bool 
                         start: addr,
                         end: addr + PAGE,
                         event: NotifyEvent::Migrate,
-                        owner: 0,
+                        owner: Owner::NONE,
                     }));
                     // The entry is looked at again under the locks.
                     continue;

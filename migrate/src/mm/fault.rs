@@ -12,6 +12,7 @@ use super::pagemap::{FaultContext, FrameAccess};
 use super::pte::Pte;
 use super::space::{find_vma, leaf_index, AddressSpace, Vma, PAGE};
 use crate::error::{Error, Result};
+use crate::mm::{Owner, VirtAddr};
 
 /// Times a fault retries a device-private page that its driver left on the device (another
 /// thread held a reference to it, so it could not move) before failing with
@@ -25,8 +26,8 @@ const FAULT_SPINS: u32 = 8;
 impl AddressSpace {
     /// Handles a CPU access to `addr`: afterwards the entry is present (and writable for a
     /// write), unless the access is not allowed.
-    pub fn fault(&self, addr: u64, write: bool) -> Result<()> {
-        let addr = addr & !(PAGE - 1);
+    pub fn fault(&self, addr: VirtAddr, write: bool) -> Result<()> {
+        let addr = addr.page_down();
         self.with_page(addr, write, |_| Ok(()))
     }
 
@@ -35,7 +36,7 @@ impl AddressSpace {
     /// A range mapped for CPU pointers (`Context::alloc_mapped`) is refused with
     /// [`Error::InvalidArgument`]: its bytes may sit behind a live `&mut` view, and only its
     /// buffer knows (`Buffer::read`).
-    pub fn read(&self, addr: u64, out: &mut [u8]) -> Result<()> {
+    pub fn read(&self, addr: VirtAddr, out: &mut [u8]) -> Result<()> {
         self.read_checked(addr, out, false)
     }
 
@@ -43,13 +44,13 @@ impl AddressSpace {
     ///
     /// A range mapped for CPU pointers is refused with [`Error::InvalidArgument`]: its bytes
     /// may sit behind a live view, and only its buffer knows (`Buffer::write`).
-    pub fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+    pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<()> {
         self.write_checked(addr, data, false)
     }
 
     /// `read`, of ranges mapped for CPU pointers too if `homed` (the caller has checked the
     /// buffer's views).
-    pub(crate) fn read_checked(&self, addr: u64, out: &mut [u8], homed: bool) -> Result<()> {
+    pub(crate) fn read_checked(&self, addr: VirtAddr, out: &mut [u8], homed: bool) -> Result<()> {
         if !homed {
             self.refuse_homed(addr, out.len())?;
         }
@@ -60,7 +61,7 @@ impl AddressSpace {
 
     /// `write`, of ranges mapped for CPU pointers too if `homed` (the caller has checked the
     /// buffer's views).
-    pub(crate) fn write_checked(&self, addr: u64, data: &[u8], homed: bool) -> Result<()> {
+    pub(crate) fn write_checked(&self, addr: VirtAddr, data: &[u8], homed: bool) -> Result<()> {
         if !homed {
             self.refuse_homed(addr, data.len())?;
         }
@@ -71,9 +72,9 @@ impl AddressSpace {
 
     /// Fails if a mapping of `[addr, addr + len)`, up to its first hole, is mapped for CPU
     /// pointers (the hole is left to the access itself to report).
-    pub(crate) fn refuse_homed(&self, addr: u64, len: usize) -> Result<()> {
+    pub(crate) fn refuse_homed(&self, addr: VirtAddr, len: usize) -> Result<()> {
         let end = addr.saturating_add(len as u64);
-        let mut at = addr & !(PAGE - 1);
+        let mut at = addr.page_down();
         while at < end {
             match self.vma(at) {
                 Some(v) if v.home.is_some() => {
@@ -91,7 +92,7 @@ impl AddressSpace {
 
     fn for_each_span(
         &self,
-        addr: u64,
+        addr: VirtAddr,
         len: usize,
         write: bool,
         mut f: impl FnMut(
@@ -104,8 +105,8 @@ impl AddressSpace {
         let mut done = 0usize;
         while done < len {
             let at = addr + done as u64;
-            let page_addr = at & !(PAGE - 1);
-            let off = (at - page_addr) as usize;
+            let page_addr = at.page_down();
+            let off = at.page_offset() as usize;
             let n = (PAGE_SIZE - off).min(len - done);
             self.with_page(page_addr, write, |pfn| {
                 let access = self.pagemap().access(pfn).ok_or(Error::UnknownPfn(pfn))?;
@@ -134,7 +135,7 @@ impl AddressSpace {
     /// branches share the lock guard, the retry count and `f`, which runs exactly once.
     pub(crate) fn with_page<R>(
         &self,
-        addr: u64,
+        addr: VirtAddr,
         write: bool,
         f: impl FnOnce(Pfn) -> Result<R>,
     ) -> Result<R> {
@@ -203,7 +204,7 @@ impl AddressSpace {
                         start: addr,
                         end: addr + PAGE,
                         event: NotifyEvent::Clear,
-                        owner: 0,
+                        owner: Owner::NONE,
                     });
                     let g = leaf.lock();
                     if g.get(i) != pte {
@@ -302,7 +303,7 @@ impl AddressSpace {
     /// For a mirror of the CPU's own: the frame a present entry at `addr` maps and whether it
     /// is writable; with `will_write`, a writable entry is also marked young and dirty (the
     /// mirror lets writes through without telling). `None` for any other entry.
-    pub(crate) fn mirror_entry(&self, addr: u64, will_write: bool) -> Option<(Pfn, bool)> {
+    pub(crate) fn mirror_entry(&self, addr: VirtAddr, will_write: bool) -> Option<(Pfn, bool)> {
         let leaf = self.leaf(addr, false)?;
         let i = leaf_index(addr);
         let g = leaf.lock();
@@ -327,7 +328,7 @@ impl AddressSpace {
 
     /// Calls the owner's `migrate_to_ram` for `page`, which the caller has locked and
     /// referenced (and found under `addr`'s entry with the leaf locked).
-    fn fault_device_private(&self, addr: u64, write: bool, page: &Page) -> Result<()> {
+    fn fault_device_private(&self, addr: VirtAddr, write: bool, page: &Page) -> Result<()> {
         match self.pagemap().ops(page.pfn()).cloned() {
             Some(ops) => ops.migrate_to_ram(FaultContext {
                 space: self,
@@ -349,7 +350,7 @@ impl AddressSpace {
     /// later copy-on-write cannot leave the pin holding a page the space no longer maps.
     /// Mirrors hear of a replaced page first. Entries of any other state are left to the
     /// access that follows.
-    pub(crate) fn fault_own_page(&self, addr: u64) -> Result<()> {
+    pub(crate) fn fault_own_page(&self, addr: VirtAddr) -> Result<()> {
         let map = self.map_read()?;
         let vma = find_vma(&map, addr).ok_or(Error::NotMapped(addr))?;
         if !vma.prot.read {
@@ -385,7 +386,7 @@ impl AddressSpace {
                 start: addr,
                 end: addr + PAGE,
                 event: NotifyEvent::Clear,
-                owner: 0,
+                owner: Owner::NONE,
             })
         });
         let _vt = crate::mm::locks::acquire(crate::mm::locks::Rank::Vma);
@@ -431,7 +432,7 @@ impl AddressSpace {
 
     /// A new page for `addr` of `vma`: its home frame in a range mapped for CPU pointers, else
     /// any frame of the pool.
-    fn alloc_page_for(&self, vma: &Vma, addr: u64, zeroed: bool) -> Result<&Page> {
+    fn alloc_page_for(&self, vma: &Vma, addr: VirtAddr, zeroed: bool) -> Result<&Page> {
         match vma.home_of(addr) {
             Some(home) => self.pagemap().claim_home(home, zeroed, false),
             None => self.pagemap().alloc_system(zeroed, false),
@@ -441,7 +442,7 @@ impl AddressSpace {
     /// Fills the hole at `addr`: the shared zero page for a read of a private mapping (not of
     /// one mapped for CPU pointers, whose pages live in their home frames), else a new zeroed
     /// page. Takes the VMA's lock, so no migration walk is collecting the range.
-    fn populate(&self, vma: &Arc<Vma>, addr: u64, write: bool) -> Result<()> {
+    fn populate(&self, vma: &Arc<Vma>, addr: VirtAddr, write: bool) -> Result<()> {
         let _vt = crate::mm::locks::acquire(crate::mm::locks::Rank::Vma);
         let _v = vma.lock.lock();
         let leaf = self.leaf(addr, true).expect("created");

@@ -14,6 +14,8 @@ pub mod range_fault;
 pub mod space;
 mod sync;
 
+pub(crate) use crate::addr::page_addrs;
+pub use crate::addr::{Owner, VirtAddr};
 pub use fault::FAULT_TRIES;
 pub use notifier::{Notifier, NotifyEvent, NotifyRange};
 pub use page::{flags, Mapping, MemoryKind, Page};

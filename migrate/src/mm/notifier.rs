@@ -7,6 +7,7 @@
 //! [`crate::mm::AddressSpace::read_begin`] with [`crate::mm::AddressSpace::read_retry`].
 
 use super::space::SpaceId;
+use crate::mm::{Owner, VirtAddr};
 
 /// Why a range is being invalidated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -30,13 +31,13 @@ pub enum NotifyEvent {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NotifyRange {
     /// First address.
-    pub start: u64,
+    pub start: VirtAddr,
     /// One past the last address.
-    pub end: u64,
+    pub end: VirtAddr,
     /// Why.
     pub event: NotifyEvent,
     /// For `Migrate`: the owner of the migration, so a driver can skip its own.
-    pub owner: u64,
+    pub owner: Owner,
 }
 
 /// A device mirror's callbacks.

@@ -9,6 +9,7 @@ use hetmem_engine::Pfn;
 use super::page_lock::{self, PageLock};
 
 mod rmap;
+use crate::mm::Owner;
 pub use rmap::Mapping;
 use rmap::Rmap;
 #[allow(unused_imports, reason = "the path `migration`'s docs link to")]
@@ -49,7 +50,7 @@ pub mod flags {
 pub struct Page {
     /// The frame number, with the memory kind in the top two bits.
     pfn_kind: u64,
-    owner: u64,
+    owner: Owner,
     driver_data: AtomicU64,
     refcount: AtomicU32,
     pincount: AtomicU32,
@@ -112,7 +113,7 @@ impl Page {
 }
 
 impl Page {
-    pub(crate) fn new(pfn: Pfn, kind: MemoryKind, owner: u64) -> Page {
+    pub(crate) fn new(pfn: Pfn, kind: MemoryKind, owner: Owner) -> Page {
         assert!(pfn.0 >> KIND_SHIFT == 0, "pfn {pfn} too large for a page");
         let k = match kind {
             MemoryKind::System => 0,
@@ -149,8 +150,9 @@ impl Page {
     pub fn is_device(&self) -> bool {
         self.pfn_kind >> KIND_SHIFT != 0
     }
-    /// The owner of the device pagemap this page belongs to (0 for system pages).
-    pub fn owner(&self) -> u64 {
+    /// The owner of the device pagemap this page belongs to ([`Owner::NONE`] for system
+    /// pages).
+    pub fn owner(&self) -> Owner {
         self.owner
     }
     /// References held on the page (mappings, pins, transient holders).
@@ -359,10 +361,10 @@ mod tests {
             MemoryKind::DevicePrivate,
             MemoryKind::DeviceCoherent,
         ] {
-            let p = Page::new(Pfn(0x3_1234_5678), kind, 7);
+            let p = Page::new(Pfn(0x3_1234_5678), kind, Owner(7));
             assert_eq!(
                 (p.pfn(), p.kind(), p.owner()),
-                (Pfn(0x3_1234_5678), kind, 7)
+                (Pfn(0x3_1234_5678), kind, Owner(7))
             );
             assert_eq!(p.is_device(), kind != MemoryKind::System);
         }
@@ -371,7 +373,7 @@ mod tests {
 
     #[test]
     fn unlock_with_sets_flags_and_wakes_a_waiter() {
-        let p = std::sync::Arc::new(Page::new(Pfn(2), MemoryKind::System, 0));
+        let p = std::sync::Arc::new(Page::new(Pfn(2), MemoryKind::System, Owner(0)));
         p.init_allocated(true);
         let q = p.clone();
         let waiter = std::thread::spawn(move || {
@@ -395,7 +397,7 @@ mod tests {
 
     #[test]
     fn trylock_isolate_takes_a_system_page_off_the_lru_or_changes_nothing() {
-        let p = Page::new(Pfn(3), MemoryKind::System, 0);
+        let p = Page::new(Pfn(3), MemoryKind::System, Owner(0));
         p.init_allocated(false);
         assert!(!p.trylock_isolate(), "off the LRU: isolated elsewhere");
         assert_eq!(p.flags(), 0);
@@ -405,7 +407,7 @@ mod tests {
         p.set(flags::LRU);
         assert!(!p.trylock_isolate(), "locked");
         assert_eq!(p.flags(), flags::LOCKED | flags::LRU);
-        let d = Page::new(Pfn(4), MemoryKind::DevicePrivate, 1);
+        let d = Page::new(Pfn(4), MemoryKind::DevicePrivate, Owner(1));
         d.init_allocated(false);
         assert!(d.trylock_isolate(), "device pages are on no LRU");
         assert_eq!(d.flags(), flags::LOCKED);

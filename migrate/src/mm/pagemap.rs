@@ -13,6 +13,7 @@ use super::page::{flags, MemoryKind, Page};
 use super::space::AddressSpace;
 use super::space::SpaceRegistry;
 use crate::error::{Error as MmError, Result};
+use crate::mm::{Owner, VirtAddr};
 
 /// Most ranges one page map holds (the host frame pool and the device pagemaps).
 const MAX_RANGES: usize = 64;
@@ -39,7 +40,7 @@ pub struct FaultContext<'a> {
     /// The address space of the access.
     pub space: &'a AddressSpace,
     /// The page-aligned faulting address.
-    pub addr: u64,
+    pub addr: VirtAddr,
     /// True for a write access.
     pub write: bool,
     /// The device-private page that the entry maps; referenced and locked.
@@ -67,7 +68,7 @@ impl FrameAccess for HostFramePool {
 pub(crate) struct Range {
     pub(crate) range: PfnRange,
     pub(crate) kind: MemoryKind,
-    pub(crate) owner: u64,
+    pub(crate) owner: Owner,
     blocks: Box<[OnceLock<Box<[Page]>>]>,
     pub(crate) access: Option<Arc<dyn FrameAccess>>,
     pub(crate) ops: Option<Arc<dyn PagemapOps>>,
@@ -106,7 +107,7 @@ pub struct DevicePagemap {
     /// Private or coherent.
     pub kind: MemoryKind,
     /// The owner cookie that selects this pagemap's pages in migrations.
-    pub owner: u64,
+    pub owner: Owner,
     index: usize,
 }
 
@@ -165,7 +166,7 @@ impl PageMap {
         pm.add_range(
             frames.pfn_range(),
             MemoryKind::System,
-            0,
+            Owner::NONE,
             Some(frames.clone()),
             None,
         )?;
@@ -189,7 +190,7 @@ impl PageMap {
         &self,
         range: PfnRange,
         kind: MemoryKind,
-        owner: u64,
+        owner: Owner,
         access: Option<Arc<dyn FrameAccess>>,
         ops: Option<Arc<dyn PagemapOps>>,
     ) -> Result<usize, MmError> {
@@ -234,7 +235,7 @@ impl PageMap {
         &self,
         range: PfnRange,
         kind: MemoryKind,
-        owner: u64,
+        owner: Owner,
         ops: Arc<dyn PagemapOps>,
         access: Option<Arc<dyn FrameAccess>>,
     ) -> Result<DevicePagemap, MmError> {
@@ -249,7 +250,7 @@ impl PageMap {
             }
             _ => {}
         }
-        if owner == 0 {
+        if owner == Owner::NONE {
             return Err(MmError::InvalidArgument("pagemap owner 0 is reserved"));
         }
         let index = self.add_range(range, kind, owner, access, Some(ops))?;

@@ -9,6 +9,7 @@ use super::page::MemoryKind;
 use super::pagemap::PageMap;
 use super::space::{AddressSpace, PAGE};
 use crate::error::{Error, Result};
+use crate::mm::VirtAddr;
 
 /// Pinned pages; unpinned on drop.
 #[must_use = "pages are unpinned when the guard drops"]
@@ -49,12 +50,12 @@ impl Drop for PinGuard {
 /// pin_pages_longterm` does). On error nothing stays pinned.
 pub fn pin_pages(
     space: &AddressSpace,
-    addr: u64,
+    addr: VirtAddr,
     npages: usize,
     write: bool,
     longterm: bool,
 ) -> Result<PinGuard> {
-    super::space::check_aligned(addr)?;
+    super::space::check_aligned(addr.get())?;
     super::space::pages_end(addr, npages)?;
     let mut guard = PinGuard {
         pagemap: space.pagemap().clone(),

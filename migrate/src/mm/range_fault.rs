@@ -8,6 +8,7 @@ use super::page::{flags, MemoryKind};
 use super::pte::Pte;
 use super::space::{check_aligned, AddressSpace, PAGE};
 use crate::error::{Error, Result};
+use crate::mm::{Owner, VirtAddr};
 
 /// One page of a faulted range: its frame and whether the device may write it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -49,12 +50,12 @@ pub enum PageState {
 /// The caller pairs this with [`AddressSpace::invalidate_seq`] and retries if it changed.
 pub fn hmm_range_fault(
     space: &AddressSpace,
-    start: u64,
+    start: VirtAddr,
     npages: usize,
     write: bool,
-    owner: u64,
+    owner: Owner,
 ) -> Result<Vec<HmmPfn>> {
-    check_aligned(start)?;
+    check_aligned(start.get())?;
     super::space::pages_end(start, npages)?;
     let mut out = Vec::with_capacity(npages.min(1 << 16));
     for k in 0..npages as u64 {
@@ -89,10 +90,15 @@ pub fn hmm_range_fault(
 /// Reports the state of `npages` pages from `start` as seen by a device of `owner`, without
 /// faulting anything in. Pages past the top of the address space are reported as
 /// [`PageState::Error`].
-pub fn snapshot(space: &AddressSpace, start: u64, npages: usize, owner: u64) -> Vec<PageState> {
+pub fn snapshot(
+    space: &AddressSpace,
+    start: VirtAddr,
+    npages: usize,
+    owner: Owner,
+) -> Vec<PageState> {
     (0..npages as u64)
         .map(|k| {
-            let Some(addr) = k.checked_mul(PAGE).and_then(|o| start.checked_add(o)) else {
+            let Some(addr) = start.checked_add_pages(k) else {
                 return PageState::Error;
             };
             match space.vma(addr) {

@@ -12,7 +12,7 @@ use super::view::{Access, Use, View, ViewMut};
 use crate::driver::DevicePin;
 use crate::error::{Error, Result};
 use crate::migration::Outcome;
-use crate::mm::PAGE;
+use crate::mm::{VirtAddr, PAGE};
 
 /// Where a buffer's pages should be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -34,7 +34,7 @@ pub enum Advice {
 
 struct Inner {
     ctx: Context,
-    addr: u64,
+    addr: VirtAddr,
     len: usize,
     freed: AtomicBool,
     preferred: Mutex<Option<Location>>,
@@ -47,7 +47,7 @@ struct Inner {
 impl Inner {
     fn unmap(&self) -> Result<()> {
         if self.mapped {
-            self.ctx.unmap_cpu(self.addr)
+            self.ctx.unmap_cpu(self.addr.get())
         } else {
             self.ctx
                 .space()
@@ -115,7 +115,7 @@ impl Prefetch {
 }
 
 impl Buffer {
-    pub(crate) fn new(ctx: Context, addr: u64, len: usize, mapped: bool) -> Buffer {
+    pub(crate) fn new(ctx: Context, addr: VirtAddr, len: usize, mapped: bool) -> Buffer {
         Buffer {
             inner: Arc::new(Inner {
                 ctx,
@@ -148,7 +148,7 @@ impl Buffer {
         if self.inner.freed.load(Ordering::Acquire) {
             return Err(Error::Freed);
         }
-        Ok(self.inner.addr as *mut u8)
+        Ok(self.inner.addr.get() as *mut u8)
     }
 
     /// The buffer's bytes as `&[T]` (as many whole `T`s as fit), for a buffer made by
@@ -261,7 +261,7 @@ impl Buffer {
         self.inner.len == 0
     }
     /// The buffer's address in the context's address space.
-    pub fn addr(&self) -> u64 {
+    pub fn addr(&self) -> VirtAddr {
         self.inner.addr
     }
     /// The preferred location last advised.
@@ -279,7 +279,7 @@ impl Buffer {
         })
     }
 
-    fn pages(&self, range: Range<usize>) -> Result<(u64, usize)> {
+    fn pages(&self, range: Range<usize>) -> Result<(VirtAddr, usize)> {
         if self.inner.freed.load(Ordering::Acquire) {
             return Err(Error::Freed);
         }
@@ -461,7 +461,7 @@ impl Buffer {
     }
 
     /// The pages of `range` (address, count), for binding to a kernel launch.
-    pub(crate) fn page_range(&self, range: Range<usize>) -> Result<(u64, usize)> {
+    pub(crate) fn page_range(&self, range: Range<usize>) -> Result<(VirtAddr, usize)> {
         self.pages(range)
     }
 

@@ -11,7 +11,7 @@ use crate::cpu::{CpuFaultError, CpuMirror, FaultScope};
 use crate::driver::Launch;
 use crate::driver::{DriverConfig, DriverStats, GpuDriver};
 use crate::error::{Error, Result};
-use crate::mm::{AddressSpace, MemoryKind, PageMap, Prot, PAGE};
+use crate::mm::{AddressSpace, MemoryKind, PageMap, Prot, VirtAddr, PAGE};
 
 /// How to build a context.
 #[derive(Clone, Debug)]
@@ -259,7 +259,7 @@ impl Context {
             .checked_next_multiple_of(PAGE)
             .ok_or(Error::NoAddressSpace(bytes as u64))?;
         let addr = self.cpu()?.map(len)?;
-        Ok(Buffer::new(self.clone(), addr, bytes, true))
+        Ok(Buffer::new(self.clone(), VirtAddr(addr), bytes, true))
     }
 
     /// Whether CPU pointers can be had here, and which faults they serve:
@@ -291,8 +291,11 @@ impl Context {
         let m = self.inner.cpu.get_or_init(|| {
             let driver = self.inner.driver.clone();
             let space = self.inner.space.clone();
-            let bring: crate::cpu::Bring =
-                Box::new(move |addr, n| driver.migrate_to_host(&space, addr, n).map(|_| ()));
+            let bring: crate::cpu::Bring = Box::new(move |addr, n| {
+                driver
+                    .migrate_to_host(&space, VirtAddr(addr), n)
+                    .map(|_| ())
+            });
             CpuMirror::new(
                 &self.inner.space,
                 self.inner.driver.owner(),

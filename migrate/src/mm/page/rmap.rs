@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::{page_lock, Page};
 use crate::mm::space::SpaceId;
+use crate::mm::VirtAddr;
 
 /// One place a page is mapped: an address space and a virtual address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -13,7 +14,7 @@ pub struct Mapping {
     /// The address space.
     pub space: SpaceId,
     /// The page-aligned virtual address.
-    pub addr: u64,
+    pub addr: VirtAddr,
 }
 
 /// Flag bit (crate-private, beside [`flags`](super::flags)): the lock holder is walking the page's
@@ -155,11 +156,11 @@ impl Rmap {
     fn first(&self) -> Option<Mapping> {
         (self.first.0 != 0).then_some(Mapping {
             space: SpaceId(self.first.0),
-            addr: self.first.1,
+            addr: VirtAddr(self.first.1),
         })
     }
     fn set_first(&mut self, m: Option<Mapping>) {
-        self.first = m.map_or((0, 0), |m| (m.space.0, m.addr));
+        self.first = m.map_or((0, 0), |m| (m.space.0, m.addr.get()));
     }
     fn rest(&self) -> &[Mapping] {
         self.rest.as_deref().map_or(&[], |v| v.as_slice())
@@ -208,19 +209,19 @@ impl Rmap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mm::MemoryKind;
+    use crate::mm::{MemoryKind, Owner};
     use hetmem_engine::Pfn;
 
     fn at(space: u64, addr: u64) -> Mapping {
         Mapping {
             space: SpaceId(space),
-            addr,
+            addr: VirtAddr(addr),
         }
     }
 
     #[test]
     fn rmap_keeps_every_mapping_and_the_count_in_step() {
-        let p = Page::new(Pfn(1), MemoryKind::System, 0);
+        let p = Page::new(Pfn(1), MemoryKind::System, Owner(0));
         p.init_allocated(false);
         assert_eq!((p.mapcount(), p.sole_mapping()), (0, None));
         p.add_rmap(at(1, 0x1000));

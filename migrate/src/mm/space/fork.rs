@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
 use crate::mm::page::{flags, Mapping, Page};
 use crate::mm::pte::{LeafGuard, MigrationKind, Pte};
+use crate::mm::{Owner, VirtAddr};
 
 /// How [`AddressSpace::fork`] left one entry.
 enum Forked<'p> {
@@ -39,7 +40,7 @@ impl AddressSpace {
                 start: v.start,
                 end: v.end,
                 event: NotifyEvent::Protect,
-                owner: 0,
+                owner: Owner::NONE,
             });
             let mut addr = v.start;
             while addr < v.end {
@@ -68,7 +69,7 @@ impl AddressSpace {
     /// Forks the entry at `addr` (in VMA `v`) into `child`. Takes the parent's leaf lock,
     /// then the child's, and hands the entry to the step for its kind; both leaves stay
     /// locked until the step returns.
-    fn fork_one(&self, child: &AddressSpace, v: &Vma, addr: u64) -> Result<Forked<'_>> {
+    fn fork_one(&self, child: &AddressSpace, v: &Vma, addr: VirtAddr) -> Result<Forked<'_>> {
         let Some(leaf) = self.leaf(addr, false) else {
             return Ok(Forked::Done);
         };
@@ -215,7 +216,7 @@ impl AddressSpace {
 struct Slot<'a> {
     child: &'a AddressSpace,
     v: &'a Vma,
-    addr: u64,
+    addr: VirtAddr,
     i: usize,
     g: &'a LeafGuard<'a>,
     cg: &'a LeafGuard<'a>,

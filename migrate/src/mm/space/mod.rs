@@ -13,9 +13,11 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::notifier::{NotifyEvent, NotifyRange};
 use super::page::{flags, Mapping, Page};
+use super::page_addrs;
 use super::pagemap::PageMap;
 use super::pte::{Leaf, LeafGuard, MigrationKind, Pte, PTRS_PER_LEAF};
 use crate::error::{Error, Result};
+use crate::mm::{Owner, VirtAddr};
 
 mod fork;
 mod invalidate;
@@ -45,9 +47,9 @@ pub const PAGE: u64 = PAGE_SIZE as u64;
 /// a range the space picks never covers one the process maps itself, such as the view of a
 /// range mapped for CPU pointers (`Context::alloc_mapped`), which must sit at the same
 /// address in both.
-const MMAP_BASE: u64 = 1 << 48;
+const MMAP_BASE: VirtAddr = VirtAddr(1 << 48);
 /// One past the highest address a mapping may reach (a 56-bit address space).
-const MMAP_TOP: u64 = 1 << 56;
+const MMAP_TOP: VirtAddr = VirtAddr(1 << 56);
 
 /// Pages whose references an unmap drops in one batch.
 const ZAP_BATCH: usize = 4096;
@@ -81,9 +83,10 @@ impl std::fmt::Debug for AddressSpace {
     }
 }
 
-pub(crate) fn check_aligned(addr: u64) -> Result<()> {
-    if !addr.is_multiple_of(PAGE) {
-        Err(Error::Unaligned(addr))
+/// Fails unless `value` (an address or a length) is a whole number of pages.
+pub(crate) fn check_aligned(value: u64) -> Result<()> {
+    if !value.is_multiple_of(PAGE) {
+        Err(Error::Unaligned(value))
     } else {
         Ok(())
     }
@@ -106,7 +109,7 @@ impl AddressSpace {
             active: AtomicU64::new(0),
             idle: Condvar::new(),
             idle_lock: Mutex::new(()),
-            next_addr: AtomicU64::new(MMAP_BASE),
+            next_addr: AtomicU64::new(MMAP_BASE.get()),
         });
         pagemap
             .spaces()
@@ -132,27 +135,32 @@ impl AddressSpace {
     ///
     /// `None` also from a notifier called while this thread changes the space's mappings
     /// (the tree is mid-change).
-    pub fn vma(&self, addr: u64) -> Option<Arc<Vma>> {
+    pub fn vma(&self, addr: VirtAddr) -> Option<Arc<Vma>> {
         let map = self.map_read().ok()?;
         find_vma(&map, addr)
     }
 
     /// Fails unless `[addr, addr + len)` is page-aligned, non-empty and mapped without gaps.
-    pub fn check_range(&self, addr: u64, len: u64) -> Result<()> {
+    pub fn check_range(&self, addr: VirtAddr, len: u64) -> Result<()> {
         let (start, end) = range_of(addr, len)?;
         let map = self.map_read()?;
         covered(&map, start, end)
     }
 
     /// The leaf holding `addr`'s entry, created if `create`.
-    pub(crate) fn leaf(&self, addr: u64, create: bool) -> Option<Arc<Leaf>> {
+    pub(crate) fn leaf(&self, addr: VirtAddr, create: bool) -> Option<Arc<Leaf>> {
         self.inner.tables.leaf(addr, create)
     }
 
     /// Calls `f` with the address and entry of every page of `[start, end)` that is mapped and
     /// has a page-table leaf (cost follows what is mapped and touched, not the range's size).
-    pub(crate) fn for_each_entry(&self, start: u64, end: u64, mut f: impl FnMut(u64, Pte)) {
-        let spans: Vec<(u64, u64)> = match self.map_read() {
+    pub(crate) fn for_each_entry(
+        &self,
+        start: VirtAddr,
+        end: VirtAddr,
+        mut f: impl FnMut(VirtAddr, Pte),
+    ) {
+        let spans: Vec<(VirtAddr, VirtAddr)> = match self.map_read() {
             Ok(map) => map
                 .range(..end)
                 .filter(|(_, v)| v.end > start)
@@ -165,7 +173,7 @@ impl AddressSpace {
             while a < e {
                 let stop = leaf_end(a).min(e);
                 if let Some(leaf) = self.leaf(a, false) {
-                    for x in (a..stop).step_by(PAGE_SIZE) {
+                    for x in page_addrs(a, stop) {
                         f(x, leaf.get(leaf_index(x)));
                     }
                 }
@@ -175,14 +183,20 @@ impl AddressSpace {
     }
 
     /// The entry for `addr`, read atomically.
-    pub fn pte(&self, addr: u64) -> Pte {
+    pub fn pte(&self, addr: VirtAddr) -> Pte {
         self.leaf(addr, false)
             .map_or(Pte::None, |l| l.get(leaf_index(addr)))
     }
 
     /// Maps `len` bytes of anonymous memory at `addr` (or, with `None`, at a free range
     /// with a guard page after it), and returns the address.
-    pub fn mmap(&self, addr: Option<u64>, len: u64, prot: Prot, shared: bool) -> Result<u64> {
+    pub fn mmap(
+        &self,
+        addr: Option<VirtAddr>,
+        len: u64,
+        prot: Prot,
+        shared: bool,
+    ) -> Result<VirtAddr> {
         if len == 0 {
             return Err(Error::EmptyRange);
         }
@@ -191,7 +205,7 @@ impl AddressSpace {
         let start =
             match addr {
                 Some(a) => {
-                    check_aligned(a)?;
+                    check_aligned(a.get())?;
                     let end = a.checked_add(len).filter(|&e| e <= MMAP_TOP).ok_or(
                         Error::InvalidArgument("range past the top of the address space"),
                     )?;
@@ -201,13 +215,13 @@ impl AddressSpace {
                     a
                 }
                 None => {
-                    let hint = self.inner.next_addr.load(Ordering::Relaxed);
+                    let hint = VirtAddr(self.inner.next_addr.load(Ordering::Relaxed));
                     let a = free_range(&map, hint, len)
                         .or_else(|| free_range(&map, MMAP_BASE, len))
                         .ok_or(Error::NoAddressSpace(len))?;
                     self.inner
                         .next_addr
-                        .store((a + len).saturating_add(PAGE), Ordering::Relaxed);
+                        .store((a + len).get().saturating_add(PAGE), Ordering::Relaxed);
                     a
                 }
             };
@@ -219,11 +233,11 @@ impl AddressSpace {
     /// host frames while in host memory, `home` for `addr` onwards: the frames the process's
     /// own mapping of the range shows. Such a mapping is not inherited by [`fork`](Self::fork)
     /// and cannot be moved by `mremap`.
-    pub(crate) fn mmap_homed(&self, addr: u64, len: u64, home: Pfn) -> Result<()> {
+    pub(crate) fn mmap_homed(&self, addr: VirtAddr, len: u64, home: Pfn) -> Result<()> {
         if len == 0 {
             return Err(Error::EmptyRange);
         }
-        check_aligned(addr)?;
+        check_aligned(addr.get())?;
         check_aligned(len)?;
         let end =
             addr.checked_add(len)
@@ -247,12 +261,12 @@ impl AddressSpace {
     ///
     /// A range mapped for CPU pointers (`Context::alloc_mapped`) is refused: it goes with its
     /// buffer.
-    pub fn munmap(&self, addr: u64, len: u64) -> Result<()> {
+    pub fn munmap(&self, addr: VirtAddr, len: u64) -> Result<()> {
         self.munmap_checked(addr, len, false)
     }
 
     /// `munmap`, of CPU-mapped ranges too if `homed`.
-    pub(crate) fn munmap_checked(&self, addr: u64, len: u64, homed: bool) -> Result<()> {
+    pub(crate) fn munmap_checked(&self, addr: VirtAddr, len: u64, homed: bool) -> Result<()> {
         let (start, end) = range_of(addr, len)?;
         let mut map = self.map_write()?;
         if !homed && any_homed(&map, start, end) {
@@ -265,13 +279,13 @@ impl AddressSpace {
     }
 
     /// `munmap` under the exclusive map lock.
-    fn unmap_locked(&self, map: &mut VmaTree, start: u64, end: u64) {
+    fn unmap_locked(&self, map: &mut VmaTree, start: VirtAddr, end: VirtAddr) {
         let doomed = split_range(map, start, end);
         let _inv = self.invalidate(NotifyRange {
             start,
             end,
             event: NotifyEvent::Unmap,
-            owner: 0,
+            owner: Owner::NONE,
         });
         for k in doomed {
             let v = map.remove(&k).expect("listed above");
@@ -284,14 +298,14 @@ impl AddressSpace {
     /// that a device-side migration restores or replaces comes back read-only).
     ///
     /// A range mapped for CPU pointers is refused (`Buffer::set_read_only` changes one).
-    pub fn mprotect(&self, addr: u64, len: u64, prot: Prot) -> Result<()> {
+    pub fn mprotect(&self, addr: VirtAddr, len: u64, prot: Prot) -> Result<()> {
         self.mprotect_checked(addr, len, prot, false)
     }
 
     /// `mprotect`, of CPU-mapped ranges too if `homed`.
     pub(crate) fn mprotect_checked(
         &self,
-        addr: u64,
+        addr: VirtAddr,
         len: u64,
         prot: Prot,
         homed: bool,
@@ -309,7 +323,7 @@ impl AddressSpace {
             start,
             end,
             event: NotifyEvent::Protect,
-            owner: 0,
+            owner: Owner::NONE,
         });
         for k in keys {
             let old = map.get(&k).expect("listed above").clone();
@@ -332,7 +346,7 @@ impl AddressSpace {
         &self,
         g: &LeafGuard<'_>,
         i: usize,
-        addr: u64,
+        addr: VirtAddr,
         pte: Pte,
         page: &Page,
         take_ref: bool,
@@ -342,7 +356,7 @@ impl AddressSpace {
 
     /// Clears every entry of `[start, end)`, releasing what they map. Each entry and its
     /// page's reverse mapping go together under the leaf's lock; references are dropped after.
-    fn zap_range(&self, start: u64, end: u64) {
+    fn zap_range(&self, start: VirtAddr, end: VirtAddr) {
         // References are dropped in batches: frames go back to the pool together, in an
         // order that later page-by-page allocations take as ascending runs.
         let pm = self.pagemap().clone();
@@ -352,7 +366,7 @@ impl AddressSpace {
             let stop = leaf_end(addr).min(end);
             if let Some(leaf) = self.leaf(addr, false) {
                 let g = leaf.lock();
-                for a in (addr..stop).step_by(PAGE_SIZE) {
+                for a in page_addrs(addr, stop) {
                     let i = leaf_index(a);
                     let pte = g.get(i);
                     if pte == Pte::None {
@@ -383,13 +397,13 @@ impl AddressSpace {
     /// Takes the write bit from every entry of `[start, end)`; a writable migration entry
     /// becomes a read-only one (exclusive in a private mapping, where writable meant
     /// exclusive).
-    fn write_protect(&self, start: u64, end: u64, shared: bool) {
+    fn write_protect(&self, start: VirtAddr, end: VirtAddr, shared: bool) {
         let mut addr = start;
         while addr < end {
             let stop = leaf_end(addr).min(end);
             if let Some(leaf) = self.leaf(addr, false) {
                 let g = leaf.lock();
-                for a in (addr..stop).step_by(PAGE_SIZE) {
+                for a in page_addrs(addr, stop) {
                     let i = leaf_index(a);
                     match g.get(i) {
                         Pte::Present {
@@ -457,7 +471,7 @@ impl Drop for SpaceInner {
                 start: v.start,
                 end: v.end,
                 event: NotifyEvent::Release,
-                owner: 0,
+                owner: Owner::NONE,
             })
             .collect();
         for range in ranges {
@@ -487,7 +501,7 @@ impl Drop for SpaceInner {
                 }
                 p.remove_rmap(Mapping {
                     space: self.id,
-                    addr: key * LEAF_SPAN + i as u64 * PAGE,
+                    addr: VirtAddr(key * LEAF_SPAN + i as u64 * PAGE),
                 });
                 if !matches!(pte, Pte::Migration { .. }) {
                     released.push(p);

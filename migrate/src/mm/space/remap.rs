@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
 use crate::mm::page::Mapping;
 use crate::mm::pte::Pte;
+use crate::mm::{Owner, VirtAddr};
 
 /// Options of [`AddressSpace::mremap_with`] (the kernel's `MREMAP_FIXED` replacing a
 /// mapping, and `MREMAP_DONTUNMAP`).
@@ -25,7 +26,7 @@ impl AddressSpace {
     /// Moves the mapping `[old, old + len)` to `new` (which must be unmapped), with its
     /// entries in whatever state they are. Same as [`AddressSpace::mremap_with`] with no
     /// flags.
-    pub fn mremap(&self, old: u64, len: u64, new: u64) -> Result<()> {
+    pub fn mremap(&self, old: VirtAddr, len: u64, new: VirtAddr) -> Result<()> {
         self.mremap_with(old, len, new, MremapFlags::default())
     }
 
@@ -36,9 +37,15 @@ impl AddressSpace {
     /// must not overlap. `flags.fixed_replace` unmaps whatever is mapped at `new` first (else
     /// that is [`Error::AlreadyMapped`]); `flags.dont_unmap` leaves the old range mapped and
     /// empty (private mappings only: its pages read as zeros again).
-    pub fn mremap_with(&self, old: u64, len: u64, new: u64, flags: MremapFlags) -> Result<()> {
+    pub fn mremap_with(
+        &self,
+        old: VirtAddr,
+        len: u64,
+        new: VirtAddr,
+        flags: MremapFlags,
+    ) -> Result<()> {
         let (start, end) = range_of(old, len)?;
-        check_aligned(new)?;
+        check_aligned(new.get())?;
         let new_end =
             new.checked_add(len)
                 .filter(|&e| e <= MMAP_TOP)
@@ -84,7 +91,7 @@ impl AddressSpace {
             start,
             end,
             event: NotifyEvent::Remap,
-            owner: 0,
+            owner: Owner::NONE,
         });
         for k in keys {
             let v = if flags.dont_unmap {
@@ -101,7 +108,7 @@ impl AddressSpace {
 
     /// Moves every entry of `[start, end)` to the same offset from `new`. Each move holds
     /// both leaves' locks, and the page's reverse map changes inside that hold.
-    fn move_entries(&self, start: u64, end: u64, new: u64) {
+    fn move_entries(&self, start: VirtAddr, end: VirtAddr, new: VirtAddr) {
         let mut addr = start;
         while addr < end {
             let stop = leaf_end(addr).min(end);

@@ -9,6 +9,7 @@ use parking_lot::RwLock;
 use super::{SpaceId, PAGE};
 use crate::mm::page::{Mapping, Page};
 use crate::mm::pte::{Leaf, LeafGuard, Pte, PTRS_PER_LEAF};
+use crate::mm::VirtAddr;
 
 /// Bytes of address space one leaf maps.
 pub(super) const LEAF_SPAN: u64 = PAGE * PTRS_PER_LEAF as u64;
@@ -43,8 +44,8 @@ pub(crate) struct PageTables {
 
 impl PageTables {
     /// The leaf holding `addr`'s entry, created if `create`.
-    pub(crate) fn leaf(&self, addr: u64, create: bool) -> Option<Arc<Leaf>> {
-        let key = addr / LEAF_SPAN;
+    pub(crate) fn leaf(&self, addr: VirtAddr, create: bool) -> Option<Arc<Leaf>> {
+        let key = addr.get() / LEAF_SPAN;
         if let Some(l) = self.leaves.read().get(&key) {
             return Some(l.clone());
         }
@@ -60,7 +61,7 @@ impl PageTables {
         &self,
         g: &LeafGuard<'_>,
         i: usize,
-        addr: u64,
+        addr: VirtAddr,
         pte: Pte,
         page: &Page,
         take_ref: bool,
@@ -77,11 +78,11 @@ impl PageTables {
 }
 
 /// The index of `addr`'s entry in its leaf.
-pub(crate) fn leaf_index(addr: u64) -> usize {
-    ((addr / PAGE) % PTRS_PER_LEAF as u64) as usize
+pub(crate) fn leaf_index(addr: VirtAddr) -> usize {
+    ((addr.get() / PAGE) % PTRS_PER_LEAF as u64) as usize
 }
 
 /// One past the last address of the leaf that holds `addr`.
-pub(super) fn leaf_end(addr: u64) -> u64 {
-    (addr / LEAF_SPAN + 1).saturating_mul(LEAF_SPAN)
+pub(super) fn leaf_end(addr: VirtAddr) -> VirtAddr {
+    VirtAddr((addr.get() / LEAF_SPAN + 1).saturating_mul(LEAF_SPAN))
 }

@@ -6,20 +6,21 @@ use std::sync::Arc;
 
 use super::{check_aligned, Vma, MMAP_TOP, PAGE};
 use crate::error::{Error, Result};
+use crate::mm::VirtAddr;
 
 /// The VMA tree, keyed by start address.
-pub(crate) type VmaTree = BTreeMap<u64, Arc<Vma>>;
+pub(crate) type VmaTree = BTreeMap<VirtAddr, Arc<Vma>>;
 
 /// The mapping covering `addr`.
-pub(crate) fn find_vma(map: &VmaTree, addr: u64) -> Option<Arc<Vma>> {
+pub(crate) fn find_vma(map: &VmaTree, addr: VirtAddr) -> Option<Arc<Vma>> {
     map.range(..=addr)
         .next_back()
         .filter(|(_, v)| addr < v.end)
         .map(|(_, v)| v.clone())
 }
 
-pub(super) fn range_of(addr: u64, len: u64) -> Result<(u64, u64)> {
-    check_aligned(addr)?;
+pub(super) fn range_of(addr: VirtAddr, len: u64) -> Result<(VirtAddr, VirtAddr)> {
+    check_aligned(addr.get())?;
     check_aligned(len)?;
     if len == 0 {
         return Err(Error::EmptyRange);
@@ -33,10 +34,8 @@ pub(super) fn range_of(addr: u64, len: u64) -> Result<(u64, u64)> {
 
 /// One past the last byte of `npages` pages from `addr`, or an error if that passes the
 /// top of the address space.
-pub(crate) fn pages_end(addr: u64, npages: usize) -> Result<u64> {
-    (npages as u64)
-        .checked_mul(PAGE)
-        .and_then(|b| addr.checked_add(b))
+pub(crate) fn pages_end(addr: VirtAddr, npages: usize) -> Result<VirtAddr> {
+    addr.checked_add_pages(npages as u64)
         .filter(|&e| e <= MMAP_TOP)
         .ok_or(Error::InvalidArgument(
             "range past the top of the address space",
@@ -44,7 +43,7 @@ pub(crate) fn pages_end(addr: u64, npages: usize) -> Result<u64> {
 }
 
 /// True if any mapping overlaps `[start, end)`.
-pub(super) fn overlaps(map: &VmaTree, start: u64, end: u64) -> bool {
+pub(super) fn overlaps(map: &VmaTree, start: VirtAddr, end: VirtAddr) -> bool {
     map.range(..end)
         .next_back()
         .is_some_and(|(_, v)| v.end > start)
@@ -52,7 +51,7 @@ pub(super) fn overlaps(map: &VmaTree, start: u64, end: u64) -> bool {
 
 /// The first address from `from` where `len` bytes fit below [`MMAP_TOP`], with a guard
 /// page after each mapping it passes.
-pub(super) fn free_range(map: &VmaTree, from: u64, len: u64) -> Option<u64> {
+pub(super) fn free_range(map: &VmaTree, from: VirtAddr, len: u64) -> Option<VirtAddr> {
     let mut at = from;
     loop {
         let end = at.checked_add(len).filter(|&e| e <= MMAP_TOP)?;
@@ -64,7 +63,7 @@ pub(super) fn free_range(map: &VmaTree, from: u64, len: u64) -> Option<u64> {
 }
 
 /// True if a mapping of `[start, end)` is mapped for CPU pointers.
-pub(super) fn any_homed(map: &VmaTree, start: u64, end: u64) -> bool {
+pub(super) fn any_homed(map: &VmaTree, start: VirtAddr, end: VirtAddr) -> bool {
     map.range(..end)
         .rev()
         .take_while(|(_, v)| v.end > start)
@@ -72,7 +71,7 @@ pub(super) fn any_homed(map: &VmaTree, start: u64, end: u64) -> bool {
 }
 
 /// Fails unless `[start, end)` is mapped without gaps.
-pub(super) fn covered(map: &VmaTree, start: u64, end: u64) -> Result<()> {
+pub(super) fn covered(map: &VmaTree, start: VirtAddr, end: VirtAddr) -> Result<()> {
     let mut at = start;
     while at < end {
         let v = find_vma(map, at).ok_or(Error::NotMapped(at))?;
@@ -83,14 +82,14 @@ pub(super) fn covered(map: &VmaTree, start: u64, end: u64) -> Result<()> {
 
 /// Splits the mappings that straddle the edges of `[start, end)` and lists (by start) the
 /// mappings inside it.
-pub(super) fn split_range(map: &mut VmaTree, start: u64, end: u64) -> Vec<u64> {
+pub(super) fn split_range(map: &mut VmaTree, start: VirtAddr, end: VirtAddr) -> Vec<VirtAddr> {
     split_at(map, start);
     split_at(map, end);
     map.range(start..end).map(|(&k, _)| k).collect()
 }
 
 /// Splits the mapping that straddles `addr`, if one does.
-pub(super) fn split_at(map: &mut VmaTree, addr: u64) {
+pub(super) fn split_at(map: &mut VmaTree, addr: VirtAddr) {
     if let Some(v) = find_vma(map, addr) {
         if v.start < addr {
             map.insert(v.start, v.part(v.start, addr, v.prot));

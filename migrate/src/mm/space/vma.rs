@@ -7,6 +7,7 @@ use hetmem_engine::Pfn;
 use parking_lot::Mutex;
 
 use super::PAGE;
+use crate::mm::VirtAddr;
 
 /// Access a mapping allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,9 +40,9 @@ impl Prot {
 #[derive(Debug)]
 pub struct Vma {
     /// First address.
-    pub start: u64,
+    pub start: VirtAddr,
     /// One past the last address.
-    pub end: u64,
+    pub end: VirtAddr,
     /// Allowed access.
     pub prot: Prot,
     /// Shared between forked spaces (no copy-on-write).
@@ -58,25 +59,25 @@ pub struct Vma {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Home {
     /// An address of the range.
-    pub addr: u64,
+    pub addr: VirtAddr,
     /// The home frame of `addr`.
     pub pfn: Pfn,
 }
 
 impl Home {
     /// The home frame of `addr`.
-    pub fn of(&self, addr: u64) -> Pfn {
+    pub fn of(&self, addr: VirtAddr) -> Pfn {
         Pfn(self.pfn.0 + (addr - self.addr) / PAGE)
     }
 }
 
 impl Vma {
-    pub(super) fn new(start: u64, end: u64, prot: Prot, shared: bool) -> Arc<Vma> {
+    pub(super) fn new(start: VirtAddr, end: VirtAddr, prot: Prot, shared: bool) -> Arc<Vma> {
         Vma::with_home(start, end, prot, shared, None)
     }
     pub(super) fn with_home(
-        start: u64,
-        end: u64,
+        start: VirtAddr,
+        end: VirtAddr,
         prot: Prot,
         shared: bool,
         home: Option<Home>,
@@ -91,12 +92,12 @@ impl Vma {
         })
     }
     /// This mapping's `[start, end)` part with protection `prot` (a split or a protect).
-    pub(super) fn part(&self, start: u64, end: u64, prot: Prot) -> Arc<Vma> {
+    pub(super) fn part(&self, start: VirtAddr, end: VirtAddr, prot: Prot) -> Arc<Vma> {
         Vma::with_home(start, end, prot, self.shared, self.home)
     }
     /// The home frame of `addr`, for a mapping the process also reaches through a CPU
     /// pointer (`None` for any other).
-    pub fn home_of(&self, addr: u64) -> Option<Pfn> {
+    pub fn home_of(&self, addr: VirtAddr) -> Option<Pfn> {
         Some(self.home?.of(addr))
     }
     /// True if the mapping is anonymous (every mapping hetmem makes is).
