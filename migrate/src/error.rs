@@ -152,7 +152,7 @@ pub enum Error {
     #[error("byte {offset} of the buffer at {addr:#x} could not be brought to the device and held there")]
     BufferBusy {
         /// The buffer's address.
-        addr: u64,
+        addr: VirtAddr,
         /// The byte offset in the buffer of the page that could not be held.
         offset: usize,
     },

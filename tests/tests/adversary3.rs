@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use hetmem::migration::*;
 use hetmem::mm::{AddressSpace, MemoryKind, Pte, PAGE};
-use hetmem::Error;
+use hetmem::{Error, Owner, VirtAddr};
 
 use hetmem_tests::harness::*;
 
@@ -24,7 +24,7 @@ fn setup() -> Gpu {
 fn set_up<'a>(
     g: &Gpu,
     space: &'a AddressSpace,
-    a: u64,
+    a: VirtAddr,
     src: &'a mut [u64],
     dst: &'a mut [u64],
 ) -> MigrateVma<'a> {
@@ -290,7 +290,7 @@ fn a_notifier_may_use_another_space_during_a_hole_migration() {
     use hetmem::mm::{Notifier, NotifyEvent, NotifyRange, SpaceId};
     struct ReadsOther {
         other: AddressSpace,
-        at: u64,
+        at: VirtAddr,
         seen: std::sync::Mutex<Vec<Result<u8, String>>>,
     }
     impl Notifier for ReadsOther {
@@ -334,7 +334,7 @@ fn a_notifier_may_use_another_space_during_a_hole_migration() {
 /// that keeps its bookkeeping there); faults are refused.
 struct ReadingOps {
     other: AddressSpace,
-    at: u64,
+    at: VirtAddr,
     seen: std::sync::Mutex<Vec<Result<u8, String>>>,
 }
 
@@ -375,8 +375,14 @@ fn a_device_page_free_callback_may_use_another_space() {
             count: 64,
         };
         let owner = 0x5EED;
-        g.pm.register_device(range, MemoryKind::DevicePrivate, owner, ops.clone(), None)
-            .unwrap();
+        g.pm.register_device(
+            range,
+            MemoryKind::DevicePrivate,
+            Owner(owner),
+            ops.clone(),
+            None,
+        )
+        .unwrap();
         for (round, teardown) in [(0, false), (1, true)] {
             let space = AddressSpace::new(&g.pm);
             let a = map(&space, 1);
@@ -384,7 +390,7 @@ fn a_device_page_free_callback_may_use_another_space() {
             let (mut src, mut dst) = ([0u64; 1], [0u64; 1]);
             let mut m = MigrateVma::new(&space, a, a + PAGE, &mut src, &mut dst);
             m.flags = MIGRATE_VMA_SELECT_SYSTEM;
-            m.pgmap_owner = owner;
+            m.pgmap_owner = Owner(owner);
             migrate_vma_setup(&mut m).unwrap();
             let x =
                 g.pm.claim_device_page(range.start.add(round), true)

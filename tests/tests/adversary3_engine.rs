@@ -350,8 +350,14 @@ fn register_device_with_a_bad_range_is_an_error() {
         },
     ] {
         let r = no_panic(&format!("register_device({range:?})"), &mut panics, || {
-            g.pm.register_device(range, MemoryKind::DevicePrivate, 9, ops.clone(), None)
-                .map(|_| ())
+            g.pm.register_device(
+                range,
+                MemoryKind::DevicePrivate,
+                hetmem::Owner(9),
+                ops.clone(),
+                None,
+            )
+            .map(|_| ())
         });
         assert!(!matches!(r, Some(Ok(()))), "{range:?} registered");
     }

@@ -282,7 +282,7 @@ impl Shared {
     fn held_on_device(&self, error: Error, addr: u64) -> Error {
         match (&error, self.region_of(addr)) {
             (Error::Busy(_), Some((start, _))) => Error::HeldOnDevice {
-                addr: start,
+                addr: VirtAddr::from(start),
                 offset: (addr - start) as usize,
             },
             _ => error,

@@ -26,7 +26,7 @@ pub(super) fn sabotage(w: &World) {
                 at,
                 at + 4096,
                 hetmem::migration::MIGRATE_VMA_SELECT_SYSTEM,
-                0,
+                hetmem::Owner::NONE,
                 None,
             );
             std::thread::sleep(w.stuck_after * 3);
