@@ -1,5 +1,6 @@
 //! `cargo xtask audit`: lists the workspace's Rust files over [`MAX_FILE_LINES`] lines and
-//! functions over [`MAX_FN_LINES`] lines that do not say why at their top.
+//! functions over [`MAX_FN_LINES`] lines that do not say why at their top, and module cycles
+//! in the library crates (see [`crate::cycles`]).
 //!
 //! A file says why with a comment line starting `Long:` (or `Longer than`) among its first
 //! lines (`//! Long: ...`); a function with such a line among the comment and attribute
@@ -22,7 +23,8 @@ const FILE_HEAD_LINES: usize = 20;
 const MARKERS: [&str; 2] = ["Long:", "Longer than"];
 
 /// Audits every `.rs` file under the workspace root and prints what is too long and
-/// unexplained (with `--all`, the explained ones too). Fails if anything is unexplained.
+/// unexplained (with `--all`, the explained ones too), then the module cycles of the library
+/// crates. Fails if anything is unexplained or any cycle found.
 pub fn run(all: bool) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut files = Vec::new();
@@ -56,10 +58,17 @@ pub fn run(all: bool) -> Result<()> {
             }
         }
     }
-    if unexplained > 0 {
-        bail!("{unexplained} long files or functions without a `Long:` reason");
+    let mut cycles = 0;
+    for src in crate::cycles::CRATES {
+        for cycle in crate::cycles::cycles(&crate::cycles::graph(&root.join(src))?) {
+            println!("{src}: module cycle {}", cycle.join(" -> "));
+            cycles += 1;
+        }
     }
-    println!("audit: nothing too long without a reason");
+    if unexplained > 0 || cycles > 0 {
+        bail!("{unexplained} long files or functions without a `Long:` reason, {cycles} module cycles");
+    }
+    println!("audit: nothing too long without a reason, no module cycles");
     Ok(())
 }
 
@@ -72,7 +81,7 @@ fn tag(explained: bool) -> &'static str {
 }
 
 /// The `.rs` files under `dir`, skipping build output and hidden folders.
-fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+pub fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");

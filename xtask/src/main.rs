@@ -8,12 +8,13 @@
 //! - `cargo xtask bench-report`: tables and plots of the last `cargo bench` results, with
 //!   ratios.
 //! - `cargo xtask audit`: files over 600 lines and functions over 80 lines that do not say
-//!   why at their top.
+//!   why at their top, and module cycles in `engine` and `migrate`.
 //!
 //! Built without the `full` feature (as the `cargo xtask` alias does), only the demo runs
 //! here; every other task runs this binary again, built with `full`.
 
 mod audit;
+mod cycles;
 mod demo;
 #[cfg(feature = "full")]
 mod plots;
@@ -52,7 +53,7 @@ enum Task {
     /// memory exhaustion injected, checked against a shadow model.
     Soak(soak::Args),
     /// List files over 600 lines and functions over 80 lines without a `Long:` reason at
-    /// their top; fails if there are any.
+    /// their top, and module cycles in the library crates; fails if there are any.
     Audit {
         /// Also list the long ones that give a reason.
         #[arg(long)]
