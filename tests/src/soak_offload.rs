@@ -180,6 +180,8 @@ struct World {
     device_lost: AtomicU64,
     /// Host frames taken from the pool by an injected exhaustion, until given back.
     hogged: Mutex<Vec<hetmem_engine::Pfn>>,
+    /// Failures of threads that ended with one (the watchdog's report names them).
+    failed: Mutex<Vec<String>>,
     /// Threads retrying a check (see `retried`): no exhaustion starts meanwhile.
     holding_off: std::sync::atomic::AtomicUsize,
     error_counts: Mutex<std::collections::BTreeMap<String, u64>>,
@@ -295,6 +297,7 @@ pub fn run(config: &OffloadSoakConfig) -> Result<OffloadSoakReport, String> {
         out_of_memory: AtomicU64::new(0),
         device_lost: AtomicU64::new(0),
         hogged: Mutex::default(),
+        failed: Mutex::default(),
         holding_off: Default::default(),
         error_counts: Mutex::default(),
         injected: AtomicU64::new(0),
@@ -326,7 +329,16 @@ pub fn run(config: &OffloadSoakConfig) -> Result<OffloadSoakReport, String> {
             let nbuf = config.buffers_per_thread.max(1);
             std::thread::Builder::new()
                 .name(format!("soak-offload-{k}"))
-                .spawn(move || ops::worker(&w, k, seed, nbuf))
+                .spawn(move || {
+                    let r = ops::worker(&w, k, seed, nbuf);
+                    if let Err(e) = &r {
+                        // The others stop too, and a watchdog report names the cause.
+                        w.failed.lock().unwrap().push(format!("thread {k}: {e}"));
+                        w.stop.store(true, Ordering::Relaxed);
+                        let _ = inject::release_frames(&w);
+                    }
+                    r
+                })
                 .expect("spawn")
         })
         .collect();
@@ -444,8 +456,14 @@ fn watch(
                     format!("{}{state}", describe(k, d))
                 })
                 .collect();
+            let failed = world.failed.lock().unwrap().join("; ");
+            let failed = if failed.is_empty() {
+                String::new()
+            } else {
+                format!("\nfailed before: {failed}")
+            };
             return Err(format!(
-                "stuck: {}\nevery thread: {}\n{}",
+                "stuck: {}\nevery thread: {}{failed}\n{}",
                 stuck.join("; "),
                 every.join("; "),
                 hetmem::mm::locks::report()
@@ -485,7 +503,7 @@ fn retried<T>(w: &World, mut f: impl FnMut() -> hetmem::Result<T>) -> Result<T, 
     loop {
         match f() {
             Ok(v) => return Ok(v),
-            Err(e) if accepted(&e) && tries < 200 => {
+            Err(e) if accepted(&e) && tries < 2000 => {
                 tries += 1;
                 w.count_kind(&e);
                 // Checking bytes needs frames: an injected exhaustion ends here, and no new
@@ -496,12 +514,20 @@ fn retried<T>(w: &World, mut f: impl FnMut() -> hetmem::Result<T>) -> Result<T, 
                     w.device.inject_copy_failures(&[]);
                     w.device.inject_device_loss(0, true);
                 }
-                std::thread::yield_now();
+                if tries < 200 {
+                    std::thread::yield_now();
+                } else {
+                    // Other threads' operations may hold frames a while (eight threads on
+                    // two cores): give them time, about two seconds in all.
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
             }
             Err(e) => {
                 return Err(format!(
-                    "{e} ({e:?}; {} host frames free, {} taken by an injected exhaustion)",
+                    "{e} ({e:?}) after {tries} tries; {} host frames free, {} in use, {} \
+                     taken by an injected exhaustion",
                     w.pool.available(),
+                    w.pool.in_use(),
                     w.hogged.lock().unwrap().len()
                 ))
             }
