@@ -121,3 +121,70 @@ fn a_copy_lost_with_the_device_is_a_device_lost_error_with_every_page_in_place()
     drop(device);
     assert_eq!(pool.in_use(), frames_before, "no host frame leaked");
 }
+
+/// With every host frame taken for good (an exhaustion that does not pass), every offload
+/// call on pages that need a frame ends, with `OutOfMemory` (or, for a read of pages already
+/// on the host, its bytes), and none leaves a byte changed. (A 120 s soak on the host device
+/// once had every thread stuck, a prefetch holding the map lock, after one thread ended with
+/// the frames possibly still taken; this single-threaded check does not reproduce that.)
+#[test]
+fn a_lasting_exhaustion_ends_every_call_with_out_of_memory() {
+    use hetmem::offload::Location;
+    let name = "a_lasting_exhaustion_ends_every_call_with_out_of_memory";
+    let pool = small_pool();
+    let Some(ctx) = offload_context(DeviceKind::Host, 1 << 20, Some(pool.clone()), name) else {
+        return;
+    };
+    let b = ctx.alloc(16 * 4096).unwrap();
+    let bytes = pattern(16, 0x77);
+    b.write(0, &bytes).unwrap();
+    b.prefetch(0..8 * 4096, Location::Device)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let all = exhaust(&pool);
+    let worker = {
+        let b = b.clone();
+        let ctx = ctx.clone();
+        let bytes = bytes.clone();
+        std::thread::spawn(move || {
+            let oom = |what: &str, r: hetmem::Result<()>| match r {
+                Err(e) if e.kind() == ErrorKind::OutOfMemory => {}
+                other => panic!("{what} under a lasting exhaustion: {other:?}"),
+            };
+            oom(
+                "a prefetch home",
+                b.prefetch(0..b.len(), Location::Host)
+                    .unwrap()
+                    .wait()
+                    .map(|_| ()),
+            );
+            oom("an eviction", b.evict(0..b.len()).map(|_| ()));
+            oom(
+                "the driver's evict_all",
+                ctx.driver().evict_all().map(|_| ()),
+            );
+            let mut got = vec![0u8; 4096];
+            oom("a read of a device page", b.read(0, &mut got));
+            oom("a write to a device page", b.write(0, &[1]));
+            b.read(8 * 4096, &mut got).unwrap();
+            assert!(
+                got == bytes[8 * 4096..9 * 4096],
+                "a host page reads as it is"
+            );
+            tx.send(()).unwrap();
+        })
+    };
+    let ended = rx.recv_timeout(std::time::Duration::from_secs(60));
+    pool.free_batch(&all).unwrap();
+    if ended.is_err() {
+        // A panic ended the thread (join says which), or a call hangs.
+        worker.join().unwrap();
+        panic!("a call under a lasting exhaustion did not end within 60 s");
+    }
+    worker.join().unwrap();
+    let mut got = vec![0u8; bytes.len()];
+    b.read(0, &mut got).unwrap();
+    assert!(got == bytes, "every byte survives");
+}
