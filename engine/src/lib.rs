@@ -52,7 +52,6 @@ mod wgpu;
 pub use config::{
     DeviceConfig, DeviceInfo, DeviceKind, DeviceType, GatherMode, HostAccess, HostAccessMode,
 };
-pub use copy::{CopyGroup, CopyPlan, MemoryId, Place, Region};
 pub use device::{CopyStats, Device, Ticket};
 pub use error::{EngineError, ErrorKind, Result};
 pub use frames::HostFramePool;
