@@ -239,3 +239,17 @@ pub fn mapped_buffer(
         Err(e) => panic!("{test}: alloc_mapped: {e}"),
     }
 }
+
+/// A WGSL kernel (entry `add`) that adds `hm_arg(0)` to every word of bound buffer 0, which
+/// spans `hm_arg(1)` pages.
+pub const ADD_KERNEL: &str = r#"
+@compute @workgroup_size(64)
+fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let words = hm_arg(1) * HM_PAGE_WORDS;
+    if (gid.x >= words) {
+        return;
+    }
+    let p = hm_ptr(0u, gid.x * 4u);
+    hm_store(p, hm_load(p) + hm_arg(0));
+}
+"#;

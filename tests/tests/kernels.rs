@@ -5,18 +5,7 @@
 use hetmem_engine::{DeviceKind, EngineError, ErrorKind, KernelRejection, PAGE_SIZE};
 use hetmem_tests::open_for_test;
 
-/// Adds `hm_arg(0)` to every word of bound buffer 0, which spans `hm_arg(1)` pages.
-const ADD: &str = r#"
-@compute @workgroup_size(64)
-fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let words = hm_arg(1) * HM_PAGE_WORDS;
-    if (gid.x >= words) {
-        return;
-    }
-    let p = hm_ptr(0u, gid.x * 4u);
-    hm_store(p, hm_load(p) + hm_arg(0));
-}
-"#;
+use hetmem_tests::harness::ADD_KERNEL as ADD;
 
 fn words(page: &[u8]) -> Vec<u32> {
     page.chunks_exact(4)

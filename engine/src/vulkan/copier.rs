@@ -23,6 +23,7 @@ use ash::vk;
 use parking_lot::Mutex;
 
 use super::conv::error;
+use super::queue::wait_timeline as wait;
 use crate::error::Result;
 use crate::memcopy::{copy_spans, Span};
 
@@ -267,15 +268,4 @@ fn run(
             tracing::error!("copier: vkSignalSemaphore failed: {e}");
         }
     }
-}
-
-fn wait(device: &ash::Device, sem: vk::Semaphore, value: u64) -> Result<()> {
-    let sems = [sem];
-    let vals = [value];
-    let info = vk::SemaphoreWaitInfo::default()
-        .semaphores(&sems)
-        .values(&vals);
-    // SAFETY: the semaphore is a live timeline semaphore (queues outlive the copier) and the
-    // value was submitted before the job was queued.
-    unsafe { device.wait_semaphores(&info, u64::MAX) }.map_err(|e| error("vkWaitSemaphores", e))
 }

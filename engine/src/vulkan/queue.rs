@@ -268,13 +268,18 @@ impl Queue {
 
     /// Blocks until the timeline reaches `value`.
     pub(crate) fn wait(&self, device: &ash::Device, value: u64) -> Result<()> {
-        let sems = [self.timeline];
-        let vals = [value];
-        let info = vk::SemaphoreWaitInfo::default()
-            .semaphores(&sems)
-            .values(&vals);
-        // SAFETY: the semaphore is live; a value not yet submitted is never waited for (the
-        // caller got it from `submit`).
-        unsafe { device.wait_semaphores(&info, u64::MAX) }.map_err(|e| error("vkWaitSemaphores", e))
+        wait_timeline(device, self.timeline, value)
     }
+}
+
+/// Blocks until timeline semaphore `sem` reaches `value`.
+pub(crate) fn wait_timeline(device: &ash::Device, sem: vk::Semaphore, value: u64) -> Result<()> {
+    let sems = [sem];
+    let vals = [value];
+    let info = vk::SemaphoreWaitInfo::default()
+        .semaphores(&sems)
+        .values(&vals);
+    // SAFETY: callers pass a live timeline semaphore of `device` and a value that was
+    // submitted (or will be signalled by the copier thread, which outlives every waiter).
+    unsafe { device.wait_semaphores(&info, u64::MAX) }.map_err(|e| error("vkWaitSemaphores", e))
 }

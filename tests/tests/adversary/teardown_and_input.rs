@@ -330,17 +330,7 @@ fn bug_vma_restore_walk_misses_child_entry_moved_back() {
 // 4. Device kernels and protection / copy-on-write.
 // ---------------------------------------------------------------------------------------
 
-const ADD: &str = r#"
-@compute @workgroup_size(64)
-fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let words = hm_arg(1) * HM_PAGE_WORDS;
-    if (gid.x >= words) {
-        return;
-    }
-    let p = hm_ptr(0u, gid.x * 4u);
-    hm_store(p, hm_load(p) + hm_arg(0));
-}
-"#;
+use hetmem_tests::harness::ADD_KERNEL as ADD;
 
 fn vulkan_context(test: &str) -> Option<hetmem::offload::Context> {
     use hetmem::offload::{Context, ContextConfig};
