@@ -102,7 +102,9 @@ pub struct DeviceConfig {
     /// The host frame pool; `None` uses [`HostFramePool::global`].
     pub frames: Option<Arc<HostFramePool>>,
     /// On a CPU Vulkan device (lavapipe), let the calling thread copy part of each large
-    /// batch beside the queue (`HETMEM_CPU_ASSIST=0` turns it off).
+    /// batch beside the queue, and copy queued batches (`Device::copy_queued`) on hetmem's
+    /// copier thread with streaming stores instead of lavapipe's queue
+    /// (`HETMEM_CPU_ASSIST=0` turns both off).
     pub cpu_assist: bool,
 }
 
