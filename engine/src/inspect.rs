@@ -128,24 +128,7 @@ pub(crate) fn inspect(
         .find(|(_, t)| t.name.as_deref() == Some(PAGE_HANDLE))
         .map(|(h, _)| h);
     let holds_page = |ty| page.is_some_and(|p| contains(module, ty, p));
-    // A module-scope `const` holding an HmPage is built outside any function (its
-    // constructor lives among the module's expressions): refused like one built inside.
-    for (h, c) in module.constants.iter() {
-        if holds_page(c.ty) {
-            return Err(KernelRejection::PageHandle {
-                line: origin.span_line(module.constants.get_span(h)),
-            });
-        }
-    }
-    if let Some(p) = page {
-        for (h, e) in module.global_expressions.iter() {
-            if matches!(*e, Expression::Compose { ty, .. } if ty == p) {
-                return Err(KernelRejection::PageHandle {
-                    line: origin.span_line(module.global_expressions.get_span(h)),
-                });
-            }
-        }
-    }
+    refuse_module_scope_pages(module, origin, page)?;
     let mut shared: Option<u64> = Some(0);
     for (h, g) in module.global_variables.iter() {
         let span = module.global_variables.get_span(h);
@@ -190,17 +173,7 @@ pub(crate) fn inspect(
     {
         return Err(KernelRejection::OverriddenWorkgroupSize(entry.to_string()));
     }
-    let size = ep.workgroup_size;
-    let invocations: u64 = size.iter().map(|&d| u64::from(d)).product();
-    if size.iter().zip(limits.workgroup_size).any(|(&d, m)| d > m)
-        || invocations > u64::from(limits.workgroup_invocations)
-    {
-        return Err(KernelRejection::WorkgroupSize {
-            size,
-            max: limits.workgroup_size,
-            max_invocations: limits.workgroup_invocations,
-        });
-    }
+    check_workgroup_size(ep.workgroup_size, limits)?;
     let user_functions = module
         .functions
         .iter()
@@ -211,6 +184,48 @@ pub(crate) fn inspect(
         if let Some(p) = page {
             check_page_handles(module, origin, f, p)?;
         }
+    }
+    Ok(())
+}
+
+/// A module-scope `const` holding an HmPage is built outside any function (its constructor
+/// lives among the module's expressions): refused like one built inside.
+fn refuse_module_scope_pages(
+    module: &Module,
+    origin: &Origin<'_>,
+    page: Option<Handle<Type>>,
+) -> Result<(), KernelRejection> {
+    let Some(p) = page else {
+        return Ok(());
+    };
+    for (h, c) in module.constants.iter() {
+        if contains(module, c.ty, p) {
+            return Err(KernelRejection::PageHandle {
+                line: origin.span_line(module.constants.get_span(h)),
+            });
+        }
+    }
+    for (h, e) in module.global_expressions.iter() {
+        if matches!(*e, Expression::Compose { ty, .. } if ty == p) {
+            return Err(KernelRejection::PageHandle {
+                line: origin.span_line(module.global_expressions.get_span(h)),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The entry point's workgroup size against the device's limits.
+fn check_workgroup_size(size: [u32; 3], limits: &KernelLimits) -> Result<(), KernelRejection> {
+    let invocations: u64 = size.iter().map(|&d| u64::from(d)).product();
+    if size.iter().zip(limits.workgroup_size).any(|(&d, m)| d > m)
+        || invocations > u64::from(limits.workgroup_invocations)
+    {
+        return Err(KernelRejection::WorkgroupSize {
+            size,
+            max: limits.workgroup_size,
+            max_invocations: limits.workgroup_invocations,
+        });
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! dmirror test driver, and the KV-cache scenario the demo runs.
 
 pub mod dmirror;
+pub mod engine_bytes;
 pub mod harness;
 pub mod soak;
 pub mod soak_offload;

@@ -142,6 +142,9 @@ fn no_panic<T>(what: &str, panics: &mut Vec<String>, f: impl FnOnce() -> T) -> O
 }
 
 /// Frame-pool and device calls with counts, offsets and ranges at the edges of their types.
+///
+/// Long: a list of independent calls, each with its expected error; one function keeps the
+/// list in one place.
 #[test]
 fn engine_calls_at_the_edges_of_their_types_are_errors() {
     use hetmem_engine::{Pfn, PfnRange};

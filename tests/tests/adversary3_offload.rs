@@ -185,8 +185,11 @@ fn a_kernel_cannot_forge_a_page_handle() {
 /// One thread takes views of a CPU-mapped buffer over and over and checks every byte; three
 /// others evict it, prefetch it both ways, pin it on the device, rewrite it (with the same
 /// bytes) and try to free it. Views never see another byte, the calls that conflict with a
-/// view fail with `ViewActive`/`Busy` (never a panic, a hang or a SIGBUS), `free` succeeds
+/// view fail with `ViewActive`/`HeldOnDevice` (never a panic, a hang or a SIGBUS), `free` succeeds
 /// only once no view is alive, and afterwards the context's frames come back.
+///
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// split, its threads and checks would be read apart from each other.
 #[test]
 fn views_race_moves_pins_writes_and_free() {
     use hetmem::offload::Location;
@@ -308,6 +311,9 @@ fn views_race_moves_pins_writes_and_free() {
 /// range is freed and a new buffer allocated (the space reuses the addresses): nothing
 /// done through the old handle may reach the new buffer (its bytes stay the ones written
 /// through it, and it is never held by a pin it did not take).
+///
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// split, its threads and checks would be read apart from each other.
 #[test]
 fn a_freed_buffers_handle_never_reaches_the_next_buffer() {
     use hetmem::offload::Location;
@@ -414,8 +420,11 @@ fn a_freed_buffers_handle_never_reaches_the_next_buffer() {
 /// One thread launches "add 1 to every word" over a buffer and waits, 200 times; another
 /// evicts it, prefetches it both ways, reads it and pins it meanwhile. Reads see a count
 /// between the start and the end (never a torn or lost update), the calls that meet a
-/// launch fail with `HeldOnDevice`/`Busy` or wait, and at the end every word counts every
+/// launch fail with `HeldOnDevice`/`BufferBusy` or wait, and at the end every word counts every
 /// launch exactly once.
+///
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// split, its threads and checks would be read apart from each other.
 #[test]
 fn launches_race_moves_and_reads_of_their_buffer() {
     use hetmem::offload::Location;

@@ -80,17 +80,7 @@ pub(crate) fn open(
     let cpu_device = adapter.device_type == DeviceType::Cpu;
     let cpu_assist =
         cpu_device && host_access == HostAccess::Import && host_visible_memory && config.cpu_assist;
-    let copier = if cpu_assist {
-        match copier::Copier::new(&ctx.device) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!("no CPU copier, queued batches go to the queue: {e}");
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let copier = cpu_assist.then(|| start_copier(&ctx)).flatten();
     let backend = VulkanBackend {
         cpu_device,
         cpu_assist,
@@ -111,4 +101,12 @@ pub(crate) fn open(
         ctx,
     };
     Ok((info, Box::new(backend)))
+}
+
+/// The CPU copier of a CPU device, or `None` (logged) if its thread cannot start: queued
+/// batches then go to the queue.
+fn start_copier(ctx: &Context) -> Option<copier::Copier> {
+    copier::Copier::new(&ctx.device)
+        .inspect_err(|e| tracing::warn!("no CPU copier, queued batches go to the queue: {e}"))
+        .ok()
 }

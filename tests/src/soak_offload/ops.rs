@@ -129,6 +129,9 @@ impl Op {
 
 /// A thread of the soak: allocates its buffers, runs operations until told to stop, and
 /// hands its buffers and shadows back for the final check.
+///
+/// Long: the loop keeps the thread's state (buffers, shadows, the watchdog's view of the
+/// current operation) together with the retry and exhaustion hand-back rules it applies.
 pub(super) fn worker(w: &World, me: usize, seed: u64, nbuf: usize) -> Result<Vec<Owned>, String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut owned: Vec<Owned> = (0..nbuf)
