@@ -147,6 +147,8 @@ pub enum Between {
     PagesAndFinalize,
 }
 
+/// The test driver (the kernel's `test_hmm` dmirror in userspace): pages of an engine
+/// `Device`, migrations through `migrate_vma_*`, and mirror reads through `hmm_range_fault`.
 pub struct Dmirror {
     shared: Arc<Shared>,
     /// The page map the mirror's address spaces live in.

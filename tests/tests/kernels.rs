@@ -332,8 +332,8 @@ fn probe(@builtin(global_invocation_id) g: vec3<u32>) {
 }
 "#;
 
-/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
-/// its steps share the fixture and the threads' handles.
+/// Long: one scenario read top to bottom (the buffers, each out-of-range access, the checks
+/// that nothing else changed); its steps share the fixture.
 #[test]
 fn a_kernel_reaches_only_the_pages_its_launch_bound() {
     let Some(dev) = open_for_test(DeviceKind::Vulkan, 4 << 20, "bound_pages_only") else {

@@ -543,8 +543,8 @@ fn probe(@builtin(global_invocation_id) g: vec3<u32>) {
 }
 "#;
 
-/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
-/// its steps share the fixture and the threads' handles.
+/// Long: one scenario read top to bottom (the buffers, each out-of-range access, the checks
+/// that nothing else changed); its steps share the fixture.
 #[test]
 fn a_kernel_outside_its_ranges_faults_naming_the_buffer_and_touches_nothing_else() {
     let Some(ctx) = context(DeviceKind::Vulkan, 32 * 4096, "kernel_outside_ranges") else {
