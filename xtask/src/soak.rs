@@ -253,14 +253,7 @@ pub fn ci() -> Result<()> {
                 seed: 0x50a6,
                 ..SoakConfig::default()
             };
-            if dev == DeviceKind::Vulkan
-                && hetmem_engine::Device::open(hetmem_engine::DeviceConfig::default().kind(dev))
-                    .is_err()
-            {
-                if hetmem_tests::running_in_ci() {
-                    bail!("soak: CI=true and no Vulkan device");
-                }
-                eprintln!("SKIPPED soak on Vulkan: no Vulkan device");
+            if !device_present(dev, "soak")? {
                 skipped += 1;
                 continue;
             }
@@ -271,14 +264,7 @@ pub fn ci() -> Result<()> {
     // The offload API on both devices (private memory), with pointers and, on Vulkan,
     // kernel launches; copy failures, host-frame exhaustion and device losses injected.
     for dev in [DeviceKind::Host, DeviceKind::Vulkan] {
-        if dev == DeviceKind::Vulkan
-            && hetmem_engine::Device::open(hetmem_engine::DeviceConfig::default().kind(dev))
-                .is_err()
-        {
-            if hetmem_tests::running_in_ci() {
-                bail!("soak (offload): CI=true and no Vulkan device");
-            }
-            eprintln!("SKIPPED offload soak on Vulkan: no Vulkan device");
+        if !device_present(dev, "soak (offload)")? {
             skipped += 1;
             continue;
         }
@@ -295,4 +281,20 @@ pub fn ci() -> Result<()> {
     // A failed soak returned above with its error.
     println!("soak: {passed} passed, 0 failed, {skipped} skipped");
     Ok(())
+}
+
+/// Whether a soak on `dev` can run: a missing Vulkan device fails the run under `CI=true`
+/// and is skipped, by name, elsewhere.
+#[cfg(feature = "full")]
+fn device_present(dev: DeviceKind, what: &str) -> Result<bool> {
+    if dev != DeviceKind::Vulkan
+        || hetmem_engine::Device::open(hetmem_engine::DeviceConfig::default().kind(dev)).is_ok()
+    {
+        return Ok(true);
+    }
+    if hetmem_tests::running_in_ci() {
+        bail!("{what}: CI=true and no Vulkan device");
+    }
+    eprintln!("SKIPPED {what} on Vulkan: no Vulkan device");
+    Ok(false)
 }
