@@ -214,18 +214,21 @@ impl Copier {
         }
     }
 
-    /// Stops the thread after it has finished (and signalled) every queued job; then destroys
-    /// the timeline. Must run before the device is destroyed; idempotent.
-    pub(crate) fn stop(&self, device: &ash::Device) {
+    /// Stops the thread after it has finished (and signalled) every queued job. Must run
+    /// before the device is idled for teardown (queued batches wait for the jobs); idempotent.
+    pub(crate) fn stop(&self) {
         drop(self.state.lock().take());
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
-            // SAFETY: the thread has ended and signalled every value it was given; the
-            // caller waits for the device to be idle before destroying the device, and the
-            // batches that waited on this semaphore have been waited for by then (the
-            // copier signalled everything they wait for).
-            unsafe { device.destroy_semaphore(self.timeline, None) };
         }
+    }
+
+    /// Destroys the timeline. Only after [`Copier::stop`] and once the device is idle: a
+    /// batch that waits on the semaphore may still be pending after the copier signalled it.
+    pub(crate) fn destroy(&self, device: &ash::Device) {
+        // SAFETY: the thread has ended (stop), and the caller waited for the device to be
+        // idle, so no queue operation that waits on the semaphore is pending.
+        unsafe { device.destroy_semaphore(self.timeline, None) };
     }
 }
 

@@ -240,11 +240,14 @@ impl Drop for VulkanBackend {
         // The copier finishes and signals every job first: batches on the transfer queue
         // wait for them, so the device cannot become idle before.
         if let Some(c) = &self.copier {
-            c.stop(&self.ctx.device);
+            c.stop();
         }
         // After idle no submission uses any object; everything is destroyed before the
         // context (a later field) destroys the device.
         self.ctx.wait_idle();
+        if let Some(c) = &self.copier {
+            c.destroy(&self.ctx.device);
+        }
         for q in 0..2 {
             self.retire(q, u64::MAX);
         }
