@@ -28,6 +28,26 @@ unsafe impl Send for Span {}
 // SAFETY: as for Send; a shared span is only read (its pointers are copied out).
 unsafe impl Sync for Span {}
 
+impl Span {
+    /// Appends this span to `out` in pieces of at most `max` bytes (so that a long region can
+    /// be shared between threads).
+    pub(crate) fn cut_into(self, max: usize, out: &mut Vec<Span>) {
+        let mut at = 0;
+        while at < self.len {
+            let len = (self.len - at).min(max);
+            // SAFETY: `at + len <= self.len`: inside the span on both sides.
+            out.push(unsafe {
+                Span {
+                    src: self.src.add(at),
+                    dst: self.dst.add(at),
+                    len,
+                }
+            });
+            at += len;
+        }
+    }
+}
+
 /// Copies every span, with streaming stores when `streaming`, and returns once the copied
 /// bytes are visible to other threads as ordinary stores would be.
 ///

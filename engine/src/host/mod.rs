@@ -150,19 +150,12 @@ impl Backend for HostBackend {
                         offset: r.dst_offset,
                     },
                 )?;
-                let mut done = 0;
-                while done < r.size as usize {
-                    let len = (r.size as usize - done).min(TASK_BYTES);
-                    // SAFETY: `done + len <= r.size`, inside both resolved regions.
-                    spans.push(unsafe {
-                        Span {
-                            src: src.add(done),
-                            dst: dst.add(done),
-                            len,
-                        }
-                    });
-                    done += len;
-                }
+                let whole = Span {
+                    src,
+                    dst,
+                    len: r.size as usize,
+                };
+                whole.cut_into(TASK_BYTES, &mut spans);
             }
         }
         let streaming = plan.bytes() >= STREAM_MIN_BYTES;

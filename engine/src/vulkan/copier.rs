@@ -56,19 +56,7 @@ impl Work {
     fn new(spans: Vec<Span>) -> Work {
         let mut cut = Vec::with_capacity(spans.len());
         for s in spans {
-            let mut at = 0;
-            while at < s.len {
-                let len = (s.len - at).min(PIECE_BYTES);
-                // SAFETY: `at + len <= s.len`, inside the span on both sides.
-                cut.push(unsafe {
-                    Span {
-                        src: s.src.add(at),
-                        dst: s.dst.add(at),
-                        len,
-                    }
-                });
-                at += len;
-            }
+            s.cut_into(PIECE_BYTES, &mut cut);
         }
         let mut pieces = vec![0];
         let mut bytes = 0;
