@@ -169,7 +169,9 @@ impl Copier {
         Ok(value)
     }
 
-    /// Records that transfer-queue batch `value` waits for a job.
+    /// Records that transfer-queue batch `value` waits for a job that covers every batch
+    /// before it (the caller records only a batch submitted right after the transfer-queue
+    /// value its job waits for: one that another thread submitted in between would not be).
     pub(crate) fn submitted(&self, value: u64) {
         self.last_batch.fetch_max(value, Ordering::AcqRel);
     }

@@ -242,11 +242,19 @@ fn submit_to_copier(
     }
     // Every batch submitted before this one comes first, except the copier's own, which
     // are in order anyway (and waiting for them would add two thread wake-ups per job).
-    let after = b
+    let after: Vec<(vk::Semaphore, u64)> = b
         .ctx
         .queues()
         .map(|q| (q.timeline, q.last_submitted()))
-        .filter(|&(sem, v)| !(sem == b.ctx.transfer.timeline && copier.is_own_batch(v)))
+        .collect();
+    // The transfer-queue value this job waits for (or skips as the copier's own).
+    let seen = after
+        .iter()
+        .find(|&&(sem, _)| sem == q.timeline)
+        .map_or(0, |&(_, v)| v);
+    let after = after
+        .into_iter()
+        .filter(|&(sem, v)| !(sem == q.timeline && copier.is_own_batch(v)))
         .collect();
     let value = match copier.queue(after, spans) {
         Ok(v) => v,
@@ -257,7 +265,12 @@ fn submit_to_copier(
     };
     match b.submit_recorded_after(0, cb, Held::default(), Some((copier.timeline, value))) {
         Ok(value) => {
-            copier.submitted(value);
+            // Only a batch right after the transfer-queue batch this job waited for (or
+            // skipped as the copier's own) may be skipped by the next job: a batch another
+            // thread submitted in between is not covered by this job's wait.
+            if value == seen + 1 {
+                copier.submitted(value);
+            }
             Ok(Submitted {
                 value,
                 gathered_pages: 0,
