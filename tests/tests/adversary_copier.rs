@@ -672,3 +672,45 @@ fn a_queued_batch_comes_after_a_queue_copy_while_others_queue() {
         });
     });
 }
+
+/// On every kind: a queued download whose ticket is dropped unwaited, its frames freed and
+/// handed to a new owner who writes them, then a later batch waited on: the new owner's
+/// bytes stay (the dropped batch never lands after the drop).
+#[test]
+fn a_dropped_queued_download_never_lands_after_the_drop_on_any_kind() {
+    use hetmem_engine::{HostFramePool, PAGE_SIZE};
+    const N: usize = 400; // above 1 MiB: the copier's size on lavapipe
+    for k in KINDS {
+        let pool = HostFramePool::new(8 << 20).unwrap();
+        let mut config = test_config(k, 8 << 20);
+        config.frames = Some(pool.clone());
+        let Some(dev) = open_config(config, "a_dropped_queued_download") else {
+            continue;
+        };
+        watchdog_for("dropped download", LIMIT, move || {
+            let pages = dev.alloc_pages(N, false).unwrap();
+            for &p in &pages {
+                dev.write_page(p, 0, &[0xAA; PAGE_SIZE]).unwrap();
+            }
+            for _ in 0..5 {
+                let frames = pool.alloc_batch(N, false).unwrap();
+                drop(dev.copy_queued(&zip(&pages, &frames)).unwrap());
+                pool.free_batch(&frames).unwrap();
+                let reused = pool.alloc_batch(N, false).unwrap();
+                for &f in &reused {
+                    pool.write(f, 0, &[0x55; PAGE_SIZE]).unwrap();
+                }
+                let other = pool.alloc(false).unwrap();
+                dev.copy(&[(pages[0], other)]).unwrap().wait().unwrap();
+                for (i, &f) in reused.iter().enumerate() {
+                    assert!(
+                        read_frame(&dev, f).iter().all(|&b| b == 0x55),
+                        "{k:?}: frame {i} got the dropped batch's bytes"
+                    );
+                }
+                pool.free_batch(&reused).unwrap();
+                pool.free(other).unwrap();
+            }
+        });
+    }
+}
