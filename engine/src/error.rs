@@ -33,6 +33,11 @@ pub enum EngineError {
     /// still has a claimed frame.
     #[error("pfn {0} is in use or is not a free frame of a reserved home run")]
     FrameInUse(Pfn),
+    /// The frame belongs to a page map: a live page's frame cannot be freed through the
+    /// pool, and a claimed home frame (one a CPU mapping may show) cannot be read, written,
+    /// copied or freed by anyone but its page map.
+    #[error("pfn {0} belongs to a page map (a live page, or a home frame a CPU mapping may show); only the page map reaches it")]
+    FrameOwned(Pfn),
     /// A copy batch names a page twice as destination, or as both source and destination.
     #[error("pfn {0} is written twice, or both read and written, in one copy batch")]
     OverlappingCopy(Pfn),
@@ -105,6 +110,7 @@ impl EngineError {
             | EngineError::FreedPfn(_)
             | EngineError::DoubleFree(_)
             | EngineError::FrameInUse(_)
+            | EngineError::FrameOwned(_)
             | EngineError::OverlappingCopy(_)
             | EngineError::InvalidConfig(_)
             | EngineError::KernelCompile(_)

@@ -148,8 +148,8 @@ impl DevicePages {
             .map(|&p| self.slot_of(p))
             .collect::<Result<Vec<_>>>()?;
         self.slots
-            .put_all(&idx)
-            .map_err(|k| EngineError::DoubleFree(pfns[k]))
+            .put_all(&idx, false)
+            .map_err(|(k, _)| EngineError::DoubleFree(pfns[k]))
     }
 
     pub(crate) fn is_allocated(&self, pfn: Pfn) -> bool {

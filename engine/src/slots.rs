@@ -12,6 +12,55 @@ pub(crate) struct AtomicBitmap {
     words: Box<[AtomicU64]>,
 }
 
+/// Bits of an [`AtomicBitmap`] held as locks; dropping the guard unlocks them.
+pub(crate) struct WordLocks<'a> {
+    map: &'a AtomicBitmap,
+    words: Vec<(usize, u64)>,
+}
+
+impl WordLocks<'_> {
+    /// Keeps the bits locked past the guard: the caller unlocks them later with
+    /// [`AtomicBitmap::unlock_words`].
+    pub(crate) fn keep(mut self) -> Vec<(usize, u64)> {
+        std::mem::take(&mut self.words)
+    }
+}
+
+impl Drop for WordLocks<'_> {
+    fn drop(&mut self) {
+        self.map.unlock_words(&self.words);
+    }
+}
+
+/// Bits `idx` as (word, mask) pairs, one per word, in ascending word order (the order
+/// [`AtomicBitmap::lock_words`] takes them in). Duplicates are harmless.
+pub(crate) fn bit_words(idx: impl IntoIterator<Item = usize>) -> Vec<(usize, u64)> {
+    let mut words: Vec<(usize, u64)> = Vec::new();
+    let mut sorted = true;
+    for i in idx {
+        match words.last_mut() {
+            Some((w, m)) if *w == i / 64 => *m |= 1 << (i % 64),
+            Some((w, _)) if *w > i / 64 => {
+                sorted = false;
+                words.push((i / 64, 1 << (i % 64)));
+            }
+            _ => words.push((i / 64, 1 << (i % 64))),
+        }
+    }
+    if !sorted {
+        words.sort_unstable_by_key(|&(w, _)| w);
+        words.dedup_by(|b, a| {
+            if a.0 == b.0 {
+                a.1 |= b.1;
+                true
+            } else {
+                false
+            }
+        });
+    }
+    words
+}
+
 impl AtomicBitmap {
     pub(crate) fn new(bits: usize) -> Self {
         AtomicBitmap {
@@ -36,7 +85,8 @@ impl AtomicBitmap {
     }
     /// Sets every bit of `mask` in word `w`, waiting (yielding) while any of them is set
     /// already: a bit lock over up to 64 bits at once.
-    pub(crate) fn lock_word(&self, w: usize, mask: u64) {
+    /// `on_wait` runs before each wait.
+    pub(crate) fn lock_word_or(&self, w: usize, mask: u64, on_wait: &mut dyn FnMut()) {
         loop {
             let old = self.words[w].fetch_or(mask, Ordering::Acquire);
             if old & mask == 0 {
@@ -47,7 +97,32 @@ impl AtomicBitmap {
             if ours != 0 {
                 self.words[w].fetch_and(!ours, Ordering::Release);
             }
+            on_wait();
             std::thread::yield_now();
+        }
+    }
+
+    /// Locks the bits of `words` ((word, mask) pairs in ascending word order, as
+    /// [`bit_words`] makes them) and returns a guard that unlocks them; `on_wait` runs each
+    /// time a bit is found held (to retire the batches that may hold it). Every caller that
+    /// holds several words of one bitmap takes them in that order, so two callers never wait
+    /// for each other in a cycle.
+    pub(crate) fn lock_words(
+        &self,
+        words: Vec<(usize, u64)>,
+        on_wait: &mut dyn FnMut(),
+    ) -> WordLocks<'_> {
+        debug_assert!(words.windows(2).all(|w| w[0].0 < w[1].0));
+        for &(w, mask) in &words {
+            self.lock_word_or(w, mask, on_wait);
+        }
+        WordLocks { map: self, words }
+    }
+
+    /// Clears the bits of every (word, mask) of `words`.
+    pub(crate) fn unlock_words(&self, words: &[(usize, u64)]) {
+        for &(w, mask) in words {
+            self.unlock_word(w, mask);
         }
     }
 
@@ -95,10 +170,22 @@ pub(crate) struct Slots {
     dirty: AtomicBitmap,
     /// Slots that belong to a reserved home run.
     homed: AtomicBitmap,
+    /// Slots adopted by a page map (live pages): only the page map's own (unsafe) calls
+    /// free them.
+    adopted: AtomicBitmap,
     /// Runs above the ceiling whose reservation ended: (start, len).
     home_free: Vec<(usize, usize)>,
     /// Home slots claimed and not yet put back.
     homes_live: usize,
+}
+
+/// Why [`Slots::put_all`] refused a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PutRefused {
+    /// The slot is not handed out (or the batch names it twice).
+    NotInUse,
+    /// The slot is adopted and the call is not the adopter's, or the other way round.
+    Adoption,
 }
 
 impl Slots {
@@ -111,6 +198,7 @@ impl Slots {
             used: AtomicBitmap::new(limit),
             dirty: AtomicBitmap::new(limit),
             homed: AtomicBitmap::new(limit),
+            adopted: AtomicBitmap::new(limit),
             home_free: Vec::new(),
             homes_live: 0,
         }
@@ -223,12 +311,33 @@ impl Slots {
         i < self.limit && self.homed.get(i)
     }
 
-    /// Claims home slot `i`. `Err(())` if it is not a reserved home slot or is claimed already.
+    /// Claims home slot `i`, adopted (a claimed home slot always belongs to a page map).
+    /// `Err(())` if it is not a reserved home slot or is claimed already.
     pub(crate) fn claim_home(&mut self, i: usize) -> Result<(), ()> {
         if !self.is_home(i) || self.used.set_mut(i, true) {
             return Err(());
         }
+        self.adopted.set_mut(i, true);
         self.homes_live += 1;
+        Ok(())
+    }
+
+    /// True if slot `i` is adopted by a page map.
+    pub(crate) fn is_adopted(&self, i: usize) -> bool {
+        i < self.limit && self.adopted.get(i)
+    }
+
+    /// Marks every slot of `idx` adopted, or none: `Err(k)` names the first entry that is not
+    /// handed out or is adopted already (or appears twice).
+    pub(crate) fn adopt(&mut self, idx: &[usize]) -> Result<(), usize> {
+        for (k, &i) in idx.iter().enumerate() {
+            if !self.is_used(i) || self.adopted.set_mut(i, true) {
+                for &j in &idx[..k] {
+                    self.adopted.set_mut(j, false);
+                }
+                return Err(k);
+            }
+        }
         Ok(())
     }
 
@@ -270,18 +379,34 @@ impl Slots {
         Ok(out)
     }
 
-    /// Returns every slot of `idx`, or none: `Err(k)` names the first entry that was not
-    /// handed out or appears twice.
-    pub(crate) fn put_all(&mut self, idx: &[usize]) -> Result<(), usize> {
+    /// Returns every slot of `idx`, or none. With `adopted`, the slots must be adopted (and
+    /// stop being so); without, they must not be. `Err(k, why)` names the first entry that was
+    /// not handed out or appears twice ([`PutRefused::NotInUse`]), or whose adoption is not
+    /// what the call says ([`PutRefused::Adoption`]).
+    pub(crate) fn put_all(
+        &mut self,
+        idx: &[usize],
+        adopted: bool,
+    ) -> Result<(), (usize, PutRefused)> {
         // Clear the used bits; meeting a clear bit means the slot was not handed out or the
         // batch names it twice, and the bits cleared so far are set again.
         for (k, &i) in idx.iter().enumerate() {
-            if i >= self.limit || !self.used.set_mut(i, false) {
+            let why = if i >= self.limit || !self.used.get(i) {
+                Some(PutRefused::NotInUse)
+            } else if self.adopted.get(i) != adopted {
+                Some(PutRefused::Adoption)
+            } else {
+                None
+            };
+            if let Some(why) = why {
                 for &j in &idx[..k] {
                     self.used.set_mut(j, true);
+                    self.adopted.set_mut(j, adopted);
                 }
-                return Err(k);
+                return Err((k, why));
             }
+            self.used.set_mut(i, false);
+            self.adopted.set_mut(i, false);
         }
         self.free.reserve(idx.len());
         // Home slots stay where they are: unclaimed, possibly holding an earlier user's bytes.
@@ -320,7 +445,7 @@ mod tests {
     fn fresh_slots_come_out_in_runs_and_freed_ones_first() {
         let mut s = Slots::new(8);
         assert_eq!(s.take(3).unwrap(), vec![0, 1, 2]);
-        s.put_all(&[1]).unwrap();
+        s.put_all(&[1], false).unwrap();
         assert!(s.is_dirty(1) && !s.is_used(1));
         assert_eq!(s.take(2).unwrap(), vec![1, 3]);
         assert_eq!(s.in_use(), 4);
@@ -332,11 +457,31 @@ mod tests {
             })
         );
         assert_eq!(s.in_use(), 4);
-        assert_eq!(s.put_all(&[7]), Err(0));
-        s.put_all(&[0]).unwrap();
-        assert_eq!(s.put_all(&[0]), Err(0));
-        assert_eq!(s.put_all(&[2, 2]), Err(1));
+        assert_eq!(s.put_all(&[7], false), Err((0, PutRefused::NotInUse)));
+        s.put_all(&[0], false).unwrap();
+        assert_eq!(s.put_all(&[0], false), Err((0, PutRefused::NotInUse)));
+        assert_eq!(s.put_all(&[2, 2], false), Err((1, PutRefused::NotInUse)));
         assert!(s.is_used(2), "a refused batch frees nothing");
+    }
+
+    #[test]
+    fn adopted_slots_go_back_only_through_the_adopter() {
+        let mut s = Slots::new(8);
+        s.take(4).unwrap();
+        assert_eq!(s.adopt(&[1, 5]), Err(1), "slot 5 is not handed out");
+        assert!(!s.is_adopted(1), "a refused adoption adopts nothing");
+        s.adopt(&[1, 2]).unwrap();
+        assert_eq!(s.adopt(&[2]), Err(0), "adopted twice");
+        assert_eq!(s.put_all(&[0, 1], false), Err((1, PutRefused::Adoption)));
+        assert!(s.is_used(0), "a refused batch frees nothing");
+        assert_eq!(s.put_all(&[0], true), Err((0, PutRefused::Adoption)));
+        s.put_all(&[1, 2], true).unwrap();
+        assert!(!s.is_adopted(1) && !s.is_used(1));
+        let h = s.reserve_home(2).unwrap();
+        s.claim_home(h).unwrap();
+        assert!(s.is_adopted(h), "a claimed home slot is the page map's");
+        assert_eq!(s.put_all(&[h], false), Err((0, PutRefused::Adoption)));
+        s.put_all(&[h], true).unwrap();
     }
 
     #[test]
@@ -344,7 +489,7 @@ mod tests {
         let mut s = Slots::new(16);
         let all = s.take(16).unwrap();
         let idx: Vec<usize> = all[4..12].iter().map(|&i| i as usize).collect();
-        s.put_all(&idx).unwrap();
+        s.put_all(&idx, false).unwrap();
         let singles: Vec<u32> = (0..8).map(|_| s.take(1).unwrap()[0]).collect();
         assert_eq!(singles, (4..12).collect::<Vec<u32>>());
     }
@@ -362,7 +507,7 @@ mod tests {
         assert_eq!(s.claim_home(3), Err(()), "not a home slot");
         assert_eq!(s.in_use(), 5);
         assert_eq!(s.release_home(8, 8), Err(9), "a claimed slot keeps its run");
-        s.put_all(&[9]).unwrap();
+        s.put_all(&[9], true).unwrap();
         assert!(s.is_dirty(9) && !s.is_used(9) && s.is_home(9));
         assert_eq!(
             s.take(5).unwrap_err().available,
@@ -421,7 +566,7 @@ mod tests {
             .map(|&i| i as usize)
             .filter(|&i| i != 9)
             .collect();
-        s.put_all(&back).unwrap();
+        s.put_all(&back, false).unwrap();
         assert_eq!(s.available(), 15);
         assert_eq!(s.reserve_home(4).unwrap(), 12);
         assert_eq!(s.reserve_home(2).unwrap(), 10);
@@ -443,7 +588,7 @@ mod tests {
     fn untake_restores_the_state() {
         let mut s = Slots::new(4);
         s.take(1).unwrap();
-        s.put_all(&[0]).unwrap();
+        s.put_all(&[0], false).unwrap();
         let t = s.take(3).unwrap();
         assert_eq!(t, vec![0, 1, 2]);
         s.untake(&t);

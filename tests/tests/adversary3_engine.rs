@@ -67,16 +67,34 @@ fn torn_page(
 /// worker or the calling thread) takes no part in that lock: safe code races two
 /// non-atomic writes of one frame and a read sees half of each.
 #[test]
-#[ignore = "bug: Device::copy into a host frame does not take the frame's lock that HostFramePool::read/write take (a data race reachable from safe code)"]
 fn frame_pool_write_races_a_device_copy_into_the_frame() {
-    let g = setup();
+    for kind in KINDS {
+        if let Some(g) = gpu_on(kind, MemoryKind::DevicePrivate, 64, 1, SMALL_POOL) {
+            pool_write_races_a_copy(g, kind);
+        }
+    }
+}
+
+/// Reads a torn-page attack makes: fewer where each access is a queue submission (every
+/// torn read found before the fix came within the first few hundred).
+fn rounds(kind: DeviceKind) -> usize {
+    match kind {
+        DeviceKind::Host => 200_000,
+        _ => 10_000,
+    }
+}
+
+/// Every kind of device the torn-page attacks run on.
+const KINDS: [DeviceKind; 3] = [DeviceKind::Host, DeviceKind::Vulkan, DeviceKind::Wgpu];
+
+fn pool_write_races_a_copy(g: Gpu, kind: DeviceKind) {
     let dev = g.d.device().clone();
     let f = g.pool.alloc(true).unwrap();
     let src = g.pool.alloc(false).unwrap();
     g.pool.write(src, 0, &[0xAA; 4096]).unwrap();
     let (p1, p2) = (g.pool.clone(), g.pool.clone());
     let torn = torn_page(
-        200_000,
+        rounds(kind),
         move || dev.copy(&[(src, f)]).unwrap().wait().unwrap(),
         move || p1.write(f, 0, &[0x55; 4096]).unwrap(),
         move || {
@@ -87,7 +105,7 @@ fn frame_pool_write_races_a_device_copy_into_the_frame() {
     );
     assert_eq!(
         torn, None,
-        "a read saw a copy and a write of the frame half done"
+        "{kind:?}: a read saw a copy and a write of the frame half done"
     );
 }
 
@@ -95,9 +113,15 @@ fn frame_pool_write_races_a_device_copy_into_the_frame() {
 /// host device each is a memcpy under the chunk list's read lock only, so two writes and a
 /// read of one page race (non-atomic accesses of the same bytes from safe code).
 #[test]
-#[ignore = "bug: Device::read_page/write_page/copy of one device page do not exclude each other (a data race reachable from safe code)"]
 fn device_page_writes_race_each_other() {
-    let g = setup();
+    for kind in KINDS {
+        if let Some(g) = gpu_on(kind, MemoryKind::DevicePrivate, 64, 1, SMALL_POOL) {
+            device_page_writes_race(g, kind);
+        }
+    }
+}
+
+fn device_page_writes_race(g: Gpu, kind: DeviceKind) {
     let x = g.d.device().alloc_page(true).unwrap();
     let (d1, d2, d3) = (
         g.d.device().clone(),
@@ -105,7 +129,7 @@ fn device_page_writes_race_each_other() {
         g.d.device().clone(),
     );
     let torn = torn_page(
-        200_000,
+        rounds(kind),
         move || d1.write_page(x, 0, &[0xAA; 4096]).unwrap(),
         move || d2.write_page(x, 0, &[0x55; 4096]).unwrap(),
         move || {
@@ -116,7 +140,7 @@ fn device_page_writes_race_each_other() {
     );
     assert_eq!(
         torn, None,
-        "a read saw two writes of a device page half done"
+        "{kind:?}: a read saw two writes of a device page half done"
     );
 }
 
@@ -301,13 +325,17 @@ fn offload_ranges_at_the_edges_are_errors() {
 /// space maps succeeds, the next allocation gets the same frame, and two owners share it
 /// (one's writes show in the other's page).
 #[test]
-#[ignore = "bug: HostFramePool::free (safe, public) frees the frame of a live page the page map owns; the next owner shares it"]
 fn freeing_a_mapped_pages_frame_through_the_pool_is_refused() {
     let g = setup();
     let a = map(&g.space, 1);
     g.space.write(a, &[0x42; 4096]).unwrap();
     let pfn = g.space.pte(a).pfn().expect("present");
     let r = g.pool.free(pfn);
+    assert!(
+        matches!(r, Err(hetmem_engine::EngineError::FrameOwned(f)) if f == pfn),
+        "{r:?}"
+    );
+    let r = g.pool.free_batch(&[pfn]);
     if r.is_ok() {
         // Show what it costs: the next page shares the frame.
         let other = AddressSpace::new(&g.pm);
@@ -373,7 +401,6 @@ fn register_device_with_a_bad_range_is_an_error() {
 /// data race and a broken aliasing promise, from safe code). `PageMap::write_frame` and
 /// `Device::copy` into the frame do the same.
 #[test]
-#[ignore = "bug: HostFramePool::write / PageMap::write_frame / Device::copy change the bytes behind a live Buffer::view (home frames are reachable by number from safe code)"]
 fn a_frame_write_changes_the_bytes_under_a_view() {
     let test = "a_frame_write_changes_the_bytes_under_a_view";
     let pool = hetmem_engine::HostFramePool::new(SMALL_POOL).unwrap();
@@ -387,11 +414,81 @@ fn a_frame_write_changes_the_bytes_under_a_view() {
     let before = unsafe { std::ptr::read_volatile(&view[0]) };
     let frame = ctx.space().pte(buf.addr()).pfn().expect("mapped");
     let w = pool.write(frame, 0, &[0xEE; 4]);
+    assert!(
+        matches!(w, Err(hetmem_engine::EngineError::FrameOwned(f)) if f == frame),
+        "{w:?}"
+    );
+    let z = pool.zero(frame);
+    assert!(
+        matches!(z, Err(hetmem_engine::EngineError::FrameOwned(_))),
+        "{z:?}"
+    );
+    let pw = ctx.space().pagemap().write_frame(frame, 0, &[0xEE; 4]);
+    assert!(
+        pw.is_err(),
+        "PageMap::write_frame of a viewed frame: {pw:?}"
+    );
+    // A device copy into the frame (from a frame of one's own) is refused before it starts.
+    let dev = ctx.driver().device().clone();
+    let mine = pool.alloc(false).unwrap();
+    pool.write(mine, 0, &[0xEE; 4096]).unwrap();
+    let c = dev.copy(&[(mine, frame)]).map(|t| t.wait());
+    assert!(
+        matches!(c, Err(hetmem_engine::EngineError::FrameOwned(f)) if f == frame),
+        "{:?}",
+        c.map(|_| ())
+    );
+    let back = dev.alloc_page(false).unwrap();
+    let c = dev.copy_queued(&[(frame, back)]).map(|t| t.wait());
+    assert!(c.is_err(), "a copy out of a home frame");
+    // Freeing it through the pool is refused too.
+    let f = pool.free(frame);
+    assert!(
+        matches!(f, Err(hetmem_engine::EngineError::FrameOwned(_))),
+        "{f:?}"
+    );
     // SAFETY: as above.
     let after = unsafe { std::ptr::read_volatile(&view[0]) };
     drop(view);
-    assert!(
-        w.is_err() && after == before,
-        "a frame write through the pool ({w:?}) changed a viewed byte {before:#x} -> {after:#x}"
-    );
+    assert_eq!(after, before, "a viewed byte changed");
+    let mut out = [0u8; 4096];
+    buf.read(0, &mut out).unwrap();
+    assert_eq!(out, [1u8; 4096], "the buffer's bytes changed");
+    dev.free_page(back).unwrap();
+    pool.free(mine).unwrap();
+}
+
+/// A frame freed (or read) while a queued copy into it is in flight, by the very thread that
+/// holds the unwaited ticket: the free waits for the copy instead of handing the frame to a
+/// new owner under it, and does not wait for itself (the ticket is never waited here).
+#[test]
+fn freeing_frames_under_a_copy_in_flight_waits_for_the_copy() {
+    for kind in KINDS {
+        let Some(g) = gpu_on(kind, MemoryKind::DevicePrivate, 4096, 1, SMALL_POOL) else {
+            continue;
+        };
+        let dev = g.d.device().clone();
+        let n = 2048; // 8 MiB: long enough to be in flight on a CPU Vulkan device
+        let src = dev.alloc_pages(n, false).unwrap();
+        for (i, &p) in src.iter().enumerate() {
+            dev.write_page(p, 0, &[(i % 251) as u8; 4096]).unwrap();
+        }
+        let dst = g.pool.alloc_batch(n, false).unwrap();
+        let pairs: Vec<_> = src.iter().copied().zip(dst.iter().copied()).collect();
+        let ticket = dev.copy_queued(&pairs).unwrap();
+        let mut last = vec![0u8; 4096];
+        g.pool.read(dst[n - 1], 0, &mut last).unwrap();
+        assert_eq!(
+            last,
+            vec![((n - 1) % 251) as u8; 4096],
+            "{kind:?}: a read of a frame under a copy did not wait for it"
+        );
+        g.pool.free_batch(&dst).unwrap();
+        assert!(
+            ticket.is_done().unwrap(),
+            "{kind:?}: frames freed under a copy in flight"
+        );
+        drop(ticket);
+        dev.free_pages(&src).unwrap();
+    }
 }

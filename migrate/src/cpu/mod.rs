@@ -506,9 +506,10 @@ impl Shared {
         let page = pm.claim_home(home, src.is_none(), true)?;
         if let Some(src) = src {
             let mut bytes = vec![0u8; PAGE_SIZE];
+            // The home frame is locked by this migration and not mapped for pointers.
             let copied = pm
                 .read_frame(src, 0, &mut bytes)
-                .and_then(|()| pm.write_frame(home, 0, &bytes));
+                .and_then(|()| pm.write_frame_owned(home, 0, &bytes));
             if let Err(e) = copied {
                 page.unlock();
                 pm.put_page(page);

@@ -208,13 +208,9 @@ impl Inner {
         }
         let submitted = Instant::now();
         let device = &self.device;
-        let m = m.submit(|pairs| {
-            if pipelined {
-                device.copy_queued(pairs)
-            } else {
-                device.copy(pairs)
-            }
-        });
+        // SAFETY: the migration holds every page of the batch locked and unmapped (CPU
+        // pointers included) until the copy settles.
+        let m = m.submit(|pairs| unsafe { device.copy_owned(pairs, pipelined) });
         self.counters
             .book_ns
             .fetch_add((submitted - t0).as_nanos() as u64, Ordering::Relaxed);
@@ -354,8 +350,9 @@ impl Inner {
                 return Err(e.into());
             }
         }
-        for &p in &pfns {
-            self.pagemap.alloc_system_at(p, true);
+        if let Err(e) = self.pagemap.alloc_system_at(&pfns, true) {
+            let _ = frames.free_batch(&pfns);
+            return Err(e);
         }
         Ok(pfns)
     }
@@ -422,7 +419,10 @@ impl Inner {
             dst[i] = migrate_pfn(h);
         }
         let t1 = Instant::now();
-        let m = m.submit(|pairs| self.device.copy(pairs)).wait();
+        // SAFETY: as above: the batch's pages are locked and unmapped until it settles.
+        let m = m
+            .submit(|pairs| unsafe { self.device.copy_owned(pairs, false) })
+            .wait();
         let t2 = Instant::now();
         let m = match m {
             Ok(m) => m,

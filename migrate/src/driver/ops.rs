@@ -112,11 +112,19 @@ fn bring_home(device: &Device, owner: Owner, f: &FaultContext<'_>) -> Result<()>
         return Ok(());
     }
     let frames = pm.frames().alloc_batch(want.len(), false)?;
+    if let Err(e) = pm.alloc_system_at(&frames, true) {
+        let _ = pm.frames().free_batch(&frames);
+        return Err(e);
+    }
     for (&i, &h) in want.iter().zip(&frames) {
-        pm.alloc_system_at(h, true);
         m.dst_mut()[i] = migrate_pfn(h);
     }
-    let out = m.submit(|pairs| device.copy(pairs)).wait()?.finalize();
+    // SAFETY: the migration holds every page of the batch locked and unmapped (CPU
+    // pointers included) until the copy settles.
+    let out = m
+        .submit(|pairs| unsafe { device.copy_owned(pairs, false) })
+        .wait()?
+        .finalize();
     if out.failed > 0 {
         return Err(Error::FaultFailed {
             addr: f.addr,

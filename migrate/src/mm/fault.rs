@@ -8,7 +8,7 @@ use hetmem_engine::{Pfn, PAGE_SIZE};
 
 use super::notifier::{NotifyEvent, NotifyRange};
 use super::page::{flags, Page};
-use super::pagemap::{FaultContext, FrameAccess};
+use super::pagemap::{FaultContext, PageMap};
 use super::pte::Pte;
 use super::space::{find_vma, leaf_index, AddressSpace, Vma, PAGE};
 use crate::error::{Error, Result};
@@ -55,7 +55,11 @@ impl AddressSpace {
             self.refuse_homed(addr, out.len())?;
         }
         self.for_each_span(addr, out.len(), false, |pm, pfn, off, range| {
-            pm.read(pfn, off, &mut out[range])
+            if homed {
+                pm.read_frame_owned(pfn, off, &mut out[range])
+            } else {
+                pm.read_frame(pfn, off, &mut out[range])
+            }
         })
     }
 
@@ -66,7 +70,11 @@ impl AddressSpace {
             self.refuse_homed(addr, data.len())?;
         }
         self.for_each_span(addr, data.len(), true, |pm, pfn, off, range| {
-            pm.write(pfn, off, &data[range])
+            if homed {
+                pm.write_frame_owned(pfn, off, &data[range])
+            } else {
+                pm.write_frame(pfn, off, &data[range])
+            }
         })
     }
 
@@ -95,12 +103,7 @@ impl AddressSpace {
         addr: VirtAddr,
         len: usize,
         write: bool,
-        mut f: impl FnMut(
-            &Arc<dyn FrameAccess>,
-            Pfn,
-            usize,
-            std::ops::Range<usize>,
-        ) -> Result<(), hetmem_engine::EngineError>,
+        mut f: impl FnMut(&PageMap, Pfn, usize, std::ops::Range<usize>) -> Result<()>,
     ) -> Result<()> {
         let mut done = 0usize;
         while done < len {
@@ -109,8 +112,7 @@ impl AddressSpace {
             let off = at.page_offset() as usize;
             let n = (PAGE_SIZE - off).min(len - done);
             self.with_page(page_addr, write, |pfn| {
-                let access = self.pagemap().access(pfn).ok_or(Error::UnknownPfn(pfn))?;
-                f(access, pfn, off, done..done + n).map_err(Error::from)
+                f(self.pagemap(), pfn, off, done..done + n)
             })?;
             done += n;
         }

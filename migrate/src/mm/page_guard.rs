@@ -168,11 +168,8 @@ impl PageMap {
         if page.refcount() != 0 {
             return Err(Error::PageInUse(pfn));
         }
-        Ok(NewPage::new(
-            self,
-            self.alloc_system_at(pfn, locked),
-            locked,
-        ))
+        self.alloc_system_at(&[pfn], locked)?;
+        Ok(NewPage::new(self, page, locked))
     }
 
     /// Makes a device page the engine just allocated a live page: one reference, locked if

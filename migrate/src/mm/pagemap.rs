@@ -144,7 +144,9 @@ impl Drop for PageMap {
     /// Gives the zero page's frame back to the pool (every other frame went back with the
     /// last reference to its page).
     fn drop(&mut self) {
-        if let Err(e) = self.frames.free(self.zero) {
+        // SAFETY: the zero page was adopted in `new`; with the page map gone nothing maps or
+        // copies it.
+        if let Err(e) = unsafe { self.frames.free_adopted(&[self.zero]) } {
             tracing::error!("freeing the zero page {}: {e}", self.zero);
         }
     }
@@ -154,6 +156,7 @@ impl PageMap {
     /// A page map over `frames`, with the shared zero page allocated from it.
     pub fn new(frames: Arc<HostFramePool>) -> Result<Arc<PageMap>, MmError> {
         let zero = frames.alloc(true)?;
+        frames.adopt(&[zero])?;
         let pm = PageMap {
             frames: frames.clone(),
             ranges: std::array::from_fn(|_| OnceLock::new()),
@@ -308,6 +311,38 @@ impl PageMap {
             .write(pfn, offset, data)?)
     }
 
+    /// [`read_frame`](Self::read_frame) for callers inside the crate that have checked the
+    /// CPU mapping of a home frame (no view or pointer writes it meanwhile): home frames
+    /// too.
+    pub(crate) fn read_frame_owned(
+        &self,
+        pfn: Pfn,
+        offset: usize,
+        out: &mut [u8],
+    ) -> Result<(), MmError> {
+        if self.frames.contains(pfn) {
+            // SAFETY: the caller has made sure no CPU mapping writes a home frame meanwhile.
+            return Ok(unsafe { self.frames.read_owned(pfn, offset, out) }?);
+        }
+        self.read_frame(pfn, offset, out)
+    }
+
+    /// [`write_frame`](Self::write_frame) for callers inside the crate that have checked the
+    /// CPU mapping of a home frame (nothing reaches it through a view or pointer meanwhile):
+    /// home frames too.
+    pub(crate) fn write_frame_owned(
+        &self,
+        pfn: Pfn,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), MmError> {
+        if self.frames.contains(pfn) {
+            // SAFETY: the caller has made sure no CPU mapping touches a home frame meanwhile.
+            return Ok(unsafe { self.frames.write_owned(pfn, offset, data) }?);
+        }
+        self.write_frame(pfn, offset, data)
+    }
+
     /// The operations of the device pagemap `pfn` belongs to.
     pub(crate) fn ops(&self, pfn: Pfn) -> Option<&Arc<dyn PagemapOps>> {
         self.range_of(pfn)?.ops.as_ref()
@@ -316,6 +351,9 @@ impl PageMap {
     /// Allocates a system page: one reference, LRU, optionally zeroed and locked.
     pub(crate) fn alloc_system(&self, zeroed: bool, locked: bool) -> Result<&Page, MmError> {
         let pfn = self.frames.alloc(zeroed)?;
+        self.frames
+            .adopt(&[pfn])
+            .expect("a frame just allocated is adopted once");
         let p = self
             .page(pfn)
             .expect("frames belong to the frame pool range");
@@ -338,12 +376,22 @@ impl PageMap {
         Ok(p)
     }
 
-    /// Makes a frame the caller took from the frame pool live: one reference, optionally
-    /// locked (for drivers that allocate frames in batches).
-    pub(crate) fn alloc_system_at(&self, pfn: Pfn, locked: bool) -> &Page {
-        let p = self.page(pfn).expect("a frame of the pool");
-        p.init_allocated(locked);
-        p
+    /// Makes frames the caller took from the frame pool live pages, all or none: one
+    /// reference each, optionally locked (for drivers that allocate frames in batches). The
+    /// frames become the page map's ([`HostFramePool::adopt`]); a frame that is not allocated
+    /// or is a page already fails the call.
+    pub(crate) fn alloc_system_at(&self, pfns: &[Pfn], locked: bool) -> Result<(), MmError> {
+        self.frames.adopt(pfns).map_err(|e| match e {
+            EngineError::FrameOwned(p) => MmError::PageInUse(p),
+            EngineError::FreedPfn(p) => MmError::PageFree(p),
+            e => e.into(),
+        })?;
+        for &pfn in pfns {
+            self.page(pfn)
+                .expect("adopted frames are of the pool")
+                .init_allocated(locked);
+        }
+        Ok(())
     }
 
     /// Makes a device page the engine just allocated live: one reference, optionally locked.
@@ -398,7 +446,9 @@ impl PageMap {
                 frames.push(p.pfn());
             }
         }
-        if let Err(e) = self.frames.free_batch(&frames) {
+        // SAFETY: these pages' last reference is gone and nothing maps them: the page map
+        // that adopted their frames gives them back.
+        if let Err(e) = unsafe { self.frames.free_adopted(&frames) } {
             tracing::error!("freeing {} frames: {e}", frames.len());
         }
         device.sort_unstable_by_key(|p| p.pfn());
@@ -424,7 +474,10 @@ impl PageMap {
             if let Some(ops) = self.ops(p.pfn()) {
                 ops.page_free(p);
             }
-        } else if let Err(e) = self.frames.free(p.pfn()) {
+            return;
+        }
+        // SAFETY: as in `free_released`: the last reference is gone, nothing maps the page.
+        if let Err(e) = unsafe { self.frames.free_adopted(&[p.pfn()]) } {
             tracing::error!("freeing frame {}: {e}", p.pfn());
         }
     }

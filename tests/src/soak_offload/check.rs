@@ -88,6 +88,12 @@ pub(super) fn check_peek(w: &World, b: &Buffer, want: &[u8]) -> Result<(), Strin
             let out = &mut got[k * 4096..(k + 1) * 4096];
             let r = if w.device.owns(p.pfn) {
                 w.device.read_page(p.pfn, 0, out).map_err(Error::from)
+            } else if w.pool.contains(p.pfn) {
+                // A CPU-mapped buffer's pages are home frames, which the safe accessors
+                // refuse (a view may show them).
+                // SAFETY: the buffer is this thread's: no other thread reaches it, and this
+                // thread holds no view of it and stores through none of its pointers now.
+                unsafe { w.pool.read_owned(p.pfn, 0, out) }.map_err(Error::from)
             } else {
                 space.pagemap().read_frame(p.pfn, 0, out)
             };

@@ -12,7 +12,7 @@
 //! `fork(2)` children (`MADV_DONTFORK`): a child sharing frames with its parent would write
 //! into the parent's memory.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::{Arc, OnceLock};
 
@@ -21,7 +21,10 @@ use parking_lot::Mutex;
 use crate::copy::{MemoryId, Place};
 use crate::error::{EngineError, Result};
 use crate::pfn::{reserve_pfn_range, Pfn, PfnRange, PAGE_SIZE};
-use crate::slots::{AtomicBitmap, Slots};
+use crate::slots::{bit_words, AtomicBitmap, PutRefused, Slots};
+
+mod home;
+mod owned;
 
 /// Bytes in one segment of the arena: the unit of population and of import into a device.
 pub(crate) const SEGMENT_BYTES: usize = 64 << 20;
@@ -40,10 +43,19 @@ pub struct HostFramePool {
     range: PfnRange,
     slots: Mutex<Slots>,
     populated: AtomicBitmap,
-    /// One bit lock per frame, held while `read`, `write` or `zero` copy bytes and while
-    /// `free` returns the frame: those calls never race each other on a frame, nor copy into
-    /// a frame that has been freed (and perhaps handed to another owner) meanwhile.
+    /// One bit lock per frame, held while `read`, `write` or `zero` copy bytes, while `free`
+    /// returns the frame, and by a device copy from its submission until it has completed:
+    /// no two of them race on a frame's bytes, and none copies into a frame that has been
+    /// freed (and perhaps handed to another owner) meanwhile.
     busy: AtomicBitmap,
+    /// The devices whose in-flight batches may hold frame bits.
+    devices: Mutex<Vec<std::sync::Weak<dyn Settle>>>,
+}
+
+/// A device that holds frame bits for its batches in flight.
+pub(crate) trait Settle: Send + Sync {
+    /// Retires the batches that have completed and unlocks what they held.
+    fn settle(&self);
 }
 
 // SAFETY: the arena is plain memory owned by the pool; all bookkeeping is behind a mutex or atomics.
@@ -109,6 +121,7 @@ impl HostFramePool {
             slots: Mutex::new(Slots::new(frames)),
             populated: AtomicBitmap::new(bytes / SEGMENT_BYTES),
             busy: AtomicBitmap::new(frames),
+            devices: Mutex::new(Vec::new()),
         }))
     }
 
@@ -183,99 +196,22 @@ impl HostFramePool {
             .collect())
     }
 
-    /// Reserves `n` consecutive frames as a home run: frames that stay out of ordinary
-    /// allocation until [`release_home`](Self::release_home), each claimed in place with
-    /// [`claim_home`](Self::claim_home) and returned with [`free`](Self::free) like any
-    /// other. The run is not in use until its frames are claimed.
-    pub fn reserve_home(&self, n: usize) -> Result<PfnRange> {
-        if n == 0 {
-            return Err(EngineError::InvalidConfig("a home run of 0 frames".into()));
-        }
-        let start =
-            self.slots
-                .lock()
-                .reserve_home(n)
-                .map_err(|s| EngineError::OutOfHostFrames {
-                    requested: s.requested,
-                    available: s.available,
-                })?;
-        Ok(PfnRange {
-            start: self.range.start.add(start as u64),
-            count: n as u64,
-        })
-    }
-
-    /// Ends a home run's reservation. Every frame of it must be unclaimed (freed).
-    pub fn release_home(&self, run: PfnRange) -> Result<()> {
-        let start = self
-            .range
-            .index_of(run.start)
-            .ok_or(EngineError::UnknownPfn(run.start))? as usize;
-        // Checked: the run is the caller's (its fields are public), not one we handed out.
-        let last = run
-            .count
-            .checked_sub(1)
-            .and_then(|k| run.start.get().checked_add(k))
-            .map(Pfn);
-        match last {
-            Some(l) if self.range.contains(l) => {}
-            Some(l) => return Err(EngineError::UnknownPfn(l)),
-            None => {
-                return Err(EngineError::InvalidConfig(format!(
-                    "a home run of {} frames from {}",
-                    run.count, run.start
-                )))
-            }
-        }
-        self.slots
-            .lock()
-            .release_home(start, run.count as usize)
-            .map_err(|i| EngineError::FrameInUse(self.range.start.add(i as u64)))
-    }
-
-    /// Claims frame `pfn` of a home run; `zeroed` guarantees it reads as zeros. Fails with
-    /// [`EngineError::FrameInUse`] if it is claimed already or is not a reserved home frame.
-    pub fn claim_home(&self, pfn: Pfn, zeroed: bool) -> Result<()> {
-        let i = self
-            .range
-            .index_of(pfn)
-            .ok_or(EngineError::UnknownPfn(pfn))? as usize;
-        let mut slots = self.slots.lock();
-        slots
-            .claim_home(i)
-            .map_err(|()| EngineError::FrameInUse(pfn))?;
-        self.populate_up_to(i + 1);
-        if zeroed && slots.is_dirty(i) {
-            slots.mark_clean(i);
-            // SAFETY: frame `i` is inside the arena and was just claimed by the caller alone.
-            unsafe { self.frame_ptr(i).write_bytes(0, PAGE_SIZE) };
-        }
-        Ok(())
-    }
-
-    /// True if `pfn` belongs to a reserved home run.
-    pub fn is_home(&self, pfn: Pfn) -> bool {
-        self.range
-            .index_of(pfn)
-            .is_some_and(|i| self.slots.lock().is_home(i as usize))
-    }
-
-    /// The file behind the arena and the byte offset of `pfn` in it, for mapping a home run a
-    /// second time (`None` where the arena is anonymous memory).
-    pub fn home_file(&self, pfn: Pfn) -> Option<(BorrowedFd<'_>, u64)> {
-        let i = self.range.index_of(pfn)?;
-        Some((self.file.as_ref()?.as_fd(), i * PAGE_SIZE as u64))
-    }
-
-    /// Returns a frame to the pool.
+    /// Returns a frame to the pool. A frame a page map adopted ([`HostFramePool::adopt`]),
+    /// which includes every claimed home frame, is refused with [`EngineError::FrameOwned`]:
+    /// its page may still be mapped or referenced, and only the page map frees it.
     pub fn free(&self, pfn: Pfn) -> Result<()> {
         self.free_batch(&[pfn])
     }
 
-    /// Returns frames to the pool; on error (unknown frame, double free) none is freed.
+    /// Returns frames to the pool; on error (unknown frame, double free, a frame a page map
+    /// adopted) none is freed.
     pub fn free_batch(&self, pfns: &[Pfn]) -> Result<()> {
-        let idx = pfns
-            .iter()
+        self.put_batch(pfns, false)
+    }
+
+    /// The pool indices of `pfns`, or the first unknown frame.
+    pub(super) fn indices(&self, pfns: &[Pfn]) -> Result<Vec<usize>> {
+        pfns.iter()
             .map(|&p| {
                 // A match, not `ok_or`: the error value would be built and dropped per frame.
                 match self.range.index_of(p) {
@@ -283,60 +219,73 @@ impl HostFramePool {
                     None => Err(EngineError::UnknownPfn(p)),
                 }
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect()
+    }
+
+    pub(super) fn put_batch(&self, pfns: &[Pfn], adopted: bool) -> Result<()> {
+        let idx = self.indices(pfns)?;
         // No `read`/`write` is copying into a frame while it goes back (they take the frame's
         // bit first, then check it is allocated).
-        let words = busy_words(&idx);
-        for &(w, mask) in &words {
-            self.busy.lock_word(w, mask);
-        }
-        let r = self
-            .slots
+        let _busy = self
+            .busy
+            .lock_words(bit_words(idx.iter().copied()), &mut || {
+                self.settle_devices()
+            });
+        self.slots
             .lock()
-            .put_all(&idx)
-            .map_err(|k| EngineError::DoubleFree(pfns[k]));
-        for &(w, mask) in &words {
-            self.busy.unlock_word(w, mask);
-        }
-        r
+            .put_all(&idx, adopted)
+            .map_err(|(k, why)| match why {
+                PutRefused::NotInUse => EngineError::DoubleFree(pfns[k]),
+                PutRefused::Adoption if adopted => EngineError::InvalidConfig(format!(
+                    "frame {} was not adopted by a page map",
+                    pfns[k]
+                )),
+                PutRefused::Adoption => EngineError::FrameOwned(pfns[k]),
+            })
     }
 
     /// Copies bytes out of an allocated frame, from `offset` within it.
     ///
-    /// Calls on one frame (`read`, `write`, `zero`, `free`) exclude each other for their
-    /// duration; what they do not exclude is a device copy, which only the frame's owner
-    /// starts.
+    /// Every access to a frame's bytes (this pool's, and a device copy's from submission to
+    /// completion) holds the frame's bit lock, so two of them never race on a frame: a read
+    /// of a frame that a copy in flight uses waits for the copy. A claimed home frame is refused
+    /// ([`EngineError::FrameOwned`]): a CPU mapping may show it, and only its page map,
+    /// knowing the mapping's state, reaches its bytes ([`read_owned`](Self::read_owned)).
     pub fn read(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<()> {
-        self.with_frame(pfn, offset, out.len(), |p| {
+        self.with_frame(pfn, offset, out.len(), false, |p| {
             // SAFETY: `with_frame` proved the span lies inside an allocated frame of the
             // arena and holds the frame's bit: no other call copies into it meanwhile.
             unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) }
         })
     }
 
-    /// Copies bytes into an allocated frame, from `offset` within it.
+    /// Copies bytes into an allocated frame, from `offset` within it. Refuses claimed home
+    /// frames, as [`read`](Self::read) does.
     pub fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<()> {
-        self.with_frame(pfn, offset, data.len(), |p| {
+        self.with_frame(pfn, offset, data.len(), false, |p| {
             // SAFETY: as in `read`: allocated, in the arena, and the frame's bit held.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
         })
     }
 
-    /// Fills an allocated frame with zeros.
+    /// Fills an allocated frame with zeros. Refuses claimed home frames, as
+    /// [`read`](Self::read) does.
     pub fn zero(&self, pfn: Pfn) -> Result<()> {
-        self.with_frame(pfn, 0, PAGE_SIZE, |p| {
+        self.with_frame(pfn, 0, PAGE_SIZE, false, |p| {
             // SAFETY: as in `read`: the whole frame, allocated, its bit held.
             unsafe { p.write_bytes(0, PAGE_SIZE) }
         })
     }
 
     /// Runs `f` on the address of `offset` in allocated frame `pfn`, holding the frame's bit
-    /// (so no `free`, `read`, `write` or `zero` of it runs meanwhile).
-    fn with_frame<R>(
+    /// (so no `free`, `read`, `write` or `zero` of it runs meanwhile). Home frames only if
+    /// `home`.
+    pub(super) fn with_frame<R>(
         &self,
         pfn: Pfn,
         offset: usize,
         len: usize,
+        home: bool,
         f: impl FnOnce(*mut u8) -> R,
     ) -> Result<R> {
         let i = self
@@ -344,10 +293,50 @@ impl HostFramePool {
             .index_of(pfn)
             .ok_or(EngineError::UnknownPfn(pfn))? as usize;
         let (w, mask) = (i / 64, 1u64 << (i % 64));
-        self.busy.lock_word(w, mask);
-        let r = self.checked_ptr(pfn, offset, len).map(f);
+        self.busy
+            .lock_word_or(w, mask, &mut || self.settle_devices());
+        let r = self.checked_ptr(pfn, offset, len, home).map(f);
         self.busy.unlock_word(w, mask);
         r
+    }
+
+    /// Locks the bits of the frames among `pfns` (others are skipped) for a device copy and
+    /// returns them as (word, mask) pairs, to be unlocked with
+    /// [`release_frames`](Self::release_frames) once the copy has completed. While waiting
+    /// for a bit, it lets every device over this pool retire its completed batches (a bit
+    /// may be held by one of them).
+    pub(crate) fn hold_frames(&self, pfns: impl IntoIterator<Item = Pfn>) -> Vec<(usize, u64)> {
+        let idx = pfns
+            .into_iter()
+            .filter_map(|p| self.range.index_of(p).map(|i| i as usize));
+        self.busy
+            .lock_words(bit_words(idx), &mut || self.settle_devices())
+            .keep()
+    }
+
+    /// Unlocks frames that [`hold_frames`](Self::hold_frames) locked.
+    pub(crate) fn release_frames(&self, words: &[(usize, u64)]) {
+        self.busy.unlock_words(words);
+    }
+
+    /// Registers a device whose batches may hold frames of this pool.
+    pub(crate) fn add_device(&self, d: std::sync::Weak<dyn Settle>) {
+        let mut devices = self.devices.lock();
+        devices.retain(|w| w.strong_count() > 0);
+        devices.push(d);
+    }
+
+    /// Lets every device over this pool retire its completed batches and unlock their frames.
+    fn settle_devices(&self) {
+        let devices: Vec<_> = self
+            .devices
+            .lock()
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .collect();
+        for d in devices {
+            d.settle();
+        }
     }
 
     /// A view of the allocation state that resolves many frames under one lock.
@@ -358,7 +347,7 @@ impl HostFramePool {
         }
     }
 
-    fn checked_ptr(&self, pfn: Pfn, offset: usize, len: usize) -> Result<*mut u8> {
+    fn checked_ptr(&self, pfn: Pfn, offset: usize, len: usize, home: bool) -> Result<*mut u8> {
         let i = self
             .range
             .index_of(pfn)
@@ -368,8 +357,14 @@ impl HostFramePool {
                 "span {offset}+{len} does not fit in a page"
             )));
         }
-        if !self.slots.lock().is_used(i) {
-            return Err(EngineError::FreedPfn(pfn));
+        {
+            let slots = self.slots.lock();
+            if !slots.is_used(i) {
+                return Err(EngineError::FreedPfn(pfn));
+            }
+            if !home && slots.is_home(i) {
+                return Err(EngineError::FrameOwned(pfn));
+            }
         }
         // SAFETY: frame `i` is inside the arena and `offset < PAGE_SIZE`.
         Ok(unsafe { self.frame_ptr(i).add(offset) })
@@ -435,28 +430,6 @@ impl HostFramePool {
     }
 }
 
-/// The frames of `idx` as (word, mask) of the busy bitmap, one entry per word, in word order
-/// (so two batches lock their words in the same order).
-fn busy_words(idx: &[usize]) -> Vec<(usize, u64)> {
-    // Frees come in ascending order almost always (migrations free in address order, the
-    // pool hands out ascending runs): copy and sort only when they do not.
-    let sorted: std::borrow::Cow<'_, [usize]> = if idx.is_sorted() {
-        idx.into()
-    } else {
-        let mut v = idx.to_vec();
-        v.sort_unstable();
-        v.into()
-    };
-    let mut words: Vec<(usize, u64)> = Vec::new();
-    for &i in sorted.iter() {
-        match words.last_mut() {
-            Some((w, m)) if *w == i / 64 => *m |= 1 << (i % 64),
-            _ => words.push((i / 64, 1 << (i % 64))),
-        }
-    }
-    words
-}
-
 /// A memfd of `bytes` for the arena, or `None` (with the reason logged) if one cannot be had.
 fn arena_file(bytes: usize) -> Option<OwnedFd> {
     // SAFETY: the name is a NUL-terminated literal; the call creates a new file descriptor.
@@ -493,8 +466,8 @@ impl FrameLocator<'_> {
         self.pool.range.contains(pfn)
     }
 
-    /// Where an allocated frame lives.
-    pub(crate) fn locate(&self, pfn: Pfn) -> Result<Place> {
+    /// Where an allocated frame lives; a claimed home frame only if `home`.
+    pub(crate) fn locate(&self, pfn: Pfn, home: bool) -> Result<Place> {
         let i = self
             .pool
             .range
@@ -502,6 +475,9 @@ impl FrameLocator<'_> {
             .ok_or(EngineError::UnknownPfn(pfn))? as usize;
         if !self.slots.is_used(i) {
             return Err(EngineError::FreedPfn(pfn));
+        }
+        if !home && self.slots.is_home(i) {
+            return Err(EngineError::FrameOwned(pfn));
         }
         Ok(Place {
             memory: MemoryId::Frames((i / FRAMES_PER_SEGMENT) as u32),

@@ -10,12 +10,14 @@ use crate::backend::Backend;
 use crate::config::{DeviceConfig, DeviceInfo};
 use crate::copy::{plan_batch, CopyPlan, Place};
 use crate::error::{EngineError, Result};
-use crate::frames::HostFramePool;
+use crate::frames::{HostFramePool, Settle};
 use crate::inject::Injections;
-use crate::inspect::KernelLimits;
-use crate::kernel::{Kernel, KernelHost, PageTable};
+use crate::kernel::KernelHost;
 use crate::pagemap::DevicePages;
 use crate::pfn::{Pfn, PfnRange, PAGE_SIZE};
+
+mod kernels;
+use crate::slots::{bit_words, AtomicBitmap};
 
 /// Counters of a device's copy work since it was opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -42,9 +44,61 @@ struct Shared {
     info: DeviceInfo,
     frames: Arc<HostFramePool>,
     pages: Mutex<DevicePages>,
+    /// One bit lock per device page, held while `read_page`, `write_page` or zeroing touch its
+    /// bytes, and by a copy from its submission until it has completed (the frames' bits are
+    /// the pool's): no two accesses race on a page's bytes.
+    held: AtomicBitmap,
+    /// Batches in flight and the frame and page bits each holds, in submission order.
+    holds: Mutex<Vec<Hold>>,
     counters: Counters,
     injections: Mutex<Injections>,
     backend: Box<dyn Backend>,
+}
+
+/// The bits a batch in flight holds.
+struct Hold {
+    value: u64,
+    frames: Vec<(usize, u64)>,
+    pages: Vec<(usize, u64)>,
+}
+
+impl Settle for Shared {
+    fn settle(&self) {
+        let done: Vec<Hold> = {
+            let mut holds = self.holds.lock();
+            if holds.is_empty() {
+                return;
+            }
+            // A batch whose state cannot be had (a device lost) completes nothing more.
+            let (done, left) = std::mem::take(&mut *holds)
+                .into_iter()
+                .partition(|h| self.backend.poll(h.value).unwrap_or(true));
+            *holds = left;
+            done
+        };
+        for h in done {
+            self.release(&h);
+        }
+    }
+}
+
+impl Shared {
+    fn release(&self, h: &Hold) {
+        self.held.unlock_words(&h.pages);
+        self.frames.release_frames(&h.frames);
+    }
+
+    /// Locks the bits of the device pages among `pfns` (others are skipped), retiring this
+    /// device's completed batches while a bit is held.
+    fn hold_pages(&self, pfns: impl IntoIterator<Item = Pfn>) -> Vec<(usize, u64)> {
+        let range = self.pages.lock().range();
+        let idx = pfns
+            .into_iter()
+            .filter_map(|p| range.index_of(p).map(|i| i as usize));
+        self.held
+            .lock_words(bit_words(idx), &mut || self.settle())
+            .keep()
+    }
 }
 
 impl KernelHost for Shared {
@@ -63,6 +117,10 @@ impl KernelHost for Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        // Every ticket is gone, and each waited for its batch: what is left unlocks now.
+        for h in std::mem::take(self.holds.get_mut()) {
+            self.release(&h);
+        }
         let chunks = self.pages.get_mut().chunks();
         for c in 0..chunks {
             self.backend.free_chunk(c);
@@ -99,16 +157,20 @@ impl Device {
             reason = %info.reason,
             "hetmem device chosen"
         );
-        Ok(Device {
-            shared: Arc::new(Shared {
-                info,
-                frames,
-                pages: Mutex::new(pages),
-                counters: Counters::default(),
-                injections: Mutex::new(Injections::default()),
-                backend,
-            }),
-        })
+        let held = AtomicBitmap::new(pages.range().count as usize);
+        let shared = Arc::new(Shared {
+            info,
+            frames: frames.clone(),
+            pages: Mutex::new(pages),
+            held,
+            holds: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            injections: Mutex::new(Injections::default()),
+            backend,
+        });
+        let weak: std::sync::Weak<dyn Settle> = Arc::downgrade(&shared) as _;
+        frames.add_device(weak);
+        Ok(Device { shared })
     }
 
     /// Which device this is, and why it was chosen.
@@ -174,25 +236,39 @@ impl Device {
             }
             pages.chunks_created(c + 1);
         }
-        if zeroed {
-            let dirty: Vec<usize> = grant
-                .slots
-                .iter()
-                .map(|&s| s as usize)
-                .filter(|&s| pages.is_dirty(s))
-                .collect();
-            if !dirty.is_empty() {
-                let locs: Vec<Place> = dirty.iter().map(|&s| pages.location(s)).collect();
-                if let Err(e) = self.shared.backend.zero_pages(&locs) {
-                    pages.untake(&grant.slots);
-                    return Err(e);
-                }
-                for s in dirty {
-                    pages.mark_clean(s);
-                }
-            }
+        let pfns: Vec<Pfn> = grant.slots.iter().map(|&s| pages.pfn(s)).collect();
+        if !zeroed {
+            return Ok(pfns);
         }
-        Ok(grant.slots.iter().map(|&s| pages.pfn(s)).collect())
+        let dirty: Vec<usize> = grant
+            .slots
+            .iter()
+            .map(|&s| s as usize)
+            .filter(|&s| pages.is_dirty(s))
+            .collect();
+        if dirty.is_empty() {
+            return Ok(pfns);
+        }
+        let locs: Vec<Place> = dirty.iter().map(|&s| pages.location(s)).collect();
+        // Zeroing holds the pages' bits (so no read of them sees it half done), and waits for
+        // them without the pages' lock, which a holder may need before it lets go.
+        drop(pages);
+        let sh = &self.shared;
+        let held = sh
+            .held
+            .lock_words(bit_words(dirty.iter().copied()), &mut || sh.settle())
+            .keep();
+        let zeroed = sh.backend.zero_pages(&locs);
+        sh.held.unlock_words(&held);
+        let mut pages = sh.pages.lock();
+        if let Err(e) = zeroed {
+            pages.untake(&grant.slots);
+            return Err(e);
+        }
+        for s in dirty {
+            pages.mark_clean(s);
+        }
+        Ok(pfns)
     }
 
     /// Frees one device page.
@@ -209,16 +285,17 @@ impl Device {
     /// (the `testing` feature; see [`crate::testing`]).
     #[cfg(feature = "testing")]
     pub fn plan(&self, pairs: &[(Pfn, Pfn)]) -> Result<CopyPlan> {
-        self.resolve_plan(pairs)
+        self.resolve_plan(pairs, false)
     }
 
-    /// Resolves and coalesces a batch: frame numbers to places, runs to regions.
-    fn resolve_plan(&self, pairs: &[(Pfn, Pfn)]) -> Result<CopyPlan> {
+    /// Resolves and coalesces a batch: frame numbers to places, runs to regions. Claimed home
+    /// frames only if `home`.
+    fn resolve_plan(&self, pairs: &[(Pfn, Pfn)], home: bool) -> Result<CopyPlan> {
         let pages = self.shared.pages.lock();
         let frames = self.shared.frames.locator();
         plan_batch(pairs, |p| {
             if frames.owns(p) {
-                frames.locate(p)
+                frames.locate(p, home)
             } else {
                 pages.resolve(p)
             }
@@ -229,20 +306,67 @@ impl Device {
     /// this device's pages, as one submission. Returns with a ticket to wait on (on a CPU
     /// Vulkan device, after the calling thread copied its share of a large batch).
     /// On error nothing was submitted.
+    ///
+    /// A claimed home frame (one a CPU mapping may show) is refused with
+    /// [`EngineError::FrameOwned`]; its page map copies it with
+    /// [`copy_owned`](Self::copy_owned). The batch holds the bit lock of each frame and
+    /// device page it names from before it is planned until it has completed (it waits for
+    /// a [`HostFramePool::read`] or a [`Device::read_page`] of them that is running, and
+    /// those wait for it), so no two accesses to a page's bytes ever overlap.
     pub fn copy(&self, pairs: &[(Pfn, Pfn)]) -> Result<Ticket> {
-        self.copy_inner(pairs, false)
+        self.copy_inner(pairs, false, false)
     }
 
     /// Like [`Device::copy`], but the calling thread never copies: for callers that overlap
     /// their own work (the next batch's page-table work) with the copy.
     pub fn copy_queued(&self, pairs: &[(Pfn, Pfn)]) -> Result<Ticket> {
-        self.copy_inner(pairs, true)
+        self.copy_inner(pairs, true, false)
     }
 
-    fn copy_inner(&self, pairs: &[(Pfn, Pfn)], queue_only: bool) -> Result<Ticket> {
-        let (plan, failed, lost) = self.plan_with_injections(pairs)?;
-        let sub = self.shared.backend.submit(&plan, queue_only)?;
-        let c = &self.shared.counters;
+    /// [`Device::copy`] (or with `queued`, [`Device::copy_queued`]) for a page map's
+    /// driver, home frames included.
+    ///
+    /// # Safety
+    /// No CPU mapping of a home frame in `pairs` is accessed until the ticket settles: each
+    /// such page is unmapped from CPU pointers (or not yet mapped) and locked by the caller's
+    /// migration for the copy's duration.
+    pub unsafe fn copy_owned(&self, pairs: &[(Pfn, Pfn)], queued: bool) -> Result<Ticket> {
+        self.copy_inner(pairs, queued, true)
+    }
+
+    fn copy_inner(&self, pairs: &[(Pfn, Pfn)], queue_only: bool, home: bool) -> Result<Ticket> {
+        let sh = &self.shared;
+        sh.settle();
+        // Every frame and page of the batch is locked from here until the batch completes
+        // (frames before pages, each in ascending order: the one order every holder uses).
+        let both = || pairs.iter().flat_map(|&(s, d)| [s, d]);
+        let hold = Hold {
+            value: 0,
+            frames: sh.frames.hold_frames(both()),
+            pages: sh.hold_pages(both()),
+        };
+        let submitted = self
+            .plan_with_injections(pairs, home)
+            .and_then(|(plan, failed, lost)| {
+                Ok((sh.backend.submit(&plan, queue_only)?, plan, failed, lost))
+            });
+        let (sub, plan, failed, lost) = match submitted {
+            Ok(x) => x,
+            Err(e) => {
+                sh.release(&hold);
+                return Err(e);
+            }
+        };
+        let hold = Hold {
+            value: sub.value,
+            ..hold
+        };
+        if sh.backend.poll(sub.value).unwrap_or(true) {
+            sh.release(&hold);
+        } else {
+            sh.holds.lock().push(hold);
+        }
+        let c = &sh.counters;
         c.batches.fetch_add(1, Ordering::Relaxed);
         c.pages.fetch_add(plan.pages as u64, Ordering::Relaxed);
         c.regions
@@ -250,7 +374,7 @@ impl Device {
         c.gathered
             .fetch_add(sub.gathered_pages as u64, Ordering::Relaxed);
         Ok(Ticket {
-            shared: self.shared.clone(),
+            shared: sh.clone(),
             value: sub.value,
             settled: AtomicBool::new(false),
             pairs: pairs.len(),
@@ -269,16 +393,17 @@ impl Device {
     fn plan_with_injections(
         &self,
         pairs: &[(Pfn, Pfn)],
+        home: bool,
     ) -> Result<(CopyPlan, Vec<usize>, Option<String>)> {
         let mut injections = self.shared.injections.lock();
         if injections.is_empty() {
-            return Ok((self.resolve_plan(pairs)?, Vec::new(), None));
+            return Ok((self.resolve_plan(pairs, home)?, Vec::new(), None));
         }
         // Validate the whole batch first, so that bad input is refused as usual.
-        self.resolve_plan(pairs)?;
+        self.resolve_plan(pairs, home)?;
         let fate = injections.apply(pairs, &self.shared.frames);
         let kept: Vec<(Pfn, Pfn)> = fate.kept.iter().map(|&i| pairs[i]).collect();
-        Ok((self.resolve_plan(&kept)?, fate.failed, fate.lost))
+        Ok((self.resolve_plan(&kept, home)?, fate.failed, fate.lost))
     }
 
     /// Test hook (the `testing` feature): copies whose destination is one of `pfns` fail
@@ -307,18 +432,38 @@ impl Device {
         self.shared.injections.lock().lost()
     }
 
-    /// Reads bytes of an allocated device page, synchronously.
+    /// Reads bytes of an allocated device page, synchronously. It waits for a copy in flight
+    /// that uses the page, and excludes other reads and writes of it.
     pub fn read_page(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<()> {
-        let mut at = self.locate_span(pfn, offset, out.len())?;
-        at.offset += offset as u64;
-        self.shared.backend.read(at, out)
+        self.with_page(pfn, offset, out.len(), |at| {
+            self.shared.backend.read(at, out)
+        })
     }
 
-    /// Writes bytes into an allocated device page, synchronously.
+    /// Writes bytes into an allocated device page, synchronously; as [`Device::read_page`],
+    /// it waits for copies of the page in flight and excludes other accesses.
     pub fn write_page(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<()> {
-        let mut at = self.locate_span(pfn, offset, data.len())?;
-        at.offset += offset as u64;
-        self.shared.backend.write(at, data)
+        self.with_page(pfn, offset, data.len(), |at| {
+            self.shared.backend.write(at, data)
+        })
+    }
+
+    /// Runs `f` on the location of `offset` in page `pfn`, holding the page's bit.
+    fn with_page(
+        &self,
+        pfn: Pfn,
+        offset: usize,
+        len: usize,
+        f: impl FnOnce(Place) -> Result<()>,
+    ) -> Result<()> {
+        let sh = &self.shared;
+        let held = sh.hold_pages([pfn]);
+        let r = self.locate_span(pfn, offset, len).and_then(|mut at| {
+            at.offset += offset as u64;
+            f(at)
+        });
+        sh.held.unlock_words(&held);
+        r
     }
 
     fn locate_span(&self, pfn: Pfn, offset: usize, len: usize) -> Result<Place> {
@@ -339,139 +484,6 @@ impl Device {
             regions: c.regions.load(Ordering::Relaxed),
             gathered_pages: c.gathered.load(Ordering::Relaxed),
         }
-    }
-}
-
-/// Kernels: compiling, page tables, dispatch.
-impl Device {
-    /// Chunks a kernel binds on this device, once kernels are possible here.
-    fn kernel_chunks(&self) -> Result<(u32, u32)> {
-        self.kernel_layout().map(|(c, p, _)| (c, p))
-    }
-
-    /// Chunks a kernel binds on this device, their pages, and the device's kernel limits.
-    fn kernel_layout(&self) -> Result<(u32, u32, KernelLimits)> {
-        let limits = self.shared.backend.kernel_limits()?;
-        let (limit, max_bytes) = (limits.max_chunks, limits.max_binding_bytes);
-        let (chunks, chunk_pages) = {
-            let p = self.shared.pages.lock();
-            (p.max_chunks() as u32, p.chunk_pages() as u32)
-        };
-        if chunks > limit {
-            return Err(EngineError::Unsupported(format!(
-                "a kernel would bind {chunks} chunks of device memory, the device allows {limit}: use larger chunks or a smaller budget"
-            )));
-        }
-        if chunk_pages as u64 * PAGE_SIZE as u64 > max_bytes {
-            return Err(EngineError::Unsupported(format!(
-                "chunks of {} bytes exceed the largest storage binding of {max_bytes} bytes",
-                chunk_pages as u64 * PAGE_SIZE as u64
-            )));
-        }
-        Ok((chunks, chunk_pages, limits))
-    }
-
-    /// Whether kernels can run on this device (the Vulkan backend): `Err` says why not.
-    pub fn kernel_support(&self) -> Result<()> {
-        self.kernel_chunks().map(|_| ())
-    }
-
-    /// Compiles a WGSL kernel whose compute entry point is `entry`. The source is compiled
-    /// after hetmem's helper ([`crate::KERNEL_HELPER`]), so it can translate managed
-    /// addresses with `hm_ptr`, `hm_load`, `hm_store`, and read its arguments with `hm_arg`.
-    ///
-    /// Before any pipeline is made, the kernel is checked against hetmem's layout and the
-    /// device: one that declares resources of its own, uses the helper's bindings or
-    /// internal (`hm__`) functions directly, or exceeds the device's workgroup memory or
-    /// workgroup size is refused with [`EngineError::KernelRejected`]. Compile errors name
-    /// lines of `wgsl` itself.
-    pub fn compile_kernel(&self, wgsl: &str, entry: &str) -> Result<Kernel> {
-        let (chunks, chunk_pages, limits) = self.kernel_layout()?;
-        let spirv = crate::kernel::compile(wgsl, entry, chunks, chunk_pages, &limits)?;
-        let id = self.shared.backend.create_kernel(&spirv, entry, chunks)?;
-        Ok(Kernel::new(self.shared.clone(), id, entry))
-    }
-
-    /// A page table of `entries` entries, all empty, in memory this device's kernels read.
-    pub fn page_table(&self, entries: usize) -> Result<PageTable> {
-        self.kernel_chunks()?;
-        if entries > u32::MAX as usize - crate::kernel::TABLE_HEADER_WORDS {
-            return Err(EngineError::InvalidConfig(format!(
-                "page table of {entries} entries"
-            )));
-        }
-        let (id, words) = self
-            .shared
-            .backend
-            .alloc_table(crate::kernel::TABLE_HEADER_WORDS + entries)?;
-        Ok(PageTable::new(self.shared.clone(), id, words, entries))
-    }
-
-    /// Dispatches `kernel` over `groups` workgroups, translating through `table`. `buffers`
-    /// are the ranges of table entries (virtual pages) the kernel's buffers cover, in the
-    /// order it names them; `args` its argument words. The kernel's reads and writes land in
-    /// device pages, and only in those of its buffers' ranges: an access outside them, or to
-    /// a page the table does not map, reads zeros, writes nothing and is counted in the
-    /// table (see [`PageTable::faults`]).
-    pub fn dispatch(
-        &self,
-        kernel: &Kernel,
-        table: &PageTable,
-        buffers: &[std::ops::Range<u32>],
-        args: &[u32],
-        groups: [u32; 3],
-    ) -> Result<Ticket> {
-        if !self.is_host_of(&kernel.host) || !self.is_host_of(&table.host) {
-            return Err(EngineError::InvalidConfig(
-                "kernel or page table of another device".into(),
-            ));
-        }
-        if groups.iter().any(|&g| g == 0 || g > 65_535) {
-            return Err(EngineError::InvalidConfig(format!(
-                "workgroup counts {groups:?} must each be 1..=65535"
-            )));
-        }
-        if let Some(r) = buffers
-            .iter()
-            .find(|r| r.start > r.end || r.end as usize > table.len())
-        {
-            return Err(EngineError::InvalidConfig(format!(
-                "buffer range {r:?} outside a page table of {} entries",
-                table.len()
-            )));
-        }
-        let (chunks, _) = self.kernel_chunks()?;
-        let mut meta = Vec::with_capacity(1 + 2 * buffers.len() + args.len());
-        meta.push(buffers.len() as u32);
-        for r in buffers {
-            meta.extend([r.start, r.end - r.start]);
-        }
-        meta.extend_from_slice(args);
-        let value = self
-            .shared
-            .backend
-            .dispatch(kernel.id, table.id, chunks, &meta, groups)?;
-        Ok(Ticket {
-            shared: self.shared.clone(),
-            value,
-            settled: AtomicBool::new(false),
-            pairs: 0,
-            failed: Vec::new(),
-            lost: None,
-        })
-    }
-
-    /// Kernels, page tables and chunks dropped while a submission that used them had not
-    /// completed, and not destroyed yet: they go once the device's timeline passes that
-    /// submission (noticed when any wait or poll of the device retires work). Dropping a
-    /// kernel or a table never waits for the device.
-    pub fn deferred_destroys(&self) -> usize {
-        self.shared.backend.deferred_destroys()
-    }
-
-    /// Whether `host` (a kernel's or a page table's) is this device.
-    fn is_host_of(&self, host: &Arc<dyn KernelHost>) -> bool {
-        std::ptr::addr_eq(Arc::as_ptr(host), Arc::as_ptr(&self.shared))
     }
 }
 
@@ -505,10 +517,9 @@ impl Ticket {
     /// Blocks until the batch has completed. Fails with [`EngineError::CopyFailed`], naming
     /// the pairs that did not complete, if any did not.
     pub fn wait(&self) -> Result<()> {
-        self.shared
-            .backend
-            .wait(self.value)
-            .map_err(|e| self.all_failed(e))?;
+        let waited = self.shared.backend.wait(self.value);
+        self.shared.settle();
+        waited.map_err(|e| self.all_failed(e))?;
         self.settled.store(true, Ordering::Relaxed);
         self.outcome()
     }
@@ -521,6 +532,7 @@ impl Ticket {
             .poll(self.value)
             .map_err(|e| self.all_failed(e))?;
         if done {
+            self.shared.settle();
             self.settled.store(true, Ordering::Relaxed);
         }
         Ok(done)
@@ -567,5 +579,6 @@ impl Drop for Ticket {
         if let Err(e) = self.shared.backend.wait(self.value) {
             tracing::debug!("a dropped ticket's batch {}: {e}", self.value);
         }
+        self.shared.settle();
     }
 }
