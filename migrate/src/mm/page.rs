@@ -312,35 +312,26 @@ impl Page {
     }
 
     /// Unlocks the page and wakes every waiter (only if some announced themselves).
+    /// A destination's unlock (by its migration's finalize) also ends its being taken, in
+    /// the same atomic step.
     pub(crate) fn unlock(&self) {
-        let was = self.lock_word().unlock();
+        let was = self.lock_word().unlock_clearing(TAKEN_AS_DST);
         debug_assert!(
             was & flags::LOCKED != 0,
             "unlock of unlocked page {}",
             self.pfn()
         );
-        self.unlocked_dst(was);
-    }
-
-    /// A destination's unlock by its migration's finalize ends its being taken. The bit is
-    /// cleared just after the unlock: meanwhile an unlocked page is refused as a
-    /// destination anyway, and the finalize still holds its reference.
-    fn unlocked_dst(&self, was: u32) {
-        if was & TAKEN_AS_DST != 0 {
-            self.clear(TAKEN_AS_DST);
-        }
     }
 
     /// Sets flag bits and unlocks the page in one step, waking every waiter (as
     /// [`Page::unlock`]).
     pub(crate) fn unlock_with(&self, f: u32) {
-        let was = self.lock_word().unlock_with(f);
+        let was = self.lock_word().unlock_with_clearing(f, TAKEN_AS_DST);
         debug_assert!(
             was & flags::LOCKED != 0,
             "unlock of unlocked page {}",
             self.pfn()
         );
-        self.unlocked_dst(was);
     }
 
     /// Waits until the page is unlocked (without taking the lock). The caller need not hold

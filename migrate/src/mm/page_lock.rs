@@ -105,8 +105,17 @@ impl<'a> PageLock<'a> {
 
     /// Unlocks, waking every waiter if any announced itself; returns the word before.
     #[inline]
+    #[cfg_attr(not(loom), allow(dead_code))] // the page's own unlocks clear TAKEN_AS_DST too
     pub(crate) fn unlock(self) -> u32 {
-        let was = self.flags.fetch_and(!(LOCKED | WAITERS), Ordering::AcqRel);
+        self.unlock_clearing(0)
+    }
+
+    /// Unlocks and clears bits `clear` in the same step, as [`PageLock::unlock`].
+    #[inline]
+    pub(crate) fn unlock_clearing(self, clear: u32) -> u32 {
+        let was = self
+            .flags
+            .fetch_and(!(LOCKED | WAITERS | clear), Ordering::AcqRel);
         if was & WAITERS != 0 {
             self.wake_all();
         }
@@ -116,10 +125,18 @@ impl<'a> PageLock<'a> {
     /// Sets bits `f` and unlocks in one step, as [`PageLock::unlock`]; returns the word
     /// before.
     #[inline]
+    #[cfg_attr(not(loom), allow(dead_code))] // as `unlock`
     pub(crate) fn unlock_with(self, f: u32) -> u32 {
+        self.unlock_with_clearing(f, 0)
+    }
+
+    /// Sets bits `f`, clears bits `clear` and unlocks in one step, as
+    /// [`PageLock::unlock_with`].
+    #[inline]
+    pub(crate) fn unlock_with_clearing(self, f: u32, clear: u32) -> u32 {
         let mut was = self.flags.load(Ordering::Relaxed);
         loop {
-            let now = (was | f) & !(LOCKED | WAITERS);
+            let now = (was | f) & !(LOCKED | WAITERS | clear);
             match self
                 .flags
                 .compare_exchange_weak(was, now, Ordering::AcqRel, Ordering::Relaxed)
