@@ -498,7 +498,8 @@ impl Shared {
             .and_then(|v| v.home_of(addr))
             .ok_or(Error::NotMapped(addr))?;
         let flags = MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
-        let mut m = Migration::setup(space, addr, addr + PAGE, flags, self.owner, None)?;
+        let mut m =
+            Migration::setup_checked(space, addr, addr + PAGE, flags, self.owner, None, true)?;
         let Some((i, src)) = m.collected().next() else {
             // Pinned or busy: the caller waits and retries.
             return Err(Error::NoProgress { addr, tries: 1 });

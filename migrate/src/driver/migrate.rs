@@ -163,7 +163,10 @@ impl Inner {
         pipelined: bool,
     ) -> Result<(Migration<'s, InFlight>, Instant, u64)> {
         let t0 = Instant::now();
-        let mut m = Migration::setup(space, start, end, flags, self.owner, fault_page)?;
+        // The driver's public calls refused ranges mapped for CPU pointers; the offload
+        // layer's own migrations of them come through here.
+        let mut m =
+            Migration::setup_checked(space, start, end, flags, self.owner, fault_page, true)?;
         let seq = space.invalidate_seq();
         let want: Vec<(usize, bool)> = m.collected().map(|(i, s)| (i, s.is_none())).collect();
         let holes = want.iter().filter(|(_, hole)| *hole).count();

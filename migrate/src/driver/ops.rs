@@ -99,13 +99,14 @@ impl PagemapOps for Ops {
 /// the driver left behind.
 fn bring_home(device: &Device, owner: Owner, f: &FaultContext<'_>) -> Result<()> {
     let pm = f.space.pagemap();
-    let mut m = Migration::setup(
+    let mut m = Migration::setup_checked(
         f.space,
         f.addr,
         f.addr + PAGE,
         MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
         owner,
         Some(f.page.pfn()),
+        true,
     )?;
     let want: Vec<usize> = m.collected().map(|(i, _)| i).collect();
     if want.is_empty() {

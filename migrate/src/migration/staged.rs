@@ -155,7 +155,9 @@ pub struct Migration<'a, S> {
 impl<'a> Migration<'a, Collected> {
     /// Runs `migrate_vma_setup` over `[start, end)` with the selection `flags` and `owner`.
     /// The migration holds the space's map lock until it is finalized or dropped (see
-    /// [`crate::migration::migrate_vma_setup`]).
+    /// [`crate::migration::migrate_vma_setup`]). A range mapped for CPU pointers (an offload
+    /// buffer's) is refused with [`Error::InvalidArgument`], as `migrate_vma_setup` refuses
+    /// it: its pages move only through its buffer.
     pub fn setup(
         space: &'a AddressSpace,
         start: VirtAddr,
@@ -164,6 +166,20 @@ impl<'a> Migration<'a, Collected> {
         owner: Owner,
         fault_page: Option<Pfn>,
     ) -> Result<Self> {
+        Self::setup_checked(space, start, end, flags, owner, fault_page, false)
+    }
+
+    /// [`Migration::setup`] for the crate's own migrations, which may move the pages of a
+    /// range mapped for CPU pointers (`homed`: the caller keeps the pointer mapping in step).
+    pub(crate) fn setup_checked(
+        space: &'a AddressSpace,
+        start: VirtAddr,
+        end: VirtAddr,
+        flags: u32,
+        owner: Owner,
+        fault_page: Option<Pfn>,
+        homed: bool,
+    ) -> Result<Self> {
         let n = (end.get().saturating_sub(start.get()) / PAGE) as usize;
         let mut src = vec![0; n];
         let mut dst = vec![0; n];
@@ -171,7 +187,7 @@ impl<'a> Migration<'a, Collected> {
         m.pgmap_owner = owner;
         m.flags = flags;
         m.fault_page = fault_page;
-        let (map, vma) = setup_holding(&mut m, space)?;
+        let (map, vma) = setup_holding(&mut m, space, homed)?;
         let cpages = m.cpages;
         drop(m);
         Ok(Migration {

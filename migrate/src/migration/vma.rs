@@ -181,7 +181,7 @@ fn validate(m: &MigrateVma<'_>, map: &MapHold<'_>) -> Result<Arc<Vma>> {
 /// map the range's pages again meanwhile (they are locked behind migration entries).
 pub fn migrate_vma_setup(m: &mut MigrateVma<'_>) -> Result<()> {
     let space = m.space;
-    let (map, vma) = setup_holding(m, space)?;
+    let (map, vma) = setup_holding(m, space, false)?;
     m.held = Held {
         map: Some(map),
         vma: Some(vma),
@@ -191,14 +191,22 @@ pub fn migrate_vma_setup(m: &mut MigrateVma<'_>) -> Result<()> {
 }
 
 /// Setup proper: returns the map lock it took from `space` (which is `m.space`, borrowed for
-/// as long as the caller keeps the lock) and the mapping.
+/// as long as the caller keeps the lock) and the mapping. A mapping for CPU pointers is
+/// refused unless `homed` (the crate's own migrations, which keep that mapping in step): a
+/// caller outside the crate would move a page out of its home frame under a live view.
 pub(crate) fn setup_holding<'s>(
     m: &mut MigrateVma<'_>,
     space: &'s AddressSpace,
+    homed: bool,
 ) -> Result<(MapHold<'s>, Arc<Vma>)> {
     debug_assert!(std::ptr::eq(space, m.space));
     let map = space.map_read()?;
     let vma = validate(m, &map)?;
+    if !homed && vma.home.is_some() {
+        return Err(Error::InvalidArgument(
+            "the range is mapped for CPU pointers: use its buffer",
+        ));
+    }
     m.npages = ((m.end - m.start) / PAGE) as usize;
     m.src[..m.npages].fill(0);
     m.dst[..m.npages].fill(0);

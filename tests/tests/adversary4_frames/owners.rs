@@ -163,7 +163,6 @@ fn the_shared_zero_page_cannot_be_written_from_safe_code() {
 /// the live `&[u8]` and the buffer's bytes are no longer the view's. The buffer's page must
 /// stay its home frame (the migration refused or the page skipped).
 #[test]
-#[ignore = "bug: Migration::setup / migrate_vma_setup accept a range mapped for CPU pointers: the home frame is freed and the bytes under a live view change"]
 fn a_user_migration_cannot_move_a_viewed_home_page() {
     use hetmem::migration::{migrate_pfn, Migration, MIGRATE_VMA_SELECT_SYSTEM};
     let test = "a_user_migration_cannot_move_a_viewed_home_page";
