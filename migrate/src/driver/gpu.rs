@@ -165,7 +165,20 @@ impl GpuDriver {
 
     /// Migrates `npages` pages from `addr` to the device, evicting least recently used pages
     /// first if the budget requires. The [`Outcome`] is summed over the migration's chunks.
+    /// A range mapped for CPU pointers is refused with [`Error::InvalidArgument`]: only its
+    /// buffer knows its views (`Buffer::prefetch`).
     pub fn migrate_to_device(
+        &self,
+        space: &AddressSpace,
+        addr: VirtAddr,
+        npages: usize,
+    ) -> Result<Outcome> {
+        space.refuse_homed(addr, npages.saturating_mul(PAGE_SIZE))?;
+        self.migrate_to_device_unchecked(space, addr, npages)
+    }
+
+    /// `migrate_to_device` of any range, for a caller that has checked its buffer's views.
+    pub(crate) fn migrate_to_device_unchecked(
         &self,
         space: &AddressSpace,
         addr: VirtAddr,
@@ -175,8 +188,21 @@ impl GpuDriver {
     }
 
     /// Migrates this driver's pages among `npages` pages from `addr` back to host memory. The
-    /// [`Outcome`] is summed over the migration's chunks.
+    /// [`Outcome`] is summed over the migration's chunks. A range mapped for CPU pointers is
+    /// refused with [`Error::InvalidArgument`]: only its buffer knows its views
+    /// (`Buffer::evict`).
     pub fn migrate_to_host(
+        &self,
+        space: &AddressSpace,
+        addr: VirtAddr,
+        npages: usize,
+    ) -> Result<Outcome> {
+        space.refuse_homed(addr, npages.saturating_mul(PAGE_SIZE))?;
+        self.migrate_to_host_unchecked(space, addr, npages)
+    }
+
+    /// `migrate_to_host` of any range, for a caller that has checked its buffer's views.
+    pub(crate) fn migrate_to_host_unchecked(
         &self,
         space: &AddressSpace,
         addr: VirtAddr,

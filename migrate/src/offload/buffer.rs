@@ -362,8 +362,8 @@ impl Buffer {
         let (tx, rx) = std::sync::mpsc::channel();
         self.inner.ctx.inner.background(Box::new(move || {
             let moved = match to {
-                Location::Device => driver.migrate_to_device(&space, addr, n),
-                Location::Host => driver.migrate_to_host(&space, addr, n),
+                Location::Device => driver.migrate_to_device_unchecked(&space, addr, n),
+                Location::Host => driver.migrate_to_host_unchecked(&space, addr, n),
             };
             let _ = tx.send(moved);
         }))?;
@@ -384,7 +384,7 @@ impl Buffer {
         self.inner
             .ctx
             .driver()
-            .migrate_to_host(self.inner.ctx.space(), addr, n)
+            .migrate_to_host_unchecked(self.inner.ctx.space(), addr, n)
     }
 
     /// Applies advice to the whole buffer.

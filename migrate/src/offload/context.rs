@@ -293,7 +293,7 @@ impl Context {
             let space = self.inner.space.clone();
             let bring: crate::cpu::Bring = Box::new(move |addr, n| {
                 driver
-                    .migrate_to_host(&space, VirtAddr(addr), n)
+                    .migrate_to_host_unchecked(&space, VirtAddr(addr), n)
                     .map(|_| ())
             });
             CpuMirror::new(

@@ -298,7 +298,6 @@ fn device_pages_under_a_running_kernel_are_not_touched_by_others() {
 /// behind the live `&[u8]`. The driver must refuse ranges mapped for CPU pointers, as its
 /// `pin_on_device` and `launch` do.
 #[test]
-#[ignore = "bug: GpuDriver::migrate_to_device/migrate_to_host accept a range mapped for CPU pointers: bytes under a live view change"]
 fn the_drivers_public_migrations_cannot_move_a_viewed_home_page() {
     let test = "the_drivers_public_migrations_cannot_move_a_viewed_home_page";
     let pool = HostFramePool::new(SMALL_POOL).unwrap();
