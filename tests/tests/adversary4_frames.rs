@@ -123,7 +123,6 @@ fn duplicated_pfns_in_a_batch_copy_or_are_refused_and_hold_nothing() {
 /// copy lands one whole version of the source (never half of one and half of another) and
 /// nothing waits forever.
 #[test]
-#[ignore = "bug: on wgpu, read_page fails with Wgpu(\"mapping a read-back buffer failed\") when another thread's poll runs the map callback"]
 fn racing_copies_of_one_shared_source_land_whole_versions() {
     for kind in KINDS {
         let pool = HostFramePool::new(SMALL_POOL).unwrap();

@@ -8,7 +8,7 @@ mod gather;
 mod record;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -295,15 +295,23 @@ impl Backend for WgpuBackend {
         enc.copy_buffer_to_buffer(&buf, start, &staging, 0, end - start);
         let v = self.submit_encoder(enc, None)?;
         self.wait(v)?;
-        let mapped = Arc::new(AtomicBool::new(false));
+        // 0: the callback has not run yet, 1: mapped, 2: the mapping failed.
+        let mapped = Arc::new(AtomicU8::new(0));
         let flag = mapped.clone();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            flag.store(r.is_ok(), Ordering::Release)
+            flag.store(if r.is_ok() { 1 } else { 2 }, Ordering::Release)
         });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| EngineError::Wgpu(format!("poll: {e}")))?;
-        if !mapped.load(Ordering::Acquire) {
+        // Another thread's poll may be running the callback when this one returns: poll
+        // until it has run, rather than taking "not yet" for a failure.
+        while mapped.load(Ordering::Acquire) == 0 {
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| EngineError::Wgpu(format!("poll: {e}")))?;
+            if mapped.load(Ordering::Acquire) == 0 {
+                std::thread::yield_now();
+            }
+        }
+        if mapped.load(Ordering::Acquire) != 1 {
             return Err(EngineError::Wgpu(
                 "mapping a read-back buffer failed".into(),
             ));
