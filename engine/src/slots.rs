@@ -173,6 +173,8 @@ pub(crate) struct Slots {
     /// Slots adopted by a page map (live pages): only the page map's own (unsafe) calls
     /// free them.
     adopted: AtomicBitmap,
+    /// Adopted slots whose bytes no safe call may change (the shared zero page).
+    sealed: AtomicBitmap,
     /// Runs above the ceiling whose reservation ended: (start, len).
     home_free: Vec<(usize, usize)>,
     /// Home slots claimed and not yet put back.
@@ -199,6 +201,7 @@ impl Slots {
             dirty: AtomicBitmap::new(limit),
             homed: AtomicBitmap::new(limit),
             adopted: AtomicBitmap::new(limit),
+            sealed: AtomicBitmap::new(limit),
             home_free: Vec::new(),
             homes_live: 0,
         }
@@ -327,6 +330,20 @@ impl Slots {
         i < self.limit && self.adopted.get(i)
     }
 
+    /// Seals adopted slot `i` (see `sealed`); `Err(())` if it is not adopted.
+    pub(crate) fn seal(&mut self, i: usize) -> Result<(), ()> {
+        if !self.is_adopted(i) {
+            return Err(());
+        }
+        self.sealed.set_mut(i, true);
+        Ok(())
+    }
+
+    /// True if slot `i` is sealed.
+    pub(crate) fn is_sealed(&self, i: usize) -> bool {
+        i < self.limit && self.sealed.get(i)
+    }
+
     /// Marks every slot of `idx` adopted, or none: `Err(k)` names the first entry that is not
     /// handed out or is adopted already (or appears twice).
     pub(crate) fn adopt(&mut self, idx: &[usize]) -> Result<(), usize> {
@@ -407,6 +424,7 @@ impl Slots {
             }
             self.used.set_mut(i, false);
             self.adopted.set_mut(i, false);
+            self.sealed.set_mut(i, false);
         }
         self.free.reserve(idx.len());
         // Home slots stay where they are: unclaimed, possibly holding an earlier user's bytes.

@@ -345,8 +345,13 @@ impl Device {
             frames: sh.frames.hold_frames(both()),
             pages: sh.hold_pages(both()),
         };
-        let submitted = self
-            .plan_with_injections(pairs, home)
+        let writable = if home {
+            Ok(())
+        } else {
+            sh.frames.check_writable(pairs.iter().map(|&(_, d)| d))
+        };
+        let submitted = writable
+            .and_then(|()| self.plan_with_injections(pairs, home))
             .and_then(|(plan, failed, lost)| {
                 Ok((sh.backend.submit(&plan, queue_only)?, plan, failed, lost))
             });

@@ -52,6 +52,14 @@ pub struct HostFramePool {
     devices: Mutex<Vec<std::sync::Weak<dyn Settle>>>,
 }
 
+/// Who reaches a frame's bytes: a safe call (refused on claimed home frames, and on sealed
+/// frames if it writes), or the page map through an `_owned` accessor.
+#[derive(Clone, Copy)]
+pub(super) enum Reach {
+    Safe { writes: bool },
+    Owner,
+}
+
 /// A device that holds frame bits for its batches in flight.
 pub(crate) trait Settle: Send + Sync {
     /// Retires the batches that have completed and unlocks what they held.
@@ -252,7 +260,7 @@ impl HostFramePool {
     /// ([`EngineError::FrameOwned`]): a CPU mapping may show it, and only its page map,
     /// knowing the mapping's state, reaches its bytes ([`read_owned`](Self::read_owned)).
     pub fn read(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<()> {
-        self.with_frame(pfn, offset, out.len(), false, |p| {
+        self.with_frame(pfn, offset, out.len(), Reach::Safe { writes: false }, |p| {
             // SAFETY: `with_frame` proved the span lies inside an allocated frame of the
             // arena and holds the frame's bit: no other call copies into it meanwhile.
             unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) }
@@ -262,7 +270,7 @@ impl HostFramePool {
     /// Copies bytes into an allocated frame, from `offset` within it. Refuses claimed home
     /// frames, as [`read`](Self::read) does.
     pub fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<()> {
-        self.with_frame(pfn, offset, data.len(), false, |p| {
+        self.with_frame(pfn, offset, data.len(), Reach::Safe { writes: true }, |p| {
             // SAFETY: as in `read`: allocated, in the arena, and the frame's bit held.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
         })
@@ -271,7 +279,7 @@ impl HostFramePool {
     /// Fills an allocated frame with zeros. Refuses claimed home frames, as
     /// [`read`](Self::read) does.
     pub fn zero(&self, pfn: Pfn) -> Result<()> {
-        self.with_frame(pfn, 0, PAGE_SIZE, false, |p| {
+        self.with_frame(pfn, 0, PAGE_SIZE, Reach::Safe { writes: true }, |p| {
             // SAFETY: as in `read`: the whole frame, allocated, its bit held.
             unsafe { p.write_bytes(0, PAGE_SIZE) }
         })
@@ -285,7 +293,7 @@ impl HostFramePool {
         pfn: Pfn,
         offset: usize,
         len: usize,
-        home: bool,
+        reach: Reach,
         f: impl FnOnce(*mut u8) -> R,
     ) -> Result<R> {
         let i = self
@@ -295,7 +303,7 @@ impl HostFramePool {
         let (w, mask) = (i / 64, 1u64 << (i % 64));
         self.busy
             .lock_word_or(w, mask, &mut || self.settle_devices());
-        let r = self.checked_ptr(pfn, offset, len, home).map(f);
+        let r = self.checked_ptr(pfn, offset, len, reach).map(f);
         self.busy.unlock_word(w, mask);
         r
     }
@@ -347,7 +355,7 @@ impl HostFramePool {
         }
     }
 
-    fn checked_ptr(&self, pfn: Pfn, offset: usize, len: usize, home: bool) -> Result<*mut u8> {
+    fn checked_ptr(&self, pfn: Pfn, offset: usize, len: usize, reach: Reach) -> Result<*mut u8> {
         let i = self
             .range
             .index_of(pfn)
@@ -362,8 +370,10 @@ impl HostFramePool {
             if !slots.is_used(i) {
                 return Err(EngineError::FreedPfn(pfn));
             }
-            if !home && slots.is_home(i) {
-                return Err(EngineError::FrameOwned(pfn));
+            if let Reach::Safe { writes } = reach {
+                if slots.is_home(i) || (writes && slots.is_sealed(i)) {
+                    return Err(EngineError::FrameOwned(pfn));
+                }
             }
         }
         // SAFETY: frame `i` is inside the arena and `offset < PAGE_SIZE`.

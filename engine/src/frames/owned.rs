@@ -1,7 +1,7 @@
 //! The page map's side of the pool: frames it adopts as live pages, and the accessors that
 //! reach home frames, which only it may call.
 
-use super::HostFramePool;
+use super::{HostFramePool, Reach};
 use crate::error::{EngineError, Result};
 use crate::pfn::Pfn;
 
@@ -20,6 +20,36 @@ impl HostFramePool {
                 EngineError::FreedPfn(pfns[k])
             }
         })
+    }
+
+    /// Seals an adopted frame: from then on no safe call changes its bytes (`write`, `zero`,
+    /// a copy into it fail with [`EngineError::FrameOwned`]), though safe calls still read
+    /// it; the seal ends when the frame is freed. For the shared zero page, which every hole
+    /// of every address space reads. Fails on a frame that is not adopted.
+    pub fn seal(&self, pfn: Pfn) -> Result<()> {
+        let i = self
+            .range
+            .index_of(pfn)
+            .ok_or(EngineError::UnknownPfn(pfn))? as usize;
+        self.slots
+            .lock()
+            .seal(i)
+            .map_err(|()| EngineError::InvalidConfig(format!("frame {pfn} is not adopted")))
+    }
+
+    /// Fails with [`EngineError::FrameOwned`] on the first of `pfns` that is sealed or a
+    /// claimed home frame (a safe copy must not write it); frames of no pool are left to
+    /// the copy's own checks.
+    pub(crate) fn check_writable(&self, pfns: impl IntoIterator<Item = Pfn>) -> Result<()> {
+        let slots = self.slots.lock();
+        for p in pfns {
+            if let Some(i) = self.range.index_of(p) {
+                if slots.is_sealed(i as usize) {
+                    return Err(EngineError::FrameOwned(p));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// True if a page map adopted `pfn` (a live page's frame, or a claimed home frame).
@@ -45,7 +75,7 @@ impl HostFramePool {
     /// If `pfn` is a home frame, no CPU mapping of it may be written while the call runs
     /// (the page is not mapped writable for CPU pointers, and no mutable view of it lives).
     pub unsafe fn read_owned(&self, pfn: Pfn, offset: usize, out: &mut [u8]) -> Result<()> {
-        self.with_frame(pfn, offset, out.len(), true, |p| {
+        self.with_frame(pfn, offset, out.len(), Reach::Owner, |p| {
             // SAFETY: as in `read`; a CPU mapping does not write the frame meanwhile (the
             // caller's promise).
             unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) }
@@ -59,7 +89,7 @@ impl HostFramePool {
     /// runs, and no view of it lives (the page is not mapped for CPU pointers, or is mapped
     /// only by a caller that lets nothing touch it until the call returns).
     pub unsafe fn write_owned(&self, pfn: Pfn, offset: usize, data: &[u8]) -> Result<()> {
-        self.with_frame(pfn, offset, data.len(), true, |p| {
+        self.with_frame(pfn, offset, data.len(), Reach::Owner, |p| {
             // SAFETY: as in `write`; no CPU mapping touches the frame meanwhile (the
             // caller's promise).
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }

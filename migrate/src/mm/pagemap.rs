@@ -157,6 +157,7 @@ impl PageMap {
     pub fn new(frames: Arc<HostFramePool>) -> Result<Arc<PageMap>, MmError> {
         let zero = frames.alloc(true)?;
         frames.adopt(&[zero])?;
+        frames.seal(zero)?;
         let pm = PageMap {
             frames: frames.clone(),
             ranges: std::array::from_fn(|_| OnceLock::new()),

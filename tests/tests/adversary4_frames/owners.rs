@@ -133,7 +133,6 @@ fn a_live_pages_frame_in_a_batch_is_refused_and_the_batch_frees_nothing() {
 /// frame, so the safe `HostFramePool::write` (and `Device::copy` into it) writes it: every
 /// untouched page of every space then reads the writer's bytes instead of zeros.
 #[test]
-#[ignore = "bug: HostFramePool::write and Device::copy write the shared zero page (adopted, not home): every untouched page of every address space then reads non-zero"]
 fn the_shared_zero_page_cannot_be_written_from_safe_code() {
     let g = gpu(MemoryKind::DevicePrivate, 16, 1, SMALL_POOL);
     let zero = g.pm.zero_pfn();
