@@ -119,6 +119,11 @@ pub(crate) trait KernelHost: Send + Sync {
     fn free_table(&self, id: u64);
     /// The frame numbers of the device's pages.
     fn pfn_range(&self) -> PfnRange;
+    /// Waits until the submission with completion value `value` has completed, and retires
+    /// what it held.
+    fn wait_for(&self, value: u64);
+    /// True once the submission with completion value `value` has completed.
+    fn completed(&self, value: u64) -> bool;
 }
 
 /// A compiled kernel, ready to dispatch on the device that compiled it.
@@ -167,6 +172,10 @@ pub struct PageTable {
     pub(crate) id: u64,
     words: NonNull<AtomicU32>,
     entries: usize,
+    /// Dispatches through this table that may still run: their completion values and bound
+    /// entry ranges. An entry inside one of them changes only once that dispatch is done
+    /// (the dispatch holds the pages its bound entries named when it started).
+    pub(crate) running: parking_lot::Mutex<Vec<(u64, Vec<std::ops::Range<u32>>)>>,
 }
 
 // SAFETY: the table's words are only touched through atomics, and the memory lives until the
@@ -195,6 +204,7 @@ impl PageTable {
             id,
             words: words.cast(),
             entries,
+            running: parking_lot::Mutex::new(Vec::new()),
         }
     }
 
@@ -215,7 +225,9 @@ impl PageTable {
         self.entries == 0
     }
 
-    /// Points entry `index` at device page `page`, or clears it with `None`.
+    /// Points entry `index` at device page `page`, or clears it with `None`. If a dispatch
+    /// that binds the entry may still be running, this waits for it first (the dispatch
+    /// holds the pages its bound entries named, and only those).
     pub fn set(&self, index: usize, page: Option<Pfn>) -> Result<()> {
         if index >= self.entries {
             return Err(EngineError::InvalidConfig(format!(
@@ -223,6 +235,7 @@ impl PageTable {
                 self.entries
             )));
         }
+        self.wait_for_dispatches(index..index + 1);
         let v = match page {
             None => 0,
             Some(p) => {
@@ -238,8 +251,32 @@ impl PageTable {
         Ok(())
     }
 
-    /// Clears every entry of `range` (clipped to the table).
+    /// Waits for every dispatch that may still run and binds an entry of `entries`.
+    fn wait_for_dispatches(&self, entries: std::ops::Range<usize>) {
+        loop {
+            let pending = {
+                let mut running = self.running.lock();
+                running.retain(|(v, _)| !self.host.completed(*v));
+                running
+                    .iter()
+                    .find(|(_, bound)| {
+                        bound.iter().any(|b| {
+                            (b.start as usize) < entries.end && entries.start < b.end as usize
+                        })
+                    })
+                    .map(|&(v, _)| v)
+            };
+            match pending {
+                Some(v) => self.host.wait_for(v),
+                None => return,
+            }
+        }
+    }
+
+    /// Clears every entry of `range` (clipped to the table); waits as [`PageTable::set`]
+    /// does for dispatches that bind one of them.
     pub fn clear(&self, range: std::ops::Range<usize>) {
+        self.wait_for_dispatches(range.clone());
         for i in range.start.min(self.entries)..range.end.min(self.entries) {
             self.word(TABLE_HEADER_WORDS + i)
                 .store(0, Ordering::Release);

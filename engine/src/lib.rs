@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod bitmap;
 mod config;
 mod copy;
 mod device;

@@ -3,7 +3,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use super::{Device, Ticket};
+use super::{Device, Hold, Ticket};
 use crate::error::{EngineError, Result};
 use crate::inspect::KernelLimits;
 use crate::kernel::{Kernel, KernelHost, PageTable};
@@ -114,10 +114,34 @@ impl Device {
             meta.extend([r.start, r.end - r.start]);
         }
         meta.extend_from_slice(args);
-        let value = self
-            .shared
+        // The pages the bound entries name are held until the dispatch completes: reads,
+        // writes, zeroing and copies of them wait for it. An entry inside a bound range
+        // changes only after the dispatch (PageTable::set waits), so the kernel reaches no
+        // page it does not hold. The table's lock keeps the entries still meanwhile.
+        let sh = &self.shared;
+        let mut running = table.running.lock();
+        let named: Vec<_> = buffers
+            .iter()
+            .flat_map(|r| (r.start as usize..r.end as usize).filter_map(|i| table.get(i)))
+            .collect();
+        let hold = Hold {
+            value: 0,
+            frames: Vec::new(),
+            pages: sh.hold_pages(named),
+        };
+        let value = match sh
             .backend
-            .dispatch(kernel.id, table.id, chunks, &meta, groups)?;
+            .dispatch(kernel.id, table.id, chunks, &meta, groups)
+        {
+            Ok(v) => v,
+            Err(e) => {
+                sh.release(&hold);
+                return Err(e);
+            }
+        };
+        running.push((value, buffers.to_vec()));
+        drop(running);
+        sh.keep(Hold { value, ..hold });
         Ok(Ticket {
             shared: self.shared.clone(),
             value,

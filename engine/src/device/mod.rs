@@ -16,8 +16,11 @@ use crate::kernel::KernelHost;
 use crate::pagemap::DevicePages;
 use crate::pfn::{Pfn, PfnRange, PAGE_SIZE};
 
+mod holds;
 mod kernels;
-use crate::slots::{bit_words, AtomicBitmap};
+
+use crate::bitmap::{bit_words, AtomicBitmap};
+use holds::Hold;
 
 /// Counters of a device's copy work since it was opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -55,52 +58,6 @@ struct Shared {
     backend: Box<dyn Backend>,
 }
 
-/// The bits a batch in flight holds.
-struct Hold {
-    value: u64,
-    frames: Vec<(usize, u64)>,
-    pages: Vec<(usize, u64)>,
-}
-
-impl Settle for Shared {
-    fn settle(&self) {
-        let done: Vec<Hold> = {
-            let mut holds = self.holds.lock();
-            if holds.is_empty() {
-                return;
-            }
-            // A batch whose state cannot be had (a device lost) completes nothing more.
-            let (done, left) = std::mem::take(&mut *holds)
-                .into_iter()
-                .partition(|h| self.backend.poll(h.value).unwrap_or(true));
-            *holds = left;
-            done
-        };
-        for h in done {
-            self.release(&h);
-        }
-    }
-}
-
-impl Shared {
-    fn release(&self, h: &Hold) {
-        self.held.unlock_words(&h.pages);
-        self.frames.release_frames(&h.frames);
-    }
-
-    /// Locks the bits of the device pages among `pfns` (others are skipped), retiring this
-    /// device's completed batches while a bit is held.
-    fn hold_pages(&self, pfns: impl IntoIterator<Item = Pfn>) -> Vec<(usize, u64)> {
-        let range = self.pages.lock().range();
-        let idx = pfns
-            .into_iter()
-            .filter_map(|p| range.index_of(p).map(|i| i as usize));
-        self.held
-            .lock_words(bit_words(idx), &mut || self.settle())
-            .keep()
-    }
-}
-
 impl KernelHost for Shared {
     fn destroy_kernel(&self, id: u64) {
         self.backend.destroy_kernel(id);
@@ -112,6 +69,17 @@ impl KernelHost for Shared {
 
     fn pfn_range(&self) -> PfnRange {
         self.pages.lock().range()
+    }
+
+    fn wait_for(&self, value: u64) {
+        if let Err(e) = self.backend.wait(value) {
+            tracing::debug!("waiting for dispatch {value}: {e}");
+        }
+        self.settle();
+    }
+
+    fn completed(&self, value: u64) -> bool {
+        self.backend.poll(value).unwrap_or(true)
     }
 }
 
@@ -362,15 +330,10 @@ impl Device {
                 return Err(e);
             }
         };
-        let hold = Hold {
+        sh.keep(Hold {
             value: sub.value,
             ..hold
-        };
-        if sh.backend.poll(sub.value).unwrap_or(true) {
-            sh.release(&hold);
-        } else {
-            sh.holds.lock().push(hold);
-        }
+        });
         let c = &sh.counters;
         c.batches.fetch_add(1, Ordering::Relaxed);
         c.pages.fetch_add(plan.pages as u64, Ordering::Relaxed);

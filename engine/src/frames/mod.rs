@@ -18,10 +18,11 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
+use crate::bitmap::{bit_words, AtomicBitmap};
 use crate::copy::{MemoryId, Place};
 use crate::error::{EngineError, Result};
 use crate::pfn::{reserve_pfn_range, Pfn, PfnRange, PAGE_SIZE};
-use crate::slots::{bit_words, AtomicBitmap, PutRefused, Slots};
+use crate::slots::{PutRefused, Slots};
 
 mod home;
 mod owned;
