@@ -267,7 +267,11 @@ impl PageTable {
                     .map(|&(v, _)| v)
             };
             match pending {
-                Some(v) => self.host.wait_for(v),
+                Some(v) => {
+                    // Waited for (done, or failed for good): it runs no more.
+                    self.host.wait_for(v);
+                    self.running.lock().retain(|&(w, _)| w != v);
+                }
                 None => return,
             }
         }

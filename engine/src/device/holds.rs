@@ -4,6 +4,7 @@
 
 use super::Shared;
 use crate::bitmap::bit_words;
+use crate::error::EngineError;
 use crate::frames::Settle;
 use crate::pfn::Pfn;
 
@@ -24,7 +25,7 @@ impl Settle for Shared {
             // A batch whose state cannot be had (a device lost) completes nothing more.
             let (done, left) = std::mem::take(&mut *holds)
                 .into_iter()
-                .partition(|h| self.backend.poll(h.value).unwrap_or(true));
+                .partition(|h| self.finished(h.value));
             *holds = left;
             done
         };
@@ -36,8 +37,38 @@ impl Settle for Shared {
 
 impl Shared {
     /// Keeps `hold` until its batch completes (or releases it now if it has).
+    /// True once batch `value` has completed, or can never complete (its device was lost).
+    /// Any other error of the poll (wgpu reports errors of unrelated work there) leaves the
+    /// batch in flight: its bits stay held until a later poll sees it done.
+    pub(super) fn finished(&self, value: u64) -> bool {
+        match self.backend.poll(value) {
+            Ok(done) => done,
+            Err(EngineError::DeviceLost(_)) => true,
+            Err(e) => {
+                tracing::debug!("polling batch {value}: {e}");
+                false
+            }
+        }
+    }
+
+    /// Releases what batch `value` holds after a wait for it returned with an error (the
+    /// batch will not run any further, whatever a later poll says).
+    pub(super) fn give_up(&self, value: u64) {
+        let gone: Vec<Hold> = {
+            let mut holds = self.holds.lock();
+            let (gone, left) = std::mem::take(&mut *holds)
+                .into_iter()
+                .partition(|h| h.value == value);
+            *holds = left;
+            gone
+        };
+        for h in gone {
+            self.release(&h);
+        }
+    }
+
     pub(super) fn keep(&self, hold: Hold) {
-        if self.backend.poll(hold.value).unwrap_or(true) {
+        if self.finished(hold.value) {
             self.release(&hold);
         } else {
             self.holds.lock().push(hold);

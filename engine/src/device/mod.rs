@@ -74,12 +74,13 @@ impl KernelHost for Shared {
     fn wait_for(&self, value: u64) {
         if let Err(e) = self.backend.wait(value) {
             tracing::debug!("waiting for dispatch {value}: {e}");
+            self.give_up(value);
         }
         self.settle();
     }
 
     fn completed(&self, value: u64) -> bool {
-        self.backend.poll(value).unwrap_or(true)
+        self.finished(value)
     }
 }
 
@@ -486,6 +487,9 @@ impl Ticket {
     /// the pairs that did not complete, if any did not.
     pub fn wait(&self) -> Result<()> {
         let waited = self.shared.backend.wait(self.value);
+        if waited.is_err() {
+            self.shared.give_up(self.value);
+        }
         self.shared.settle();
         waited.map_err(|e| self.all_failed(e))?;
         self.settled.store(true, Ordering::Relaxed);
@@ -546,6 +550,7 @@ impl Drop for Ticket {
         // Its outcome has no one to go to; a device lost meanwhile finishes nothing anyway.
         if let Err(e) = self.shared.backend.wait(self.value) {
             tracing::debug!("a dropped ticket's batch {}: {e}", self.value);
+            self.shared.give_up(self.value);
         }
         self.shared.settle();
     }
