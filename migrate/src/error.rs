@@ -164,6 +164,8 @@ pub enum Error {
     MigrationInProgress,
     /// A callback (a notifier told of a munmap, mprotect, mremap or fork) called back into
     /// the address space whose mappings this thread is changing: it would wait for itself.
+    /// Also what a CPU fault through a pointer records when a notifier touched a page that
+    /// cannot be served from inside its invalidation (see `mm::Notifier::invalidate`).
     #[error("called back into an address space while this thread changes its mappings")]
     Reentrant,
     /// No free range of the address space is large enough.

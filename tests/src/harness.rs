@@ -253,3 +253,49 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
     hm_store(p, hm_load(p) + hm_arg(0));
 }
 "#;
+
+/// Runs the calling test binary again with only `test` (ignored ones included) and
+/// `HETMEM_CHILD=mode`, killing it if it runs past `limit`; returns how it ended, or `None`
+/// for a hang. For scenarios that end in a signal or may hang, which a test cannot survive
+/// in its own process.
+pub fn run_child(
+    test: &str,
+    mode: &str,
+    limit: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            test,
+            "--nocapture",
+            "--test-threads=1",
+            "--include-ignored",
+        ])
+        .env("HETMEM_CHILD", mode)
+        .spawn()
+        .expect("starting the child");
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for the child") {
+            return Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Blocks `SIGBUS` for the calling thread only: a CPU fault the mirror refuses then ends in
+/// no signal, and the thread faults again and again (a test reads the recorded error).
+pub fn block_sigbus_here() {
+    // SAFETY: a zeroed signal set filled by sigemptyset/sigaddset, applied to this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGBUS);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}

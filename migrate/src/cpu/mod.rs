@@ -28,6 +28,16 @@
 //!   hetmem's entry is read-only; a write there is a write-protect fault, served the same
 //!   way).
 //!
+//! The fault thread waits for no invalidation: a fault whose window an invalidation is
+//! changing is put aside and tried again after the others (`Step::Defer`), and the entries
+//! are checked for the window alone (`read_begin_range` / `read_retry_range`). So a notifier
+//! that reads CPU-mapped memory elsewhere while its invalidation runs is served; one that
+//! reads a page of a range being invalidated, or reads while its thread holds the map lock
+//! exclusively, gets `SIGBUS` with `Error::Reentrant` recorded, since serving it would wait
+//! for the faulting thread itself. A notifier that runs on the fault thread itself (told of
+//! a migration the fault path makes) must not touch CPU-mapped pages that are not present:
+//! no thread is left to serve that fault.
+//!
 //! A fault that cannot be served (the range was unmapped, the device is lost, host frames are
 //! exhausted, a write to a read-only range) is not retried forever and is never served with
 //! zeros: the faulting thread gets `SIGBUS`, and the error is kept until the mirror's owner
@@ -253,20 +263,49 @@ enum Step {
     Retry,
     /// The page is present but not in its home frame.
     Rehome,
+    /// An invalidation of the window is in progress: the fault is put aside (its thread
+    /// keeps waiting) and tried again after the others, so the fault thread never sleeps
+    /// on an invalidation whose notifiers may themselves be waiting for a fault.
+    Defer,
 }
+
+/// How a fault was dealt with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Served {
+    /// Mapped, or refused with `SIGBUS`: its thread runs again.
+    Ended,
+    /// Put aside until an invalidation of its window ends.
+    Deferred,
+}
+
+/// How long the fault thread waits for new faults while some are put aside.
+const DEFERRED_POLL_MS: i32 = 1;
 
 impl Shared {
     fn run(self: Arc<Self>) {
         let mut faults = Vec::new();
+        let mut aside: Vec<Fault> = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
-            if let Err(e) = self.uffd.read_faults(50, &mut faults) {
+            let wait = if aside.is_empty() {
+                50
+            } else {
+                DEFERRED_POLL_MS
+            };
+            if let Err(e) = self.uffd.read_faults(wait, &mut faults) {
                 tracing::error!("reading userfaultfd: {e}");
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
-            for f in &faults {
-                self.serve(f);
+            let earlier = std::mem::take(&mut aside);
+            for f in faults.iter().chain(&earlier) {
+                if self.serve(f) == Served::Deferred {
+                    aside.push(*f);
+                }
             }
+        }
+        // Shutting down: each fault put aside ends in its signal (`resolve` says so).
+        for f in &aside {
+            self.serve(f);
         }
     }
 
@@ -289,12 +328,25 @@ impl Shared {
         }
     }
 
-    fn serve(&self, f: &Fault) {
+    fn serve(&self, f: &Fault) -> Served {
         let addr = f.addr & !(PAGE - 1);
         let write = f.flags & (FAULT_WRITE | FAULT_WP) != 0;
-        let served = self.resolve(VirtAddr(addr), write);
+        let served =
+            if self
+                .space
+                .fault_inside_invalidation(f.tid, VirtAddr(addr), VirtAddr(addr + PAGE))
+            {
+                // A notifier (or anything else running inside an invalidation of this space)
+                // touched a page that cannot be served while its own thread is there: a page of
+                // a range being invalidated, or any page while that thread holds the map lock
+                // exclusively (mprotect, mremap, fork). Waiting would wait for itself.
+                Err(Error::Reentrant)
+            } else {
+                self.resolve(VirtAddr(addr), write)
+            };
         match served {
-            Ok(()) => {
+            Ok(Served::Deferred) => return Served::Deferred,
+            Ok(Served::Ended) => {
                 // Mapping the page woke the thread (and `map_window` woke it where the page
                 // was mapped already).
                 self.served.fetch_add(1, Ordering::Relaxed);
@@ -311,10 +363,12 @@ impl Shared {
             }
         }
         self.read_ahead();
+        Served::Ended
     }
 
-    /// Makes `addr` accessible (for `write`, writable) in the process, or says why not.
-    fn resolve(&self, addr: VirtAddr, write: bool) -> Result<()> {
+    /// Makes `addr` accessible (for `write`, writable) in the process, or says why not, or
+    /// puts it aside while an invalidation of its window runs.
+    fn resolve(&self, addr: VirtAddr, write: bool) -> Result<Served> {
         let mut last = Error::NoProgress { addr, tries: 0 };
         for tries in 0..SERVE_TRIES {
             if self.stop.load(Ordering::Acquire) {
@@ -322,7 +376,8 @@ impl Shared {
             }
             let r = self.attempt(addr.get(), write);
             match r {
-                Ok(Step::Done) => return Ok(()),
+                Ok(Step::Done) => return Ok(Served::Ended),
+                Ok(Step::Defer) => return Ok(Served::Deferred),
                 Ok(Step::Retry) => continue,
                 Ok(Step::Rehome) => match self.rehome(addr) {
                     Ok(()) => continue,
@@ -357,16 +412,30 @@ impl Shared {
             return Err(Error::WriteDenied(va));
         }
         let end = start + region.len;
-        let (lo, hi) = self.window(addr, vma.start.get().max(start), vma.end.get().min(end));
+        let (mut lo, mut hi) =
+            self.window(addr, vma.start.get().max(start), vma.end.get().min(end));
+        if space
+            .try_read_begin_range(VirtAddr(lo), VirtAddr(hi))
+            .is_none()
+        {
+            // Part of the window is being invalidated: the page alone, or later.
+            (lo, hi) = (addr, addr + PAGE);
+            if space.try_read_begin_range(va, va + PAGE).is_none() {
+                return Ok(Step::Defer);
+            }
+        }
         if hi - lo > PAGE {
             // Bring the rest of the window back with the faulting page, in one migration
             // (what fails here is left to the fault of the page itself).
             let _ = (self.bring)(lo, ((hi - lo) / PAGE) as usize);
         }
         space.fault(va, write || vma.prot.write)?;
-        // Entries are read (and mapped) after this: an invalidation from here on, the
-        // migrations above included, is seen by `read_retry`.
-        let seq = space.read_begin();
+        // Entries are read (and mapped) after this: an invalidation of the window from here
+        // on is seen by `read_retry_range`; one running now (the migrations above are over)
+        // puts the fault aside.
+        let Some(seq) = space.try_read_begin_range(VirtAddr(lo), VirtAddr(hi)) else {
+            return Ok(Step::Defer);
+        };
         let step = self.map_window(&vma, lo, hi, seq, Some(addr))?;
         if let Step::Done = step {
             *self.stream.lock() = (lo, hi, ((hi - lo) / PAGE) as usize);
@@ -406,7 +475,7 @@ impl Shared {
         let addr = VirtAddr(must.unwrap_or(lo));
         let _t = crate::mm::locks::acquire(crate::mm::locks::Rank::Mirror);
         let g = self.lock.lock();
-        if space.read_retry(seq) {
+        if space.read_retry_range(seq, VirtAddr(lo), VirtAddr(hi)) {
             return Ok(Step::Retry);
         }
         for &(s, e, wp) in &runs {
@@ -460,7 +529,12 @@ impl Shared {
         let hi = (from + n as u64 * PAGE)
             .min(vma.end.get())
             .min(start + region.len);
-        let seq = self.space.read_begin();
+        let Some(seq) = self
+            .space
+            .try_read_begin_range(VirtAddr(from), VirtAddr(hi))
+        else {
+            return;
+        };
         if (self.bring)(from, ((hi - from) / PAGE) as usize).is_err() {
             return;
         }

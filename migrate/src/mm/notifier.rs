@@ -43,8 +43,14 @@ pub struct NotifyRange {
 /// A device mirror's callbacks.
 pub trait Notifier: Send + Sync {
     /// Start of an invalidation: the mirror must stop using `range` of `space` before this
-    /// returns. It must not touch memory mapped for CPU pointers (`Context::alloc_mapped`)
-    /// that is not present: that fault waits for the invalidation to end (a deadlock).
+    /// returns. It may read and write memory mapped for CPU pointers (`Context::alloc_mapped`)
+    /// outside every range being invalidated: such a fault waits only for invalidations of
+    /// its own range. A load or store of a page that is not present and lies in a range being
+    /// invalidated (this one or another thread's), or any such access while this thread
+    /// holds the map lock exclusively (notifiers of mprotect, mremap and fork), cannot be
+    /// served: the thread gets `SIGBUS` and the CPU mirror records `Error::Reentrant`.
+    /// Notifiers of munmap run with the map lock held shared (the unmapped range already
+    /// out of the space), so the rest of the space can be faulted from them.
     fn invalidate(&self, space: SpaceId, range: &NotifyRange);
     /// End of an invalidation: the entries of `range` are settled again (a mirror may fault
     /// them in). Called once per operation, after every `invalidate` it made.

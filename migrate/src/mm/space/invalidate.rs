@@ -1,11 +1,17 @@
 //! Invalidations and the notifiers that hear them: every start has its end (a guard), the
-//! sequence number a mirror checks (`read_begin` / `read_retry`), registration and removal.
+//! sequence number a mirror checks (`read_begin` / `read_retry` for the whole space,
+//! `read_begin_range` / `read_retry_range` for one range, as the kernel's interval notifiers
+//! do), which thread runs which invalidation, registration and removal.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use parking_lot::{Condvar, Mutex};
+
 use super::{AddressSpace, SpaceInner};
 use crate::mm::notifier::{Notifier, NotifyRange};
+use crate::mm::VirtAddr;
 
 /// The registered notifiers, replaced whole on (un)registration so that an invalidation
 /// takes them with one reference count and calls them with no lock held.
@@ -17,38 +23,112 @@ pub struct NotifierId(u64);
 
 static NEXT_NOTIFIER: AtomicU64 = AtomicU64::new(1);
 
+/// Starts remembered for [`AddressSpace::read_retry_range`]: a mirror whose read spans more
+/// starts than this retries (it cannot tell whether one of the forgotten ones overlapped).
+const STARTS_KEPT: usize = 256;
+
+/// One invalidation that started and has not ended.
+#[derive(Clone, Copy, Debug)]
+struct Running {
+    /// The sequence number its start took.
+    seq: u64,
+    start: VirtAddr,
+    end: VirtAddr,
+    /// The kernel's id of the thread that runs it (and its notifiers).
+    tid: u32,
+    /// Whether that thread holds the space's map lock exclusively meanwhile.
+    exclusive: bool,
+}
+
+/// The invalidations of a space: which run now, and the ranges of the latest starts.
+#[derive(Default)]
+pub(super) struct InvalState {
+    running: Vec<Running>,
+    /// (sequence number, start, end) of the last [`STARTS_KEPT`] starts, oldest first.
+    starts: VecDeque<(u64, VirtAddr, VirtAddr)>,
+}
+
+/// What a space keeps of its invalidations, for mirrors that read between them.
+#[derive(Default)]
+pub(super) struct Invalidations {
+    /// Bumped when an invalidation starts (under `state`'s lock).
+    seq: AtomicU64,
+    /// Invalidations started and not yet ended (under `state`'s lock).
+    active: AtomicU64,
+    state: Mutex<InvalState>,
+    /// Signalled whenever an invalidation ends.
+    ended: Condvar,
+}
+
+fn overlaps(r: &Running, start: VirtAddr, end: VirtAddr) -> bool {
+    r.start < end && start < r.end
+}
+
+/// The calling thread's id as the kernel numbers threads (what a userfaultfd message names).
+pub(crate) fn current_tid() -> u32 {
+    thread_local! {
+        static TID: u32 = {
+            // SAFETY: gettid takes no argument and cannot fail.
+            unsafe { libc::syscall(libc::SYS_gettid) as u32 }
+        };
+    }
+    TID.with(|t| *t)
+}
+
 /// An invalidation in progress: its notifiers were told it started, and they are told it
 /// ended when this drops, on every path.
 pub(crate) struct Invalidation<'a> {
     space: &'a SpaceInner,
     range: NotifyRange,
+    seq: u64,
 }
 
 impl Drop for Invalidation<'_> {
     fn drop(&mut self) {
-        self.space.invalidate_end(&self.range);
+        self.space.invalidate_end(&self.range, self.seq);
     }
 }
 
 impl SpaceInner {
-    pub(super) fn invalidate_start(&self, range: &NotifyRange) {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        self.seq.fetch_add(1, Ordering::AcqRel);
+    /// Records the start of an invalidation of `range` by this thread, then tells the
+    /// notifiers. Returns its sequence number, for [`SpaceInner::invalidate_end`].
+    pub(super) fn invalidate_start(&self, range: &NotifyRange, exclusive: bool) -> u64 {
+        let seq = {
+            let mut st = self.inval.state.lock();
+            let seq = self.inval.seq.fetch_add(1, Ordering::AcqRel) + 1;
+            self.inval.active.fetch_add(1, Ordering::AcqRel);
+            st.running.push(Running {
+                seq,
+                start: range.start,
+                end: range.end,
+                tid: current_tid(),
+                exclusive,
+            });
+            if st.starts.len() == STARTS_KEPT {
+                st.starts.pop_front();
+            }
+            st.starts.push_back((seq, range.start, range.end));
+            seq
+        };
         let ns = self.notifiers.read().clone();
         for (_, n) in ns.iter() {
             n.invalidate(self.id, range);
         }
+        seq
     }
 
-    pub(super) fn invalidate_end(&self, range: &NotifyRange) {
+    pub(super) fn invalidate_end(&self, range: &NotifyRange, seq: u64) {
         let ns = self.notifiers.read().clone();
         for (_, n) in ns.iter() {
             n.invalidate_end(self.id, range);
         }
-        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let _g = self.idle_lock.lock();
-            self.idle.notify_all();
+        let mut st = self.inval.state.lock();
+        if let Some(i) = st.running.iter().position(|r| r.seq == seq) {
+            st.running.swap_remove(i);
         }
+        self.inval.active.fetch_sub(1, Ordering::AcqRel);
+        drop(st);
+        self.inval.ended.notify_all();
     }
 }
 
@@ -76,41 +156,107 @@ impl AddressSpace {
     /// The invalidation sequence number: it changes whenever an invalidation of any range
     /// starts, so a mirror that read it before a snapshot can tell whether to retry.
     pub fn invalidate_seq(&self) -> u64 {
-        self.inner.seq.load(Ordering::Acquire)
+        self.inner.inval.seq.load(Ordering::Acquire)
     }
 
-    /// Starts a mirror's read (the kernel's `mmu_interval_read_begin`): waits until no
-    /// invalidation of the space is in progress, then returns the sequence number to hand to
+    /// Starts a mirror's read of the whole space: waits until no invalidation of the space
+    /// is in progress, then returns the sequence number to hand to
     /// [`AddressSpace::read_retry`] once the mirror has built its view (for example with
     /// [`crate::mm::hmm_range_fault`]) and before it commits it. Must not be called from a
-    /// notifier callback (it would wait for its own invalidation).
+    /// notifier callback (it would wait for its own invalidation). A mirror of part of the
+    /// space waits for less with [`AddressSpace::read_begin_range`].
     pub fn read_begin(&self) -> u64 {
-        loop {
-            let seq = self.inner.seq.load(Ordering::Acquire);
-            if self.inner.active.load(Ordering::Acquire) == 0 {
-                return seq;
-            }
-            let mut g = self.inner.idle_lock.lock();
-            if self.inner.active.load(Ordering::Acquire) != 0 {
-                self.inner.idle.wait(&mut g);
-            }
+        let inv = &self.inner.inval;
+        let mut st = inv.state.lock();
+        while !st.running.is_empty() {
+            inv.ended.wait(&mut st);
         }
+        inv.seq.load(Ordering::Acquire)
     }
 
     /// True if an invalidation started since [`AddressSpace::read_begin`] returned `seq`
     /// (or is running now): the mirror's view may be stale and must be rebuilt.
     pub fn read_retry(&self, seq: u64) -> bool {
-        self.inner.seq.load(Ordering::Acquire) != seq
-            || self.inner.active.load(Ordering::Acquire) != 0
+        let inv = &self.inner.inval;
+        inv.seq.load(Ordering::Acquire) != seq || inv.active.load(Ordering::Acquire) != 0
+    }
+
+    /// Starts a mirror's read of `[start, end)` (the kernel's `mmu_interval_read_begin` for
+    /// one interval): waits only while an invalidation that overlaps the range is in
+    /// progress, so invalidations elsewhere never hold it up; returns the sequence number to
+    /// hand to [`AddressSpace::read_retry_range`] with the same range. Must not be called
+    /// from a notifier callback for an overlapping range (it would wait for itself).
+    pub fn read_begin_range(&self, start: VirtAddr, end: VirtAddr) -> u64 {
+        let inv = &self.inner.inval;
+        let mut st = inv.state.lock();
+        while st.running.iter().any(|r| overlaps(r, start, end)) {
+            inv.ended.wait(&mut st);
+        }
+        inv.seq.load(Ordering::Acquire)
+    }
+
+    /// [`AddressSpace::read_begin_range`] without waiting: `None` while an overlapping
+    /// invalidation is in progress.
+    pub fn try_read_begin_range(&self, start: VirtAddr, end: VirtAddr) -> Option<u64> {
+        let inv = &self.inner.inval;
+        let st = inv.state.lock();
+        if st.running.iter().any(|r| overlaps(r, start, end)) {
+            return None;
+        }
+        Some(inv.seq.load(Ordering::Acquire))
+    }
+
+    /// True if an invalidation overlapping `[start, end)` started since
+    /// [`AddressSpace::read_begin_range`] returned `seq` for that range, or runs now: the
+    /// mirror's view of the range may be stale. Invalidations of other ranges do not count
+    /// (unless so many started meanwhile that the space no longer knows their ranges: then
+    /// it says retry).
+    pub fn read_retry_range(&self, seq: u64, start: VirtAddr, end: VirtAddr) -> bool {
+        let inv = &self.inner.inval;
+        let st = inv.state.lock();
+        if st.running.iter().any(|r| overlaps(r, start, end)) {
+            return true;
+        }
+        if inv.seq.load(Ordering::Acquire) == seq {
+            return false;
+        }
+        match st.starts.front() {
+            Some(&(oldest, _, _)) if oldest <= seq + 1 => st
+                .starts
+                .iter()
+                .any(|&(s, a, b)| s > seq && a < end && start < b),
+            _ => true,
+        }
+    }
+
+    /// Whether a fault at `[start, end)` by thread `tid` (the kernel's id) comes from inside
+    /// an invalidation of this space that cannot let it through: `tid` runs an invalidation
+    /// now (its notifiers, typically) and either the range overlaps an invalidation in
+    /// progress (its own or another's: waiting for it could wait for the faulting thread
+    /// itself) or `tid` holds the map lock exclusively (which every fault needs shared).
+    pub(crate) fn fault_inside_invalidation(
+        &self,
+        tid: u32,
+        start: VirtAddr,
+        end: VirtAddr,
+    ) -> bool {
+        let st = self.inner.inval.state.lock();
+        let mut own = st.running.iter().filter(|r| r.tid == tid).peekable();
+        if own.peek().is_none() {
+            return false;
+        }
+        own.any(|r| r.exclusive) || st.running.iter().any(|r| overlaps(r, start, end))
     }
 
     /// Starts an invalidation of `range`: notifiers are told now, and again (its end) when
     /// the returned guard drops. Never called under a leaf lock: a notifier may sleep.
     pub(crate) fn invalidate(&self, range: NotifyRange) -> Invalidation<'_> {
-        self.inner.invalidate_start(&range);
+        let exclusive = self.holds_map_exclusively();
+        let seq = self.inner.invalidate_start(&range, exclusive);
         Invalidation {
             space: &self.inner,
             range,
+            seq,
         }
     }
 }

@@ -39,28 +39,49 @@ fn unhold(id: SpaceId, exclusive: bool) {
 
 /// The map lock held exclusively (see [`AddressSpace::map_write`]).
 pub(crate) struct MapWrite<'a> {
-    map: RwLockWriteGuard<'a, VmaTree>,
+    /// Always `Some` but in [`MapWrite::downgrade`], which takes it.
+    map: Option<RwLockWriteGuard<'a, VmaTree>>,
     id: SpaceId,
-    _track: crate::mm::locks::Held,
+    _track: Option<crate::mm::locks::Held>,
     _here: std::marker::PhantomData<*const ()>,
 }
 
 impl std::ops::Deref for MapWrite<'_> {
     type Target = VmaTree;
     fn deref(&self) -> &VmaTree {
-        &self.map
+        self.map.as_ref().expect("held until dropped or downgraded")
     }
 }
 
 impl std::ops::DerefMut for MapWrite<'_> {
     fn deref_mut(&mut self) -> &mut VmaTree {
-        &mut self.map
+        self.map.as_mut().expect("held until dropped or downgraded")
     }
 }
 
 impl Drop for MapWrite<'_> {
     fn drop(&mut self) {
+        if self.map.is_some() {
+            unhold(self.id, true);
+        }
+    }
+}
+
+impl<'a> MapWrite<'a> {
+    /// Turns the exclusive hold into a shared one without letting go of the lock: no other
+    /// change of mappings can slip in between, while faults and migrations elsewhere in the
+    /// space may run again (munmap does this once the doomed VMAs are out of the tree).
+    pub(super) fn downgrade(mut self) -> MapHold<'a> {
+        let map = self.map.take().expect("held until dropped or downgraded");
+        let track = self._track.take().expect("taken only here");
         unhold(self.id, true);
+        HELD.with(|h| h.borrow_mut().push((self.id, false)));
+        MapHold {
+            map: RwLockWriteGuard::downgrade(map),
+            id: self.id,
+            _track: track,
+            _here: std::marker::PhantomData,
+        }
     }
 }
 
@@ -122,11 +143,16 @@ impl AddressSpace {
         let map = self.inner.map.write();
         HELD.with(|h| h.borrow_mut().push((self.inner.id, true)));
         Ok(MapWrite {
-            map,
+            map: Some(map),
             id: self.inner.id,
-            _track: track,
+            _track: Some(track),
             _here: std::marker::PhantomData,
         })
+    }
+
+    /// True if this thread holds the space's map lock exclusively (a change of mappings).
+    pub(crate) fn holds_map_exclusively(&self) -> bool {
+        held_here(self.inner.id) == Some(true)
     }
 
     /// True if this thread holds the space's map lock (a migration between its stages, a

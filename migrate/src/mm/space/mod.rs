@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hetmem_engine::{Pfn, PAGE_SIZE};
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::RwLock;
 
 use super::notifier::{NotifyEvent, NotifyRange};
 use super::page::{flags, Mapping, Page};
@@ -60,13 +60,8 @@ pub(crate) struct SpaceInner {
     pub(crate) map: RwLock<VmaTree>,
     pub(crate) tables: Arc<PageTables>,
     notifiers: RwLock<Notifiers>,
-    /// Bumped when an invalidation starts (see [`AddressSpace::read_begin`]).
-    seq: AtomicU64,
-    /// Invalidations started and not yet ended.
-    active: AtomicU64,
-    /// Signalled when `active` drops to zero.
-    idle: Condvar,
-    idle_lock: Mutex<()>,
+    /// The invalidations running and the latest started (see [`AddressSpace::read_begin`]).
+    inval: invalidate::Invalidations,
     /// Where the next `mmap` without an address starts looking.
     next_addr: AtomicU64,
 }
@@ -105,10 +100,7 @@ impl AddressSpace {
                 leaves: RwLock::new(LeafTable::default()),
             }),
             notifiers: RwLock::new(Arc::new([])),
-            seq: AtomicU64::new(0),
-            active: AtomicU64::new(0),
-            idle: Condvar::new(),
-            idle_lock: Mutex::new(()),
+            inval: invalidate::Invalidations::default(),
             next_addr: AtomicU64::new(MMAP_BASE.get()),
         });
         pagemap
@@ -274,7 +266,25 @@ impl AddressSpace {
                 "the range is mapped for CPU pointers: free its buffer instead",
             ));
         }
-        self.unmap_locked(&mut map, start, end);
+        // As the kernel's munmap does: the doomed VMAs leave the tree under the exclusive
+        // lock (no fault or migration finds them from here on), and the notifiers and the
+        // zap run under the lock held shared. So a notifier of this unmap that touches
+        // CPU-mapped memory elsewhere in the space can be served (the fault path takes the
+        // lock shared), while no other change of mappings reuses the range before it is clear.
+        let doomed: Vec<Arc<Vma>> = split_range(&mut map, start, end)
+            .into_iter()
+            .map(|k| map.remove(&k).expect("listed by split_range"))
+            .collect();
+        let _hold = map.downgrade();
+        let _inv = self.invalidate(NotifyRange {
+            start,
+            end,
+            event: NotifyEvent::Unmap,
+            owner: Owner::NONE,
+        });
+        for v in doomed {
+            self.zap_range(v.start, v.end);
+        }
         Ok(())
     }
 
@@ -475,8 +485,8 @@ impl Drop for SpaceInner {
             })
             .collect();
         for range in ranges {
-            self.invalidate_start(&range);
-            self.invalidate_end(&range);
+            let seq = self.invalidate_start(&range, false);
+            self.invalidate_end(&range, seq);
         }
         let pm = self.pagemap.clone();
         let leaves: Vec<(u64, Arc<Leaf>)> = self
