@@ -4,18 +4,22 @@
 //!   fault through `Buffer::read` and a bare userfaultfd round trip (register, touch,
 //!   `UFFDIO_ZEROPAGE` from a handler thread), the floor any userfaultfd design pays;
 //! - a sequential scan of a 256 MiB device-resident buffer through a pointer, beside the scan
-//!   of the same buffer resident in host memory.
+//!   of the same buffer resident in host memory, and beside the same device-resident scan
+//!   over a frame pool that does not punch the home frames of device-resident pages (the
+//!   cost of giving their memory back: the prefetch punches, and the pages coming back land
+//!   in fresh frames of the file).
 //!
 //! The device is `HETMEM_DEVICE` (lavapipe where there is no GPU). Percentiles go to
 //! `target/criterion/hetmem-pointers.json` for `cargo xtask bench-report`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion, Throughput};
 use hetmem::mm::MemoryKind;
 use hetmem::offload::{Buffer, Context, ContextConfig, Location};
 use hetmem_bench::{criterion_mean_ns, save_results};
-use hetmem_engine::DeviceConfig;
+use hetmem_engine::{DeviceConfig, HostFramePool};
 
 const PAGE: usize = 4096;
 /// Pages whose single-page faults are timed per round.
@@ -23,8 +27,15 @@ const FAULT_PAGES: usize = 2048;
 const SCAN_BYTES: usize = 256 << 20;
 
 fn context(budget: u64, fault_around: usize) -> Context {
+    context_over(budget, fault_around, None)
+}
+
+/// A context over `frames` (the process-wide pool if `None`).
+fn context_over(budget: u64, fault_around: usize, frames: Option<Arc<HostFramePool>>) -> Context {
+    let mut device = DeviceConfig::from_env().expect("HETMEM_DEVICE");
+    device.frames = frames;
     Context::new(ContextConfig {
-        device: DeviceConfig::from_env().expect("HETMEM_DEVICE"),
+        device,
         budget_bytes: budget,
         memory: Some(MemoryKind::DevicePrivate),
         fault_around,
@@ -229,37 +240,88 @@ fn scan(c: &mut Criterion) {
             total
         })
     });
+    let device_resident = |buf: &Buffer, iters: u64| {
+        let (mut scan, mut out) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..iters {
+            let t = Instant::now();
+            buf.prefetch(0..buf.len(), Location::Device)
+                .unwrap()
+                .wait()
+                .unwrap();
+            out += t.elapsed();
+            let t = Instant::now();
+            std::hint::black_box(sum(buf));
+            scan += t.elapsed();
+        }
+        (scan, out)
+    };
+    let punched_before = ctx.driver().device().frames().punched_frames();
+    let mut prefetch = [(Duration::ZERO, 0u64); 2];
     g.bench_function("device-resident", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                buf.prefetch(0..buf.len(), Location::Device)
-                    .unwrap()
-                    .wait()
-                    .unwrap();
-                let t = Instant::now();
-                std::hint::black_box(sum(&buf));
-                total += t.elapsed();
-            }
-            total
+            let (scan, out) = device_resident(&buf, iters);
+            prefetch[0].0 += out;
+            prefetch[0].1 += iters;
+            scan
+        })
+    });
+    let punched = ctx.driver().device().frames().punched_frames() - punched_before;
+    // The same over a pool of its own that never punches (as for a GPU that pins frames).
+    let pool = HostFramePool::new(2 * SCAN_BYTES).expect("a frame pool");
+    pool.forbid_home_punching();
+    let kept = context_over(2 * SCAN_BYTES as u64, 16, Some(pool));
+    let kept_buf = kept.alloc_mapped(SCAN_BYTES).expect("CPU pointers");
+    kept_buf
+        .view_mut::<u64>()
+        .unwrap()
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, w)| *w = i as u64);
+    g.bench_function("device-resident-no-punching", |b| {
+        b.iter_custom(|iters| {
+            let (scan, out) = device_resident(&kept_buf, iters);
+            prefetch[1].0 += out;
+            prefetch[1].1 += iters;
+            scan
         })
     });
     g.finish();
-    if let (Some(host), Some(dev)) = (
+    let per = |(d, n): (Duration, u64)| d.as_secs_f64() * 1e3 / n.max(1) as f64;
+    println!(
+        "\nprefetch of 256 MiB to the device, mean: {:.1} ms punching home frames \
+         ({punched} frames punched), {:.1} ms without ({:.2}x)",
+        per(prefetch[0]),
+        per(prefetch[1]),
+        per(prefetch[0]) / per(prefetch[1])
+    );
+    if let (Some(host), Some(dev), Some(kept)) = (
         criterion_mean_ns("pointer-scan", "host-resident"),
         criterion_mean_ns("pointer-scan", "device-resident"),
+        criterion_mean_ns("pointer-scan", "device-resident-no-punching"),
     ) {
         let gbs = |ns: f64| SCAN_BYTES as f64 / ns;
         println!(
             "\nsequential scan of 256 MiB through a pointer: host-resident {:.2} GB/s, \
-             device-resident {:.2} GB/s ({:.2}x)",
+             device-resident {:.2} GB/s ({:.2}x), device-resident without punching {:.2} GB/s \
+             ({:.2}x; punching costs the scan {:.2}x)",
             gbs(host),
             gbs(dev),
-            host / dev
+            host / dev,
+            gbs(kept),
+            host / kept,
+            dev / kept
         );
         let _ = save_results(
             "pointer-scan",
-            &serde_json::json!({"host_gbs": gbs(host), "device_gbs": gbs(dev), "ratio": host / dev}),
+            &serde_json::json!({
+                "host_gbs": gbs(host),
+                "device_gbs": gbs(dev),
+                "ratio": host / dev,
+                "device_no_punching_gbs": gbs(kept),
+                "ratio_no_punching": host / kept,
+                "prefetch_ms": per(prefetch[0]),
+                "prefetch_no_punching_ms": per(prefetch[1]),
+            }),
         );
     }
 }

@@ -14,6 +14,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, AtomicU8};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
@@ -26,6 +27,8 @@ use crate::slots::{PutRefused, Slots};
 
 mod home;
 mod owned;
+
+mod holes;
 
 /// Bytes in one segment of the arena: the unit of population and of import into a device.
 pub(crate) const SEGMENT_BYTES: usize = 64 << 20;
@@ -51,6 +54,12 @@ pub struct HostFramePool {
     busy: AtomicBitmap,
     /// The devices whose in-flight batches may hold frame bits.
     devices: Mutex<Vec<std::sync::Weak<dyn Settle>>>,
+    /// Whether freed home frames give their memory back (`holes.rs`).
+    punching: AtomicU8,
+    /// Home frames punched so far.
+    punched: AtomicU64,
+    /// Frames punched and not refilled since (`holes.rs`).
+    holes: AtomicBitmap,
 }
 
 /// Who reaches a frame's bytes: a safe call (refused on claimed home frames, and on sealed
@@ -131,6 +140,9 @@ impl HostFramePool {
             populated: AtomicBitmap::new(bytes / SEGMENT_BYTES),
             busy: AtomicBitmap::new(frames),
             devices: Mutex::new(Vec::new()),
+            punching: AtomicU8::new(holes::PUNCH_OFF),
+            punched: AtomicU64::new(0),
+            holes: AtomicBitmap::new(frames),
         }))
     }
 
@@ -240,6 +252,7 @@ impl HostFramePool {
             .lock_words(bit_words(idx.iter().copied()), &mut || {
                 self.settle_devices()
             });
+        self.punch_freed_homes(&idx, adopted);
         self.slots
             .lock()
             .put_all(&idx, adopted)

@@ -388,6 +388,8 @@ impl Inner {
                 }
             }
         }
+        // Frames punched while their pages were on the device get memory again in runs.
+        self.pagemap.frames().refill_punched(&got);
         Ok(got)
     }
 

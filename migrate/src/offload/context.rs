@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use std::ops::Range;
 
-use hetmem_engine::{Device, DeviceConfig, DeviceInfo, Kernel};
+use hetmem_engine::{Device, DeviceConfig, DeviceInfo, DeviceType, HostAccess, Kernel};
 
 use super::buffer::Buffer;
 use crate::cpu::{CpuFaultError, CpuMirror, FaultScope};
@@ -90,6 +90,21 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// Lets home frames left empty by a migration to the device give their memory back, where
+/// the device reaches host frames without pinning them: the host device, a CPU device
+/// (lavapipe) that imports frames as plain pointers, or copies through staging. A GPU that
+/// imports frames pins them, and a punched frame would no longer be the page it copies
+/// into: the pool never punches once such a device uses it.
+fn release_empty_homes(device: &Device) {
+    let info = device.info();
+    let pins = info.host_access == HostAccess::Import && info.device_type != DeviceType::Cpu;
+    if pins {
+        device.frames().forbid_home_punching();
+    } else {
+        device.frames().allow_home_punching();
+    }
+}
+
 impl Context {
     /// Opens the device `config` selects (and says which, through `tracing`), registers its
     /// memory and makes an empty address space.
@@ -100,6 +115,7 @@ impl Context {
             DeviceConfig::from_env()?;
         }
         let device = Device::open(config.device.clone().budget(config.budget_bytes))?;
+        release_empty_homes(&device);
         let pagemap = PageMap::new(device.frames().clone())?;
         let driver = GpuDriver::new(
             device,
