@@ -206,124 +206,142 @@ fn faults(c: &mut Criterion) {
     g.finish();
 }
 
-fn scan(c: &mut Criterion) {
-    let ctx = context(2 * SCAN_BYTES as u64, 16);
+/// A context (fault-around 16) over a frame pool of its own and a 256 MiB CPU-mapped
+/// buffer filled with its word indices; `punch`: the pool gives home frames of
+/// device-resident pages back; `ahead`: `HETMEM_CPU_READAHEAD` for its mirror.
+fn scan_buffer(punch: bool, ahead: &str) -> Option<(Context, Buffer)> {
+    let pool = HostFramePool::new(2 * SCAN_BYTES).expect("a frame pool");
+    if !punch {
+        pool.forbid_home_punching();
+    }
+    std::env::set_var("HETMEM_CPU_READAHEAD", ahead);
+    let ctx = context_over(2 * SCAN_BYTES as u64, 16, Some(pool));
     let buf = match ctx.alloc_mapped(SCAN_BYTES) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("pointers bench skipped: {e}");
-            return;
+            return None;
         }
     };
+    std::env::remove_var("HETMEM_CPU_READAHEAD");
     buf.view_mut::<u64>()
         .unwrap()
         .iter_mut()
         .enumerate()
         .for_each(|(i, w)| *w = i as u64);
-    let sum = |buf: &Buffer| -> u64 {
-        buf.view::<u64>()
+    Some((ctx, buf))
+}
+
+/// The sum of the buffer's words through a view, checked against what `scan_buffer` wrote
+/// (a page mapped with the wrong bytes fails the bench).
+fn sum(buf: &Buffer) -> u64 {
+    let words = (SCAN_BYTES / 8) as u64;
+    let got = buf
+        .view::<u64>()
+        .unwrap()
+        .iter()
+        .fold(0u64, |a, &w| a.wrapping_add(w));
+    assert_eq!(got, words * (words - 1) / 2, "a scan read wrong words");
+    got
+}
+
+/// `iters` rounds of: prefetch to the device, then a timed scan; returns the scans' time
+/// and the prefetches'.
+fn device_resident(buf: &Buffer, iters: u64) -> (Duration, Duration) {
+    let (mut scan, mut out) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..iters {
+        let t = Instant::now();
+        buf.prefetch(0..buf.len(), Location::Device)
             .unwrap()
-            .iter()
-            .fold(0u64, |a, &w| a.wrapping_add(w))
-    };
+            .wait()
+            .unwrap();
+        out += t.elapsed();
+        let t = Instant::now();
+        std::hint::black_box(sum(buf));
+        scan += t.elapsed();
+    }
+    (scan, out)
+}
+
+/// The scan variants: criterion name, whether home frames are punched, read-ahead mode.
+const SCANS: [(&str, bool, &str); 3] = [
+    ("device-resident", true, "map"),
+    ("device-resident-no-punching", false, "map"),
+    ("device-resident-no-punching-bring-ahead", false, "bring"),
+];
+
+fn scan(c: &mut Criterion) {
     let mut g = c.benchmark_group("pointer-scan");
     g.sample_size(10);
     g.throughput(Throughput::Bytes(SCAN_BYTES as u64));
-    g.bench_function("host-resident", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
+    {
+        let Some((_ctx, buf)) = scan_buffer(false, "map") else {
+            return;
+        };
+        g.bench_function("host-resident", |b| {
+            b.iter_custom(|iters| {
                 let t = Instant::now();
-                std::hint::black_box(sum(&buf));
-                total += t.elapsed();
-            }
-            total
-        })
-    });
-    let device_resident = |buf: &Buffer, iters: u64| {
-        let (mut scan, mut out) = (Duration::ZERO, Duration::ZERO);
-        for _ in 0..iters {
-            let t = Instant::now();
-            buf.prefetch(0..buf.len(), Location::Device)
-                .unwrap()
-                .wait()
-                .unwrap();
-            out += t.elapsed();
-            let t = Instant::now();
-            std::hint::black_box(sum(buf));
-            scan += t.elapsed();
-        }
-        (scan, out)
-    };
-    let punched_before = ctx.driver().device().frames().punched_frames();
-    let mut prefetch = [(Duration::ZERO, 0u64); 2];
-    g.bench_function("device-resident", |b| {
-        b.iter_custom(|iters| {
-            let (scan, out) = device_resident(&buf, iters);
-            prefetch[0].0 += out;
-            prefetch[0].1 += iters;
-            scan
-        })
-    });
-    let punched = ctx.driver().device().frames().punched_frames() - punched_before;
-    // The same over a pool of its own that never punches (as for a GPU that pins frames).
-    let pool = HostFramePool::new(2 * SCAN_BYTES).expect("a frame pool");
-    pool.forbid_home_punching();
-    let kept = context_over(2 * SCAN_BYTES as u64, 16, Some(pool));
-    let kept_buf = kept.alloc_mapped(SCAN_BYTES).expect("CPU pointers");
-    kept_buf
-        .view_mut::<u64>()
-        .unwrap()
-        .iter_mut()
-        .enumerate()
-        .for_each(|(i, w)| *w = i as u64);
-    g.bench_function("device-resident-no-punching", |b| {
-        b.iter_custom(|iters| {
-            let (scan, out) = device_resident(&kept_buf, iters);
-            prefetch[1].0 += out;
-            prefetch[1].1 += iters;
-            scan
-        })
-    });
+                for _ in 0..iters {
+                    std::hint::black_box(sum(&buf));
+                }
+                t.elapsed()
+            })
+        });
+    }
+    // Mean prefetch to the device (ms) and frames punched, per variant.
+    let mut prefetch = [(0f64, 0u64); SCANS.len()];
+    for (k, &(name, punch, ahead)) in SCANS.iter().enumerate() {
+        let Some((ctx, buf)) = scan_buffer(punch, ahead) else {
+            return;
+        };
+        let (mut out, mut rounds) = (Duration::ZERO, 0u64);
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let (scan, o) = device_resident(&buf, iters);
+                out += o;
+                rounds += iters;
+                scan
+            })
+        });
+        let punched = ctx.driver().device().frames().punched_frames();
+        prefetch[k] = (out.as_secs_f64() * 1e3 / rounds.max(1) as f64, punched);
+    }
     g.finish();
-    let per = |(d, n): (Duration, u64)| d.as_secs_f64() * 1e3 / n.max(1) as f64;
+    report_scans(&prefetch);
+}
+
+/// Prints the scans' figures (same run) and saves them for `cargo xtask bench-report`.
+fn report_scans(prefetch: &[(f64, u64); SCANS.len()]) {
+    let Some(host) = criterion_mean_ns("pointer-scan", "host-resident") else {
+        return;
+    };
+    let gbs = |ns: f64| SCAN_BYTES as f64 / ns;
     println!(
-        "\nprefetch of 256 MiB to the device, mean: {:.1} ms punching home frames \
-         ({punched} frames punched), {:.1} ms without ({:.2}x)",
-        per(prefetch[0]),
-        per(prefetch[1]),
-        per(prefetch[0]) / per(prefetch[1])
+        "\nsequential scan of 256 MiB through a pointer: host-resident {:.2} GB/s",
+        gbs(host)
     );
-    if let (Some(host), Some(dev), Some(kept)) = (
-        criterion_mean_ns("pointer-scan", "host-resident"),
-        criterion_mean_ns("pointer-scan", "device-resident"),
-        criterion_mean_ns("pointer-scan", "device-resident-no-punching"),
-    ) {
-        let gbs = |ns: f64| SCAN_BYTES as f64 / ns;
+    let mut json = serde_json::Map::new();
+    json.insert("host_gbs".into(), gbs(host).into());
+    for (&(name, _, _), &(ms, punched)) in SCANS.iter().zip(prefetch) {
+        let Some(dev) = criterion_mean_ns("pointer-scan", name) else {
+            continue;
+        };
         println!(
-            "\nsequential scan of 256 MiB through a pointer: host-resident {:.2} GB/s, \
-             device-resident {:.2} GB/s ({:.2}x), device-resident without punching {:.2} GB/s \
-             ({:.2}x; punching costs the scan {:.2}x)",
-            gbs(host),
+            "{name:<44} {:>6.2} GB/s ({:.2}x of host-resident); prefetch to the device \
+             {ms:.1} ms, {punched} frames punched",
             gbs(dev),
-            host / dev,
-            gbs(kept),
-            host / kept,
-            dev / kept
+            host / dev
         );
-        let _ = save_results(
-            "pointer-scan",
-            &serde_json::json!({
-                "host_gbs": gbs(host),
-                "device_gbs": gbs(dev),
-                "ratio": host / dev,
-                "device_no_punching_gbs": gbs(kept),
-                "ratio_no_punching": host / kept,
-                "prefetch_ms": per(prefetch[0]),
-                "prefetch_no_punching_ms": per(prefetch[1]),
-            }),
+        json.insert(
+            name.into(),
+            serde_json::json!({"gbs": gbs(dev), "ratio": host / dev, "prefetch_ms": ms}),
         );
     }
+    if let Some(dev) = criterion_mean_ns("pointer-scan", SCANS[0].0) {
+        json.insert("device_gbs".into(), gbs(dev).into());
+        json.insert("ratio".into(), (host / dev).into());
+    }
+    let _ = save_results("pointer-scan", &serde_json::Value::Object(json));
 }
 
 criterion_group!(benches, faults, scan);

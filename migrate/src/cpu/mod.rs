@@ -47,6 +47,7 @@
 //! second copy of every CPU-resident page and copy on each fault; this design copies nothing
 //! on the CPU side at all (the bench `cpu_pointers` measures both).
 
+mod ahead;
 mod uffd;
 
 use std::collections::BTreeMap;
@@ -110,6 +111,8 @@ struct Shared {
     base_window: usize,
     /// Brings the device pages of `npages` pages from an address back to host memory.
     bring: Bring,
+    /// What the read-ahead of a sequential scan does.
+    ahead: ahead::Mode,
 }
 
 /// How the mirror asks the driver to bring a window of pages back to host memory.
@@ -155,6 +158,7 @@ impl CpuMirror {
             stream: Mutex::new((0, 0, 0)),
             base_window: base_window.clamp(1, MAX_WINDOW),
             bring,
+            ahead: ahead::Mode::from_env(),
         });
         let notifier = space.register_notifier(Arc::new(ViewNotifier(Arc::downgrade(&shared))));
         let s = shared.clone();
@@ -511,39 +515,6 @@ impl Shared {
         }
         drop(g);
         Ok(Step::Done)
-    }
-
-    /// After a fault of a sequential scan has been served (its thread runs again), brings
-    /// back and maps the next window, so the scan finds it mapped.
-    fn read_ahead(&self) {
-        let (_, from, n) = *self.stream.lock();
-        if n < 2 * self.base_window || n < 2 {
-            return;
-        }
-        let Some((start, region)) = self.region_of(from) else {
-            return;
-        };
-        let Some(vma) = self.space.vma(VirtAddr(from)).filter(|v| v.home.is_some()) else {
-            return;
-        };
-        let hi = (from + n as u64 * PAGE)
-            .min(vma.end.get())
-            .min(start + region.len);
-        let Some(seq) = self
-            .space
-            .try_read_begin_range(VirtAddr(from), VirtAddr(hi))
-        else {
-            return;
-        };
-        if (self.bring)(from, ((hi - from) / PAGE) as usize).is_err() {
-            return;
-        }
-        if let Ok(Step::Done) = self.map_window(&vma, from, hi, seq, None) {
-            let mut stream = self.stream.lock();
-            if stream.1 == from {
-                *stream = (from, hi, n);
-            }
-        }
     }
 
     /// The window a fault at `addr` maps, inside `[floor, ceil)`: the base window around

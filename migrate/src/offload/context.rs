@@ -94,11 +94,14 @@ impl std::fmt::Debug for Context {
 /// the device reaches host frames without pinning them: the host device, a CPU device
 /// (lavapipe) that imports frames as plain pointers, or copies through staging. A GPU that
 /// imports frames pins them, and a punched frame would no longer be the page it copies
-/// into: the pool never punches once such a device uses it.
+/// into: the pool never punches once such a device uses it. `HETMEM_RELEASE_HOMES=0` keeps
+/// the frames (for good, on this context's pool): punching and refilling a frame costs more
+/// than copying it (see the README).
 fn release_empty_homes(device: &Device) {
     let info = device.info();
     let pins = info.host_access == HostAccess::Import && info.device_type != DeviceType::Cpu;
-    if pins {
+    let kept = std::env::var("HETMEM_RELEASE_HOMES").is_ok_and(|v| v == "0");
+    if pins || kept {
         device.frames().forbid_home_punching();
     } else {
         device.frames().allow_home_punching();
