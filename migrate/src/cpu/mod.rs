@@ -1,8 +1,9 @@
 //! The process's own page table as one more mirror of an address space: ranges that code
 //! reaches through plain CPU pointers (the kernel's view of a process, kept by hetmem's rules).
 //!
-//! Long: just over 600 lines; its split (the fault path apart from the view's bookkeeping) is
-//! left to the engineers changing this file now.
+//! Long: about 670 lines (the deferred faults and the notifier rule added to it); its split
+//! (the fault path apart from the view's bookkeeping) is left until the frame-ownership
+//! changes to this file land, so the two do not collide.
 //!
 //! # Design
 //!
