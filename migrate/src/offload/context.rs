@@ -90,20 +90,22 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// Lets home frames left empty by a migration to the device give their memory back, where
-/// the device reaches host frames without pinning them: the host device, a CPU device
-/// (lavapipe) that imports frames as plain pointers, or copies through staging. A GPU that
-/// imports frames pins them, and a punched frame would no longer be the page it copies
-/// into: the pool never punches once such a device uses it. `HETMEM_RELEASE_HOMES=0` keeps
-/// the frames (for good, on this context's pool): punching and refilling a frame costs more
-/// than copying it (see the README).
+/// Home frames left empty by a migration to the device may give their memory back (a hole
+/// punched in the frame file) where the device reaches host frames without pinning them: the
+/// host device, a CPU device (lavapipe) that imports frames as plain pointers, or copies
+/// through staging. It is off unless `HETMEM_RELEASE_HOMES=1` (or
+/// `HostFramePool::allow_home_punching` on the context's pool): on the machines measured,
+/// punching and refilling a frame costs several times more than copying it (see the README),
+/// which a program that keeps its data on the device pays on every return. A GPU that
+/// imports frames pins them, and a punched frame would no longer be the page it copies into:
+/// such a device forbids punching on its pool for good.
 fn release_empty_homes(device: &Device) {
     let info = device.info();
     let pins = info.host_access == HostAccess::Import && info.device_type != DeviceType::Cpu;
-    let kept = std::env::var("HETMEM_RELEASE_HOMES").is_ok_and(|v| v == "0");
-    if pins || kept {
+    let wanted = std::env::var("HETMEM_RELEASE_HOMES").is_ok_and(|v| v == "1");
+    if pins {
         device.frames().forbid_home_punching();
-    } else {
+    } else if wanted {
         device.frames().allow_home_punching();
     }
 }
