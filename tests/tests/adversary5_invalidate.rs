@@ -521,3 +521,6 @@ fn range_mirrors_race_unmap_remap_migrations_and_pins() {
         );
     }
 }
+
+#[path = "adversary5_invalidate/cpu.rs"]
+mod cpu;
