@@ -271,11 +271,8 @@ impl Notifier for CallBack {
 /// refused with `Error::Reentrant`, as the error's documentation and `docs/ARCHITECTURE.md`
 /// ("a notifier that calls back into the space whose mappings its thread is changing gets
 /// `Error::Reentrant`") say, and as mprotect's notifiers get it. Found: munmap's notifiers
-/// get `Error::MigrationInProgress` (the downgraded hold looks like a migration's).
+/// got `Error::MigrationInProgress` (the downgraded hold looked like a migration's).
 #[test]
-#[ignore = "bug: a notifier of munmap that calls mmap/munmap/mprotect on its space gets \
-            Error::MigrationInProgress, not Error::Reentrant (reproduce: register a notifier that \
-            calls space.mmap from its Unmap invalidation, munmap a page)"]
 fn a_munmap_notifier_changing_mappings_is_refused_as_reentrant() {
     watchdog("munmap notifier callbacks", || {
         let (_pm, _dev, space) = host_space("munmap_notifier_callbacks");

@@ -16,6 +16,18 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+thread_local! {
+    /// The address spaces whose mappings this thread is changing under a shared hold (a
+    /// munmap past its detach, see [`MapWrite::downgrade`]): a change of mappings asked for
+    /// from there is a callback into the change, not a migration that holds the lock.
+    static CHANGING: std::cell::RefCell<Vec<SpaceId>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether this thread is changing `id`'s mappings under a downgraded hold.
+fn changing_here(id: SpaceId) -> bool {
+    CHANGING.with(|c| c.borrow().contains(&id))
+}
+
 /// Whether this thread holds `id`'s map lock: `None` if not, else whether exclusively.
 fn held_here(id: SpaceId) -> Option<bool> {
     HELD.with(|h| {
@@ -76,9 +88,11 @@ impl<'a> MapWrite<'a> {
         let track = self._track.take().expect("taken only here");
         unhold(self.id, true);
         HELD.with(|h| h.borrow_mut().push((self.id, false)));
+        CHANGING.with(|c| c.borrow_mut().push(self.id));
         MapHold {
             map: RwLockWriteGuard::downgrade(map),
             id: self.id,
+            changing: true,
             _track: track,
             _here: std::marker::PhantomData,
         }
@@ -91,6 +105,8 @@ impl<'a> MapWrite<'a> {
 pub(crate) struct MapHold<'a> {
     map: RwLockReadGuard<'a, VmaTree>,
     id: SpaceId,
+    /// Made by [`MapWrite::downgrade`]: its thread is still changing the mappings.
+    changing: bool,
     _track: crate::mm::locks::Held,
     /// Never sent to another thread: the hold is recorded in this thread's `HELD` (whatever
     /// features the lock's crate was built with).
@@ -107,6 +123,14 @@ impl std::ops::Deref for MapHold<'_> {
 impl Drop for MapHold<'_> {
     fn drop(&mut self) {
         unhold(self.id, false);
+        if self.changing {
+            CHANGING.with(|c| {
+                let mut c = c.borrow_mut();
+                if let Some(i) = c.iter().rposition(|&x| x == self.id) {
+                    c.swap_remove(i);
+                }
+            });
+        }
     }
 }
 
@@ -124,6 +148,7 @@ impl AddressSpace {
         Ok(MapHold {
             map,
             id: self.inner.id,
+            changing: false,
             _track: track,
             _here: std::marker::PhantomData,
         })
@@ -135,6 +160,8 @@ impl AddressSpace {
     /// notifier of another change).
     pub(super) fn map_write(&self) -> Result<MapWrite<'_>> {
         match held_here(self.inner.id) {
+            // A notifier of a munmap (which runs them under a shared hold) is reentrant.
+            Some(false) if changing_here(self.inner.id) => return Err(Error::Reentrant),
             Some(false) => return Err(Error::MigrationInProgress),
             Some(true) => return Err(Error::Reentrant),
             None => {}
