@@ -60,6 +60,17 @@ pub(super) struct Invalidations {
     ended: Condvar,
 }
 
+/// The range a mirror's read covers: an inverted one (`end` below `start`, as wrapping
+/// arithmetic at the top of the space makes) counts as the whole space, so that it is never
+/// a range that no invalidation overlaps.
+fn read_span(start: VirtAddr, end: VirtAddr) -> (VirtAddr, VirtAddr) {
+    if end < start {
+        (VirtAddr(0), VirtAddr(u64::MAX))
+    } else {
+        (start, end)
+    }
+}
+
 fn overlaps(r: &Running, start: VirtAddr, end: VirtAddr) -> bool {
     r.start < end && start < r.end
 }
@@ -187,6 +198,7 @@ impl AddressSpace {
     /// hand to [`AddressSpace::read_retry_range`] with the same range. Must not be called
     /// from a notifier callback for an overlapping range (it would wait for itself).
     pub fn read_begin_range(&self, start: VirtAddr, end: VirtAddr) -> u64 {
+        let (start, end) = read_span(start, end);
         let inv = &self.inner.inval;
         let mut st = inv.state.lock();
         while st.running.iter().any(|r| overlaps(r, start, end)) {
@@ -198,6 +210,7 @@ impl AddressSpace {
     /// [`AddressSpace::read_begin_range`] without waiting: `None` while an overlapping
     /// invalidation is in progress.
     pub fn try_read_begin_range(&self, start: VirtAddr, end: VirtAddr) -> Option<u64> {
+        let (start, end) = read_span(start, end);
         let inv = &self.inner.inval;
         let st = inv.state.lock();
         if st.running.iter().any(|r| overlaps(r, start, end)) {
@@ -210,8 +223,9 @@ impl AddressSpace {
     /// [`AddressSpace::read_begin_range`] returned `seq` for that range, or runs now: the
     /// mirror's view of the range may be stale. Invalidations of other ranges do not count
     /// (unless so many started meanwhile that the space no longer knows their ranges: then
-    /// it says retry).
+    /// it says retry). A range whose `end` lies below its `start` counts as the whole space.
     pub fn read_retry_range(&self, seq: u64, start: VirtAddr, end: VirtAddr) -> bool {
+        let (start, end) = read_span(start, end);
         let inv = &self.inner.inval;
         let st = inv.state.lock();
         if st.running.iter().any(|r| overlaps(r, start, end)) {
