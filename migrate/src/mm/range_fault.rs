@@ -47,7 +47,9 @@ pub enum PageState {
 /// Faults in `npages` pages from `start` for a device of `owner` and returns their frames:
 /// holes are populated, write access breaks copy-on-write, device-private pages of another
 /// owner come back to host, the owner's own device-private pages are returned as they are.
-/// The caller pairs this with [`AddressSpace::invalidate_seq`] and retries if it changed.
+/// The caller brackets this with [`AddressSpace::read_begin_range`] (or `read_begin`) and
+/// retries if [`AddressSpace::read_retry_range`] (or `read_retry`) says so before it commits
+/// the frames to a mirror.
 pub fn hmm_range_fault(
     space: &AddressSpace,
     start: VirtAddr,

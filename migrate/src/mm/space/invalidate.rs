@@ -165,7 +165,11 @@ impl AddressSpace {
     }
 
     /// The invalidation sequence number: it changes whenever an invalidation of any range
-    /// starts, so a mirror that read it before a snapshot can tell whether to retry.
+    /// starts. It says whether one *started* since it was read, not whether one that started
+    /// before is still running: a mirror that builds a view starts with
+    /// [`AddressSpace::read_begin`] or [`AddressSpace::read_begin_range`] (which wait for
+    /// running invalidations) and checks with the matching `read_retry`, never with this
+    /// number alone.
     pub fn invalidate_seq(&self) -> u64 {
         self.inner.inval.seq.load(Ordering::Acquire)
     }
