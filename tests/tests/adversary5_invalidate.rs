@@ -394,6 +394,8 @@ fn frame_bytes(pm: &PageMap, frames: &[hetmem_engine::Pfn]) -> Vec<u8> {
 /// of an unmap whose zap runs under the shared hold is never missed), the stable range's
 /// committed frames must hold its bytes, a pin must keep the unmapped bytes, and nothing is
 /// left locked or leaked.
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// its steps share the fixture and the threads' handles.
 #[test]
 fn range_mirrors_race_unmap_remap_migrations_and_pins() {
     for kind in ON {

@@ -47,6 +47,8 @@ fn view_bytes(b: &hetmem::offload::Buffer) -> Vec<u8> {
 /// sends to the device and frees other buffers, CPU-mapped and not (their unmaps and the
 /// migrations of their ranges are invalidations next to the buffer's windows). The bytes
 /// follow a shadow, no CPU fault is refused, and the buffer's pages settle.
+/// Long: one scenario read top to bottom (the fixture, the racing threads, the checks after);
+/// its steps share the fixture and the threads' handles.
 #[test]
 fn cpu_pointers_race_frees_and_migrations_of_neighbours() {
     in_child(
