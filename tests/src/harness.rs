@@ -263,6 +263,16 @@ pub fn run_child(
     mode: &str,
     limit: std::time::Duration,
 ) -> Option<std::process::ExitStatus> {
+    run_child_with(test, mode, &[], limit)
+}
+
+/// [`run_child`] with extra environment variables for the child.
+pub fn run_child_with(
+    test: &str,
+    mode: &str,
+    env: &[(&str, &str)],
+    limit: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
     let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
@@ -272,6 +282,7 @@ pub fn run_child(
             "--include-ignored",
         ])
         .env("HETMEM_CHILD", mode)
+        .envs(env.iter().copied())
         .spawn()
         .expect("starting the child");
     let deadline = std::time::Instant::now() + limit;

@@ -14,7 +14,7 @@ use hetmem::mm::PageState;
 use hetmem::offload::{Buffer, Context, Location};
 use hetmem::Error;
 use hetmem_engine::{DeviceKind, HostFramePool};
-use hetmem_tests::harness::join_all;
+use hetmem_tests::harness::{join_all, run_child_with};
 
 const PAGE: usize = 4096;
 
@@ -69,40 +69,6 @@ fn check(buf: &Buffer, salt: u32, what: &str) {
     for (i, c) in bytes.chunks_exact(4).enumerate() {
         let w = u32::from_le_bytes(c.try_into().unwrap());
         assert_eq!(w, word(i, salt), "{what}: word {i} (page {})", i * 4 / PAGE);
-    }
-}
-
-/// Runs this test binary again with only `test` and `HETMEM_CHILD=mode` (plus `env`), killing
-/// it if it runs past `limit` (a hang); returns how it ended, or `None` for a hang.
-fn run_child(
-    test: &str,
-    mode: &str,
-    env: &[(&str, &str)],
-    limit: Duration,
-) -> Option<std::process::ExitStatus> {
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            test,
-            "--nocapture",
-            "--test-threads=1",
-            "--include-ignored",
-        ])
-        .env("HETMEM_CHILD", mode)
-        .envs(env.iter().copied())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -218,7 +184,7 @@ fn a_view_under_its_own_threads_device_pin_is_refused_not_a_hang() {
 fn reading_a_view_under_ones_own_device_pin_is_not_a_sigbus() {
     let test = "reading_a_view_under_ones_own_device_pin_is_not_a_sigbus";
     if std::env::var("HETMEM_CHILD").is_err() {
-        let status = run_child(test, "pin", &[], Duration::from_secs(120));
+        let status = run_child_with(test, "pin", &[], Duration::from_secs(120));
         let status = status.expect("the child hung");
         assert_eq!(status.code(), Some(0), "child: {status:?}");
         return;
@@ -384,7 +350,7 @@ fn threads_named(prefix: &str) -> Vec<String> {
 fn the_fault_thread_stops_when_the_context_drops() {
     let test = "the_fault_thread_stops_when_the_context_drops";
     if std::env::var("HETMEM_CHILD").is_err() {
-        let status = run_child(test, "threads", &[], Duration::from_secs(120));
+        let status = run_child_with(test, "threads", &[], Duration::from_secs(120));
         let status = status.expect("the child hung");
         assert_eq!(status.code(), Some(0), "child: {status:?}");
         return;
@@ -607,7 +573,7 @@ fn freeing_or_dropping_under_a_blocked_fault_does_not_hang() {
     let test = "freeing_or_dropping_under_a_blocked_fault_does_not_hang";
     let Ok(mode) = std::env::var("HETMEM_CHILD") else {
         for mode in ["free", "drop"] {
-            let status = run_child(test, mode, &[], Duration::from_secs(120));
+            let status = run_child_with(test, mode, &[], Duration::from_secs(120));
             let status = status.unwrap_or_else(|| panic!("{mode}: the child hung"));
             assert_eq!(status.code(), Some(0), "{mode}: child: {status:?}");
         }
@@ -666,7 +632,7 @@ fn host_frame_exhaustion_keeps_mapped_buffers_whole() {
     let test = "host_frame_exhaustion_keeps_mapped_buffers_whole";
     if std::env::var("HETMEM_CHILD").is_err() {
         let env = [("HETMEM_HOST_FRAMES_GIB", "1")];
-        let status = run_child(test, "oom", &env, Duration::from_secs(300));
+        let status = run_child_with(test, "oom", &env, Duration::from_secs(300));
         let status = status.expect("the child hung");
         assert_eq!(status.code(), Some(0), "child: {status:?}");
         return;
