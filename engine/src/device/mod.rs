@@ -7,7 +7,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::backend::Backend;
-use crate::config::{DeviceConfig, DeviceInfo};
+use crate::config::{DeviceConfig, DeviceInfo, DeviceType, HostAccess};
 use crate::copy::{plan_batch, CopyPlan, Place};
 use crate::error::{EngineError, Result};
 use crate::frames::{HostFramePool, Settle};
@@ -120,6 +120,11 @@ impl Device {
             .clone()
             .unwrap_or_else(|| HostFramePool::global().clone());
         let (info, backend) = crate::select::open_backend(&config, &frames)?;
+        if info.host_access == HostAccess::Import && info.device_type != DeviceType::Cpu {
+            // A GPU pins the host frames it imports: a frame punched out of the pool's file
+            // afterwards would no longer be the page it copies into (see `frames/holes.rs`).
+            frames.forbid_home_punching();
+        }
         tracing::info!(
             device = %info.name,
             kind = ?info.kind,
