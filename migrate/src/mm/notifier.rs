@@ -50,7 +50,11 @@ pub trait Notifier: Send + Sync {
     /// holds the map lock exclusively (notifiers of mprotect, mremap and fork), cannot be
     /// served: the thread gets `SIGBUS` and the CPU mirror records `Error::Reentrant`.
     /// Notifiers of munmap run with the map lock held shared (the unmapped range already
-    /// out of the space), so the rest of the space can be faulted from them.
+    /// out of the space), so the rest of the space can be faulted from them. A notifier must
+    /// not wait for *another* thread's access to a CPU-mapped page that is not present: the
+    /// fault thread serves that access only once the invalidation ends (and, under the
+    /// exclusive map lock of mprotect, mremap or fork, it cannot take the lock at all), so
+    /// such a wait never ends (the kernel's notifiers have the same rule).
     fn invalidate(&self, space: SpaceId, range: &NotifyRange);
     /// End of an invalidation: the entries of `range` are settled again (a mirror may fault
     /// them in). Called once per operation, after every `invalidate` it made.
