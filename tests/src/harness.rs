@@ -310,3 +310,19 @@ pub fn block_sigbus_here() {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
+
+/// Adds `hm_arg(0)` to every word of `hm_arg(1)` pages of buffer 0, `hm_arg(2)` times over
+/// (a kernel that runs long enough to be caught in flight). Entry point `add`.
+pub const SLOW_ADD_KERNEL: &str = r#"
+@compute @workgroup_size(64)
+fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let words = hm_arg(1) * HM_PAGE_WORDS;
+    if (gid.x >= words) {
+        return;
+    }
+    let p = hm_ptr(0u, gid.x * 4u);
+    for (var i = 0u; i < hm_arg(2); i = i + 1u) {
+        hm_store(p, hm_load(p) + hm_arg(0));
+    }
+}
+"#;

@@ -21,22 +21,6 @@ use hetmem_tests::harness::*;
 //    CI, a failure under CI=true).
 // ---------------------------------------------------------------------------------------
 
-/// Adds `hm_arg(0)` to every word of `hm_arg(1)` pages of buffer 0, `hm_arg(2)` times over
-/// (a kernel that runs a while).
-const SLOW_ADD: &str = r#"
-@compute @workgroup_size(64)
-fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let words = hm_arg(1) * HM_PAGE_WORDS;
-    if (gid.x >= words) {
-        return;
-    }
-    let p = hm_ptr(0u, gid.x * 4u);
-    for (var i = 0u; i < hm_arg(2); i = i + 1u) {
-        hm_store(p, hm_load(p) + hm_arg(0));
-    }
-}
-"#;
-
 fn vulkan(test: &str) -> Option<hetmem::offload::Context> {
     offload_context(DeviceKind::Vulkan, 64 * 4096, None, test)
 }
@@ -51,7 +35,7 @@ fn everything_dropped_under_a_running_launch() {
         let test = "everything_dropped_under_a_running_launch";
         for round in 0..20u32 {
             let Some(ctx) = vulkan(test) else { return };
-            let kernel = ctx.compile_kernel(SLOW_ADD, "add").unwrap();
+            let kernel = ctx.compile_kernel(SLOW_ADD_KERNEL, "add").unwrap();
             let buf = ctx.alloc(4 * 4096).unwrap();
             buf.write(0, &[1u8; 4 * 4096]).unwrap();
             let launch = ctx
@@ -91,7 +75,7 @@ fn a_forgotten_launch_does_not_hang_free_or_teardown() {
     watchdog_for("forgotten launch", Duration::from_secs(120), || {
         let test = "a_forgotten_launch_does_not_hang_free_or_teardown";
         let Some(ctx) = vulkan(test) else { return };
-        let kernel = ctx.compile_kernel(SLOW_ADD, "add").unwrap();
+        let kernel = ctx.compile_kernel(SLOW_ADD_KERNEL, "add").unwrap();
         let buf = ctx.alloc(4 * 4096).unwrap();
         buf.write(0, &[1u8; 4 * 4096]).unwrap();
         let launch = ctx
@@ -431,7 +415,7 @@ fn launches_race_moves_and_reads_of_their_buffer() {
     watchdog_for("launches vs moves", Duration::from_secs(120), || {
         let test = "launches_race_moves_and_reads_of_their_buffer";
         let Some(ctx) = vulkan(test) else { return };
-        let kernel = ctx.compile_kernel(SLOW_ADD, "add").unwrap();
+        let kernel = ctx.compile_kernel(SLOW_ADD_KERNEL, "add").unwrap();
         let n = 4usize;
         let buf = Arc::new(ctx.alloc(n * 4096).unwrap());
         buf.write(0, &vec![0u8; n * 4096]).unwrap();

@@ -83,7 +83,7 @@ impl Shared {
     /// Locks the bits of the device pages among `pfns` (others are skipped), retiring this
     /// device's completed batches while a bit is held.
     pub(super) fn hold_pages(&self, pfns: impl IntoIterator<Item = Pfn>) -> Vec<(usize, u64)> {
-        let range = self.pages.lock().range();
+        let range = self.page_range;
         let idx = pfns
             .into_iter()
             .filter_map(|p| range.index_of(p).map(|i| i as usize));

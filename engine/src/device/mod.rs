@@ -51,6 +51,8 @@ struct Shared {
     /// bytes, and by a copy from its submission until it has completed (the frames' bits are
     /// the pool's): no two accesses race on a page's bytes.
     held: AtomicBitmap,
+    /// The frame numbers of the device's pages (fixed at open).
+    page_range: PfnRange,
     /// Batches in flight and the frame and page bits each holds, in submission order.
     holds: Mutex<Vec<Hold>>,
     counters: Counters,
@@ -68,7 +70,7 @@ impl KernelHost for Shared {
     }
 
     fn pfn_range(&self) -> PfnRange {
-        self.pages.lock().range()
+        self.page_range
     }
 
     fn wait_for(&self, value: u64) {
@@ -131,12 +133,14 @@ impl Device {
             reason = %info.reason,
             "hetmem device chosen"
         );
-        let held = AtomicBitmap::new(pages.range().count as usize);
+        let page_range = pages.range();
+        let held = AtomicBitmap::new(page_range.count as usize);
         let shared = Arc::new(Shared {
             info,
             frames: frames.clone(),
             pages: Mutex::new(pages),
             held,
+            page_range,
             holds: Mutex::new(Vec::new()),
             counters: Counters::default(),
             injections: Mutex::new(Injections::default()),

@@ -208,22 +208,6 @@ fn a_user_migration_cannot_move_a_viewed_home_page() {
 // D. Kernels: a dispatch's pages and the bit locks.
 // ---------------------------------------------------------------------------------------
 
-/// Adds `hm_arg(0)` to every word of buffer 0 (`hm_arg(1)` pages) `hm_arg(2)` times: a
-/// kernel that runs long enough to be caught in flight.
-const SLOW_ADD: &str = r#"
-@compute @workgroup_size(64)
-fn slow(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let words = hm_arg(1) * HM_PAGE_WORDS;
-    if (gid.x >= words) {
-        return;
-    }
-    let p = hm_ptr(0u, gid.x * 4u);
-    for (var i = 0u; i < hm_arg(2); i = i + 1u) {
-        hm_store(p, hm_load(p) + hm_arg(0));
-    }
-}
-"#;
-
 /// A dispatch writes device pages, and `Device::dispatch`, `PageTable::set` (any page of the
 /// device's range, free or not), `read_page` and `alloc_pages` are all safe: a `read_page` of
 /// a page a running kernel writes must wait for it (else it reads the bytes while the kernel
@@ -235,7 +219,9 @@ fn device_pages_under_a_running_kernel_are_not_touched_by_others() {
         return;
     };
     watchdog("kernel bits", move || {
-        let kernel = dev.compile_kernel(SLOW_ADD, "slow").expect("compiles");
+        let kernel = dev
+            .compile_kernel(SLOW_ADD_KERNEL, "add")
+            .expect("compiles");
         let n = 16usize;
         let pages = dev.alloc_pages(n, true).unwrap();
         let table = dev.page_table(n).unwrap();
@@ -335,7 +321,9 @@ fn a_bound_table_entry_changes_only_after_the_dispatch() {
         return;
     };
     watchdog("table entries", move || {
-        let kernel = dev.compile_kernel(SLOW_ADD, "slow").expect("compiles");
+        let kernel = dev
+            .compile_kernel(SLOW_ADD_KERNEL, "add")
+            .expect("compiles");
         let n = 16usize;
         let pages = dev.alloc_pages(n + 1, true).unwrap();
         let table = dev.page_table(n + 1).unwrap();
