@@ -1,9 +1,8 @@
 //! The process's own page table as one more mirror of an address space: ranges that code
 //! reaches through plain CPU pointers (the kernel's view of a process, kept by hetmem's rules).
 //!
-//! Long: about 670 lines (the deferred faults and the notifier rule added to it); its split
-//! (the fault path apart from the view's bookkeeping) is left until the frame-ownership
-//! changes to this file land, so the two do not collide.
+//! The fault path is in `fault.rs`, the read-ahead of scans in `ahead.rs`, the runs left to
+//! the kernel's own fault path in `left.rs`, the userfaultfd itself in `uffd.rs`.
 //!
 //! # Design
 //!
@@ -27,7 +26,10 @@
 //!   home frame), then, under the mirror lock and only if no invalidation started since,
 //!   `UFFDIO_CONTINUE` maps the home frames of the faulting window (write-protected where
 //!   hetmem's entry is read-only; a write there is a write-protect fault, served the same
-//!   way).
+//!   way);
+//! - a long run of present, writable home pages is instead left to the kernel's own fault
+//!   path (its registration ends) until an invalidation touches it, which registers it again
+//!   before it drops entries (`left.rs`).
 //!
 //! The fault thread waits for no invalidation: a fault whose window an invalidation is
 //! changing is put aside and tried again after the others (`Step::Defer`), and the entries
@@ -49,30 +51,29 @@
 //! on the CPU side at all (the bench `cpu_pointers` measures both).
 
 mod ahead;
+mod fault;
+mod left;
 mod uffd;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use hetmem_engine::{PfnRange, PAGE_SIZE};
+use hetmem_engine::PfnRange;
 use parking_lot::{Mutex, RwLock};
 
+use left::Left;
 pub use uffd::FaultScope;
-use uffd::{Fault, Uffd, FAULT_WP, FAULT_WRITE};
+use uffd::Uffd;
 
 use crate::error::{Error, Result};
-use crate::migration::{
-    migrate_pfn, Migration, MIGRATE_VMA_SELECT_DEVICE_COHERENT, MIGRATE_VMA_SELECT_SYSTEM,
-};
 use crate::mm::{AddressSpace, Notifier, NotifierId, NotifyRange, Owner, SpaceId, VirtAddr, PAGE};
 
 /// Most pages one fault maps (and, for a sequential scan, brings back) at once.
 pub const MAX_WINDOW: usize = 2048;
-/// Runs of at least this many writable pages are mapped through the kernel's fault path
-/// (`Uffd::map_bulk`) rather than page by page.
+/// Runs of at least this many writable pages are left to the kernel's fault path
+/// (`Uffd::leave`) rather than mapped page by page.
 const BULK_PAGES: u64 = 256;
 /// Attempts a fault makes before it gives up with the last error (each waits a little when
 /// the page is busy: pinned by a device kernel, or under migration).
@@ -102,12 +103,15 @@ struct Shared {
     owner: Owner,
     regions: RwLock<BTreeMap<u64, Region>>,
     /// Held while the view's entries change: mapping (fault thread) and dropping (notifier).
-    lock: Mutex<()>,
+    /// It guards the runs left to the kernel's fault path (`Uffd::leave`).
+    lock: Mutex<Left>,
     stop: AtomicBool,
     last_error: Mutex<Option<CpuFaultError>>,
     served: AtomicU64,
     /// The last window mapped (start, end, pages), to grow windows on sequential scans.
     stream: Mutex<(u64, u64, usize)>,
+    /// The address of the last fault served (how far the read-ahead may run ahead of it).
+    last_fault: AtomicU64,
     /// Pages per window when faults are not sequential.
     base_window: usize,
     /// Brings the device pages of `npages` pages from an address back to host memory.
@@ -152,11 +156,12 @@ impl CpuMirror {
             space: space.clone(),
             owner,
             regions: RwLock::new(BTreeMap::new()),
-            lock: Mutex::new(()),
+            lock: Mutex::new(Left::default()),
             stop: AtomicBool::new(false),
             last_error: Mutex::new(None),
             served: AtomicU64::new(0),
             stream: Mutex::new((0, 0, 0)),
+            last_fault: AtomicU64::new(0),
             base_window: base_window.clamp(1, MAX_WINDOW),
             bring,
             ahead: ahead::Mode::from_env(),
@@ -233,6 +238,7 @@ impl CpuMirror {
         let region = *s.regions.read().get(&addr).ok_or(Error::NotMapped(va))?;
         let r = s.space.munmap_checked(va, region.len, true);
         s.regions.write().remove(&addr);
+        s.lock.lock().0.remove(&addr);
         if let Err(e) = s.uffd.unregister(addr, region.len) {
             tracing::error!("unregistering {addr:#x}: {e}");
         }
@@ -262,325 +268,20 @@ impl Drop for CpuMirror {
     }
 }
 
-/// What one attempt at a fault came to.
-enum Step {
-    Done,
-    Retry,
-    /// The page is present but not in its home frame.
-    Rehome,
-    /// An invalidation of the window is in progress: the fault is put aside (its thread
-    /// keeps waiting) and tried again after the others, so the fault thread never sleeps
-    /// on an invalidation whose notifiers may themselves be waiting for a fault.
-    Defer,
-}
-
-/// How a fault was dealt with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Served {
-    /// Mapped, or refused with `SIGBUS`: its thread runs again.
-    Ended,
-    /// Put aside until an invalidation of its window ends.
-    Deferred,
-}
-
-/// How long the fault thread waits for new faults while some are put aside.
-const DEFERRED_POLL_MS: i32 = 1;
-
 impl Shared {
-    fn run(self: Arc<Self>) {
-        let mut faults = Vec::new();
-        let mut aside: Vec<Fault> = Vec::new();
-        while !self.stop.load(Ordering::Acquire) {
-            let wait = if aside.is_empty() {
-                50
-            } else {
-                DEFERRED_POLL_MS
-            };
-            if let Err(e) = self.uffd.read_faults(wait, &mut faults) {
-                tracing::error!("reading userfaultfd: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-            let earlier = std::mem::take(&mut aside);
-            for f in faults.iter().chain(&earlier) {
-                if self.serve(f) == Served::Deferred {
-                    aside.push(*f);
-                }
-            }
-        }
-        // Shutting down: each fault put aside ends in its signal (`resolve` says so).
-        for f in &aside {
-            self.serve(f);
-        }
-    }
-
-    /// The region holding `addr`: its start and itself.
-    fn region_of(&self, addr: u64) -> Option<(u64, Region)> {
-        let regions = self.regions.read();
-        let (&start, &r) = regions.range(..=addr).next_back()?;
-        (addr < start + r.len).then_some((start, r))
-    }
-
-    /// A page still pinned on the device after every retry (`Busy`, naming its frame) is
-    /// reported as [`Error::HeldOnDevice`]: the buffer (its range's start) and the offset.
-    fn held_on_device(&self, error: Error, addr: u64) -> Error {
-        match (&error, self.region_of(addr)) {
-            (Error::Busy(_), Some((start, _))) => Error::HeldOnDevice {
-                addr: VirtAddr::from(start),
-                offset: (addr - start) as usize,
-            },
-            _ => error,
-        }
-    }
-
-    fn serve(&self, f: &Fault) -> Served {
-        let addr = f.addr & !(PAGE - 1);
-        let write = f.flags & (FAULT_WRITE | FAULT_WP) != 0;
-        let served =
-            if self
-                .space
-                .fault_inside_invalidation(f.tid, VirtAddr(addr), VirtAddr(addr + PAGE))
-            {
-                // A notifier (or anything else running inside an invalidation of this space)
-                // touched a page that cannot be served while its own thread is there: a page of
-                // a range being invalidated, or any page while that thread holds the map lock
-                // exclusively (mprotect, mremap, fork). Waiting would wait for itself.
-                Err(Error::Reentrant)
-            } else {
-                self.resolve(VirtAddr(addr), write)
-            };
-        match served {
-            Ok(Served::Deferred) => return Served::Deferred,
-            Ok(Served::Ended) => {
-                // Mapping the page woke the thread (and `map_window` woke it where the page
-                // was mapped already).
-                self.served.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(error) => {
-                tracing::debug!("CPU fault at {addr:#x}: {error}");
-                let error = self.held_on_device(error, addr);
-                *self.last_error.lock() = Some(CpuFaultError { addr, error });
-                signal_bus(f.tid);
-                // The thread runs again, into its signal.
-                if let Err(e) = self.uffd.wake(addr, PAGE) {
-                    tracing::error!("waking the thread faulting at {addr:#x}: {e}");
-                }
-            }
-        }
-        self.read_ahead();
-        Served::Ended
-    }
-
-    /// Makes `addr` accessible (for `write`, writable) in the process, or says why not, or
-    /// puts it aside while an invalidation of its window runs.
-    fn resolve(&self, addr: VirtAddr, write: bool) -> Result<Served> {
-        let mut last = Error::NoProgress { addr, tries: 0 };
-        for tries in 0..SERVE_TRIES {
-            if self.stop.load(Ordering::Acquire) {
-                return Err(Error::InvalidArgument("the context is shutting down"));
-            }
-            let r = self.attempt(addr.get(), write);
-            match r {
-                Ok(Step::Done) => return Ok(Served::Ended),
-                Ok(Step::Defer) => return Ok(Served::Deferred),
-                Ok(Step::Retry) => continue,
-                Ok(Step::Rehome) => match self.rehome(addr) {
-                    Ok(()) => continue,
-                    Err(e) => last = e,
-                },
-                Err(e @ (Error::Busy(_) | Error::NoProgress { .. })) => last = e,
-                Err(Error::Engine(e)) if e.kind() == hetmem_engine::ErrorKind::Transient => {
-                    last = Error::Engine(e)
-                }
-                Err(e) => return Err(e),
-            }
-            // A page pinned for a device kernel, or one another thread holds: wait a little.
-            let us = 10u64 << (tries / 8).min(7);
-            std::thread::sleep(Duration::from_micros(us));
-        }
-        Err(last)
-    }
-
-    /// One attempt: resolve the entry in the space, then map its window in the process.
-    fn attempt(&self, addr: u64, write: bool) -> Result<Step> {
-        let va = VirtAddr(addr);
-        let (start, region) = self.region_of(addr).ok_or(Error::NotMapped(va))?;
-        let space = &self.space;
-        let vma = space.vma(va).ok_or(Error::NotMapped(va))?;
-        if vma.home.is_none() {
-            return Err(Error::NotMapped(va));
-        }
-        if !vma.prot.read {
-            return Err(Error::ReadDenied(va));
-        }
-        if write && !vma.prot.write {
-            return Err(Error::WriteDenied(va));
-        }
-        let end = start + region.len;
-        let (mut lo, mut hi) =
-            self.window(addr, vma.start.get().max(start), vma.end.get().min(end));
-        if space
-            .try_read_begin_range(VirtAddr(lo), VirtAddr(hi))
-            .is_none()
-        {
-            // Part of the window is being invalidated: the page alone, or later.
-            (lo, hi) = (addr, addr + PAGE);
-            if space.try_read_begin_range(va, va + PAGE).is_none() {
-                return Ok(Step::Defer);
-            }
-        }
-        if hi - lo > PAGE {
-            // Bring the rest of the window back with the faulting page, in one migration
-            // (what fails here is left to the fault of the page itself).
-            let _ = (self.bring)(lo, ((hi - lo) / PAGE) as usize);
-        }
-        space.fault(va, write || vma.prot.write)?;
-        // Entries are read (and mapped) after this: an invalidation of the window from here
-        // on is seen by `read_retry_range`; one running now (the migrations above are over)
-        // puts the fault aside.
-        let Some(seq) = space.try_read_begin_range(VirtAddr(lo), VirtAddr(hi)) else {
-            return Ok(Step::Defer);
-        };
-        let step = self.map_window(&vma, lo, hi, seq, Some(addr))?;
-        if let Step::Done = step {
-            *self.stream.lock() = (lo, hi, ((hi - lo) / PAGE) as usize);
-        }
-        Ok(step)
-    }
-
-    /// Maps the present home frames of `[lo, hi)` (one mapping) in the process, unless an
-    /// invalidation started since `seq`. `must`: the faulting address, which has to be among
-    /// them (else the step says why not).
-    fn map_window(
-        &self,
-        vma: &crate::mm::Vma,
-        lo: u64,
-        hi: u64,
-        seq: u64,
-        must: Option<u64>,
-    ) -> Result<Step> {
-        let space = &self.space;
-        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-        let mut at = lo;
-        while at < hi {
-            match space.mirror_entry(VirtAddr(at), vma.prot.write) {
-                Some((pfn, w)) if Some(pfn) == vma.home_of(VirtAddr(at)) => {
-                    let wp = !w;
-                    match runs.last_mut() {
-                        Some((s, e, p)) if *e == at && *p == wp => *e = at + PAGE,
-                        _ => runs.push((at, at + PAGE, wp)),
-                    }
-                }
-                Some(_) if Some(at) == must => return Ok(Step::Rehome),
-                None if Some(at) == must => return Ok(Step::Retry),
-                _ => {}
-            }
-            at += PAGE;
-        }
-        let addr = VirtAddr(must.unwrap_or(lo));
-        let _t = crate::mm::locks::acquire(crate::mm::locks::Rank::Mirror);
-        let g = self.lock.lock();
-        if space.read_retry_range(seq, VirtAddr(lo), VirtAddr(hi)) {
-            return Ok(Step::Retry);
-        }
-        for &(s, e, wp) in &runs {
-            if !wp && e - s >= BULK_PAGES * PAGE {
-                self.uffd
-                    .map_bulk(s, e - s)
-                    .map_err(|e| Error::FaultFailed {
-                        addr,
-                        reason: format!("mapping a window in bulk: {e}"),
-                    })?;
-                continue;
-            }
-            let skipped = self
-                .uffd
-                .map(s, e - s, wp)
-                .map_err(|e| Error::FaultFailed {
-                    addr,
-                    reason: format!("UFFDIO_CONTINUE: {e}"),
-                })?;
-            if skipped > 0 {
-                // Pages that were mapped already get the protection their entries have now
-                // (a write-protect fault lands here; changing protection flushes TLBs, so
-                // only then), and threads waiting on them (a fault that raced an earlier
-                // window) are woken: CONTINUE wakes only what it maps.
-                self.uffd
-                    .write_protect(s, e - s, wp)
-                    .and_then(|()| self.uffd.wake(s, e - s))
-                    .map_err(|e| Error::FaultFailed {
-                        addr,
-                        reason: format!("UFFDIO_WRITEPROTECT: {e}"),
-                    })?;
-            }
-        }
-        drop(g);
-        Ok(Step::Done)
-    }
-
-    /// The window a fault at `addr` maps, inside `[floor, ceil)`: the base window around
-    /// it, or, where the fault lies in or just after the last window mapped (a sequential
-    /// scan, which may have run into the read-ahead before it was mapped), twice that window
-    /// from `addr` on, up to [`MAX_WINDOW`] pages.
-    fn window(&self, addr: u64, floor: u64, ceil: u64) -> (u64, u64) {
-        let (start, end, last) = *self.stream.lock();
-        if last > 0 && start <= addr && addr <= end {
-            let n = (last * 2).clamp(self.base_window, MAX_WINDOW) as u64;
-            (addr, (addr + n * PAGE).min(ceil))
-        } else {
-            let w = self.base_window as u64 * PAGE;
-            let lo = (addr / w * w).max(floor);
-            (lo, (lo + w).min(ceil))
-        }
-    }
-
-    /// Moves the page at `addr` into its home frame (it came back to host memory elsewhere,
-    /// or sits in coherent device memory).
-    fn rehome(&self, addr: VirtAddr) -> Result<()> {
-        let space = &self.space;
-        let pm = space.pagemap().clone();
-        let home = space
-            .vma(addr)
-            .and_then(|v| v.home_of(addr))
-            .ok_or(Error::NotMapped(addr))?;
-        let flags = MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_DEVICE_COHERENT;
-        let mut m =
-            Migration::setup_checked(space, addr, addr + PAGE, flags, self.owner, None, true)?;
-        let Some((i, src)) = m.collected().next() else {
-            // Pinned or busy: the caller waits and retries.
-            return Err(Error::NoProgress { addr, tries: 1 });
-        };
-        let page = pm.claim_home(home, src.is_none(), true)?;
-        if let Some(src) = src {
-            let mut bytes = vec![0u8; PAGE_SIZE];
-            // The home frame is locked by this migration and not mapped for pointers.
-            let copied = pm
-                .read_frame(src, 0, &mut bytes)
-                .and_then(|()| pm.write_frame_owned(home, 0, &bytes));
-            if let Err(e) = copied {
-                page.unlock();
-                pm.put_page(page);
-                return Err(e);
-            }
-        }
-        m.dst_mut()[i] = migrate_pfn(home);
-        let out = m.copied()?.finalize();
-        if out.migrated == 0 {
-            return Err(Error::NoProgress { addr, tries: 1 });
-        }
-        Ok(())
-    }
-
     /// Drops the process's entries of `[start, end)` (the frames stay in the page cache).
     fn drop_view(&self, start: u64, end: u64) {
         let _t = crate::mm::locks::acquire(crate::mm::locks::Rank::Mirror);
-        let _g = self.lock.lock();
+        let mut loose = self.lock.lock();
         let regions = self.regions.read();
         for (&s, r) in regions.range(..end) {
             let (lo, hi) = (s.max(start), (s + r.len).min(end));
             if lo >= hi {
                 continue;
             }
+            // The parts of the range left to the kernel are registered again first, so that
+            // no access from here on maps a page without a fault that hetmem serves.
+            self.register_again(&mut loose, s, r.len, lo, hi);
             // SAFETY: `[lo, hi)` lies inside a view this mirror mapped and still owns (it is
             // listed in `regions`, which changes only under this same lock's holders); dropping
             // its entries discards nothing (the pages stay in the memfd).

@@ -207,31 +207,15 @@ impl Uffd {
         Ok(skipped)
     }
 
-    /// Maps the page-cache pages behind `[start, start + len)` (which must all exist and hold
-    /// what the process may see) writable-on-demand through the kernel's own fault path: the
-    /// range leaves the registration, is populated (read faults map many pages each), and
-    /// joins it again. Much cheaper than `map` for long runs (`UFFDIO_CONTINUE` installs one
-    /// entry per call iteration); threads waiting in the range are woken. The caller holds the
-    /// mirror lock, so no invalidation drops entries meanwhile.
-    pub(crate) fn map_bulk(&self, start: u64, len: u64) -> io::Result<()> {
-        self.unregister(start, len)?;
-        // SAFETY: populating a range of our own shared view: it only installs entries for
-        // pages already in the page cache (the caller checked every one is present).
-        let r = unsafe {
-            libc::madvise(
-                start as *mut libc::c_void,
-                len as usize,
-                libc::MADV_POPULATE_READ,
-            )
-        };
-        let populated = if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        };
-        // Registered again whatever happened: the range must not stay out of the mirror.
-        self.register(start, len)?;
-        populated
+    /// Leaves `[start, start + len)` to the kernel's own fault path: the range's
+    /// registration ends, so an access to a page the process does not map is mapped by the
+    /// kernel from the page cache (read faults map many pages each), on the accessing thread,
+    /// with no message to the fault thread. Only for pages whose page-cache bytes are what
+    /// the process may see and may write until the next invalidation, which registers the
+    /// range again before it drops entries. Threads waiting in the range are woken (the
+    /// kernel wakes them when a registration with missing faults ends).
+    pub(crate) fn leave(&self, start: u64, len: u64) -> io::Result<()> {
+        self.unregister(start, len)
     }
 
     /// Sets (`wp`) or clears write protection of the mapped pages of the range; clearing
