@@ -16,8 +16,8 @@
 //! reading ahead on the fault thread (163-192 ms against 113-153 ms per 256 MiB scan, under
 //! a load of 6-7): both threads then migrated and mapped the same windows, waiting on each
 //! other's page locks, and no core was left idle for the second one.
-//! `HETMEM_CPU_READAHEAD=bring` brings the windows back without mapping them (the scan's
-//! faults map them).
+//! `HETMEM_CPU_READAHEAD=bring` brings one window back without mapping it (the scan's next
+//! fault maps it).
 
 use super::fault::Step;
 use super::Shared;
@@ -81,11 +81,8 @@ impl Shared {
             return false;
         }
         if self.ahead == Mode::Bring {
-            let mut stream = self.stream.lock();
-            if stream.1 == from {
-                *stream = (from, hi, n);
-            }
-            return true;
+            // One window ahead: the scan's next fault maps it and moves the stream on.
+            return false;
         }
         // Entries are read after this (the migration above is over): one that changes from
         // here on is seen by `read_retry_range` before anything is mapped.
