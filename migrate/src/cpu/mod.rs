@@ -221,6 +221,10 @@ impl CpuMirror {
         s.uffd
             .register(view, len)
             .map_err(|e| undo_view(Error::PointersUnavailable(why(&e))))?;
+        // A region that used these addresses before left nothing behind (`unmap` forgets its
+        // runs); forgetting again costs nothing and keeps a stale run from ever answering
+        // this region's faults.
+        s.lock.lock().0.remove(&view);
         s.regions.write().insert(view, Region { len, home });
         if let Err(e) = s.space.mmap_homed(VirtAddr(view), len, home.start) {
             s.regions.write().remove(&view);
