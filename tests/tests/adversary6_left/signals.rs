@@ -141,7 +141,8 @@ fn a_store_into_a_window_read_ahead_made_read_only_is_refused() {
 }
 
 /// A thread stores sequentially (its stores leave runs to the kernel) while the main thread
-/// makes the buffer read-only; a store made after `set_read_only` returned must be refused.
+/// makes the buffer read-only; a store made after `set_read_only` returned, into a page the
+/// thread stored to before, must be refused.
 #[test]
 fn a_store_racing_set_read_only_is_refused_once_it_returned() {
     let test = "signals::a_store_racing_set_read_only_is_refused_once_it_returned";
@@ -156,12 +157,14 @@ fn a_store_racing_set_read_only_is_refused_once_it_returned() {
     let (d, p) = (done.clone(), passes.clone());
     std::thread::spawn(move || loop {
         for w in (0..RACE_BYTES / 4).step_by(16) {
-            let after = d.load(Ordering::Acquire);
-            store(base, w, w as u32);
-            if after {
-                // A store into a read-only buffer went through.
+            if d.load(Ordering::Acquire) {
+                // Half a buffer behind: a page the last pass stored to, likely in a left run
+                // (the page being faulted in now is not one).
+                store(base, (w + RACE_BYTES / 8) % (RACE_BYTES / 4), 1);
+                // Reached only if a store into a read-only buffer went through.
                 std::process::exit(0);
             }
+            store(base, w, w as u32);
         }
         p.fetch_add(1, Ordering::Release);
     });
