@@ -201,7 +201,14 @@ impl Shared {
             // (what fails here is left to the fault of the page itself).
             let _ = (self.bring)(lo, ((hi - lo) / PAGE) as usize);
         }
-        space.fault(va, write || vma.prot.write)?;
+        // A read of a writable mapping asks for write access, so the window maps writable in
+        // one go; `vma` was looked up before the migration above, and the range may have been
+        // made read-only since (`set_read_only`): a read is never refused for that, it is
+        // tried again with the mapping as it is now.
+        match space.fault(va, write || vma.prot.write) {
+            Err(Error::WriteDenied(_)) if !write => return Ok(Step::Retry),
+            r => r?,
+        }
         // Entries are read (and mapped) after this: an invalidation of the window from here
         // on is seen by `read_retry_range`; one running now (the migrations above are over)
         // puts the fault aside.

@@ -275,9 +275,6 @@ fn freeing_a_buffer_under_a_pointer_scan_ends_the_scan_in_a_signal() {
 /// the device and makes it read-only and writable again, over and over: a load is never a
 /// write, so none may be refused, whatever the protection is when its fault is served.
 #[test]
-#[ignore = "bug: a read fault whose window is brought back while set_read_only(true) runs asks \
-            the space for write access with the VMA it looked up before (`write || \
-            vma.prot.write` in cpu/fault.rs `attempt`) and is refused with WriteDenied + SIGBUS"]
 fn loads_racing_read_only_toggles_are_never_refused() {
     let test = "signals::loads_racing_read_only_toggles_are_never_refused";
     let Some(kind) = child_kind() else {
@@ -299,7 +296,7 @@ fn loads_racing_read_only_toggles_are_never_refused() {
             })
         })
         .collect();
-    for round in 0..40 {
+    for round in 0..100 {
         to_device(&buf, 0..RACE_BYTES);
         buf.set_read_only(round % 2 == 0).unwrap();
     }
