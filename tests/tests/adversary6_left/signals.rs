@@ -306,3 +306,41 @@ fn loads_racing_read_only_toggles_are_never_refused() {
         panic!("a load was refused: {e:?}");
     }
 }
+
+/// Read-only and writable again, with scans between: pages mapped write-protected while the
+/// buffer was read-only (and runs left before and after) must take stores once it is
+/// writable again, keep them through a trip to the device, and refuse them once it is
+/// read-only again.
+#[test]
+fn stores_follow_read_only_toggles_between_scans() {
+    let test = "signals::stores_follow_read_only_toggles_between_scans";
+    let Some(kind) = child_kind() else {
+        return in_children(test, &[], sigbus, "SIGBUS");
+    };
+    let (ctx, buf) = child_setup(kind, RACE_BYTES, 16, test);
+    let (base, words) = (buf.as_mut_ptr().unwrap() as usize, RACE_BYTES / 4);
+    fill(&buf, |i| i as u32);
+    for round in 1..=4u32 {
+        to_device(&buf, 0..RACE_BYTES);
+        buf.set_read_only(true).unwrap();
+        let v = buf.view::<u32>().unwrap();
+        let bad = v
+            .iter()
+            .enumerate()
+            .find(|&(w, &x)| x != w as u32 + round - 1);
+        assert!(bad.is_none(), "round {round}: read-only scan: {bad:?}");
+        drop(v);
+        buf.set_read_only(false).unwrap();
+        for w in 0..words {
+            store(base, w, load(base, w) + 1);
+        }
+        to_device(&buf, 0..RACE_BYTES);
+        for w in (0..words).step_by(31) {
+            assert_eq!(load(base, w), w as u32 + round, "round {round}: word {w}");
+        }
+    }
+    assert!(ctx.take_cpu_fault_error().is_none());
+    buf.set_read_only(true).unwrap();
+    store(base, words / 3, 0);
+    std::process::exit(0);
+}
