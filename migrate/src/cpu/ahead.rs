@@ -52,7 +52,7 @@ impl Shared {
     /// less than [`AHEAD_WINDOWS`] windows past the last fault. True if it brought one (the
     /// next may follow).
     pub(super) fn read_ahead(&self) -> bool {
-        let (_, from, n) = *self.stream.lock();
+        let (at, from, n) = *self.stream.lock();
         if n < 2 * self.base_window || n < 2 {
             return false;
         }
@@ -60,9 +60,14 @@ impl Shared {
         if from >= last.saturating_add(AHEAD_WINDOWS * n as u64 * PAGE) {
             return false;
         }
-        let Some((start, region)) = self.region_of(from) else {
+        // The scan's own region: the read-ahead stops at its end (the next region, which may
+        // start right there, is another buffer the scan does not read).
+        let Some((start, region)) = self.region_of(at) else {
             return false;
         };
+        if from >= start + region.len {
+            return false;
+        }
         let Some(vma) = self.space.vma(VirtAddr(from)).filter(|v| v.home.is_some()) else {
             return false;
         };

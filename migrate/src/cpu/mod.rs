@@ -243,10 +243,14 @@ impl CpuMirror {
         let r = s.space.munmap_checked(va, region.len, true);
         s.regions.write().remove(&addr);
         s.lock.lock().0.remove(&addr);
-        if let Err(e) = s.uffd.unregister(addr, region.len) {
-            tracing::error!("unregistering {addr:#x}: {e}");
-        }
+        // Unmapped while still registered (the registration goes with the mapping), so no
+        // access in between is served by the kernel from frames about to be given back;
+        // threads still waiting on a fault there are woken, into the signal of an access to
+        // unmapped memory.
         unmap_view(addr, region.len);
+        if let Err(e) = s.uffd.wake(addr, region.len) {
+            tracing::error!("waking faults in {addr:#x}..: {e}");
+        }
         if let Err(e) = s.space.pagemap().frames().release_home(region.home) {
             // A page of the range is still referenced (a long-term pin that outlived the
             // range): its run stays reserved.
