@@ -47,7 +47,14 @@ fn torn_page(
     };
     let hs = vec![spawn(Box::new(write_a)), spawn(Box::new(write_b))];
     let reader = thread::spawn(move || {
+        // At most `rounds` reads, and no longer than a few seconds of them: under a loaded
+        // machine the writers' busy loops slow every read (races showed within a few hundred
+        // reads when they were there), and the join below counts anything past 20 s a hang.
+        let until = std::time::Instant::now() + Duration::from_secs(8);
         for _ in 0..rounds {
+            if std::time::Instant::now() > until {
+                break;
+            }
             let p = read();
             let a = p.iter().filter(|&&x| x == 0xAA).count();
             if a != 0 && a != p.len() {
