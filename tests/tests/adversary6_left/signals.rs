@@ -12,6 +12,9 @@ const ROUNDS: u32 = 16;
 /// sends random ranges of the whole buffer to the device and back; the main thread changes
 /// the second half on the device round after round and reads it back through the pointer,
 /// so the runs the scanners' read-ahead left there must be registered again each time.
+///
+/// Long: three kinds of racing threads and the main thread's rounds, which share the
+/// buffer's layout and the shadow; split apart they would pass all of it around.
 fn scanners_race_moves_and_device_changes(kind: DeviceKind, test: &str) {
     let (ctx, buf) = child_setup(kind, RACE_BYTES, 16, test);
     let (half, words) = (RACE_BYTES / 2, RACE_BYTES / 4);
