@@ -22,6 +22,10 @@
 use super::fault::Step;
 use super::Shared;
 
+/// Pages at the start of each window the read-ahead brings that it leaves unmapped, so the
+/// scan's arrival there is a fault the read-ahead hears of.
+const TRIPWIRE_PAGES: u64 = 1;
+
 /// How many windows the read-ahead of a scan runs ahead of the scan's last fault.
 const AHEAD_WINDOWS: u64 = 4;
 use crate::mm::{VirtAddr, PAGE};
@@ -94,10 +98,17 @@ impl Shared {
         let Some(seq) = self.space.try_read_begin_range(lo_va, hi_va) else {
             return false;
         };
-        if let Ok(Step::Done) = self.map_window(&vma, from, hi, seq, None) {
+        // The window's first page stays unmapped: the scan faults there when it arrives, which
+        // tells the read-ahead how far the scan has come (it sees nothing of the pages it maps
+        // or leaves to the kernel), and the fault, finding the window home, costs one round
+        // trip.
+        let trip = (from + TRIPWIRE_PAGES * PAGE).min(hi);
+        if let Ok(Step::Done) = self.map_window(&vma, trip, hi, seq, None) {
             let mut stream = self.stream.lock();
             if stream.1 == from {
-                *stream = (from, hi, n);
+                // The stream keeps its start: a fault anywhere in what it brought is the
+                // scan arriving (at a window's tripwire), not a new stream.
+                *stream = (stream.0, hi, n);
                 return true;
             }
         }

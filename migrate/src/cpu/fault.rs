@@ -217,7 +217,17 @@ impl Shared {
         };
         let step = self.map_window(&vma, lo, hi, seq, Some(addr))?;
         if let Step::Done = step {
-            *self.stream.lock() = (lo, hi, ((hi - lo) / PAGE) as usize);
+            let mut stream = self.stream.lock();
+            // A fault inside the stream (a scan reaching a window the read-ahead brought)
+            // keeps the stream's end, where the read-ahead goes on.
+            let (start, end, last) = *stream;
+            let end = if last > 0 && start <= addr && addr <= end {
+                end.max(hi)
+            } else {
+                hi
+            };
+            *stream = (lo, end, ((hi - lo) / PAGE) as usize);
+            drop(stream);
             self.last_fault.store(addr, Ordering::Relaxed);
         }
         Ok(step)
