@@ -2,7 +2,8 @@
 //! fault thread brings the window after the last one back from the device and maps it (or
 //! leaves it to the kernel, `left.rs`), up to [`AHEAD_WINDOWS`] windows past the scan's last
 //! fault, so the scan's loads find them present while the scan is still in the windows
-//! before.
+//! before. Each window's first page stays unmapped: the scan's arrival there is a fault,
+//! the only news of the scan's progress the read-ahead gets once the kernel maps the rest.
 //!
 //! Every page the read-ahead maps is mapped as a fault maps it: its bytes are in its home
 //! frame (the migration back has finished), its entry is read after that, and the mapping
