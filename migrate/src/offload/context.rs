@@ -296,7 +296,9 @@ impl Context {
         self.inner.cpu.get()?.as_ref().ok()?.take_error()
     }
 
-    /// CPU faults through pointers served so far.
+    /// CPU faults through pointers served so far by hetmem's fault thread. Pages of long runs
+    /// that are back in host memory are left to the kernel's own fault path until one of them
+    /// changes, and accesses to those are not counted.
     pub fn cpu_faults(&self) -> u64 {
         match self.inner.cpu.get() {
             Some(Ok(m)) => m.served(),
