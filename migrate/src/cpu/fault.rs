@@ -9,6 +9,9 @@ use hetmem_engine::PAGE_SIZE;
 
 use super::uffd::{Fault, FAULT_WP, FAULT_WRITE};
 use super::{signal_bus, CpuFaultError, Region, Shared, BULK_PAGES, MAX_WINDOW, SERVE_TRIES};
+
+/// Refusals remembered for their second strike (`Shared::first_strike`).
+const MAX_STRIKES: usize = 1024;
 use crate::error::{Error, Result};
 use crate::migration::{
     migrate_pfn, Migration, MIGRATE_VMA_SELECT_DEVICE_COHERENT, MIGRATE_VMA_SELECT_SYSTEM,
@@ -123,6 +126,18 @@ impl Shared {
                 // Mapping the page woke the thread (and `map_window` woke it where the page
                 // was mapped already).
                 self.served.fetch_add(1, Ordering::Relaxed);
+                self.strikes.lock().remove(&(f.tid, addr));
+            }
+            Err(error) if self.first_strike(f.tid, addr, &error) => {
+                // The message may be stale: its thread's access may have been served since
+                // (a window mapped around it woke it) and the thread moved on, after which its
+                // buffer was freed or made read-only. It is woken without a signal; if the
+                // access still cannot be served, it faults again at once and that fault's
+                // refusal is signalled.
+                tracing::debug!("CPU fault at {addr:#x}: {error} (first refusal: woken)");
+                if let Err(e) = self.uffd.wake(addr, PAGE) {
+                    tracing::error!("waking the thread faulting at {addr:#x}: {e}");
+                }
             }
             Err(error) => {
                 tracing::debug!("CPU fault at {addr:#x}: {error}");
@@ -136,6 +151,32 @@ impl Shared {
             }
         }
         Served::Ended
+    }
+
+    /// True if `error`, for a fault of thread `tid` at `addr`, is one a stale message can
+    /// get (the range unmapped or its protection changed after the access was served) and
+    /// this thread has not been refused there just before: the refusal is then remembered
+    /// and not signalled. The second refusal in a row is signalled.
+    fn first_strike(&self, tid: u32, addr: u64, error: &Error) -> bool {
+        if self.stop.load(Ordering::Acquire)
+            || !matches!(
+                error,
+                Error::NotMapped(_) | Error::ReadDenied(_) | Error::WriteDenied(_)
+            )
+        {
+            return false;
+        }
+        let mut strikes = self.strikes.lock();
+        if strikes.remove(&(tid, addr)) {
+            return false;
+        }
+        if strikes.len() >= MAX_STRIKES {
+            // Threads that moved on leave entries behind; forgetting them costs a real
+            // refusal at most one more round trip.
+            strikes.clear();
+        }
+        strikes.insert((tid, addr));
+        true
     }
 
     /// Makes `addr` accessible (for `write`, writable) in the process, or says why not, or

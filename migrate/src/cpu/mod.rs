@@ -112,6 +112,8 @@ struct Shared {
     stream: Mutex<(u64, u64, usize)>,
     /// The address of the last fault served (how far the read-ahead may run ahead of it).
     last_fault: AtomicU64,
+    /// (thread, page) of faults refused once and not signalled (`Shared::first_strike`).
+    strikes: Mutex<std::collections::HashSet<(u32, u64)>>,
     /// Pages per window when faults are not sequential.
     base_window: usize,
     /// Brings the device pages of `npages` pages from an address back to host memory.
@@ -162,6 +164,7 @@ impl CpuMirror {
             served: AtomicU64::new(0),
             stream: Mutex::new((0, 0, 0)),
             last_fault: AtomicU64::new(0),
+            strikes: Mutex::new(std::collections::HashSet::new()),
             base_window: base_window.clamp(1, MAX_WINDOW),
             bring,
             ahead: ahead::Mode::from_env(),
