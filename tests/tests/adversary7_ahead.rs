@@ -85,6 +85,9 @@ fn first_wrong(buf: &Buffer, f: impl Fn(usize) -> u32) -> Option<(usize, u32)> {
         .map(|(w, &x)| (w, x))
 }
 
+/// A named way of scanning a buffer.
+type Scan<'a> = (&'a str, Box<dyn Fn() + 'a>);
+
 fn seeded(seed: u32) -> impl Fn(usize) -> u32 + Copy {
     move |w| (w as u32).wrapping_mul(2654435761) ^ seed
 }
@@ -94,9 +97,10 @@ fn seeded(seed: u32) -> impl Fn(usize) -> u32 + Copy {
 /// half-way, each word must be right and neither neighbour may lose a page to the read-ahead.
 fn odd_sizes(kind: DeviceKind, test: &str) {
     for fault_around in [1, 16] {
-        let Some(ctx) = context(kind, 48 * MIB, fault_around, test) else {
+        let Some(ctx) = context(kind, 96 * MIB, fault_around, test) else {
             return;
         };
+        let (mut kept, mut adjacent) = (Vec::new(), 0);
         for pages in [1usize, 2, 3, 4, 33, 2047, 2048, 2049, 2050, 4097] {
             let what = format!("{pages} pages, fault-around {fault_around}");
             // Views are placed top-down: the buffer lies between `hi` and `lo`.
@@ -106,16 +110,14 @@ fn odd_sizes(kind: DeviceKind, test: &str) {
             };
             let lo = mapped_buffer(&ctx, MIB, test).unwrap();
             let end = buf.addr().get() + buf.len() as u64;
-            if end != hi.addr().get() {
-                eprintln!("{test}: {what}: the next buffer is not adjacent");
-            }
+            adjacent += usize::from(end == hi.addr().get());
             let (f, fh, fl) = (seeded(pages as u32), seeded(0xA1), seeded(0xB2));
             fill(&buf, f);
             fill(&hi, fh);
             fill(&lo, fl);
             let words = buf.len() / 4;
             let base = buf.as_ptr().unwrap() as usize;
-            let scans: [(&str, Box<dyn Fn()>); 3] = [
+            let scans: [Scan; 3] = [
                 (
                     "forward",
                     Box::new(|| assert_eq!(first_wrong(&buf, f), None, "{what}")),
@@ -165,10 +167,11 @@ fn odd_sizes(kind: DeviceKind, test: &str) {
             assert_eq!(first_wrong(&buf, f), None, "{what}: at the end");
             assert_eq!(first_wrong(&hi, fh), None, "{what}: next buffer");
             assert_eq!(first_wrong(&lo, fl), None, "{what}: buffer before");
-            for b in [hi, buf, lo] {
-                b.free().unwrap();
-            }
+            // Kept until the context goes: freed holes would be handed out again and break
+            // the next buffers' adjacency.
+            kept.extend([hi, buf, lo]);
         }
+        eprintln!("{test}: fault-around {fault_around}: {adjacent} of 10 buffers had the next one adjacent");
         assert!(ctx.take_cpu_fault_error().is_none());
     }
 }
