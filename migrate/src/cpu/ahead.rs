@@ -88,6 +88,7 @@ impl Shared {
             return false;
         }
         if (self.bring)(from, ((hi - from) / PAGE) as usize).is_err() {
+            self.stop_ahead();
             return false;
         }
         if self.ahead == Mode::Bring {
@@ -97,6 +98,7 @@ impl Shared {
         // Entries are read after this (the migration above is over): one that changes from
         // here on is seen by `read_retry_range` before anything is mapped.
         let Some(seq) = self.space.try_read_begin_range(lo_va, hi_va) else {
+            self.stop_ahead();
             return false;
         };
         // The window's first page stays unmapped: the scan faults there when it arrives, which
@@ -104,7 +106,9 @@ impl Shared {
         // or leaves to the kernel), and the fault, finding the window home, costs one round
         // trip.
         let trip = (from + TRIPWIRE_PAGES * PAGE).min(hi);
-        if let Ok(Step::Done) = self.map_window(&vma, trip, hi, seq, None) {
+        let mapped =
+            trip >= hi || matches!(self.map_window(&vma, trip, hi, seq, None), Ok(Step::Done));
+        if mapped {
             let mut stream = self.stream.lock();
             if stream.1 == from {
                 // The stream keeps its start: a fault anywhere in what it brought is the
@@ -113,6 +117,15 @@ impl Shared {
                 return true;
             }
         }
+        self.stop_ahead();
         false
+    }
+
+    /// Ends the read-ahead until the next fault of the scan: a window it could not bring or
+    /// map is left to the faults (tried again every idle poll, it would cost a migration's
+    /// setup each time while the scan stands still).
+    fn stop_ahead(&self) {
+        self.last_fault
+            .store(0, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -246,6 +246,15 @@ impl CpuMirror {
         let r = s.space.munmap_checked(va, region.len, true);
         s.regions.write().remove(&addr);
         s.lock.lock().0.remove(&addr);
+        // A scan of this range ends here: its stream must not read ahead into a range mapped
+        // at these addresses later.
+        {
+            let mut stream = s.stream.lock();
+            if (addr..addr + region.len).contains(&stream.0) {
+                *stream = (0, 0, 0);
+                s.last_fault.store(0, Ordering::Relaxed);
+            }
+        }
         // Unmapped while still registered (the registration goes with the mapping), so no
         // access in between is served by the kernel from frames about to be given back;
         // threads still waiting on a fault there are woken, into the signal of an access to

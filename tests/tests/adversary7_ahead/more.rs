@@ -64,8 +64,6 @@ fn freed_while_read_ahead(kind: DeviceKind, test: &str) {
 }
 
 #[test]
-#[ignore = "bug: a freed buffer's read-ahead stream is kept and goes on in a buffer mapped \
-            later at its address (see the report)"]
 fn a_buffer_mapped_where_one_was_freed_mid_read_ahead_stays_on_the_device_on_the_host_device() {
     freed_while_read_ahead(
         DeviceKind::Host,
@@ -74,8 +72,6 @@ fn a_buffer_mapped_where_one_was_freed_mid_read_ahead_stays_on_the_device_on_the
 }
 
 #[test]
-#[ignore = "bug: a freed buffer's read-ahead stream is kept and goes on in a buffer mapped \
-            later at its address (see the report)"]
 fn a_buffer_mapped_where_one_was_freed_mid_read_ahead_stays_on_the_device_on_lavapipe() {
     freed_while_read_ahead(
         DeviceKind::Vulkan,
