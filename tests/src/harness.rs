@@ -194,16 +194,29 @@ pub fn offload_context(
     frames: Option<Arc<HostFramePool>>,
     test: &str,
 ) -> Option<hetmem::offload::Context> {
+    offload_context_with(1 << 20, 16, kind, budget, frames, test)
+}
+
+/// [`offload_context`] with device chunks of `chunk` bytes and `fault_around` pages per CPU
+/// fault.
+pub fn offload_context_with(
+    chunk: u64,
+    fault_around: usize,
+    kind: DeviceKind,
+    budget: u64,
+    frames: Option<Arc<HostFramePool>>,
+    test: &str,
+) -> Option<hetmem::offload::Context> {
     use hetmem::offload::{Context, ContextConfig};
     let mut device = hetmem_engine::DeviceConfig::default()
         .kind(kind)
-        .chunk(1 << 20);
+        .chunk(chunk);
     device.frames = frames;
     let config = ContextConfig {
         device,
         budget_bytes: budget,
         memory: Some(MemoryKind::DevicePrivate),
-        fault_around: 16,
+        fault_around,
     };
     match Context::new(config) {
         Ok(c) => Some(c),
@@ -326,3 +339,23 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 "#;
+
+/// The `u32` at word `w` from `base`, read volatile (so every load reaches memory and faults
+/// where it must), for tests that touch CPU-mapped buffers through raw addresses.
+///
+/// # Safety
+/// `base + 4 * w` must lie inside a live CPU-mapped buffer (`Context::alloc_mapped`).
+pub unsafe fn load_word(base: usize, w: usize) -> u32 {
+    // SAFETY: the caller's promise: the word lies in a live mapping of ours.
+    unsafe { ((base + 4 * w) as *const u32).read_volatile() }
+}
+
+/// Stores `v` at word `w` from `base`, volatile.
+///
+/// # Safety
+/// As for [`load_word`], and no other thread writes the word meanwhile.
+pub unsafe fn store_word(base: usize, w: usize, v: u32) {
+    // SAFETY: the caller's promise: the word lies in a live mapping of ours, written by this
+    // thread alone.
+    unsafe { ((base + 4 * w) as *mut u32).write_volatile(v) }
+}

@@ -12,10 +12,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use hetmem::offload::{Buffer, Context, ContextConfig, Location};
+use hetmem::offload::{Buffer, Context, Location};
 use hetmem::{Error, ErrorKind};
-use hetmem_engine::{DeviceConfig, DeviceKind};
-use hetmem_tests::harness::{join_all, mapped_buffer, run_child_with, ADD_KERNEL};
+use hetmem_engine::DeviceKind;
+use hetmem_tests::harness::{
+    join_all, load_word, mapped_buffer, offload_context_with, run_child_with, store_word,
+    ADD_KERNEL,
+};
 
 const PAGE: usize = 4096;
 const MIB: usize = 1 << 20;
@@ -28,35 +31,19 @@ const RACE_BYTES: usize = 8 * MIB;
 fn context(kind: DeviceKind, budget: usize, fault_around: usize, test: &str) -> Option<Context> {
     // Chunks large enough that a kernel may bind the whole budget (lavapipe allows 30).
     let chunk = (budget / 16).next_power_of_two().max(4 * MIB);
-    let config = ContextConfig {
-        device: DeviceConfig::default().kind(kind).chunk(chunk as u64),
-        budget_bytes: budget as u64,
-        memory: Some(hetmem::mm::MemoryKind::DevicePrivate),
-        fault_around,
-    };
-    match Context::new(config) {
-        Ok(c) => Some(c),
-        Err(Error::Engine(e @ hetmem_engine::EngineError::NoDevice { .. })) => {
-            assert!(!hetmem_tests::running_in_ci(), "{test}: CI=true: {e}");
-            hetmem_tests::say_skipped(test, kind, &e);
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
+    offload_context_with(chunk as u64, fault_around, kind, budget as u64, None, test)
 }
 
-/// The word at index `w` from `base` (a mapped buffer's address).
+/// The word at index `w` from `base` (a live mapped buffer's address, `w` inside it).
 fn load(base: usize, w: usize) -> u32 {
-    // SAFETY: callers pass the address of a live mapped buffer and an index inside it; the
-    // load is volatile so that every one reaches memory (and faults where it must).
-    unsafe { ((base + 4 * w) as *const u32).read_volatile() }
+    // SAFETY: callers pass a live mapped buffer's address and an index inside it.
+    unsafe { load_word(base, w) }
 }
 
 /// Stores `v` at word `w` from `base`.
 fn store(base: usize, w: usize, v: u32) {
-    // SAFETY: as for `load`; no other thread writes the word meanwhile (each test says who
-    // owns which words).
-    unsafe { ((base + 4 * w) as *mut u32).write_volatile(v) }
+    // SAFETY: as for `load`; each test says which thread owns which words.
+    unsafe { store_word(base, w, v) }
 }
 
 /// Mappings of the process that overlap `[addr, addr + len)`: a buffer with runs left to the

@@ -13,10 +13,10 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use hetmem::mm::Pte;
-use hetmem::offload::{Buffer, Context, ContextConfig, Location};
-use hetmem::{Error, VirtAddr};
-use hetmem_engine::{DeviceConfig, DeviceKind};
-use hetmem_tests::harness::{join_all, mapped_buffer, ADD_KERNEL};
+use hetmem::offload::{Buffer, Context, Location};
+use hetmem::VirtAddr;
+use hetmem_engine::DeviceKind;
+use hetmem_tests::harness::{join_all, load_word, mapped_buffer, offload_context_with, ADD_KERNEL};
 
 const PAGE: usize = 4096;
 const MIB: usize = 1 << 20;
@@ -28,28 +28,13 @@ const SETTLE: Duration = Duration::from_millis(150);
 /// A context on `kind` with `budget` bytes of device memory and `fault_around` pages per fault;
 /// `None` (said) where there is no such device outside CI, a failure under `CI=true`.
 fn context(kind: DeviceKind, budget: usize, fault_around: usize, test: &str) -> Option<Context> {
-    let config = ContextConfig {
-        device: DeviceConfig::default().kind(kind).chunk(MIB as u64),
-        budget_bytes: budget as u64,
-        memory: Some(hetmem::mm::MemoryKind::DevicePrivate),
-        fault_around,
-    };
-    match Context::new(config) {
-        Ok(c) => Some(c),
-        Err(Error::Engine(e @ hetmem_engine::EngineError::NoDevice { .. })) => {
-            assert!(!hetmem_tests::running_in_ci(), "{test}: CI=true: {e}");
-            hetmem_tests::say_skipped(test, kind, &e);
-            None
-        }
-        Err(e) => panic!("{test}: {e}"),
-    }
+    offload_context_with(MIB as u64, fault_around, kind, budget as u64, None, test)
 }
 
 /// The word at index `w` from `base` (a live mapped buffer's address, `w` inside it).
 fn load(base: usize, w: usize) -> u32 {
-    // SAFETY: callers pass a live mapped buffer's address and an index inside it; volatile, so
-    // every load reaches memory and faults where it must.
-    unsafe { ((base + 4 * w) as *const u32).read_volatile() }
+    // SAFETY: callers pass a live mapped buffer's address and an index inside it.
+    unsafe { load_word(base, w) }
 }
 
 /// Fills a buffer's words with `f(index)` through `Buffer::write` (no CPU fault, so no stream).
