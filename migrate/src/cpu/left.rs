@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use super::{CpuFaultError, Error, Shared, VirtAddr};
 
 /// The runs of each region (by its start) that are left to the kernel's fault path: their
-/// registration ended (`Uffd::leave`) because every page in them is a present, writable home
+/// registration ended (`Shared::leave`) because every page in them is a present, writable home
 /// page; the next invalidation that touches a run registers it again.
 #[derive(Default)]
 pub(super) struct Left(pub(super) BTreeMap<u64, BTreeMap<u64, u64>>);
@@ -109,21 +109,26 @@ impl Shared {
         };
         for (a, b) in again {
             if let Err(e) = self.uffd.register(a, b - a) {
-                // Registering the whole region merges its mappings back into one.
+                // Registering the whole region merges its mappings back into one (and covers
+                // every other part, so nothing is left to do).
                 match self.uffd.register(region, len) {
                     Ok(()) => {
                         left.0.remove(&region);
+                        return;
                     }
-                    Err(_) => self.seal_view(a, b, e),
+                    Err(_) => self.seal_view(a, b, region, len, e),
                 }
             }
         }
     }
 
-    /// Leaves `[s, e)` of the region at `region` to the kernel's fault path (the caller
-    /// holds the mirror lock and checked its pages), and wakes the threads whose faults
-    /// there are still queued: the kernel wakes waiting threads before the registration
-    /// ends, so one may have faulted again meanwhile.
+    /// Leaves `[s, e)` of the region at `region` to the kernel's fault path: its
+    /// registration ends, so an access to a page the process does not map there is mapped by
+    /// the kernel from the page cache, on the accessing thread, with no message to the fault
+    /// thread. The caller holds the mirror lock and checked that every page is a present,
+    /// writable home page. The threads whose faults there are still queued are woken: the
+    /// kernel wakes waiting threads before the registration ends, so one may have faulted
+    /// again meanwhile.
     pub(super) fn leave(
         &self,
         left: &mut Left,
@@ -131,22 +136,27 @@ impl Shared {
         s: u64,
         e: u64,
     ) -> std::io::Result<()> {
-        self.uffd.leave(s, e - s)?;
+        self.uffd.unregister(s, e - s)?;
         left.add(region, s, e);
         self.uffd.wake(s, e - s)
     }
 
     /// The last resort of an invalidation that cannot register its range again: the view's
-    /// `[lo, hi)` becomes inaccessible (an access is a `SIGSEGV`, never stale bytes), and
-    /// the error is kept where the mirror's owner reads fault errors.
-    fn seal_view(&self, lo: u64, hi: u64, e: std::io::Error) {
+    /// `[lo, hi)` becomes inaccessible (an access is a `SIGSEGV`, never stale bytes), or,
+    /// where that needs a mapping the process cannot have, the whole region (`region`, `len`
+    /// bytes: no split at its own ends); the error is kept where the mirror's owner reads
+    /// fault errors.
+    fn seal_view(&self, lo: u64, hi: u64, region: u64, len: u64, e: std::io::Error) {
         tracing::error!("registering {lo:#x}..{hi:#x} again: {e}; the range is sealed");
-        // SAFETY: `[lo, hi)` lies inside a view this mirror mapped and still owns; removing
-        // access only makes later accesses fault.
-        let r = unsafe { libc::mprotect(lo as *mut libc::c_void, (hi - lo) as usize, 0) };
-        if r != 0 {
+        for (a, n) in [(lo, hi - lo), (region, len)] {
+            // SAFETY: `[a, a + n)` lies inside a view this mirror mapped and still owns;
+            // removing access only makes later accesses fault.
+            if unsafe { libc::mprotect(a as *mut libc::c_void, n as usize, 0) } == 0 {
+                break;
+            }
             tracing::error!(
-                "sealing {lo:#x}..{hi:#x}: {}",
+                "sealing {a:#x}..{:#x}: {}",
+                a + n,
                 std::io::Error::last_os_error()
             );
         }

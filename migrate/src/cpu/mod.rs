@@ -73,7 +73,7 @@ use crate::mm::{AddressSpace, Notifier, NotifierId, NotifyRange, Owner, SpaceId,
 /// Most pages one fault maps (and, for a sequential scan, brings back) at once.
 pub const MAX_WINDOW: usize = 2048;
 /// Runs of at least this many writable pages are left to the kernel's fault path
-/// (`Uffd::leave`) rather than mapped page by page.
+/// (`Shared::leave`) rather than mapped page by page.
 const BULK_PAGES: u64 = 256;
 /// Attempts a fault makes before it gives up with the last error (each waits a little when
 /// the page is busy: pinned by a device kernel, or under migration).
@@ -103,7 +103,7 @@ struct Shared {
     owner: Owner,
     regions: RwLock<BTreeMap<u64, Region>>,
     /// Held while the view's entries change: mapping (fault thread) and dropping (notifier).
-    /// It guards the runs left to the kernel's fault path (`Uffd::leave`).
+    /// It guards the runs left to the kernel's fault path (`Shared::leave`).
     lock: Mutex<Left>,
     stop: AtomicBool,
     last_error: Mutex<Option<CpuFaultError>>,

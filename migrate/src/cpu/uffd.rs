@@ -207,17 +207,6 @@ impl Uffd {
         Ok(skipped)
     }
 
-    /// Leaves `[start, start + len)` to the kernel's own fault path: the range's
-    /// registration ends, so an access to a page the process does not map is mapped by the
-    /// kernel from the page cache (read faults map many pages each), on the accessing thread,
-    /// with no message to the fault thread. Only for pages whose page-cache bytes are what
-    /// the process may see and may write until the next invalidation, which registers the
-    /// range again before it drops entries. Threads waiting in the range are woken (the
-    /// kernel wakes them when a registration with missing faults ends).
-    pub(crate) fn leave(&self, start: u64, len: u64) -> io::Result<()> {
-        self.unregister(start, len)
-    }
-
     /// Sets (`wp`) or clears write protection of the mapped pages of the range; clearing
     /// wakes the threads waiting there.
     pub(crate) fn write_protect(&self, start: u64, len: u64, wp: bool) -> io::Result<()> {
