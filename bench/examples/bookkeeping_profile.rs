@@ -49,6 +49,7 @@ fn main() {
         space.write(a + k * PAGE, &[1]).unwrap();
     }
     let mut sum = std::time::Duration::ZERO;
+    let mut per_round = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let mut total = std::time::Duration::ZERO;
         for (flags, to_dev) in [
@@ -94,11 +95,16 @@ fn main() {
         }
         if round >= rounds / 2 {
             sum += total;
+            per_round.push(total);
         }
     }
+    per_round.sort_unstable();
+    let per_page = |d: std::time::Duration| d.as_nanos() as f64 / (2 * n) as f64;
     println!(
-        "mean of the last {} rounds: {:.0} ns/page per direction",
+        "last {} rounds, ns/page per direction: mean {:.0}, median {:.0}, fastest {:.0}",
         rounds - rounds / 2,
-        sum.as_nanos() as f64 / (2 * n * (rounds - rounds / 2)) as f64
+        sum.as_nanos() as f64 / (2 * n * (rounds - rounds / 2)) as f64,
+        per_page(per_round[per_round.len() / 2]),
+        per_page(per_round[0])
     );
 }

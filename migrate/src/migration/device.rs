@@ -5,7 +5,7 @@
 use hetmem_engine::{Pfn, PAGE_SIZE};
 
 use super::dst::{forget_foreign_dst, take_dst, validate_dst};
-use super::finalize::finalize;
+use super::finalize::{finalize, resolve};
 use super::pfn::*;
 use super::staged::DeviceMigration;
 use super::unmap::{restore_page, unmap_page, Unmapped};
@@ -107,16 +107,13 @@ pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Resul
             got: dst.len(),
         });
     }
-    validate_dst(pm, src, &dst[..src.len()])?;
-    take_dst(pm, &dst[..src.len()])?;
+    let new = validate_dst(pm, src, &dst[..src.len()])?;
+    take_dst(&new)?;
     for i in 0..src.len() {
         if src[i] & MIGRATE_PFN_MIGRATE == 0 {
             continue;
         }
-        match (
-            migrate_pfn_to_page(pm, src[i]),
-            migrate_pfn_to_page(pm, dst[i]),
-        ) {
+        match (migrate_pfn_to_page(pm, src[i]), new[i]) {
             (Some(old), Some(new)) => move_state(old, new),
             _ => src[i] &= !MIGRATE_PFN_MIGRATE,
         }
@@ -138,9 +135,17 @@ pub fn migrate_device_finalize(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
     if dst.len() < src.len() {
         let mut padded = dst.to_vec();
         padded.resize(src.len(), 0);
-        finalize(pm, src, &padded, None, None);
+        finalize(
+            pm,
+            src,
+            &resolve(pm, src),
+            &resolve(pm, &padded),
+            None,
+            None,
+        );
     } else {
-        finalize(pm, src, &dst[..src.len()], None, None);
+        let dst = &dst[..src.len()];
+        finalize(pm, src, &resolve(pm, src), &resolve(pm, dst), None, None);
     }
     src.fill(0);
     dst[..n].fill(0);

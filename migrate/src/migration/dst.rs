@@ -17,20 +17,28 @@ use crate::error::{Error, Result};
 use crate::mm::page::{flags, Page, ANY_GUARD, TAKEN_AS_DST};
 use crate::mm::PageMap;
 
-/// Checks the driver's `dst` entries; nothing is changed on error.
-pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()> {
+/// Checks the driver's `dst` entries; nothing is changed on error. Returns the page each
+/// entry names, looked up once here for the stage's later passes.
+pub(crate) fn validate_dst<'p>(
+    pm: &'p PageMap,
+    src: &[u64],
+    dst: &[u64],
+) -> Result<Vec<Option<&'p Page>>> {
     // Destinations allocated in a batch come ascending: then no pfn repeats and nothing
     // needs collecting; otherwise they are collected and sorted to find repeats.
     let mut last: Option<Pfn> = None;
     let mut ascending = true;
     let mut named = Vec::new();
+    let mut pages = Vec::with_capacity(dst.len());
     for (i, &w) in dst.iter().enumerate() {
         // Every named destination is checked, collected entry or not: finalize releases
         // them all (the driver's pages), so each must be a live, locked, unmapped page.
         let Some(pfn) = migrate_pfn_to_pfn(w) else {
+            pages.push(None);
             continue;
         };
         let p = pm.page_or_err(pfn)?;
+        pages.push(Some(p));
         if p.refcount() == 0 {
             return Err(Error::PageFree(pfn));
         }
@@ -57,30 +65,29 @@ pub(crate) fn validate_dst(pm: &PageMap, src: &[u64], dst: &[u64]) -> Result<()>
         }
     }
     if ascending {
-        return Ok(());
+        return Ok(pages);
     }
     named.sort_unstable();
     match named.windows(2).find(|w| w[0] == w[1]) {
         Some(w) => Err(Error::PageInUse(w[0])),
-        None => Ok(()),
+        None => Ok(pages),
     }
 }
 
-/// Marks every page `dst` names (checked by [`validate_dst`]) as taken by this migration.
-/// Two pages stages that validated the same page at once race here: the second to mark it
-/// fails with `PageInUse` and takes back its own marks, so nothing is changed on error.
-pub(crate) fn take_dst(pm: &PageMap, dst: &[u64]) -> Result<()> {
-    for (i, &w) in dst.iter().enumerate() {
-        let Some(p) = migrate_pfn_to_page(pm, w) else {
+/// Marks every destination page (as [`validate_dst`] returned them) as taken by this
+/// migration. Two pages stages that validated the same page at once race here: the second to
+/// mark it fails with `PageInUse` and takes back its own marks, so nothing is changed on
+/// error.
+pub(crate) fn take_dst(dst: &[Option<&Page>]) -> Result<()> {
+    for (i, p) in dst.iter().enumerate() {
+        let Some(p) = p else {
             continue;
         };
         if !p.test_and_set(TAKEN_AS_DST) {
             continue;
         }
-        for &back in &dst[..i] {
-            if let Some(q) = migrate_pfn_to_page(pm, back) {
-                q.clear(TAKEN_AS_DST);
-            }
+        for q in dst[..i].iter().flatten() {
+            q.clear(TAKEN_AS_DST);
         }
         return Err(Error::PageInUse(p.pfn()));
     }

@@ -11,17 +11,31 @@ use crate::mm::pte::{LeafGuard, Pte, PTRS_PER_LEAF};
 use crate::mm::space::{leaf_index, AddressSpace, PAGE};
 use crate::mm::{PageMap, VirtAddr};
 
-/// The finalize stage shared with `migrate_device_finalize`. `own` is the address space and
-/// start address of a `migrate_vma` range (entry `i` maps `start + i` pages there): pages
-/// mapped only there are finished, unlocked and released under one leaf lock per leaf,
-/// without reverse-map lookups; references are dropped in one batch at the end.
+/// The page each word of `words` names (`None` for a word without `VALID` or naming no
+/// registered frame), for a finalize whose caller has not looked its pages up already.
+pub(crate) fn resolve<'p>(pm: &'p PageMap, words: &[u64]) -> Vec<Option<&'p Page>> {
+    words.iter().map(|&w| migrate_pfn_to_page(pm, w)).collect()
+}
+
+/// The finalize stage shared with `migrate_device_finalize`, over the pages of the entries:
+/// `old[i]` is the page setup collected for entry `i` (`None` for a hole or an entry not
+/// collected) and `new[i]` its destination (`None` if it has none); entry `i` migrated if
+/// `src[i]` still has `MIGRATE` and it has a destination. The caller looked the pages up
+/// once (setup and the pages stage keep them), so finalize does not look up any frame.
+///
+/// `own` is the address space and start address of a `migrate_vma` range (entry `i` maps
+/// `start + i` pages there): pages mapped only there are finished, unlocked and released
+/// under one leaf lock per leaf, without reverse-map lookups; references are dropped in one
+/// batch at the end.
 pub(crate) fn finalize(
     pm: &PageMap,
-    src: &mut [u64],
-    dst: &[u64],
+    src: &[u64],
+    old: &[Option<&Page>],
+    new: &[Option<&Page>],
     fault_page: Option<Pfn>,
     own: Option<(&AddressSpace, VirtAddr)>,
 ) {
+    debug_assert_eq!((old.len(), new.len()), (src.len(), src.len()));
     let mut done = Done {
         fault_page,
         put: Vec::new(),
@@ -42,13 +56,12 @@ pub(crate) fn finalize(
         if let Some((space, start, leaf)) = leaf {
             let g = leaf.lock();
             for k in i..end {
-                let old = migrate_pfn_to_page(pm, src[k]);
-                let new = migrate_pfn_to_page(pm, dst[k]);
+                let (o, n) = (old[k], new[k]);
                 let addr = start + k as u64 * PAGE;
-                match finish_in_leaf(&g, space, addr, old, new, migrated(src[k], dst[k])) {
+                match finish_in_leaf(&g, space, addr, o, n, migrated(src[k], n)) {
                     Finished::Slow => slow.push(k),
-                    Finished::Done => done.release(old, new),
-                    Finished::Handed(me) => done.release_replaced(old, me),
+                    Finished::Done => done.release(o, n),
+                    Finished::Handed(me) => done.release_replaced(o, me),
                 }
             }
         } else {
@@ -56,9 +69,8 @@ pub(crate) fn finalize(
         }
         for &k in &slow {
             let here = own.map(|(space, start)| (space, start + k as u64 * PAGE));
-            finish_slow(pm, src[k], dst[k], here);
-            let old = migrate_pfn_to_page(pm, src[k]);
-            done.release(old, migrate_pfn_to_page(pm, dst[k]));
+            finish_slow(pm, old[k], new[k], migrated(src[k], new[k]), here);
+            done.release(old[k], new[k]);
         }
         slow.clear();
         i = end;
@@ -129,9 +141,9 @@ enum Finished {
     Handed(Mapping),
 }
 
-/// Whether entry (`s`, `d`) migrated.
-fn migrated(s: u64, d: u64) -> bool {
-    s & MIGRATE_PFN_MIGRATE != 0 && d & MIGRATE_PFN_VALID != 0
+/// Whether an entry with source word `s` and destination `new` migrated.
+fn migrated(s: u64, new: Option<&Page>) -> bool {
+    s & MIGRATE_PFN_MIGRATE != 0 && new.is_some()
 }
 
 /// Finishes one entry under its (locked) leaf if its old page is mapped only at `addr`;
@@ -190,17 +202,18 @@ fn finish_in_leaf(
 }
 
 /// Finishes one entry through the reverse map (pages mapped in several places).
-fn finish_slow(pm: &PageMap, s: u64, d: u64, here: Option<(&AddressSpace, VirtAddr)>) {
-    let Some(old) = migrate_pfn_to_page(pm, s) else {
+fn finish_slow(
+    pm: &PageMap,
+    old: Option<&Page>,
+    new: Option<&Page>,
+    migrated: bool,
+    here: Option<(&AddressSpace, VirtAddr)>,
+) {
+    let Some(old) = old else {
         return;
     };
-    if migrated(s, d) {
-        remap_to(
-            pm,
-            old,
-            migrate_pfn_to_page(pm, d).expect("valid destination"),
-            here,
-        );
+    if migrated {
+        remap_to(pm, old, new.expect("valid destination"), here);
     } else {
         restore_entries(pm, old, here);
         if old.kind() == MemoryKind::System {

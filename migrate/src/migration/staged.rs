@@ -21,9 +21,9 @@ use std::sync::Arc;
 use hetmem_engine::{EngineError, Pfn, Ticket};
 
 use super::device::{migrate_device_pages, migrate_device_pfns};
-use super::finalize::finalize;
+use super::finalize::{finalize, resolve};
 use super::pfn::*;
-use super::vma::{abandon, migrate_vma_pages, setup_holding, Held, MigrateVma, Stage};
+use super::vma::{abandon, pages_stage, setup_holding, Collect, Held, MigrateVma, Stage};
 use crate::error::{Error, Result};
 use crate::mm::space::MapHold;
 use crate::mm::{AddressSpace, Owner, PageMap, VirtAddr, Vma, PAGE};
@@ -149,6 +149,9 @@ pub struct Migration<'a, S> {
     map: Option<MapHold<'a>>,
     vma: Option<Arc<Vma>>,
     stage: Stage,
+    /// The pages setup collected and the destinations the pages stage took, by entry.
+    src_pages: Collect<'a>,
+    dst_pages: Collect<'a>,
     _state: PhantomData<S>,
 }
 
@@ -187,7 +190,7 @@ impl<'a> Migration<'a, Collected> {
         m.pgmap_owner = owner;
         m.flags = flags;
         m.fault_page = fault_page;
-        let (map, vma) = setup_holding(&mut m, space, homed)?;
+        let (map, vma, src_pages) = setup_holding(&mut m, space, homed)?;
         let cpages = m.cpages;
         drop(m);
         Ok(Migration {
@@ -207,6 +210,8 @@ impl<'a> Migration<'a, Collected> {
             map: Some(map),
             vma: Some(vma),
             stage: Stage::SetUp,
+            src_pages,
+            dst_pages: Vec::new(),
             _state: PhantomData,
         })
     }
@@ -308,6 +313,8 @@ impl<'a, S> Migration<'a, S> {
             map: self.map.take(),
             vma: self.vma.take(),
             stage: self.stage,
+            src_pages: std::mem::take(&mut self.src_pages),
+            dst_pages: std::mem::take(&mut self.dst_pages),
             _state: PhantomData,
         };
         self.stage = Stage::Idle;
@@ -333,6 +340,8 @@ impl<'a, S> Migration<'a, S> {
             map: None,
             vma: self.vma.clone(),
             stage: self.stage,
+            src_pages: Vec::new(),
+            dst_pages: Vec::new(),
         };
         let r = f(&mut m);
         self.stage = m.held.stage;
@@ -342,7 +351,11 @@ impl<'a, S> Migration<'a, S> {
     }
 
     fn pages(mut self) -> Result<Migration<'a, Copied>> {
-        self.with_vma(migrate_vma_pages)?;
+        let space = self.space;
+        let src_pages = std::mem::take(&mut self.src_pages);
+        let done = self.with_vma(|m| pages_stage(m, space, &src_pages));
+        self.src_pages = src_pages;
+        self.dst_pages = done?;
         Ok(self.into_state())
     }
 
@@ -351,18 +364,21 @@ impl<'a, S> Migration<'a, S> {
         if self.stage == Stage::Idle {
             return Outcome::default();
         }
-        let pm = self.space.pagemap().clone();
+        let space: &'a AddressSpace = self.space;
+        let pm = space.pagemap();
         if self.arrays.copy.is_some() {
-            let _ = self.arrays.wait(&pm);
+            let _ = self.arrays.wait(pm);
         }
         if self.stage == Stage::SetUp {
-            abandon(&pm, &mut self.arrays.src, &mut self.arrays.dst);
+            abandon(pm, &mut self.arrays.src, &mut self.arrays.dst);
+            self.dst_pages = resolve(pm, &self.arrays.dst);
         }
         let migrated = self.arrays.migrated();
         finalize(
-            &pm,
-            &mut self.arrays.src,
-            &self.arrays.dst,
+            pm,
+            &self.arrays.src,
+            &self.src_pages,
+            &self.dst_pages,
             self.fault_page,
             Some((self.space, self.start)),
         );
@@ -539,7 +555,15 @@ impl<'p, S> DeviceMigration<'p, S> {
             abandon(self.pm, &mut self.arrays.src, &mut self.arrays.dst);
         }
         let migrated = self.arrays.migrated();
-        finalize(self.pm, &mut self.arrays.src, &self.arrays.dst, None, None);
+        let (src, dst) = (&self.arrays.src, &self.arrays.dst);
+        finalize(
+            self.pm,
+            src,
+            &resolve(self.pm, src),
+            &resolve(self.pm, dst),
+            None,
+            None,
+        );
         self.stage = Stage::Idle;
         Outcome {
             cpages: self.cpages,

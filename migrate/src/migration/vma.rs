@@ -18,13 +18,13 @@ use std::sync::Arc;
 use hetmem_engine::Pfn;
 
 use super::dst::{forget_foreign_dst, take_dst, validate_dst};
-use super::finalize::finalize;
+use super::finalize::{finalize, resolve};
 use super::pfn::*;
 use super::unmap::{entry_for, migration_entry, restore_page, unmap_page, Unmapped};
 use crate::error::{Error, Result};
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
 use crate::mm::page::{flags, Mapping, MemoryKind, Page};
-use crate::mm::pte::{LeafGuard, Pte, PTRS_PER_LEAF};
+use crate::mm::pte::{LeafGuard, Pte};
 use crate::mm::space::{check_aligned, find_vma, leaf_index, AddressSpace, MapHold, Vma, PAGE};
 use crate::mm::{Owner, PageMap, VirtAddr};
 
@@ -64,7 +64,18 @@ pub(crate) struct Held<'a> {
     pub(crate) map: Option<MapHold<'a>>,
     pub(crate) vma: Option<Arc<Vma>>,
     pub(crate) stage: Stage,
+    /// The pages setup collected, by entry (see [`Collect`]).
+    pub(crate) src_pages: Vec<Option<&'a Page>>,
+    /// The destinations the pages stage accepted, by entry (empty before it ran).
+    pub(crate) dst_pages: Vec<Option<&'a Page>>,
 }
+
+/// The pages setup collected, by entry: `Some` exactly where `src` names a page with
+/// `MIGRATE` (locked, isolated and unmapped). Later stages work on these pages rather than
+/// looking the frames up again: a migration's pages are the ones it locked, whatever the
+/// driver does to the words' frame numbers meanwhile (it may clear `MIGRATE`, nothing
+/// else).
+pub(crate) type Collect<'p> = Vec<Option<&'p Page>>;
 
 /// How far a migration got.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -181,24 +192,27 @@ fn validate(m: &MigrateVma<'_>, map: &MapHold<'_>) -> Result<Arc<Vma>> {
 /// map the range's pages again meanwhile (they are locked behind migration entries).
 pub fn migrate_vma_setup(m: &mut MigrateVma<'_>) -> Result<()> {
     let space = m.space;
-    let (map, vma) = setup_holding(m, space, false)?;
+    let (map, vma, src_pages) = setup_holding(m, space, false)?;
     m.held = Held {
         map: Some(map),
         vma: Some(vma),
         stage: Stage::SetUp,
+        src_pages,
+        dst_pages: Vec::new(),
     };
     Ok(())
 }
 
 /// Setup proper: returns the map lock it took from `space` (which is `m.space`, borrowed for
-/// as long as the caller keeps the lock) and the mapping. A mapping for CPU pointers is
+/// as long as the caller keeps the lock), the mapping and the collected pages. A mapping for
+/// CPU pointers is
 /// refused unless `homed` (the crate's own migrations, which keep that mapping in step): a
 /// caller outside the crate would move a page out of its home frame under a live view.
 pub(crate) fn setup_holding<'s>(
     m: &mut MigrateVma<'_>,
     space: &'s AddressSpace,
     homed: bool,
-) -> Result<(MapHold<'s>, Arc<Vma>)> {
+) -> Result<(MapHold<'s>, Arc<Vma>, Collect<'s>)> {
     debug_assert!(std::ptr::eq(space, m.space));
     let map = space.map_read()?;
     let vma = validate(m, &map)?;
@@ -211,6 +225,7 @@ pub(crate) fn setup_holding<'s>(
     m.src[..m.npages].fill(0);
     m.dst[..m.npages].fill(0);
     m.cpages = 0;
+    let mut pages: Collect<'s> = vec![None; m.npages];
     {
         let _inv = space.invalidate(NotifyRange {
             start: m.start,
@@ -221,11 +236,11 @@ pub(crate) fn setup_holding<'s>(
         let elsewhere = {
             let _vt = crate::mm::locks::acquire(crate::mm::locks::Rank::Vma);
             let _v = vma.lock.lock();
-            migrate_vma_collect(m, &vma)
+            migrate_vma_collect(m, space.pagemap(), &vma, &mut pages)
         };
-        migrate_vma_unmap(m, &elsewhere);
+        migrate_vma_unmap(m, &elsewhere, &mut pages);
     }
-    Ok((map, vma))
+    Ok((map, vma, pages))
 }
 
 /// Whether a device page of `kind` and `owner` is selected by the migration's flags.
@@ -244,13 +259,17 @@ fn selected(m: &MigrateVma<'_>, kind: MemoryKind, owner: Owner) -> bool {
 /// Walks the range leaf by leaf under the VMA lock: holes are marked; selected pages are
 /// try-locked, taken off the LRU and replaced by migration entries; then, still under the
 /// leaf lock, a page mapped only here
-/// is checked for other references (and put back if it has some). Returns the entries whose
-/// pages are mapped elsewhere too, for [`migrate_vma_unmap`].
-fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) -> Vec<usize> {
-    let pm = m.space.pagemap().clone();
+/// is checked for other references (and put back if it has some). Records each collected
+/// page in `pages`; returns the entries whose pages are mapped elsewhere too, for
+/// [`migrate_vma_unmap`].
+fn migrate_vma_collect<'p>(
+    m: &mut MigrateVma<'_>,
+    pm: &'p PageMap,
+    vma: &Vma,
+    pages: &mut [Option<&'p Page>],
+) -> Vec<usize> {
     let anonymous = !vma.shared;
     let mut elsewhere = Vec::new();
-    let mut pages: [Option<&Page>; PTRS_PER_LEAF] = [None; PTRS_PER_LEAF];
     let mut i = 0;
     while i < m.npages {
         let leaf_start = m.addr(i);
@@ -260,9 +279,9 @@ fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) -> Vec<usize> {
         loop {
             let addr = m.addr(i);
             let li = leaf_index(addr);
-            let (w, page) = collect_one(m, &pm, anonymous, &g, li);
+            let (w, page) = collect_one(m, pm, anonymous, &g, li);
             m.src[i] = w;
-            pages[i - first] = page;
+            pages[i] = page;
             if w & MIGRATE_PFN_MIGRATE != 0 {
                 m.cpages += 1;
             }
@@ -271,8 +290,8 @@ fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) -> Vec<usize> {
                 break;
             }
         }
-        for k in first..i {
-            let Some(page) = pages[k - first].take() else {
+        for (k, slot) in pages.iter_mut().enumerate().take(i).skip(first) {
+            let Some(page) = *slot else {
                 continue;
             };
             // This leaf's entry maps the page, so a map count of one says it is the page's
@@ -301,6 +320,7 @@ fn migrate_vma_collect(m: &mut MigrateVma<'_>, vma: &Vma) -> Vec<usize> {
                 page.unlock();
             }
             m.src[k] = 0;
+            *slot = None;
             m.cpages -= 1;
         }
         drop(g);
@@ -362,10 +382,10 @@ fn collect_one<'p>(
 /// Replaces the other mappings of collected pages mapped elsewhere too, then checks that no
 /// reference but the migration's is left. Pages that fail are restored and their entries
 /// cleared.
-fn migrate_vma_unmap(m: &mut MigrateVma<'_>, elsewhere: &[usize]) {
+fn migrate_vma_unmap(m: &mut MigrateVma<'_>, elsewhere: &[usize], pages: &mut [Option<&Page>]) {
     let pm = m.space.pagemap().clone();
     for &i in elsewhere {
-        let Some(page) = migrate_pfn_to_page(&pm, m.src[i]) else {
+        let Some(page) = pages[i] else {
             continue;
         };
         let is_fault_page = m.fault_page == Some(page.pfn());
@@ -380,6 +400,7 @@ fn migrate_vma_unmap(m: &mut MigrateVma<'_>, elsewhere: &[usize]) {
             Unmapped::Busy => {
                 restore_page(&pm, page, !is_fault_page, Some((m.space, addr)));
                 m.src[i] = 0;
+                pages[i] = None;
                 m.cpages -= 1;
             }
         }
@@ -391,26 +412,41 @@ fn migrate_vma_unmap(m: &mut MigrateVma<'_>, elsewhere: &[usize]) {
 /// A bad `dst` entry (unknown, free, mapped, unlocked or repeated page) fails the call with
 /// nothing changed.
 pub fn migrate_vma_pages(m: &mut MigrateVma<'_>) -> Result<()> {
+    let space = m.space;
+    let src_pages = std::mem::take(&mut m.held.src_pages);
+    let done = pages_stage(m, space, &src_pages);
+    m.held.src_pages = src_pages;
+    m.held.dst_pages = done?;
+    Ok(())
+}
+
+/// The pages stage over the pages setup collected (`src_pages`); returns the destinations
+/// it took, by entry.
+pub(crate) fn pages_stage<'s>(
+    m: &mut MigrateVma<'_>,
+    space: &'s AddressSpace,
+    src_pages: &[Option<&'s Page>],
+) -> Result<Collect<'s>> {
     if m.held.stage != Stage::SetUp {
         return Err(Error::InvalidArgument(
             "migrate_vma_pages runs once, between setup and finalize",
         ));
     }
-    let pm = m.space.pagemap().clone();
-    validate_dst(&pm, &m.src[..m.npages], &m.dst[..m.npages])?;
-    take_dst(&pm, &m.dst[..m.npages])?;
+    let pm = space.pagemap();
+    let dst = validate_dst(pm, &m.src[..m.npages], &m.dst[..m.npages])?;
+    take_dst(&dst)?;
     let vma = m.held.vma.clone().expect("set up");
     for i in 0..m.npages {
         if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
             continue;
         }
-        let Some(new) = migrate_pfn_to_page(&pm, m.dst[i]) else {
+        let Some(new) = dst[i] else {
             m.src[i] &= !MIGRATE_PFN_MIGRATE;
             continue;
         };
-        match migrate_pfn_to_page(&pm, m.src[i]) {
+        match src_pages[i] {
             None => {
-                if !insert_page(m.space, &vma, m.addr(i), new) {
+                if !insert_page(space, &vma, m.addr(i), new) {
                     m.src[i] &= !MIGRATE_PFN_MIGRATE;
                 }
             }
@@ -418,7 +454,7 @@ pub fn migrate_vma_pages(m: &mut MigrateVma<'_>) -> Result<()> {
         }
     }
     m.held.stage = Stage::Paged;
-    Ok(())
+    Ok(dst)
 }
 
 /// The page's state moves to its destination.
@@ -492,14 +528,27 @@ pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
     if stage == Stage::Idle {
         return;
     }
-    let pm = m.space.pagemap().clone();
+    let pm = m.space.pagemap();
     let n = m.npages;
-    if stage == Stage::SetUp {
-        abandon(&pm, &mut m.src[..n], &mut m.dst[..n]);
-    }
+    let held = std::mem::take(&mut m.held);
+    let dst_pages = match stage {
+        Stage::SetUp => {
+            abandon(pm, &mut m.src[..n], &mut m.dst[..n]);
+            resolve(pm, &m.dst[..n])
+        }
+        _ => held.dst_pages,
+    };
     let own = Some((m.space, m.start));
-    finalize(&pm, &mut m.src[..n], &m.dst[..n], m.fault_page, own);
-    m.held = Held::default();
+    finalize(
+        pm,
+        &m.src[..n],
+        &held.src_pages,
+        &dst_pages,
+        m.fault_page,
+        own,
+    );
+    // The map lock goes last, with `held.map`.
+    drop(held.map);
 }
 
 /// Makes a migration whose pages stage did not run migrate nothing: `MIGRATE` is cleared,
