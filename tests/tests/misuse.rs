@@ -218,3 +218,44 @@ fn a_locked_page_stays_live_until_its_guard_drops() {
         ));
     });
 }
+
+/// A driver that rewrites a source word's frame between setup and finalize (here: to a page
+/// the migration never collected) changes nothing the migration does: finalize works on the
+/// pages setup locked, so the collected page is restored and unlocked, and the named page
+/// is neither unlocked, remapped nor released.
+#[test]
+fn a_source_word_rewritten_between_stages_does_not_redirect_finalize() {
+    let Gpu { pm, d, space, .. } = setup();
+    let a = map(&space, 1);
+    let b = map(&space, 1);
+    let (da, db) = (pattern(1, 44), pattern(1, 45));
+    space.write(a, &da).unwrap();
+    space.write(b, &db).unwrap();
+    let other = dev_pfn(&space, b);
+    let before = {
+        let p = pm.page(other).unwrap();
+        (p.refcount(), p.mapcount(), p.flags())
+    };
+    let mut src = [0u64; 1];
+    let mut dst = [0u64; 1];
+    let mut m = MigrateVma::new(&space, a, a + PAGE, &mut src, &mut dst);
+    m.flags = MIGRATE_VMA_SELECT_SYSTEM;
+    m.pgmap_owner = d.owner();
+    migrate_vma_setup(&mut m).unwrap();
+    assert_eq!(m.cpages, 1);
+    let collected = migrate_pfn_to_pfn(m.src[0]).unwrap();
+    // No destination: the entry stays. The word now names `b`'s page.
+    m.src[0] = migrate_pfn(other) | MIGRATE_PFN_MIGRATE | MIGRATE_PFN_WRITE;
+    migrate_vma_pages(&mut m).unwrap();
+    migrate_vma_finalize(&mut m);
+    drop(m);
+    assert!(matches!(space.pte(a), Pte::Present { pfn, .. } if pfn == collected));
+    let p = pm.page(collected).unwrap();
+    assert!(!p.is_locked(), "the collected page is unlocked");
+    assert_eq!((p.refcount(), p.mapcount()), (1, 1));
+    let q = pm.page(other).unwrap();
+    assert_eq!((q.refcount(), q.mapcount(), q.flags()), before);
+    assert!(matches!(space.pte(b), Pte::Present { pfn, .. } if pfn == other));
+    assert_eq!(read(&space, a, 4096), da);
+    assert_eq!(read(&space, b, 4096), db);
+}

@@ -4,12 +4,11 @@
 
 use hetmem_engine::{Pfn, PAGE_SIZE};
 
-use super::dst::{forget_foreign_dst, take_dst, validate_dst};
+use super::dst::{forget_foreign_dst, take_dst, validate_dst, MOVED_FLAGS};
 use super::finalize::{finalize, resolve};
 use super::pfn::*;
 use super::staged::DeviceMigration;
 use super::unmap::{restore_page, unmap_page, Unmapped};
-use super::vma::move_state;
 use crate::error::{Error, Result};
 use crate::mm::page::MemoryKind;
 use crate::mm::{AddressSpace, PageMap, VirtAddr};
@@ -108,13 +107,18 @@ pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Resul
         });
     }
     let new = validate_dst(pm, src, &dst[..src.len()])?;
-    take_dst(&new)?;
+    let old = resolve(pm, src);
+    take_dst(&new, |i| match (old[i], new[i]) {
+        (Some(o), Some(_)) if src[i] & MIGRATE_PFN_MIGRATE != 0 => o.flags() & MOVED_FLAGS,
+        _ => 0,
+    })?;
     for i in 0..src.len() {
         if src[i] & MIGRATE_PFN_MIGRATE == 0 {
             continue;
         }
-        match (migrate_pfn_to_page(pm, src[i]), new[i]) {
-            (Some(old), Some(new)) => move_state(old, new),
+        match (old[i], new[i]) {
+            // `take_dst` moved the page's flags over.
+            (Some(_), Some(new)) => new.set_driver_data(0),
             _ => src[i] &= !MIGRATE_PFN_MIGRATE,
         }
     }

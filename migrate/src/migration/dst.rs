@@ -30,6 +30,7 @@ pub(crate) fn validate_dst<'p>(
     let mut ascending = true;
     let mut named = Vec::new();
     let mut pages = Vec::with_capacity(dst.len());
+    let mut cursor = pm.cursor();
     for (i, &w) in dst.iter().enumerate() {
         // Every named destination is checked, collected entry or not: finalize releases
         // them all (the driver's pages), so each must be a live, locked, unmapped page.
@@ -37,7 +38,7 @@ pub(crate) fn validate_dst<'p>(
             pages.push(None);
             continue;
         };
-        let p = pm.page_or_err(pfn)?;
+        let p = cursor.page_or_err(pfn)?;
         pages.push(Some(p));
         if p.refcount() == 0 {
             return Err(Error::PageFree(pfn));
@@ -74,20 +75,32 @@ pub(crate) fn validate_dst<'p>(
     }
 }
 
+/// The flags a migrating page hands to its destination (see [`take_dst`]).
+pub(crate) const MOVED_FLAGS: u32 = flags::DIRTY | flags::ANON_EXCLUSIVE;
+
 /// Marks every destination page (as [`validate_dst`] returned them) as taken by this
-/// migration. Two pages stages that validated the same page at once race here: the second to
-/// mark it fails with `PageInUse` and takes back its own marks, so nothing is changed on
-/// error.
-pub(crate) fn take_dst(dst: &[Option<&Page>]) -> Result<()> {
+/// migration and, in the same atomic step, gives it the flags `moved(i)` names (the
+/// [`MOVED_FLAGS`] of the page entry `i` migrates from; 0 where nothing migrates). Two pages
+/// stages that validated the same page at once race here: the second to mark it fails with
+/// `PageInUse` and takes back its own marks and flags, so nothing is changed on error.
+pub(crate) fn take_dst(dst: &[Option<&Page>], moved: impl Fn(usize) -> u32) -> Result<()> {
+    // The flag words before, for taking back on error.
+    let mut before = Vec::with_capacity(dst.len());
     for (i, p) in dst.iter().enumerate() {
         let Some(p) = p else {
+            before.push(0);
             continue;
         };
-        if !p.test_and_set(TAKEN_AS_DST) {
+        let f = moved(i);
+        if let Some(was) = p.take_as_dst(f) {
+            before.push(was);
             continue;
         }
-        for q in dst[..i].iter().flatten() {
-            q.clear(TAKEN_AS_DST);
+        for (j, (q, &was)) in dst[..i].iter().zip(&before).enumerate() {
+            if let Some(q) = q {
+                // The bits this call set: the mark, and moved flags the page did not have.
+                q.clear(TAKEN_AS_DST | (moved(j) & !was));
+            }
         }
         return Err(Error::PageInUse(p.pfn()));
     }
@@ -138,4 +151,48 @@ fn releasable(p: &Page, taken_is_ours: bool) -> bool {
         && f & flags::LOCKED != 0
         && f & ANY_GUARD == 0
         && (taken_is_ours || f & TAKEN_AS_DST == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mm::{MemoryKind, Owner};
+
+    fn page(pfn: u64, f: u32) -> Page {
+        let p = Page::new(Pfn(pfn), MemoryKind::System, Owner(0));
+        p.init_allocated(true);
+        p.set(f);
+        p
+    }
+
+    #[test]
+    fn take_dst_moves_flags_with_the_mark_and_takes_back_exactly_its_own_bits() {
+        // Entry 0 moves DIRTY onto a page that has it already; entry 1 moves
+        // ANON_EXCLUSIVE; entry 2 names no page; entry 3 is another migration's.
+        let a = page(1, flags::DIRTY);
+        let b = page(2, 0);
+        let c = page(3, TAKEN_AS_DST);
+        let before = [a.flags(), b.flags(), c.flags()];
+        let moved = [flags::DIRTY, flags::ANON_EXCLUSIVE, 0, flags::DIRTY];
+        let dst = [Some(&a), Some(&b), None, Some(&c)];
+        assert!(matches!(
+            take_dst(&dst, |i| moved[i]),
+            Err(Error::PageInUse(Pfn(3)))
+        ));
+        assert_eq!([a.flags(), b.flags(), c.flags()], before, "nothing changed");
+        // Without the foreign page every destination is taken, with its flags.
+        take_dst(&dst[..3], |i| moved[i]).unwrap();
+        assert_eq!(a.flags(), flags::LOCKED | flags::DIRTY | TAKEN_AS_DST);
+        assert_eq!(
+            b.flags(),
+            flags::LOCKED | flags::ANON_EXCLUSIVE | TAKEN_AS_DST
+        );
+        // A second pages stage naming them is refused, and changes nothing.
+        let again = [Some(&b)];
+        assert!(take_dst(&again, |_| flags::DIRTY).is_err());
+        assert_eq!(
+            b.flags(),
+            flags::LOCKED | flags::ANON_EXCLUSIVE | TAKEN_AS_DST
+        );
+    }
 }

@@ -14,7 +14,11 @@ use crate::mm::{PageMap, VirtAddr};
 /// The page each word of `words` names (`None` for a word without `VALID` or naming no
 /// registered frame), for a finalize whose caller has not looked its pages up already.
 pub(crate) fn resolve<'p>(pm: &'p PageMap, words: &[u64]) -> Vec<Option<&'p Page>> {
-    words.iter().map(|&w| migrate_pfn_to_page(pm, w)).collect()
+    let mut pages = pm.cursor();
+    words
+        .iter()
+        .map(|&w| pages.page(migrate_pfn_to_pfn(w)?))
+        .collect()
 }
 
 /// The finalize stage shared with `migrate_device_finalize`, over the pages of the entries:

@@ -17,13 +17,14 @@ use std::sync::Arc;
 
 use hetmem_engine::Pfn;
 
-use super::dst::{forget_foreign_dst, take_dst, validate_dst};
+use super::dst::{forget_foreign_dst, take_dst, validate_dst, MOVED_FLAGS};
 use super::finalize::{finalize, resolve};
 use super::pfn::*;
 use super::unmap::{entry_for, migration_entry, restore_page, unmap_page, Unmapped};
 use crate::error::{Error, Result};
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
 use crate::mm::page::{flags, Mapping, MemoryKind, Page};
+use crate::mm::pagemap::PageCursor;
 use crate::mm::pte::{LeafGuard, Pte};
 use crate::mm::space::{check_aligned, find_vma, leaf_index, AddressSpace, MapHold, Vma, PAGE};
 use crate::mm::{Owner, PageMap, VirtAddr};
@@ -270,6 +271,7 @@ fn migrate_vma_collect<'p>(
 ) -> Vec<usize> {
     let anonymous = !vma.shared;
     let mut elsewhere = Vec::new();
+    let mut cursor = pm.cursor();
     let mut i = 0;
     while i < m.npages {
         let leaf_start = m.addr(i);
@@ -279,7 +281,7 @@ fn migrate_vma_collect<'p>(
         loop {
             let addr = m.addr(i);
             let li = leaf_index(addr);
-            let (w, page) = collect_one(m, pm, anonymous, &g, li);
+            let (w, page) = collect_one(m, &mut cursor, anonymous, &g, li);
             m.src[i] = w;
             pages[i] = page;
             if w & MIGRATE_PFN_MIGRATE != 0 {
@@ -332,7 +334,7 @@ fn migrate_vma_collect<'p>(
 /// by a migration entry.
 fn collect_one<'p>(
     m: &MigrateVma<'_>,
-    pm: &'p PageMap,
+    pm: &mut PageCursor<'p>,
     anonymous: bool,
     g: &LeafGuard<'_>,
     li: usize,
@@ -434,7 +436,11 @@ pub(crate) fn pages_stage<'s>(
     }
     let pm = space.pagemap();
     let dst = validate_dst(pm, &m.src[..m.npages], &m.dst[..m.npages])?;
-    take_dst(&dst)?;
+    let src = &m.src[..m.npages];
+    take_dst(&dst, |i| match src_pages[i] {
+        Some(old) if src[i] & MIGRATE_PFN_MIGRATE != 0 => old.flags() & MOVED_FLAGS,
+        _ => 0,
+    })?;
     let vma = m.held.vma.clone().expect("set up");
     for i in 0..m.npages {
         if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
@@ -450,17 +456,12 @@ pub(crate) fn pages_stage<'s>(
                     m.src[i] &= !MIGRATE_PFN_MIGRATE;
                 }
             }
-            Some(old) => move_state(old, new),
+            // `take_dst` moved the page's flags over.
+            Some(_) => new.set_driver_data(0),
         }
     }
     m.held.stage = Stage::Paged;
     Ok(dst)
-}
-
-/// The page's state moves to its destination.
-pub(crate) fn move_state(old: &Page, new: &Page) {
-    new.set(old.flags() & (flags::DIRTY | flags::ANON_EXCLUSIVE));
-    new.set_driver_data(0);
 }
 
 /// Maps a new page into a hole (or over the zero page); false if the address was populated

@@ -187,9 +187,25 @@ impl Page {
     pub(crate) fn clear(&self, f: u32) {
         self.flags.fetch_and(!f, Ordering::AcqRel);
     }
-    /// Sets flag bits, returning whether all were set already.
-    pub(crate) fn test_and_set(&self, f: u32) -> bool {
-        self.flags.fetch_or(f, Ordering::AcqRel) & f == f
+    /// Marks the page taken by a migration's pages stage ([`TAKEN_AS_DST`]) and sets flag bits
+    /// `f`, in one atomic step; returns the flag word before, or `None` (nothing changed) if
+    /// another pages stage has taken the page.
+    pub(crate) fn take_as_dst(&self, f: u32) -> Option<u32> {
+        let mut was = self.flags.load(Ordering::Relaxed);
+        loop {
+            if was & TAKEN_AS_DST != 0 {
+                return None;
+            }
+            match self.flags.compare_exchange_weak(
+                was,
+                was | TAKEN_AS_DST | f,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(was),
+                Err(seen) => was = seen,
+            }
+        }
     }
     /// Clears flag bits, returning whether all were set.
     pub(crate) fn test_and_clear(&self, f: u32) -> bool {

@@ -85,6 +85,18 @@ impl Range {
         Some(&block[i % BLOCK])
     }
 
+    /// The block of pages that holds `pfn`, with the frame number of its first page.
+    #[inline]
+    fn block_of(&self, pfn: Pfn) -> Option<(u64, &[Page])> {
+        let i = self.range.index_of(pfn)? as usize;
+        let b = i / BLOCK;
+        let block = match self.blocks[b].get() {
+            Some(b) => b,
+            None => self.make_block(b),
+        };
+        Some((self.range.start.0 + (b * BLOCK) as u64, block))
+    }
+
     /// Creates the page structs of block `b` on first use.
     #[cold]
     #[inline(never)]
@@ -96,6 +108,43 @@ impl Range {
                 .map(|k| Page::new(first.add(k as u64), self.kind, self.owner))
                 .collect()
         })
+    }
+}
+
+/// Looks up pages, keeping the last block found (see [`PageMap::cursor`]).
+pub(crate) struct PageCursor<'p> {
+    pm: &'p PageMap,
+    /// The frame number of `block[0]`.
+    first: u64,
+    block: &'p [Page],
+}
+
+impl<'p> PageCursor<'p> {
+    /// The page of `pfn`, as [`PageMap::page`].
+    #[inline]
+    pub(crate) fn page(&mut self, pfn: Pfn) -> Option<&'p Page> {
+        let off = pfn.0.wrapping_sub(self.first);
+        if off < self.block.len() as u64 {
+            return Some(&self.block[off as usize]);
+        }
+        self.miss(pfn)
+    }
+
+    /// The page of `pfn`, or `UnknownPfn`.
+    #[inline]
+    pub(crate) fn page_or_err(&mut self, pfn: Pfn) -> Result<&'p Page> {
+        match self.page(pfn) {
+            Some(p) => Ok(p),
+            None => Err(MmError::UnknownPfn(pfn)),
+        }
+    }
+
+    #[cold]
+    fn miss(&mut self, pfn: Pfn) -> Option<&'p Page> {
+        let (first, block) = self.pm.range_of(pfn)?.block_of(pfn)?;
+        self.first = first;
+        self.block = block;
+        Some(&block[(pfn.0 - first) as usize])
     }
 }
 
@@ -279,6 +328,18 @@ impl PageMap {
     #[inline]
     pub fn page(&self, pfn: Pfn) -> Option<&Page> {
         self.range_of(pfn)?.page(pfn)
+    }
+
+    /// A cursor for looking up many frames in a row (a migration's entries): it keeps the
+    /// block of `Page` structs its last lookup found, so that frames of one batch, which
+    /// mostly share a block, cost a bounds check each.
+    #[inline]
+    pub(crate) fn cursor(&self) -> PageCursor<'_> {
+        PageCursor {
+            pm: self,
+            first: 0,
+            block: &[],
+        }
     }
 
     /// The page, or `UnknownPfn`.
