@@ -27,6 +27,24 @@ impl Drop for WordLocks<'_> {
     }
 }
 
+/// Calls `f(word, mask)` for each run of `idx` that falls in one word (ascending `idx` gives
+/// each word once), stopping at the first `false`; returns whether every call said `true`.
+pub(crate) fn for_each_word(idx: &[usize], mut f: impl FnMut(usize, u64) -> bool) -> bool {
+    let mut k = 0;
+    while k < idx.len() {
+        let w = idx[k] / 64;
+        let mut mask = 0u64;
+        while k < idx.len() && idx[k] / 64 == w {
+            mask |= 1 << (idx[k] % 64);
+            k += 1;
+        }
+        if !f(w, mask) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Bits `idx` as (word, mask) pairs, one per word, in ascending word order (the order
 /// [`AtomicBitmap::lock_words`] takes them in). Duplicates are harmless.
 pub(crate) fn bit_words(idx: impl IntoIterator<Item = usize>) -> Vec<(usize, u64)> {
@@ -64,6 +82,14 @@ impl AtomicBitmap {
     }
     pub(crate) fn get(&self, i: usize) -> bool {
         self.words[i / 64].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+    /// Word `w`: bits `64 * w ..= 64 * w + 63`.
+    pub(crate) fn word(&self, w: usize) -> u64 {
+        self.words[w].load(Ordering::Acquire)
+    }
+    /// Word `w` through exclusive access.
+    pub(crate) fn word_mut(&mut self, w: usize) -> &mut u64 {
+        self.words[w].get_mut()
     }
     /// Sets bit `i` to `v` through exclusive access (no locked instruction), returning its
     /// old value.

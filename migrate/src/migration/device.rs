@@ -4,7 +4,7 @@
 
 use hetmem_engine::{Pfn, PAGE_SIZE};
 
-use super::dst::{forget_foreign_dst, take_dst, validate_dst, MOVED_FLAGS};
+use super::dst::{forget_foreign_dst, take_dst, MOVED_FLAGS};
 use super::finalize::{finalize, resolve};
 use super::pfn::*;
 use super::staged::DeviceMigration;
@@ -106,20 +106,15 @@ pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Resul
             got: dst.len(),
         });
     }
-    let new = validate_dst(pm, src, &dst[..src.len()])?;
     let old = resolve(pm, src);
-    take_dst(&new, |i| match (old[i], new[i]) {
-        (Some(o), Some(_)) if src[i] & MIGRATE_PFN_MIGRATE != 0 => o.flags() & MOVED_FLAGS,
-        _ => 0,
+    let new = take_dst(pm, src, &dst[..src.len()], |i| match old[i] {
+        Some(o) if src[i] & MIGRATE_PFN_MIGRATE != 0 => Some(o.flags() & MOVED_FLAGS),
+        _ => None,
     })?;
     for i in 0..src.len() {
-        if src[i] & MIGRATE_PFN_MIGRATE == 0 {
-            continue;
-        }
-        match (old[i], new[i]) {
-            // `take_dst` moved the page's flags over.
-            (Some(_), Some(new)) => new.set_driver_data(0),
-            _ => src[i] &= !MIGRATE_PFN_MIGRATE,
+        // `take_dst` moved the state of each entry with both pages; the rest stay.
+        if old[i].is_none() || new[i].is_none() {
+            src[i] &= !MIGRATE_PFN_MIGRATE;
         }
     }
     Ok(())

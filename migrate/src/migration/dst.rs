@@ -17,94 +17,131 @@ use crate::error::{Error, Result};
 use crate::mm::page::{flags, Page, ANY_GUARD, TAKEN_AS_DST};
 use crate::mm::PageMap;
 
-/// Checks the driver's `dst` entries; nothing is changed on error. Returns the page each
-/// entry names, looked up once here for the stage's later passes.
-pub(crate) fn validate_dst<'p>(
-    pm: &'p PageMap,
-    src: &[u64],
-    dst: &[u64],
-) -> Result<Vec<Option<&'p Page>>> {
-    // Destinations allocated in a batch come ascending: then no pfn repeats and nothing
-    // needs collecting; otherwise they are collected and sorted to find repeats.
-    let mut last: Option<Pfn> = None;
-    let mut ascending = true;
-    let mut named = Vec::new();
-    let mut pages = Vec::with_capacity(dst.len());
-    let mut cursor = pm.cursor();
-    for (i, &w) in dst.iter().enumerate() {
-        // Every named destination is checked, collected entry or not: finalize releases
-        // them all (the driver's pages), so each must be a live, locked, unmapped page.
-        let Some(pfn) = migrate_pfn_to_pfn(w) else {
-            pages.push(None);
-            continue;
-        };
-        let p = cursor.page_or_err(pfn)?;
-        pages.push(Some(p));
-        if p.refcount() == 0 {
-            return Err(Error::PageFree(pfn));
-        }
-        if p.mapcount() != 0 || migrate_pfn_to_pfn(src[i]) == Some(pfn) {
-            return Err(Error::PageInUse(pfn));
-        }
-        if !p.test(flags::LOCKED) {
-            return Err(Error::NotLocked(pfn));
-        }
-        // Still held by a guard of the driver's (which would release it after us), or taken
-        // by another migration's pages stage (which will map or release it).
-        if p.flags() & (ANY_GUARD | TAKEN_AS_DST) != 0 {
-            return Err(Error::PageInUse(pfn));
-        }
-        if ascending && last.is_some_and(|l| l >= pfn) {
-            ascending = false;
-            // Everything named so far was ascending: rebuild the list once.
-            named.extend(dst[..i].iter().filter_map(|&d| migrate_pfn_to_pfn(d)));
-        }
-        if ascending {
-            last = Some(pfn);
-        } else {
-            named.push(pfn);
-        }
-    }
-    if ascending {
-        return Ok(pages);
-    }
-    named.sort_unstable();
-    match named.windows(2).find(|w| w[0] == w[1]) {
-        Some(w) => Err(Error::PageInUse(w[0])),
-        None => Ok(pages),
-    }
-}
-
 /// The flags a migrating page hands to its destination (see [`take_dst`]).
 pub(crate) const MOVED_FLAGS: u32 = flags::DIRTY | flags::ANON_EXCLUSIVE;
 
-/// Marks every destination page (as [`validate_dst`] returned them) as taken by this
-/// migration and, in the same atomic step, gives it the flags `moved(i)` names (the
-/// [`MOVED_FLAGS`] of the page entry `i` migrates from; 0 where nothing migrates). Two pages
-/// stages that validated the same page at once race here: the second to mark it fails with
-/// `PageInUse` and takes back its own marks and flags, so nothing is changed on error.
-pub(crate) fn take_dst(dst: &[Option<&Page>], moved: impl Fn(usize) -> u32) -> Result<()> {
-    // The flag words before, for taking back on error.
-    let mut before = Vec::with_capacity(dst.len());
-    for (i, p) in dst.iter().enumerate() {
-        let Some(p) = p else {
-            before.push(0);
+/// What [`take_dst`] changed on one destination, to take back if a later one is refused:
+/// the moved flags the page did not have before (the mark is always its own), and the
+/// driver word it cleared (0: none).
+#[derive(Clone, Copy, Default)]
+struct Taken {
+    added: u32,
+    data: u64,
+}
+
+/// What [`take_dst`] took so far: the added flags of every entry (a byte each, the flags
+/// shifted down to fit), and the few driver words it cleared.
+#[derive(Default)]
+struct TakenSoFar {
+    added: Vec<u8>,
+    data: Vec<(usize, u64)>,
+}
+
+/// The flag bits [`TakenSoFar`] keeps in a byte: [`MOVED_FLAGS`] shifted down by this.
+const ADDED_SHIFT: u32 = MOVED_FLAGS.trailing_zeros();
+const _: () = assert!(MOVED_FLAGS >> ADDED_SHIFT < 256);
+
+impl TakenSoFar {
+    fn push(&mut self, i: usize, t: Taken) {
+        self.added.push((t.added >> ADDED_SHIFT) as u8);
+        if t.data != 0 {
+            self.data.push((i, t.data));
+        }
+    }
+}
+
+/// Checks the driver's `dst` entries and takes each page they name for this migration, in
+/// one pass: every named page must be a live, locked, unmapped page, not the entry's own
+/// source, held by no guard and taken by no other pages stage (finalize releases them all:
+/// they are the driver's pages); it is then marked taken ([`TAKEN_AS_DST`]) and, where the
+/// entry migrates from a page (`moved(i)` is `Some` with that page's [`MOVED_FLAGS`]), given
+/// those flags in the same atomic step, with its driver word cleared. A page named twice is
+/// found taken the second time.
+///
+/// Two pages stages that validated the same page at once race on the mark: the second fails
+/// with `PageInUse`. On any error every page taken so far is given back exactly as it was
+/// (mark, flags and driver word), so nothing is changed. Returns the page of each entry.
+pub(crate) fn take_dst<'p>(
+    pm: &'p PageMap,
+    src: &[u64],
+    dst: &[u64],
+    moved: impl Fn(usize) -> Option<u32>,
+) -> Result<Vec<Option<&'p Page>>> {
+    let mut pages: Vec<Option<&'p Page>> = Vec::with_capacity(dst.len());
+    let mut taken = TakenSoFar {
+        added: Vec::with_capacity(dst.len()),
+        data: Vec::new(),
+    };
+    let mut cursor = pm.cursor();
+    for (i, &w) in dst.iter().enumerate() {
+        let Some(pfn) = migrate_pfn_to_pfn(w) else {
+            pages.push(None);
+            taken.push(i, Taken::default());
             continue;
         };
-        let f = moved(i);
-        if let Some(was) = p.take_as_dst(f) {
-            before.push(was);
-            continue;
-        }
-        for (j, (q, &was)) in dst[..i].iter().zip(&before).enumerate() {
-            if let Some(q) = q {
-                // The bits this call set: the mark, and moved flags the page did not have.
-                q.clear(TAKEN_AS_DST | (moved(j) & !was));
+        let took = cursor
+            .page_or_err(pfn)
+            .and_then(|p| take_one(p, src[i], moved(i)).map(|t| (p, t)));
+        match took {
+            Ok((p, t)) => {
+                pages.push(Some(p));
+                taken.push(i, t);
+            }
+            Err(e) => {
+                give_back(&pages, &taken);
+                return Err(e);
             }
         }
-        return Err(Error::PageInUse(p.pfn()));
     }
-    Ok(())
+    Ok(pages)
+}
+
+/// Checks one destination page and takes it (see [`take_dst`]).
+fn take_one(p: &Page, src: u64, moved: Option<u32>) -> Result<Taken> {
+    let pfn = p.pfn();
+    if p.refcount() == 0 {
+        return Err(Error::PageFree(pfn));
+    }
+    if p.mapcount() != 0 || migrate_pfn_to_pfn(src) == Some(pfn) {
+        return Err(Error::PageInUse(pfn));
+    }
+    let f = p.flags();
+    if f & flags::LOCKED == 0 {
+        return Err(Error::NotLocked(pfn));
+    }
+    // Still held by a guard of the driver's (which would release it after us), or taken by
+    // another migration's pages stage (which will map or release it), or by this one.
+    if f & (ANY_GUARD | TAKEN_AS_DST) != 0 {
+        return Err(Error::PageInUse(pfn));
+    }
+    let moving = moved.unwrap_or(0);
+    let was = p.take_as_dst(moving).ok_or(Error::PageInUse(pfn))?;
+    let mut data = 0;
+    if moved.is_some() {
+        data = p.driver_data();
+        if data != 0 {
+            p.set_driver_data(0);
+        }
+    }
+    Ok(Taken {
+        added: moving & !was,
+        data,
+    })
+}
+
+/// Gives back what [`take_dst`] took: the mark, the moved flags each page did not have
+/// before, and the driver words.
+fn give_back(pages: &[Option<&Page>], taken: &TakenSoFar) {
+    for (p, &added) in pages.iter().zip(&taken.added) {
+        if let Some(p) = p {
+            p.clear(TAKEN_AS_DST | (added as u32) << ADDED_SHIFT);
+        }
+    }
+    for &(i, data) in &taken.data {
+        if let Some(p) = pages[i] {
+            p.set_driver_data(data);
+        }
+    }
 }
 
 /// Zeroes the `dst` words that a finalize must not release: pages that are not live,
@@ -166,33 +203,65 @@ mod tests {
     }
 
     #[test]
-    fn take_dst_moves_flags_with_the_mark_and_takes_back_exactly_its_own_bits() {
-        // Entry 0 moves DIRTY onto a page that has it already; entry 1 moves
-        // ANON_EXCLUSIVE; entry 2 names no page; entry 3 is another migration's.
+    fn take_one_moves_flags_with_the_mark_and_give_back_takes_back_exactly_its_own_bits() {
+        // A page with DIRTY already, given DIRTY and a driver word; one given ANON_EXCLUSIVE;
+        // one taken without migrating (its driver word stays); one another migration's.
         let a = page(1, flags::DIRTY);
+        a.set_driver_data(7);
         let b = page(2, 0);
-        let c = page(3, TAKEN_AS_DST);
-        let before = [a.flags(), b.flags(), c.flags()];
-        let moved = [flags::DIRTY, flags::ANON_EXCLUSIVE, 0, flags::DIRTY];
-        let dst = [Some(&a), Some(&b), None, Some(&c)];
-        assert!(matches!(
-            take_dst(&dst, |i| moved[i]),
-            Err(Error::PageInUse(Pfn(3)))
-        ));
-        assert_eq!([a.flags(), b.flags(), c.flags()], before, "nothing changed");
-        // Without the foreign page every destination is taken, with its flags.
-        take_dst(&dst[..3], |i| moved[i]).unwrap();
+        let c = page(3, 0);
+        c.set_driver_data(9);
+        let d = page(4, TAKEN_AS_DST);
+        let before = [a.flags(), b.flags(), c.flags(), d.flags()];
+        let ta = take_one(&a, 0, Some(flags::DIRTY)).unwrap();
+        let tb = take_one(&b, 0, Some(flags::ANON_EXCLUSIVE)).unwrap();
+        let tc = take_one(&c, 0, None).unwrap();
         assert_eq!(a.flags(), flags::LOCKED | flags::DIRTY | TAKEN_AS_DST);
         assert_eq!(
             b.flags(),
             flags::LOCKED | flags::ANON_EXCLUSIVE | TAKEN_AS_DST
         );
-        // A second pages stage naming them is refused, and changes nothing.
-        let again = [Some(&b)];
-        assert!(take_dst(&again, |_| flags::DIRTY).is_err());
-        assert_eq!(
-            b.flags(),
-            flags::LOCKED | flags::ANON_EXCLUSIVE | TAKEN_AS_DST
+        assert_eq!(c.flags(), flags::LOCKED | TAKEN_AS_DST);
+        assert_eq!((a.driver_data(), c.driver_data()), (0, 9));
+        assert!(matches!(
+            take_one(&d, 0, None),
+            Err(Error::PageInUse(Pfn(4)))
+        ));
+        assert!(
+            matches!(take_one(&a, 0, None), Err(Error::PageInUse(Pfn(1)))),
+            "a page named twice is found taken"
         );
+        let mut so_far = TakenSoFar::default();
+        for (i, t) in [ta, tb, Taken::default(), tc].into_iter().enumerate() {
+            so_far.push(i, t);
+        }
+        give_back(&[Some(&a), Some(&b), None, Some(&c)], &so_far);
+        assert_eq!([a.flags(), b.flags(), c.flags(), d.flags()], before);
+        assert_eq!((a.driver_data(), c.driver_data()), (7, 9));
+    }
+
+    #[test]
+    fn take_one_refuses_a_page_that_cannot_be_a_destination() {
+        let free = Page::new(Pfn(5), MemoryKind::System, Owner(0));
+        assert!(matches!(take_one(&free, 0, None), Err(Error::PageFree(_))));
+        let unlocked = page(6, 0);
+        unlocked.unlock();
+        assert!(matches!(
+            take_one(&unlocked, 0, None),
+            Err(Error::NotLocked(_))
+        ));
+        let guarded = page(7, crate::mm::page::GUARDED);
+        assert!(matches!(
+            take_one(&guarded, 0, None),
+            Err(Error::PageInUse(_))
+        ));
+        let own = page(8, 0);
+        assert!(matches!(
+            take_one(&own, migrate_pfn(Pfn(8)), None),
+            Err(Error::PageInUse(_))
+        ));
+        for p in [&unlocked, &guarded, &own] {
+            assert_eq!(p.flags() & TAKEN_AS_DST, 0, "nothing taken");
+        }
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use hetmem_engine::Pfn;
 
-use super::dst::{forget_foreign_dst, take_dst, validate_dst, MOVED_FLAGS};
+use super::dst::{forget_foreign_dst, take_dst, MOVED_FLAGS};
 use super::finalize::{finalize, resolve};
 use super::pfn::*;
 use super::unmap::{entry_for, migration_entry, restore_page, unmap_page, Unmapped};
@@ -435,12 +435,12 @@ pub(crate) fn pages_stage<'s>(
         ));
     }
     let pm = space.pagemap();
-    let dst = validate_dst(pm, &m.src[..m.npages], &m.dst[..m.npages])?;
     let src = &m.src[..m.npages];
-    take_dst(&dst, |i| match src_pages[i] {
-        Some(old) if src[i] & MIGRATE_PFN_MIGRATE != 0 => old.flags() & MOVED_FLAGS,
-        _ => 0,
+    let dst = take_dst(pm, src, &m.dst[..m.npages], |i| match src_pages[i] {
+        Some(old) if src[i] & MIGRATE_PFN_MIGRATE != 0 => Some(old.flags() & MOVED_FLAGS),
+        _ => None,
     })?;
+    // `take_dst` moved the state of each page that migrates; holes get their new page here.
     let vma = m.held.vma.clone().expect("set up");
     for i in 0..m.npages {
         if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
@@ -450,14 +450,8 @@ pub(crate) fn pages_stage<'s>(
             m.src[i] &= !MIGRATE_PFN_MIGRATE;
             continue;
         };
-        match src_pages[i] {
-            None => {
-                if !insert_page(space, &vma, m.addr(i), new) {
-                    m.src[i] &= !MIGRATE_PFN_MIGRATE;
-                }
-            }
-            // `take_dst` moved the page's flags over.
-            Some(_) => new.set_driver_data(0),
+        if src_pages[i].is_none() && !insert_page(space, &vma, m.addr(i), new) {
+            m.src[i] &= !MIGRATE_PFN_MIGRATE;
         }
     }
     m.held.stage = Stage::Paged;
