@@ -27,6 +27,10 @@ impl PagemapOps for FreeOnly {
         let pfns: Vec<_> = pages.iter().map(|p| p.pfn()).collect();
         self.0.free_pages(&pfns).expect("free device page");
     }
+    fn pfns_free(&self, _: &[&Page], pfns: &[hetmem_engine::Pfn]) {
+        // As GpuDriver does: by frame number, which the page map read already.
+        self.0.free_pages(pfns).expect("free device page");
+    }
     fn migrate_to_ram(&self, f: FaultContext<'_>) -> hetmem::Result<()> {
         Err(hetmem::Error::FaultFailed {
             addr: f.addr,

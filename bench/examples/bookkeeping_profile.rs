@@ -18,6 +18,10 @@ impl PagemapOps for FreeOnly {
         let pfns: Vec<_> = pages.iter().map(|p| p.pfn()).collect();
         self.0.free_pages(&pfns).unwrap();
     }
+    fn pfns_free(&self, _: &[&Page], pfns: &[hetmem_engine::Pfn]) {
+        // As GpuDriver does: by frame number, which the page map read already.
+        self.0.free_pages(pfns).unwrap();
+    }
     fn migrate_to_ram(&self, _: FaultContext<'_>) -> hetmem::Result<()> {
         unreachable!()
     }

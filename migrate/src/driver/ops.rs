@@ -49,9 +49,13 @@ impl PagemapOps for Ops {
     }
 
     fn pages_free(&self, pages: &[&Page]) {
+        let pfns: Vec<Pfn> = pages.iter().map(|p| p.pfn()).collect();
+        self.pfns_free(pages, &pfns);
+    }
+
+    fn pfns_free(&self, _: &[&Page], pfns: &[Pfn]) {
         if let Some(d) = self.device() {
-            let pfns: Vec<Pfn> = pages.iter().map(|p| p.pfn()).collect();
-            if let Err(e) = d.free_pages(&pfns) {
+            if let Err(e) = d.free_pages(pfns) {
                 tracing::error!("pages_free of {} pages: {e}", pfns.len());
             }
         }

@@ -8,6 +8,7 @@ use super::pfn::*;
 use super::unmap::{entry_for, restore_entries, walk_mappings};
 use crate::mm::page::{flags, Mapping, MemoryKind, Page};
 use crate::mm::pte::{LeafGuard, Pte, PTRS_PER_LEAF};
+use crate::mm::released::Released;
 use crate::mm::space::{leaf_index, AddressSpace, PAGE};
 use crate::mm::{PageMap, VirtAddr};
 
@@ -43,7 +44,7 @@ pub(crate) fn finalize(
     let mut done = Done {
         fault_page,
         put: Vec::new(),
-        released: Vec::with_capacity(src.len()),
+        released: Released::with_capacity(src.len().min(FREE_BATCH + PTRS_PER_LEAF)),
     };
     let mut slow: Vec<usize> = Vec::new();
     let mut i = 0;
@@ -77,11 +78,19 @@ pub(crate) fn finalize(
             done.release(old[k], new[k]);
         }
         slow.clear();
+        // Pages are given back a batch at a time as they come: a large migration's list
+        // stays small (in cache, and never a fresh allocation the kernel must fault in).
+        if done.released.len() >= FREE_BATCH {
+            pm.free_gathered(&mut done.released);
+        }
         i = end;
     }
-    pm.free_released(&done.released);
+    pm.free_gathered(&mut done.released);
     pm.put_pages(&done.put);
 }
+
+/// Released pages finalize gathers before giving them back.
+const FREE_BATCH: usize = 1024;
 
 /// What finalize does with the migration's hold on each finished entry's pages.
 struct Done<'p> {
@@ -89,7 +98,7 @@ struct Done<'p> {
     /// References to drop at the end.
     put: Vec<&'p Page>,
     /// Pages whose last reference and lock went together: free, to give back.
-    released: Vec<&'p Page>,
+    released: Released<'p>,
 }
 
 impl<'p> Done<'p> {

@@ -11,6 +11,7 @@ pub mod pagemap;
 pub mod pin;
 pub mod pte;
 pub mod range_fault;
+pub(crate) mod released;
 pub mod space;
 mod sync;
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use hetmem_engine::{EngineError, HostFramePool, Pfn, PfnRange};
 
 use super::page::{flags, MemoryKind, Page};
+use super::released::Released;
 use super::space::AddressSpace;
 use super::space::SpaceRegistry;
 use crate::error::{Error as MmError, Result};
@@ -29,6 +30,14 @@ pub trait PagemapOps: Send + Sync {
         for p in pages {
             self.page_free(p);
         }
+    }
+    /// [`PagemapOps::pages_free`] with each page's frame number (`pfns[i]` is
+    /// `pages[i].pfn()`), which the page map read as it gathered the pages: a driver that
+    /// frees by frame number overrides this to skip reading every `Page` again (a large
+    /// batch's structs are out of cache by then). The default calls `pages_free`.
+    fn pfns_free(&self, pages: &[&Page], pfns: &[Pfn]) {
+        let _ = pfns;
+        self.pages_free(pages);
     }
     /// A CPU access hit a device-private entry: move the page (and, at the driver's choice,
     /// its neighbours) to system memory. The page is referenced and locked by the caller.
@@ -316,7 +325,7 @@ impl PageMap {
     }
 
     #[inline]
-    fn range_of(&self, pfn: Pfn) -> Option<&Range> {
+    pub(crate) fn range_of(&self, pfn: Pfn) -> Option<&Range> {
         let n = self.count.load(Ordering::Acquire);
         self.ranges[..n]
             .iter()
@@ -499,34 +508,11 @@ impl PageMap {
     /// Frees pages whose last reference is gone and whose flags are clear, in batches (host
     /// frames in one call, device pages per pagemap).
     pub(crate) fn free_released(&self, released: &[&Page]) {
-        let mut frames = Vec::new();
-        let mut device: Vec<&Page> = Vec::new();
+        let mut gathered = Released::with_capacity(released.len());
         for &p in released {
-            if p.is_device() {
-                device.push(p);
-            } else {
-                frames.push(p.pfn());
-            }
+            gathered.push(p);
         }
-        // SAFETY: these pages' last reference is gone and nothing maps them: the page map
-        // that adopted their frames gives them back.
-        if let Err(e) = unsafe { self.frames.free_adopted(&frames) } {
-            tracing::error!("freeing {} frames: {e}", frames.len());
-        }
-        device.sort_unstable_by_key(|p| p.pfn());
-        // Runs of pages of one registered range, each freed with one call.
-        let mut rest = &device[..];
-        while let Some(first) = rest.first() {
-            let Some(r) = self.range_of(first.pfn()) else {
-                rest = &rest[1..];
-                continue;
-            };
-            let n = rest.partition_point(|p| r.range.contains(p.pfn()));
-            if let Some(ops) = &r.ops {
-                ops.pages_free(&rest[..n]);
-            }
-            rest = &rest[n..];
-        }
+        self.free_gathered(&mut gathered);
     }
 
     fn free_page(&self, p: &Page) {
