@@ -1,7 +1,7 @@
 //! Runs migrations of 65 536 pages to the host device and back with copies skipped, for
 //! profiling the bookkeeping (`perf record`), and prints ns per page.
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hetmem::migration::*;
 use hetmem::mm::{AddressSpace, FaultContext, MemoryKind, Page, PageMap, PagemapOps, Prot, PAGE};
@@ -52,14 +52,14 @@ fn main() {
     for k in 0..n as u64 {
         space.write(a + k * PAGE, &[1]).unwrap();
     }
-    let mut sum = std::time::Duration::ZERO;
+    let mut sum = Duration::ZERO;
     let mut per_round = Vec::with_capacity(rounds);
     // The fastest time of each stage (setup, pages, finalize) per direction, over the last
     // half of the rounds: the floor, which noise from other tenants of the machine does
     // not move.
-    let mut fastest = [[std::time::Duration::MAX; 3]; 2];
+    let mut fastest = [[Duration::MAX; 3]; 2];
     for round in 0..rounds {
-        let mut total = std::time::Duration::ZERO;
+        let mut total = Duration::ZERO;
         for (flags, to_dev) in [
             (MIGRATE_VMA_SELECT_SYSTEM, true),
             (MIGRATE_VMA_SELECT_DEVICE_PRIVATE, false),
@@ -103,7 +103,13 @@ fn main() {
             per_round.push(total);
         }
     }
-    for (dir, best) in ["to device", "to host  "].iter().zip(&fastest) {
+    report(n, &fastest, per_round, sum);
+}
+
+/// Prints each stage's fastest time per direction, and the mean, median and fastest of the
+/// rounds' totals (`per_round`, summing to `sum`).
+fn report(n: usize, fastest: &[[Duration; 3]; 2], mut per_round: Vec<Duration>, sum: Duration) {
+    for (dir, best) in ["to device", "to host  "].iter().zip(fastest) {
         println!(
             "{dir}: fastest setup {:.0} pages {:.0} finalize {:.0} ns/page",
             best[0].as_nanos() as f64 / n as f64,
@@ -112,11 +118,11 @@ fn main() {
         );
     }
     per_round.sort_unstable();
-    let per_page = |d: std::time::Duration| d.as_nanos() as f64 / (2 * n) as f64;
+    let per_page = |d: Duration| d.as_nanos() as f64 / (2 * n) as f64;
+    let rounds = per_round.len();
     println!(
-        "last {} rounds, ns/page per direction: mean {:.0}, median {:.0}, fastest {:.0}",
-        rounds - rounds / 2,
-        sum.as_nanos() as f64 / (2 * n * (rounds - rounds / 2)) as f64,
+        "last {rounds} rounds, ns/page per direction: mean {:.0}, median {:.0}, fastest {:.0}",
+        sum.as_nanos() as f64 / (2 * n * rounds) as f64,
         per_page(per_round[per_round.len() / 2]),
         per_page(per_round[0])
     );
