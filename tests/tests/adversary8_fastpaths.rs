@@ -283,3 +283,58 @@ fn frame_pool_batches_that_repeat_or_name_free_frames_are_refused_whole() {
     ));
     assert_eq!(pool.in_use(), used - 101);
 }
+/// A device migration whose driver names one collected source (mapped nowhere any more: its
+/// range was unmapped after collection) as another entry's destination. The pages stage must
+/// refuse it: finalize would release the page as entry 0's source and then map it as entry
+/// 1's destination, leaving a free page mapped.
+#[test]
+fn a_device_source_unmapped_meanwhile_is_refused_as_another_entrys_destination() {
+    let g = setup();
+    let (a, data) = written(&g.space, 2, 81);
+    assert_eq!(g.d.migrate_to_device(&g.space, a, 2).unwrap().migrated, 2);
+    let (x0, x1) = (dev_pfn(&g.space, a), dev_pfn(&g.space, a + PAGE));
+    let in_use = g.d.device().pages_in_use();
+    let mut m = DeviceMigration::pfns(&g.pm, &[x0, x1]).unwrap();
+    assert_eq!(m.cpages(), 2);
+    // The first page's only mapping goes: its page is now locked, referenced by the
+    // migration alone and mapped nowhere, like a destination.
+    g.space.munmap(a, PAGE).unwrap();
+    assert_eq!(g.pm.page(x0).unwrap().mapcount(), 0);
+    m.dst_mut()[1] = migrate_pfn(x0);
+    let r = m.copied();
+    assert!(
+        matches!(r, Err(Error::PageInUse(p)) if p == x0),
+        "a source of the same migration was taken as a destination: {:?}",
+        r.as_ref().err()
+    );
+    // The migration was dropped by the failed stage: nothing migrated, the unmapped page is
+    // freed once, the other is back where it was.
+    assert!(matches!(g.space.pte(a + PAGE), Pte::DevicePrivate { pfn, .. } if pfn == x1));
+    assert_eq!(g.pm.page(x0).unwrap().refcount(), 0, "x0 freed");
+    assert_eq!(g.pm.page(x0).unwrap().flags(), 0);
+    assert!(!g.pm.page(x1).unwrap().is_locked());
+    assert_eq!(g.d.device().pages_in_use(), in_use - 1);
+    assert!(unsettled(&g.space, &g.pm, a + PAGE, 1).is_empty());
+    assert_eq!(read(&g.space, a + PAGE, 4096), data[4096..]);
+}
+
+/// The raw calls, finalize without a pages stage: `migrate_device_finalize` must not release
+/// a source unmapped meanwhile that the driver named as another entry's destination.
+#[test]
+fn raw_device_finalize_leaves_alone_a_source_named_as_a_destination() {
+    let g = setup();
+    let (a, data) = written(&g.space, 2, 87);
+    assert_eq!(g.d.migrate_to_device(&g.space, a, 2).unwrap().migrated, 2);
+    let (x0, x1) = (dev_pfn(&g.space, a), dev_pfn(&g.space, a + PAGE));
+    let in_use = g.d.device().pages_in_use();
+    let mut src = [migrate_pfn(x0), migrate_pfn(x1)];
+    assert_eq!(migrate_device_pfns(&g.pm, &mut src).unwrap(), 2);
+    g.space.munmap(a, PAGE).unwrap();
+    let mut dst = [0, migrate_pfn(x0)];
+    migrate_device_finalize(&g.pm, &mut src, &mut dst);
+    assert_eq!(g.pm.page(x0).unwrap().refcount(), 0, "x0 freed once");
+    assert!(matches!(g.space.pte(a + PAGE), Pte::DevicePrivate { pfn, .. } if pfn == x1));
+    assert!(!g.pm.page(x1).unwrap().is_locked());
+    assert_eq!(g.d.device().pages_in_use(), in_use - 1);
+    assert_eq!(read(&g.space, a + PAGE, 4096), data[4096..]);
+}

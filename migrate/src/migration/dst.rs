@@ -61,10 +61,17 @@ impl TakenSoFar {
 /// Two pages stages that validated the same page at once race on the mark: the second fails
 /// with `PageInUse`. On any error every page taken so far is given back exactly as it was
 /// (mark, flags and driver word), so nothing is changed. Returns the page of each entry.
+///
+/// `sources` (the pages the migration collected) is for migrations whose sources may be
+/// mapped nowhere (a device migration's, after a munmap of their range): such a source looks
+/// like a destination, so one named in `dst` is refused (`PageInUse`) once every entry is
+/// taken. A `migrate_vma` source is mapped by its own entry, which the per-page checks
+/// refuse.
 pub(crate) fn take_dst<'p>(
     pm: &'p PageMap,
     src: &[u64],
     dst: &[u64],
+    sources: Option<&[Option<&Page>]>,
     moved: impl Fn(usize) -> Option<u32>,
 ) -> Result<Vec<Option<&'p Page>>> {
     let mut pages: Vec<Option<&'p Page>> = Vec::with_capacity(dst.len());
@@ -93,7 +100,27 @@ pub(crate) fn take_dst<'p>(
             }
         }
     }
+    if let Some(pfn) = sources.and_then(|old| own_source_taken(old, &pages)) {
+        give_back(&pages, &taken);
+        return Err(Error::PageInUse(pfn));
+    }
     Ok(pages)
+}
+
+/// A page of `old` (a migration's sources) that this migration took as a destination
+/// (`new`), if any. Sources are locked by the migration, so one marked taken was taken by a
+/// pages stage: this one if it is in `new`, or another's (which is that migration's misuse).
+fn own_source_taken(old: &[Option<&Page>], new: &[Option<&Page>]) -> Option<Pfn> {
+    let mut marked = old
+        .iter()
+        .flatten()
+        .filter(|p| p.test(TAKEN_AS_DST))
+        .peekable();
+    marked.peek()?;
+    let ours: HashSet<*const Page> = new.iter().flatten().map(|&p| p as *const Page).collect();
+    marked
+        .find(|&&p| ours.contains(&(p as *const Page)))
+        .map(|p| p.pfn())
 }
 
 /// Checks one destination page and takes it (see [`take_dst`]).
@@ -147,8 +174,10 @@ fn give_back(pages: &[Option<&Page>], taken: &TakenSoFar) {
 /// Zeroes the `dst` words that a finalize must not release: pages that are not live,
 /// locked and unmapped, pages a guard holds, a page named a second time, and (unless
 /// `taken_is_ours`, for a caller that cannot tell whether its own pages stage ran) pages a
-/// pages stage took. Finalize restores the source of an entry whose word is zeroed.
-pub(crate) fn forget_foreign_dst(pm: &PageMap, dst: &mut [u64], taken_is_ours: bool) {
+/// pages stage took, and the migration's own sources (`src`) that are mapped nowhere (a
+/// device migration's whose range was unmapped: they pass every other check). Finalize
+/// restores the source of an entry whose word is zeroed.
+pub(crate) fn forget_foreign_dst(pm: &PageMap, src: &[u64], dst: &mut [u64], taken_is_ours: bool) {
     let mut last: Option<Pfn> = None;
     // Built only when the named pages stop ascending (batches come ascending).
     let mut seen: Option<HashSet<Pfn>> = None;
@@ -175,6 +204,22 @@ pub(crate) fn forget_foreign_dst(pm: &PageMap, dst: &mut [u64], taken_is_ours: b
         };
         if repeat || !releasable(p, taken_is_ours) {
             dst[i] = 0;
+        }
+    }
+    // A source's map count does not rise once it is collected and mapped nowhere, so one
+    // found releasable above is found here.
+    let mut cursor = pm.cursor();
+    let unmapped: HashSet<Pfn> = src
+        .iter()
+        .filter_map(|&w| migrate_pfn_to_pfn(w))
+        .filter(|&pfn| cursor.page(pfn).is_some_and(|p| p.mapcount() == 0))
+        .collect();
+    if unmapped.is_empty() {
+        return;
+    }
+    for w in dst.iter_mut() {
+        if migrate_pfn_to_pfn(*w).is_some_and(|pfn| unmapped.contains(&pfn)) {
+            *w = 0;
         }
     }
 }

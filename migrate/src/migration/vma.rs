@@ -436,7 +436,9 @@ pub(crate) fn pages_stage<'s>(
     }
     let pm = space.pagemap();
     let src = &m.src[..m.npages];
-    let dst = take_dst(pm, src, &m.dst[..m.npages], |i| match src_pages[i] {
+    // Sources are mapped by their own entries (the map lock keeps them): the per-page
+    // checks refuse one named as a destination.
+    let dst = take_dst(pm, src, &m.dst[..m.npages], None, |i| match src_pages[i] {
         Some(old) if src[i] & MIGRATE_PFN_MIGRATE != 0 => Some(old.flags() & MOVED_FLAGS),
         _ => None,
     })?;
@@ -554,5 +556,5 @@ pub(crate) fn abandon(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
         *s &= !MIGRATE_PFN_MIGRATE;
     }
     // No pages stage of this migration took a destination: one marked taken is another's.
-    forget_foreign_dst(pm, dst, false);
+    forget_foreign_dst(pm, src, dst, false);
 }
