@@ -338,3 +338,33 @@ fn raw_device_finalize_leaves_alone_a_source_named_as_a_destination() {
     assert_eq!(g.d.device().pages_in_use(), in_use - 1);
     assert_eq!(read(&g.space, a + PAGE, 4096), data[4096..]);
 }
+/// MIGRATE set on a hole of a shared mapping (which setup does not collect: shared memory
+/// does not migrate) must not make the pages stage insert a page there.
+#[test]
+fn migrate_set_on_a_shared_mappings_hole_inserts_nothing() {
+    let g = setup();
+    let a = g
+        .space
+        .mmap(None, 2 * PAGE, hetmem::mm::Prot::RW, true)
+        .unwrap();
+    let (mut src, mut dst) = ([0u64; 2], [0u64; 2]);
+    let mut m = MigrateVma::new(&g.space, a, a + 2 * PAGE, &mut src, &mut dst);
+    m.flags = MIGRATE_VMA_SELECT_SYSTEM;
+    m.pgmap_owner = g.d.owner();
+    migrate_vma_setup(&mut m).unwrap();
+    assert_eq!((m.cpages, m.src[0], m.src[1]), (0, 0, 0));
+    let d = device_dsts(&g, 1);
+    g.d.device().write_page(d[0], 0, &[7u8; 16]).unwrap();
+    m.src[0] = MIGRATE_PFN_MIGRATE;
+    m.dst[0] = migrate_pfn(d[0]);
+    migrate_vma_pages(&mut m).unwrap();
+    migrate_vma_finalize(&mut m);
+    drop(m);
+    assert!(
+        matches!(g.space.pte(a), Pte::None),
+        "a page was inserted into a shared mapping: {:?}",
+        g.space.pte(a)
+    );
+    assert_eq!(g.pm.page(d[0]).unwrap().refcount(), 0, "destination freed");
+    assert_eq!(read(&g.space, a, 16), vec![0u8; 16]);
+}

@@ -452,7 +452,12 @@ pub(crate) fn pages_stage<'s>(
             m.src[i] &= !MIGRATE_PFN_MIGRATE;
             continue;
         };
-        if src_pages[i].is_none() && !insert_page(space, &vma, m.addr(i), new) {
+        // Setup marks holes only in anonymous memory, and takes the zero page as a hole only
+        // with SELECT_SYSTEM: MIGRATE a driver set anywhere else inserts nothing.
+        let zero_ok = m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0;
+        if src_pages[i].is_none()
+            && (vma.shared || !insert_page(space, &vma, m.addr(i), new, zero_ok))
+        {
             m.src[i] &= !MIGRATE_PFN_MIGRATE;
         }
     }
@@ -460,11 +465,17 @@ pub(crate) fn pages_stage<'s>(
     Ok(dst)
 }
 
-/// Maps a new page into a hole (or over the zero page); false if the address was populated
+/// Maps a new page into a hole (or over the zero page, if `zero_ok`); false if the address was populated
 /// meanwhile. The mapping cannot have changed since setup (the migration holds the map lock).
 /// Replacing the zero page changes the frame a mirror may hold: that is invalidated first,
 /// outside the VMA and leaf locks (a notifier may use other address spaces).
-fn insert_page(space: &AddressSpace, vma: &Vma, addr: VirtAddr, page: &Page) -> bool {
+fn insert_page(
+    space: &AddressSpace,
+    vma: &Vma,
+    addr: VirtAddr,
+    page: &Page,
+    zero_ok: bool,
+) -> bool {
     let leaf = space.leaf(addr, true).expect("created");
     let li = leaf_index(addr);
     let zero = space.pagemap().zero_pfn();
@@ -477,7 +488,7 @@ fn insert_page(space: &AddressSpace, vma: &Vma, addr: VirtAddr, page: &Page) -> 
         let g = leaf.lock();
         match g.get(li) {
             Pte::None => {}
-            Pte::Present { pfn, .. } if pfn == zero => {
+            Pte::Present { pfn, .. } if pfn == zero && zero_ok => {
                 if inv.is_none() {
                     drop((g, v, vt));
                     inv = Some(space.invalidate(NotifyRange {
