@@ -10,6 +10,8 @@ use super::*;
 /// pages stages start together, then each finalizes. The bytes of both ranges must be
 /// intact, nothing left locked or as a migration entry, each destination mapped at most
 /// once, and every destination not mapped freed exactly once.
+///
+/// Long: one round is one story (two threads' stages, then the checks of every page).
 fn race_round(g: &Gpu, n: usize, reversed: bool, seed: u8) {
     let (a, da) = written(&g.space, n as u64, seed);
     let (b, db) = written(&g.space, n as u64, seed.wrapping_add(1));
