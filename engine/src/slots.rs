@@ -309,7 +309,6 @@ impl Slots {
         Ok(())
     }
 
-    /// Gives back the slots of a `take` that could not be completed, leaving them as they were.
     /// [`Slots::put_all`]'s common case, a word of slots at a time: `idx` strictly ascending
     /// (so no slot is named twice), every slot handed out and adopted as the call says. False,
     /// with nothing changed, otherwise: the slot-by-slot path then finds the entry to report.
@@ -350,6 +349,7 @@ impl Slots {
         true
     }
 
+    /// Gives back the slots of a `take` that could not be completed, leaving them as they were.
     pub(crate) fn untake(&mut self, taken: &[u32]) {
         for &i in taken.iter().rev() {
             self.used.set(i as usize, false);

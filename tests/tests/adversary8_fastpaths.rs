@@ -318,6 +318,49 @@ fn a_device_source_unmapped_meanwhile_is_refused_as_another_entrys_destination()
     assert_eq!(read(&g.space, a + PAGE, 4096), data[4096..]);
 }
 
+/// Across migrations: migration B's driver names a source of migration A (a device page
+/// mapped nowhere since its range was unmapped) as B's destination. B must refuse it, in its
+/// pages stage and in a finalize without one, and A then finishes with its page as it was.
+#[test]
+fn another_migrations_source_mapped_nowhere_is_refused_as_a_destination() {
+    let g = setup();
+    let (a, _) = written(&g.space, 1, 91);
+    let (b, data_b) = written(&g.space, 1, 92);
+    assert_eq!(g.d.migrate_to_device(&g.space, a, 1).unwrap().migrated, 1);
+    assert_eq!(g.d.migrate_to_device(&g.space, b, 1).unwrap().migrated, 1);
+    let (xa, xb) = (dev_pfn(&g.space, a), dev_pfn(&g.space, b));
+    let in_use = g.d.device().pages_in_use();
+    let first = DeviceMigration::pfns(&g.pm, &[xa]).unwrap();
+    assert_eq!(first.cpages(), 1);
+    g.space.munmap(a, PAGE).unwrap();
+    assert_eq!(g.pm.page(xa).unwrap().mapcount(), 0);
+    // B collects `b`'s page and names A's source as its destination.
+    let mut second = DeviceMigration::pfns(&g.pm, &[xb]).unwrap();
+    second.dst_mut()[0] = migrate_pfn(xa);
+    let r = second.copied();
+    assert!(
+        matches!(r, Err(Error::PageInUse(p)) if p == xa),
+        "another migration's source was taken as a destination: {:?}",
+        r.as_ref().err()
+    );
+    // The raw calls, without a pages stage: the word is forgotten, nothing released.
+    let mut src = [migrate_pfn(xb)];
+    assert_eq!(migrate_device_pfns(&g.pm, &mut src).unwrap(), 1);
+    let mut dst = [migrate_pfn(xa)];
+    migrate_device_finalize(&g.pm, &mut src, &mut dst);
+    let pa = g.pm.page(xa).unwrap();
+    assert!(pa.is_locked(), "A's source is still A's");
+    assert_eq!(pa.refcount(), 1);
+    // A finishes: nothing maps its page, so it is freed, once.
+    drop(first);
+    assert_eq!(g.pm.page(xa).unwrap().refcount(), 0);
+    assert_eq!(g.pm.page(xa).unwrap().flags(), 0);
+    assert!(matches!(g.space.pte(b), Pte::DevicePrivate { pfn, .. } if pfn == xb));
+    assert!(!g.pm.page(xb).unwrap().is_locked());
+    assert_eq!(g.d.device().pages_in_use(), in_use - 1);
+    assert_eq!(read(&g.space, b, 4096), data_b);
+}
+
 /// The raw calls, finalize without a pages stage: `migrate_device_finalize` must not release
 /// a source unmapped meanwhile that the driver named as another entry's destination.
 #[test]

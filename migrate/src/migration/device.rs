@@ -64,7 +64,7 @@ pub fn migrate_device_pfns(pm: &PageMap, src: &mut [u64]) -> Result<usize> {
         if !page.try_get() {
             continue;
         }
-        if !page.trylock() {
+        if !page.trylock_isolate() {
             pm.put_page(page);
             continue;
         }
@@ -107,7 +107,7 @@ pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Resul
         });
     }
     let old = resolve(pm, src);
-    let new = take_dst(pm, src, &dst[..src.len()], Some(&old), |i| match old[i] {
+    let new = take_dst(pm, src, &dst[..src.len()], |i| match old[i] {
         Some(o) if src[i] & MIGRATE_PFN_MIGRATE != 0 => Some(o.flags() & MOVED_FLAGS),
         _ => None,
     })?;
@@ -130,7 +130,7 @@ pub fn migrate_device_finalize(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
     // stage took counts as ours, anything else a driver could not have handed over is left
     // alone (and its entry restored).
     let n = src.len().min(dst.len());
-    forget_foreign_dst(pm, &src[..n], &mut dst[..n], true);
+    forget_foreign_dst(pm, &mut dst[..n], true);
     if dst.len() < src.len() {
         let mut padded = dst.to_vec();
         padded.resize(src.len(), 0);

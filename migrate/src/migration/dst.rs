@@ -14,7 +14,7 @@ use hetmem_engine::Pfn;
 
 use super::pfn::*;
 use crate::error::{Error, Result};
-use crate::mm::page::{flags, Page, ANY_GUARD, TAKEN_AS_DST};
+use crate::mm::page::{flags, Page, ANY_GUARD, COLLECTED, TAKEN_AS_DST};
 use crate::mm::PageMap;
 
 /// The flags a migrating page hands to its destination (see [`take_dst`]).
@@ -61,17 +61,10 @@ impl TakenSoFar {
 /// Two pages stages that validated the same page at once race on the mark: the second fails
 /// with `PageInUse`. On any error every page taken so far is given back exactly as it was
 /// (mark, flags and driver word), so nothing is changed. Returns the page of each entry.
-///
-/// `sources` (the pages the migration collected) is for migrations whose sources may be
-/// mapped nowhere (a device migration's, after a munmap of their range): such a source looks
-/// like a destination, so one named in `dst` is refused (`PageInUse`) once every entry is
-/// taken. A `migrate_vma` source is mapped by its own entry, which the per-page checks
-/// refuse.
 pub(crate) fn take_dst<'p>(
     pm: &'p PageMap,
     src: &[u64],
     dst: &[u64],
-    sources: Option<&[Option<&Page>]>,
     moved: impl Fn(usize) -> Option<u32>,
 ) -> Result<Vec<Option<&'p Page>>> {
     let mut pages: Vec<Option<&'p Page>> = Vec::with_capacity(dst.len());
@@ -100,27 +93,7 @@ pub(crate) fn take_dst<'p>(
             }
         }
     }
-    if let Some(pfn) = sources.and_then(|old| own_source_taken(old, &pages)) {
-        give_back(&pages, &taken);
-        return Err(Error::PageInUse(pfn));
-    }
     Ok(pages)
-}
-
-/// A page of `old` (a migration's sources) that this migration took as a destination
-/// (`new`), if any. Sources are locked by the migration, so one marked taken was taken by a
-/// pages stage: this one if it is in `new`, or another's (which is that migration's misuse).
-fn own_source_taken(old: &[Option<&Page>], new: &[Option<&Page>]) -> Option<Pfn> {
-    let mut marked = old
-        .iter()
-        .flatten()
-        .filter(|p| p.test(TAKEN_AS_DST))
-        .peekable();
-    marked.peek()?;
-    let ours: HashSet<*const Page> = new.iter().flatten().map(|&p| p as *const Page).collect();
-    marked
-        .find(|&&p| ours.contains(&(p as *const Page)))
-        .map(|p| p.pfn())
 }
 
 /// Checks one destination page and takes it (see [`take_dst`]).
@@ -136,9 +109,10 @@ fn take_one(p: &Page, src: u64, moved: Option<u32>) -> Result<Taken> {
     if f & flags::LOCKED == 0 {
         return Err(Error::NotLocked(pfn));
     }
-    // Still held by a guard of the driver's (which would release it after us), or taken by
-    // another migration's pages stage (which will map or release it), or by this one.
-    if f & (ANY_GUARD | TAKEN_AS_DST) != 0 {
+    // Still held by a guard of the driver's (which would release it after us), taken by
+    // another migration's pages stage (which will map or release it) or by this one, or a
+    // migration's source (this one's or another's, which may be mapped nowhere).
+    if f & (ANY_GUARD | TAKEN_AS_DST | COLLECTED) != 0 {
         return Err(Error::PageInUse(pfn));
     }
     let moving = moved.unwrap_or(0);
@@ -174,10 +148,8 @@ fn give_back(pages: &[Option<&Page>], taken: &TakenSoFar) {
 /// Zeroes the `dst` words that a finalize must not release: pages that are not live,
 /// locked and unmapped, pages a guard holds, a page named a second time, and (unless
 /// `taken_is_ours`, for a caller that cannot tell whether its own pages stage ran) pages a
-/// pages stage took, and the migration's own sources (`src`) that are mapped nowhere (a
-/// device migration's whose range was unmapped: they pass every other check). Finalize
-/// restores the source of an entry whose word is zeroed.
-pub(crate) fn forget_foreign_dst(pm: &PageMap, src: &[u64], dst: &mut [u64], taken_is_ours: bool) {
+/// pages stage took. Finalize restores the source of an entry whose word is zeroed.
+pub(crate) fn forget_foreign_dst(pm: &PageMap, dst: &mut [u64], taken_is_ours: bool) {
     let mut last: Option<Pfn> = None;
     // Built only when the named pages stop ascending (batches come ascending).
     let mut seen: Option<HashSet<Pfn>> = None;
@@ -206,32 +178,17 @@ pub(crate) fn forget_foreign_dst(pm: &PageMap, src: &[u64], dst: &mut [u64], tak
             dst[i] = 0;
         }
     }
-    // A source's map count does not rise once it is collected and mapped nowhere, so one
-    // found releasable above is found here.
-    let mut cursor = pm.cursor();
-    let unmapped: HashSet<Pfn> = src
-        .iter()
-        .filter_map(|&w| migrate_pfn_to_pfn(w))
-        .filter(|&pfn| cursor.page(pfn).is_some_and(|p| p.mapcount() == 0))
-        .collect();
-    if unmapped.is_empty() {
-        return;
-    }
-    for w in dst.iter_mut() {
-        if migrate_pfn_to_pfn(*w).is_some_and(|pfn| unmapped.contains(&pfn)) {
-            *w = 0;
-        }
-    }
 }
 
 /// True if `p` looks like a destination its driver handed over: live, locked, unmapped,
-/// held by no guard, and taken by no pages stage unless `taken_is_ours`.
+/// held by no guard, no migration's source, and taken by no pages stage unless
+/// `taken_is_ours`.
 fn releasable(p: &Page, taken_is_ours: bool) -> bool {
     let f = p.flags();
     p.refcount() > 0
         && p.mapcount() == 0
         && f & flags::LOCKED != 0
-        && f & ANY_GUARD == 0
+        && f & (ANY_GUARD | COLLECTED) == 0
         && (taken_is_ours || f & TAKEN_AS_DST == 0)
 }
 

@@ -23,7 +23,7 @@ use super::pfn::*;
 use super::unmap::{entry_for, migration_entry, restore_page, unmap_page, Unmapped};
 use crate::error::{Error, Result};
 use crate::mm::notifier::{NotifyEvent, NotifyRange};
-use crate::mm::page::{flags, Mapping, MemoryKind, Page};
+use crate::mm::page::{flags, Mapping, MemoryKind, Page, COLLECTED};
 use crate::mm::pagemap::PageCursor;
 use crate::mm::pte::{LeafGuard, Pte};
 use crate::mm::space::{check_aligned, find_vma, leaf_index, AddressSpace, MapHold, Vma, PAGE};
@@ -360,7 +360,10 @@ fn collect_one<'p>(
     // to the migration with the entry: no reference is taken or dropped here. The fault
     // page is locked by the caller (and, being device-private, on no LRU).
     let is_fault_page = m.fault_page == Some(pfn);
-    if !is_fault_page && !page.trylock_isolate() {
+    if is_fault_page {
+        // Locked by the caller; its unlock ends the mark.
+        page.set(COLLECTED);
+    } else if !page.trylock_isolate() {
         return (0, None);
     }
     // A pinned anon-exclusive page cannot become shared by a migration entry: leave it.
@@ -436,9 +439,7 @@ pub(crate) fn pages_stage<'s>(
     }
     let pm = space.pagemap();
     let src = &m.src[..m.npages];
-    // Sources are mapped by their own entries (the map lock keeps them): the per-page
-    // checks refuse one named as a destination.
-    let dst = take_dst(pm, src, &m.dst[..m.npages], None, |i| match src_pages[i] {
+    let dst = take_dst(pm, src, &m.dst[..m.npages], |i| match src_pages[i] {
         Some(old) if src[i] & MIGRATE_PFN_MIGRATE != 0 => Some(old.flags() & MOVED_FLAGS),
         _ => None,
     })?;
@@ -567,5 +568,5 @@ pub(crate) fn abandon(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
         *s &= !MIGRATE_PFN_MIGRATE;
     }
     // No pages stage of this migration took a destination: one marked taken is another's.
-    forget_foreign_dst(pm, src, dst, false);
+    forget_foreign_dst(pm, dst, false);
 }

@@ -98,6 +98,13 @@ pub(crate) const ANY_GUARD: u32 = GUARDED | LOCK_GUARDED;
 /// migration may take it.
 pub(crate) const TAKEN_AS_DST: u32 = 1 << 11;
 
+/// Flag bit (crate-private): a migration collected the page as a source and holds its lock;
+/// the unlock that ends the migration's hold clears it in the same atomic step. No pages
+/// stage takes such a page as a destination, and no finalize releases one as a driver's
+/// destination: a source may be mapped nowhere (a device migration's, after a munmap of its
+/// range) and then pass every other check on a destination.
+pub(crate) const COLLECTED: u32 = 1 << 12;
+
 /// Bit position of the memory kind in `Page::pfn_kind`.
 const KIND_SHIFT: u32 = 62;
 
@@ -310,8 +317,9 @@ impl Page {
         self.lock_word().trylock()
     }
 
-    /// Tries to lock the page and, for a system page, take it off the LRU, in one step:
-    /// false (nothing changed) if it is locked, or is a system page off the LRU (isolated by
+    /// Tries to lock the page for a migration that collects it as a source and, for a
+    /// system page, take it off the LRU, in one step that also marks it [`COLLECTED`]: false
+    /// (nothing changed) if it is locked, or is a system page off the LRU (isolated by
     /// someone else).
     pub(crate) fn trylock_isolate(&self) -> bool {
         let lru = if self.kind() == MemoryKind::System {
@@ -319,7 +327,7 @@ impl Page {
         } else {
             0
         };
-        self.lock_word().trylock_taking(lru)
+        self.lock_word().trylock_taking(lru, COLLECTED)
     }
 
     /// Locks the page, sleeping (not spinning) while another holder has it.
@@ -328,10 +336,10 @@ impl Page {
     }
 
     /// Unlocks the page and wakes every waiter (only if some announced themselves).
-    /// A destination's unlock (by its migration's finalize) also ends its being taken, in
-    /// the same atomic step.
+    /// A destination's unlock (by its migration's finalize) also ends its being taken, and a
+    /// source's its being collected ([`COLLECTED`]), in the same atomic step.
     pub(crate) fn unlock(&self) {
-        let was = self.lock_word().unlock_clearing(TAKEN_AS_DST);
+        let was = self.lock_word().unlock_clearing(TAKEN_AS_DST | COLLECTED);
         debug_assert!(
             was & flags::LOCKED != 0,
             "unlock of unlocked page {}",
@@ -342,7 +350,9 @@ impl Page {
     /// Sets flag bits and unlocks the page in one step, waking every waiter (as
     /// [`Page::unlock`]).
     pub(crate) fn unlock_with(&self, f: u32) {
-        let was = self.lock_word().unlock_with_clearing(f, TAKEN_AS_DST);
+        let was = self
+            .lock_word()
+            .unlock_with_clearing(f, TAKEN_AS_DST | COLLECTED);
         debug_assert!(
             was & flags::LOCKED != 0,
             "unlock of unlocked page {}",
@@ -410,13 +420,15 @@ mod tests {
         assert_eq!(p.flags(), 0);
         p.set(flags::LRU);
         assert!(p.trylock_isolate());
-        assert_eq!(p.flags(), flags::LOCKED);
+        assert_eq!(p.flags(), flags::LOCKED | COLLECTED);
         p.set(flags::LRU);
         assert!(!p.trylock_isolate(), "locked");
-        assert_eq!(p.flags(), flags::LOCKED | flags::LRU);
+        assert_eq!(p.flags(), flags::LOCKED | COLLECTED | flags::LRU);
         let d = Page::new(Pfn(4), MemoryKind::DevicePrivate, Owner(1));
         d.init_allocated(false);
         assert!(d.trylock_isolate(), "device pages are on no LRU");
-        assert_eq!(d.flags(), flags::LOCKED);
+        assert_eq!(d.flags(), flags::LOCKED | COLLECTED);
+        d.unlock();
+        assert_eq!(d.flags(), 0, "the unlock ends the collection");
     }
 }

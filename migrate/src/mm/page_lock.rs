@@ -43,10 +43,11 @@ impl<'a> PageLock<'a> {
         self.flags.fetch_or(LOCKED, Ordering::AcqRel) & LOCKED == 0
     }
 
-    /// Tries to lock and clear the bits `taken` in one step: false (nothing changed) if the
-    /// page is locked or any bit of `taken` is clear (a migration's isolation from the LRU).
+    /// Tries to lock, clear the bits `taken` and set the bits `mark` in one step: false
+    /// (nothing changed) if the page is locked or any bit of `taken` is clear (a migration's
+    /// isolation from the LRU, and its mark on the pages it collects).
     #[inline]
-    pub(crate) fn trylock_taking(self, taken: u32) -> bool {
+    pub(crate) fn trylock_taking(self, taken: u32, mark: u32) -> bool {
         let mut was = self.flags.load(Ordering::Relaxed);
         loop {
             if was & LOCKED != 0 || was & taken != taken {
@@ -54,7 +55,7 @@ impl<'a> PageLock<'a> {
             }
             match self.flags.compare_exchange_weak(
                 was,
-                (was | LOCKED) & !taken,
+                (was | LOCKED | mark) & !taken,
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {

@@ -132,7 +132,7 @@ fn fault_locking_outside_the_leaf(w: &World) {
 /// The migration of the page to host memory, from collect to finalize.
 fn migration(w: &World) {
     let mut entry = w.leaf.lock().unwrap();
-    if *entry != Entry::Device || !w.page_lock().trylock_taking(0) {
+    if *entry != Entry::Device || !w.page_lock().trylock_taking(0, 0) {
         return;
     }
     *entry = Entry::Migration;
