@@ -381,6 +381,50 @@ fn raw_device_finalize_leaves_alone_a_source_named_as_a_destination() {
     assert_eq!(g.d.device().pages_in_use(), in_use - 1);
     assert_eq!(read(&g.space, a + PAGE, 4096), data[4096..]);
 }
+/// MIGRATE set on an entry that maps the zero page, in a migration that does not select
+/// system memory (setup takes the zero page as a hole only with `SELECT_SYSTEM`), must not
+/// make the pages stage replace the zero page.
+#[test]
+fn migrate_set_on_the_zero_page_without_select_system_inserts_nothing() {
+    let g = setup();
+    let a = g
+        .space
+        .mmap(None, PAGE, hetmem::mm::Prot::RW, false)
+        .unwrap();
+    assert_eq!(read(&g.space, a, 16), vec![0u8; 16]);
+    let zero = g.pm.zero_pfn();
+    assert!(
+        matches!(g.space.pte(a), Pte::Present { pfn, .. } if pfn == zero),
+        "a read of a hole maps the zero page: {:?}",
+        g.space.pte(a)
+    );
+    let (mut src, mut dst) = ([0u64; 1], [0u64; 1]);
+    let mut m = MigrateVma::new(&g.space, a, a + PAGE, &mut src, &mut dst);
+    m.flags = MIGRATE_VMA_SELECT_DEVICE_PRIVATE;
+    m.pgmap_owner = g.d.owner();
+    migrate_vma_setup(&mut m).unwrap();
+    assert_eq!((m.cpages, m.src[0]), (0, 0));
+    let d = device_dsts(&g, 1);
+    g.d.device().write_page(d[0], 0, &[7u8; 16]).unwrap();
+    m.src[0] = MIGRATE_PFN_MIGRATE;
+    m.dst[0] = migrate_pfn(d[0]);
+    migrate_vma_pages(&mut m).unwrap();
+    assert_eq!(
+        m.src[0] & MIGRATE_PFN_MIGRATE,
+        0,
+        "the entry stopped migrating"
+    );
+    migrate_vma_finalize(&mut m);
+    drop(m);
+    assert!(
+        matches!(g.space.pte(a), Pte::Present { pfn, .. } if pfn == zero),
+        "the zero page was replaced: {:?}",
+        g.space.pte(a)
+    );
+    assert_eq!(g.pm.page(d[0]).unwrap().refcount(), 0, "destination freed");
+    assert_eq!(read(&g.space, a, 16), vec![0u8; 16]);
+}
+
 /// MIGRATE set on a hole of a shared mapping (which setup does not collect: shared memory
 /// does not migrate) must not make the pages stage insert a page there.
 #[test]
