@@ -273,7 +273,9 @@ impl Slots {
             return Ok(());
         }
         // Clear the used bits; meeting a clear bit means the slot was not handed out or the
-        // batch names it twice, and the bits cleared so far are set again.
+        // batch names it twice, and the bits cleared so far are set again (seals too: a
+        // refused batch must leave the zero page sealed).
+        let mut unsealed = Vec::new();
         for (k, &i) in idx.iter().enumerate() {
             let why = if i >= self.limit || !self.used.get(i) {
                 Some(PutRefused::NotInUse)
@@ -287,11 +289,16 @@ impl Slots {
                     self.used.set_mut(j, true);
                     self.adopted.set_mut(j, adopted);
                 }
+                for &j in &unsealed {
+                    self.sealed.set_mut(j, true);
+                }
                 return Err((k, why));
             }
             self.used.set_mut(i, false);
             self.adopted.set_mut(i, false);
-            self.sealed.set_mut(i, false);
+            if self.sealed.set_mut(i, false) {
+                unsealed.push(i);
+            }
         }
         self.free.reserve(idx.len());
         // Home slots stay where they are: unclaimed, possibly holding an earlier user's bytes.
@@ -449,6 +456,22 @@ mod tests {
         fast.put_all(&[64, 65, 130], false).unwrap();
         let singles: Vec<u32> = (0..3).map(|_| fast.take(1).unwrap()[0]).collect();
         assert_eq!(singles, vec![64, 65, 130]);
+    }
+
+    /// A refused batch leaves a sealed slot sealed, whether the refusal comes from a slot
+    /// that is not adopted (ascending: the fast path declines first) or one named twice.
+    #[test]
+    fn a_refused_batch_keeps_its_seals() {
+        let mut s = Slots::new(8);
+        s.take(3).unwrap();
+        s.adopt(&[0, 1]).unwrap();
+        s.seal(0).unwrap();
+        assert_eq!(s.put_all(&[0, 1, 2], true), Err((2, PutRefused::Adoption)));
+        assert!(s.is_sealed(0));
+        assert_eq!(s.put_all(&[0, 1, 0], true), Err((2, PutRefused::NotInUse)));
+        assert!(s.is_sealed(0) && s.is_used(0) && s.is_adopted(0));
+        s.put_all(&[0, 1], true).unwrap();
+        assert!(!s.is_sealed(0), "a freed slot's seal ends");
     }
 
     #[test]

@@ -82,10 +82,17 @@ impl HostFramePool {
             }
             homes
         };
-        homes.sort_unstable();
-        if homes.windows(2).any(|w| w[0] == w[1]) {
-            return;
+        // A repeat anywhere in the batch (not only among its home frames) makes `put_all`
+        // refuse it, and a refused batch must keep every frame's bytes.
+        // (A strictly ascending batch, the common case, has none: no copy, no sort.)
+        if !idx.windows(2).all(|w| w[0] < w[1]) {
+            let mut all = idx.to_vec();
+            all.sort_unstable();
+            if all.windows(2).any(|w| w[0] == w[1]) {
+                return;
+            }
         }
+        homes.sort_unstable();
         for (first, n) in runs(&homes) {
             // SAFETY: a punch of whole frames of our own memfd that are being freed: their
             // owner gave them up, their busy bits are held (no read or write copies into

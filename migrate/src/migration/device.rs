@@ -97,7 +97,9 @@ pub fn migrate_device_pfns(pm: &PageMap, src: &mut [u64]) -> Result<usize> {
 }
 
 /// Stage 2 of a device migration: entries without a destination stop migrating; state moves
-/// to the destinations. A bad `dst` entry fails the call with nothing changed.
+/// to the destinations. A bad `dst` entry fails the call with nothing changed. Each entry
+/// whose destination it took is marked in `src` (a crate-private bit), for
+/// [`migrate_device_finalize`] to tell its destinations from another migration's.
 pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Result<()> {
     if dst.len() < src.len() {
         return Err(Error::ShortArray {
@@ -116,6 +118,9 @@ pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Resul
         if old[i].is_none() || new[i].is_none() {
             src[i] &= !MIGRATE_PFN_MIGRATE;
         }
+        if new[i].is_some() {
+            src[i] |= MIGRATE_PFN_PAGED;
+        }
     }
     Ok(())
 }
@@ -126,11 +131,11 @@ pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Resul
 /// arrays does nothing (device pages carry no migration of their own to tell a second call
 /// by, and the pages may since belong to another migration).
 pub fn migrate_device_finalize(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
-    // Whether a pages stage ran on these arrays is not known here: a destination a pages
-    // stage took counts as ours, anything else a driver could not have handed over is left
-    // alone (and its entry restored).
+    // A destination counts as ours where `migrate_device_pages` marked the entry (it took
+    // that page); anything else a driver could not have handed over, another migration's
+    // taken destination included, is left alone (and its entry restored).
     let n = src.len().min(dst.len());
-    forget_foreign_dst(pm, &mut dst[..n], true);
+    forget_foreign_dst(pm, &mut dst[..n], |i| src[i] & MIGRATE_PFN_PAGED != 0);
     if dst.len() < src.len() {
         let mut padded = dst.to_vec();
         padded.resize(src.len(), 0);

@@ -148,8 +148,14 @@ fn give_back(pages: &[Option<&Page>], taken: &TakenSoFar) {
 /// Zeroes the `dst` words that a finalize must not release: pages that are not live,
 /// locked and unmapped, pages a guard holds, a page named a second time, and (unless
 /// `taken_is_ours`, for a caller that cannot tell whether its own pages stage ran) pages a
-/// pages stage took. Finalize restores the source of an entry whose word is zeroed.
-pub(crate) fn forget_foreign_dst(pm: &PageMap, dst: &mut [u64], taken_is_ours: bool) {
+/// pages stage took. Finalize restores the source of an entry whose word is zeroed. Where
+/// `taken_is_ours(i)` is false, a page kept is marked taken in the same atomic step as the
+/// last check (its release's unlock ends the mark), so only one finalize releases it.
+pub(crate) fn forget_foreign_dst(
+    pm: &PageMap,
+    dst: &mut [u64],
+    taken_is_ours: impl Fn(usize) -> bool,
+) {
     let mut last: Option<Pfn> = None;
     // Built only when the named pages stop ascending (batches come ascending).
     let mut seen: Option<HashSet<Pfn>> = None;
@@ -174,7 +180,15 @@ pub(crate) fn forget_foreign_dst(pm: &PageMap, dst: &mut [u64], taken_is_ours: b
                 false
             }
         };
-        if repeat || !releasable(p, taken_is_ours) {
+        // A finalize whose pages stage did not run claims each page it keeps: two of them
+        // (a driver that named one page in two migrations, both refused) or one and a
+        // racing pages stage would otherwise both release it.
+        let keep = if taken_is_ours(i) && p.test(TAKEN_AS_DST) {
+            releasable(p, true)
+        } else {
+            releasable(p, false) && p.claim_unused_dst()
+        };
+        if repeat || !keep {
             dst[i] = 0;
         }
     }

@@ -8,6 +8,10 @@ use crate::mm::{Page, PageMap};
 pub const MIGRATE_PFN_VALID: u64 = 1 << 0;
 /// The entry is to be (or was) migrated.
 pub const MIGRATE_PFN_MIGRATE: u64 = 1 << 1;
+/// Crate-private, in `src` words: `migrate_device_pages` took this entry's destination (so
+/// `migrate_device_finalize` can tell its own taken destinations from another migration's).
+/// Bit 2 is free in the kernel's words (it was `MIGRATE_PFN_LOCKED`).
+pub(crate) const MIGRATE_PFN_PAGED: u64 = 1 << 2;
 /// The page was mapped writable.
 pub const MIGRATE_PFN_WRITE: u64 = 1 << 3;
 /// Reserved for large folios.

@@ -437,6 +437,12 @@ pub(crate) fn pages_stage<'s>(
             "migrate_vma_pages runs once, between setup and finalize",
         ));
     }
+    // `npages` and the arrays are public: the entries are the ones setup collected.
+    if m.npages != src_pages.len() || m.src.len() < m.npages || m.dst.len() < m.npages {
+        return Err(Error::InvalidArgument(
+            "npages or the arrays changed between setup and the pages stage",
+        ));
+    }
     let pm = space.pagemap();
     let src = &m.src[..m.npages];
     let dst = take_dst(pm, src, &m.dst[..m.npages], |i| match src_pages[i] {
@@ -538,24 +544,27 @@ pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
         return;
     }
     let pm = m.space.pagemap();
-    let n = m.npages;
     let held = std::mem::take(&mut m.held);
+    // Every entry setup collected is finished, whatever the driver did to the public
+    // `npages` or arrays since; entries past the end of an array it shortened read as 0.
+    let n = held.src_pages.len();
+    let (mut src_copy, mut dst_copy): (Vec<u64>, Vec<u64>);
+    let (src, dst): (&mut [u64], &mut [u64]) = if m.src.len() >= n && m.dst.len() >= n {
+        (&mut m.src[..n], &mut m.dst[..n])
+    } else {
+        let padded = |w: &[u64]| (0..n).map(|i| w.get(i).copied().unwrap_or(0)).collect();
+        (src_copy, dst_copy) = (padded(m.src), padded(m.dst));
+        (&mut src_copy[..], &mut dst_copy[..])
+    };
     let dst_pages = match stage {
         Stage::SetUp => {
-            abandon(pm, &mut m.src[..n], &mut m.dst[..n]);
-            resolve(pm, &m.dst[..n])
+            abandon(pm, src, dst);
+            resolve(pm, dst)
         }
         _ => held.dst_pages,
     };
     let own = Some((m.space, m.start));
-    finalize(
-        pm,
-        &m.src[..n],
-        &held.src_pages,
-        &dst_pages,
-        m.fault_page,
-        own,
-    );
+    finalize(pm, src, &held.src_pages, &dst_pages, m.fault_page, own);
     // The map lock goes last, with `held.map`.
     drop(held.map);
 }
@@ -568,5 +577,5 @@ pub(crate) fn abandon(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
         *s &= !MIGRATE_PFN_MIGRATE;
     }
     // No pages stage of this migration took a destination: one marked taken is another's.
-    forget_foreign_dst(pm, dst, false);
+    forget_foreign_dst(pm, dst, |_| false);
 }

@@ -214,6 +214,27 @@ impl Page {
             }
         }
     }
+    /// Marks a locked, unguarded page taken ([`TAKEN_AS_DST`]) for a finalize that is about
+    /// to release it as a destination its pages stage never took; false (nothing changed)
+    /// if it is not locked, a guard holds it, a migration collected it as a source, or a
+    /// pages stage or another such finalize has it. The mark goes with the unlock that releases the page.
+    pub(crate) fn claim_unused_dst(&self) -> bool {
+        let mut was = self.flags.load(Ordering::Relaxed);
+        loop {
+            if was & (TAKEN_AS_DST | ANY_GUARD | COLLECTED) != 0 || was & flags::LOCKED == 0 {
+                return false;
+            }
+            match self.flags.compare_exchange_weak(
+                was,
+                was | TAKEN_AS_DST,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => was = seen,
+            }
+        }
+    }
     /// Clears flag bits, returning whether all were set.
     pub(crate) fn test_and_clear(&self, f: u32) -> bool {
         self.flags.fetch_and(!f, Ordering::AcqRel) & f == f
