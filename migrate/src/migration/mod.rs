@@ -4,6 +4,7 @@
 pub mod device;
 mod dst;
 mod finalize;
+mod hole;
 pub mod pfn;
 pub mod staged;
 mod unmap;

@@ -342,6 +342,7 @@ impl<'a, S> Migration<'a, S> {
             stage: self.stage,
             src_pages: Vec::new(),
             dst_pages: Vec::new(),
+            at: Some((self.space, self.start, self.fault_page)),
         };
         let r = f(&mut m);
         self.stage = m.held.stage;

@@ -19,6 +19,7 @@ use hetmem_engine::Pfn;
 
 use super::dst::{forget_foreign_dst, take_dst, MOVED_FLAGS};
 use super::finalize::{finalize, resolve};
+use super::hole::insert_page;
 use super::pfn::*;
 use super::unmap::{entry_for, migration_entry, restore_page, unmap_page, Unmapped};
 use crate::error::{Error, Result};
@@ -69,6 +70,9 @@ pub(crate) struct Held<'a> {
     pub(crate) src_pages: Vec<Option<&'a Page>>,
     /// The destinations the pages stage accepted, by entry (empty before it ran).
     pub(crate) dst_pages: Vec<Option<&'a Page>>,
+    /// Where setup ran: the space, the range's start and the fault page. The later stages
+    /// use these, not the public fields a driver could change meanwhile.
+    pub(crate) at: Option<(&'a AddressSpace, VirtAddr, Option<Pfn>)>,
 }
 
 /// The pages setup collected, by entry: `Some` exactly where `src` names a page with
@@ -200,6 +204,7 @@ pub fn migrate_vma_setup(m: &mut MigrateVma<'_>) -> Result<()> {
         stage: Stage::SetUp,
         src_pages,
         dst_pages: Vec::new(),
+        at: Some((space, m.start, m.fault_page)),
     };
     Ok(())
 }
@@ -437,11 +442,20 @@ pub(crate) fn pages_stage<'s>(
             "migrate_vma_pages runs once, between setup and finalize",
         ));
     }
-    // `npages` and the arrays are public: the entries are the ones setup collected.
+    // `npages`, the arrays and the range are public: the entries are the ones setup
+    // collected, in the space and at the addresses it collected them.
     if m.npages != src_pages.len() || m.src.len() < m.npages || m.dst.len() < m.npages {
         return Err(Error::InvalidArgument(
             "npages or the arrays changed between setup and the pages stage",
         ));
+    }
+    match m.held.at {
+        Some((s, start, _)) if std::ptr::eq(s, m.space) && start == m.start => {}
+        _ => {
+            return Err(Error::InvalidArgument(
+                "the space or range changed between setup and the pages stage",
+            ))
+        }
     }
     let pm = space.pagemap();
     let src = &m.src[..m.npages];
@@ -472,63 +486,6 @@ pub(crate) fn pages_stage<'s>(
     Ok(dst)
 }
 
-/// Maps a new page into a hole (or over the zero page, if `zero_ok`); false if the address was populated
-/// meanwhile. The mapping cannot have changed since setup (the migration holds the map lock).
-/// Replacing the zero page changes the frame a mirror may hold: that is invalidated first,
-/// outside the VMA and leaf locks (a notifier may use other address spaces).
-fn insert_page(
-    space: &AddressSpace,
-    vma: &Vma,
-    addr: VirtAddr,
-    page: &Page,
-    zero_ok: bool,
-) -> bool {
-    let leaf = space.leaf(addr, true).expect("created");
-    let li = leaf_index(addr);
-    let zero = space.pagemap().zero_pfn();
-    // Declared before the locks: notifiers (user code, which may use other spaces) run with
-    // no VMA or leaf lock held, at the start and at the end.
-    let mut inv = None;
-    loop {
-        let vt = crate::mm::locks::acquire(crate::mm::locks::Rank::Vma);
-        let v = vma.lock.lock();
-        let g = leaf.lock();
-        match g.get(li) {
-            Pte::None => {}
-            Pte::Present { pfn, .. } if pfn == zero && zero_ok => {
-                if inv.is_none() {
-                    drop((g, v, vt));
-                    inv = Some(space.invalidate(NotifyRange {
-                        start: addr,
-                        end: addr + PAGE,
-                        event: NotifyEvent::Migrate,
-                        owner: Owner::NONE,
-                    }));
-                    // The entry is looked at again under the locks.
-                    continue;
-                }
-            }
-            _ => return false,
-        }
-        let access = if vma.prot.write {
-            crate::mm::MigrationKind::Write
-        } else {
-            crate::mm::MigrationKind::ReadExclusive
-        };
-        let pte = entry_for(page, access, false, false);
-        page.set(
-            flags::ANON_EXCLUSIVE
-                | if page.kind() == MemoryKind::System {
-                    flags::LRU
-                } else {
-                    0
-                },
-        );
-        space.install(&g, li, addr, pte, page, true);
-        return true;
-    }
-}
-
 /// Stage 3: every migration entry of a migrated page now maps its destination; every other
 /// page is restored; all pages are unlocked and the migration's references dropped (freeing
 /// old pages and unused destinations).
@@ -543,8 +500,9 @@ pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
     if stage == Stage::Idle {
         return;
     }
-    let pm = m.space.pagemap();
     let held = std::mem::take(&mut m.held);
+    let (space, start, fault_page) = held.at.unwrap_or((m.space, m.start, m.fault_page));
+    let pm = space.pagemap();
     // Every entry setup collected is finished, whatever the driver did to the public
     // `npages` or arrays since; entries past the end of an array it shortened read as 0.
     let n = held.src_pages.len();
@@ -563,8 +521,14 @@ pub fn migrate_vma_finalize(m: &mut MigrateVma<'_>) {
         }
         _ => held.dst_pages,
     };
-    let own = Some((m.space, m.start));
-    finalize(pm, src, &held.src_pages, &dst_pages, m.fault_page, own);
+    finalize(
+        pm,
+        src,
+        &held.src_pages,
+        &dst_pages,
+        fault_page,
+        Some((space, start)),
+    );
     // The map lock goes last, with `held.map`.
     drop(held.map);
 }

@@ -446,3 +446,56 @@ fn a_changed_npages_cannot_unbalance_the_stages() {
         assert_freed(&g, p, "old page");
     }
 }
+
+/// `start` (with `end`) and `space` are public too: a driver that moves the range to an
+/// unmapped address, or swaps the space, after setup must not make the pages stage map
+/// holes there or finalize look for its entries there. The pages stage refuses
+/// (`InvalidArgument`), and finalize finishes the range setup collected.
+#[test]
+fn a_moved_range_or_swapped_space_cannot_redirect_the_stages() {
+    let g = setup();
+    let other = AddressSpace::new(&g.pm);
+    let a = map(&g.space, 4);
+    let data = pattern(2, 81);
+    g.space.write(a, &data).unwrap();
+    let olds = frames(&g.space, a, 2);
+    let gone = map(&g.space, 8);
+    g.space.munmap(gone, 8 * PAGE).unwrap();
+    for case in 0..2 {
+        let base = g.pool.in_use();
+        let n: Vec<Pfn> = (0..4).map(|k| fresh(&g.pm, &pattern(1, k as u8))).collect();
+        let mut src = [0u64; 4];
+        let mut dst = [0u64; 4];
+        let mut m = MigrateVma::new(&g.space, a, a + 4 * PAGE, &mut src, &mut dst);
+        m.flags = MIGRATE_VMA_SELECT_SYSTEM;
+        migrate_vma_setup(&mut m).unwrap();
+        assert_eq!(m.cpages, 4, "two pages and two holes");
+        for (i, &p) in n.iter().enumerate() {
+            m.dst[i] = migrate_pfn(p);
+        }
+        if case == 0 {
+            (m.start, m.end) = (gone, gone + 4 * PAGE);
+        } else {
+            m.space = &other;
+        }
+        let r = migrate_vma_pages(&mut m);
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(_))),
+            "case {case}: {r:?}"
+        );
+        migrate_vma_finalize(&mut m);
+        drop(m);
+        assert_eq!(frames(&g.space, a, 2), olds, "case {case}");
+        assert_eq!(read(&g.space, a, 2 * 4096), data);
+        assert_eq!(read(&g.space, a + 2 * PAGE, 4096), vec![0u8; 4096]);
+        assert!(unsettled(&g.space, &g.pm, a, 4).is_empty(), "case {case}");
+        for k in 0..8 {
+            let pte = g.space.pte(gone + k * PAGE);
+            assert!(matches!(pte, hetmem::mm::Pte::None), "case {case}: {pte:?}");
+        }
+        for &p in &n {
+            assert_freed(&g, p, "destination");
+        }
+        assert_eq!(g.pool.in_use(), base, "case {case}");
+    }
+}
