@@ -359,3 +359,21 @@ pub unsafe fn store_word(base: usize, w: usize, v: u32) {
     // thread alone.
     unsafe { ((base + 4 * w) as *mut u32).write_volatile(v) }
 }
+
+/// `migrate_vma_setup` of the system pages of `npages` pages from `a` to `owner`'s device,
+/// over `src` and `dst` (which may be longer); panics if setup fails.
+pub fn setup_system_migration<'a>(
+    space: &'a AddressSpace,
+    a: VirtAddr,
+    npages: u64,
+    owner: hetmem::Owner,
+    src: &'a mut [u64],
+    dst: &'a mut [u64],
+) -> hetmem::migration::MigrateVma<'a> {
+    use hetmem::migration::{migrate_vma_setup, MigrateVma, MIGRATE_VMA_SELECT_SYSTEM};
+    let mut m = MigrateVma::new(space, a, a + npages * PAGE, src, dst);
+    m.flags = MIGRATE_VMA_SELECT_SYSTEM;
+    m.pgmap_owner = owner;
+    migrate_vma_setup(&mut m).unwrap();
+    m
+}

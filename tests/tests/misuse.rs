@@ -5,29 +5,14 @@
 //! `hetmem::mm::page_guard`.)
 
 use hetmem::migration::*;
-use hetmem::mm::{flags, AddressSpace, MemoryKind, Pte, PAGE};
-use hetmem::{Error, Owner, VirtAddr};
-use hetmem_tests::harness::{dev_pfn, gpu, map, pattern, read, watchdog, Gpu, SMALL_POOL};
+use hetmem::mm::{flags, MemoryKind, Pte, PAGE};
+use hetmem::Error;
+use hetmem_tests::harness::{
+    dev_pfn, gpu, map, pattern, read, setup_system_migration, watchdog, Gpu, SMALL_POOL,
+};
 
 fn setup() -> Gpu {
     gpu(MemoryKind::DevicePrivate, 64, 1, SMALL_POOL)
-}
-
-/// A migration of the system page at `a` to `owner`'s device, set up (and its page
-/// collected) over the one-entry arrays `src` and `dst`.
-fn collect_one<'a>(
-    space: &'a AddressSpace,
-    a: VirtAddr,
-    owner: Owner,
-    src: &'a mut [u64],
-    dst: &'a mut [u64],
-) -> MigrateVma<'a> {
-    let mut m = MigrateVma::new(space, a, a + PAGE, src, dst);
-    m.flags = MIGRATE_VMA_SELECT_SYSTEM;
-    m.pgmap_owner = owner;
-    migrate_vma_setup(&mut m).unwrap();
-    assert_eq!(m.cpages, 1);
-    m
 }
 
 /// `claim_frame` (what `alloc_system_at` was for drivers) makes only a frame the caller
@@ -153,7 +138,8 @@ fn a_destination_still_held_by_its_guard_is_refused() {
     let data = pattern(1, 43);
     space.write(a, &data).unwrap();
     let (mut src, mut dst) = ([0u64; 1], [0u64; 1]);
-    let mut m = collect_one(&space, a, d.owner(), &mut src, &mut dst);
+    let mut m = setup_system_migration(&space, a, 1, d.owner(), &mut src, &mut dst);
+    assert_eq!(m.cpages, 1);
     let x = d.device().alloc_page(false).unwrap();
     let guard = pm.claim_device_page(x, true).unwrap();
     m.dst[0] = migrate_pfn(guard.pfn());
@@ -249,7 +235,8 @@ fn a_source_word_rewritten_between_stages_does_not_redirect_finalize() {
         (p.refcount(), p.mapcount(), p.flags())
     };
     let (mut src, mut dst) = ([0u64; 1], [0u64; 1]);
-    let mut m = collect_one(&space, a, d.owner(), &mut src, &mut dst);
+    let mut m = setup_system_migration(&space, a, 1, d.owner(), &mut src, &mut dst);
+    assert_eq!(m.cpages, 1);
     let collected = migrate_pfn_to_pfn(m.src[0]).unwrap();
     // No destination: the entry stays. The word now names `b`'s page.
     m.src[0] = migrate_pfn(other) | MIGRATE_PFN_MIGRATE | MIGRATE_PFN_WRITE;

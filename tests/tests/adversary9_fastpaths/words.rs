@@ -5,9 +5,11 @@
 
 use hetmem::migration::*;
 use hetmem::mm::{pin_pages, AddressSpace, MemoryKind, PageMap, PAGE};
-use hetmem::{Error, VirtAddr};
+use hetmem::{Error, Owner, VirtAddr};
 use hetmem_engine::Pfn;
-use hetmem_tests::harness::{dev_pfn, gpu, map, pattern, read, unsettled, Gpu, SMALL_POOL};
+use hetmem_tests::harness::{
+    dev_pfn, gpu, map, pattern, read, setup_system_migration, unsettled, Gpu, SMALL_POOL,
+};
 
 fn setup() -> Gpu {
     gpu(MemoryKind::DevicePrivate, 64, 1, SMALL_POOL)
@@ -53,11 +55,8 @@ fn a_destination_named_twice_is_refused_and_released_once() {
         let base = g.pool.in_use();
         let n: Vec<Pfn> = (0..3).map(|k| fresh(&g.pm, page_at(&data, k))).collect();
         let flags: Vec<u32> = n.iter().map(|&p| g.pm.page(p).unwrap().flags()).collect();
-        let mut src = [0u64; 4];
-        let mut dst = [0u64; 4];
-        let mut m = MigrateVma::new(&g.space, a, a + 4 * PAGE, &mut src, &mut dst);
-        m.flags = MIGRATE_VMA_SELECT_SYSTEM;
-        migrate_vma_setup(&mut m).unwrap();
+        let (mut src, mut dst) = ([0u64; 4], [0u64; 4]);
+        let mut m = setup_system_migration(&g.space, a, 4, Owner::NONE, &mut src, &mut dst);
         assert_eq!(m.cpages, 4);
         for (i, &k) in order.iter().enumerate() {
             m.dst[i] = migrate_pfn(n[k]);
@@ -103,11 +102,8 @@ fn rewritten_source_words_do_not_redirect_any_stage() {
     let pinned_counts = (pinned.refcount(), pinned.pincount(), pinned.mapcount());
     let base = g.pool.in_use();
     let hole_bytes = pattern(1, 99);
-    let mut src = [0u64; 6];
-    let mut dst = [0u64; 6];
-    let mut m = MigrateVma::new(&g.space, a, a + 6 * PAGE, &mut src, &mut dst);
-    m.flags = MIGRATE_VMA_SELECT_SYSTEM;
-    migrate_vma_setup(&mut m).unwrap();
+    let (mut src, mut dst) = ([0u64; 6], [0u64; 6]);
+    let mut m = setup_system_migration(&g.space, a, 6, Owner::NONE, &mut src, &mut dst);
     assert_eq!(
         m.cpages, 5,
         "four pages and the hole; the pinned page stays"
@@ -184,11 +180,8 @@ fn destination_words_rewritten_after_the_pages_stage_change_nothing() {
         (p.refcount(), p.mapcount(), p.flags())
     };
     let olds = frames(&g.space, a, 3);
-    let mut src = [0u64; 3];
-    let mut dst = [0u64; 3];
-    let mut m = MigrateVma::new(&g.space, a, a + 3 * PAGE, &mut src, &mut dst);
-    m.flags = MIGRATE_VMA_SELECT_SYSTEM;
-    migrate_vma_setup(&mut m).unwrap();
+    let (mut src, mut dst) = ([0u64; 3], [0u64; 3]);
+    let mut m = setup_system_migration(&g.space, a, 3, Owner::NONE, &mut src, &mut dst);
     let n: Vec<Pfn> = (0..3).map(|k| fresh(&g.pm, page_at(&data, k))).collect();
     for (i, &p) in n.iter().enumerate() {
         m.dst[i] = migrate_pfn(p);
@@ -327,11 +320,8 @@ fn every_refusal_after_accepted_destinations_takes_back_the_moved_flags() {
             f
         });
         let flags: Vec<u32> = n.iter().map(|&p| g.pm.page(p).unwrap().flags()).collect();
-        let mut src = [0u64; 4];
-        let mut dst = [0u64; 4];
-        let mut m = MigrateVma::new(&g.space, a, a + 4 * PAGE, &mut src, &mut dst);
-        m.flags = MIGRATE_VMA_SELECT_SYSTEM;
-        migrate_vma_setup(&mut m).unwrap();
+        let (mut src, mut dst) = ([0u64; 4], [0u64; 4]);
+        let mut m = setup_system_migration(&g.space, a, 4, Owner::NONE, &mut src, &mut dst);
         for (i, &p) in n.iter().enumerate() {
             m.dst[i] = migrate_pfn(p);
         }
@@ -411,11 +401,8 @@ fn a_changed_npages_cannot_unbalance_the_stages() {
     let data = pattern(4, 71);
     g.space.write(a, &data).unwrap();
     let olds = frames(&g.space, a, 4);
-    let mut src = [0u64; 8];
-    let mut dst = [0u64; 8];
-    let mut m = MigrateVma::new(&g.space, a, a + 4 * PAGE, &mut src, &mut dst);
-    m.flags = MIGRATE_VMA_SELECT_SYSTEM;
-    migrate_vma_setup(&mut m).unwrap();
+    let (mut src, mut dst) = ([0u64; 8], [0u64; 8]);
+    let mut m = setup_system_migration(&g.space, a, 4, Owner::NONE, &mut src, &mut dst);
     assert_eq!(m.cpages, 4);
     m.npages = 8;
     let r = migrate_vma_pages(&mut m);
@@ -427,11 +414,8 @@ fn a_changed_npages_cannot_unbalance_the_stages() {
     assert_eq!(read(&g.space, a, 4 * 4096), data);
 
     let n: Vec<Pfn> = (0..4).map(|k| fresh(&g.pm, page_at(&data, k))).collect();
-    let mut src = [0u64; 4];
-    let mut dst = [0u64; 4];
-    let mut m = MigrateVma::new(&g.space, a, a + 4 * PAGE, &mut src, &mut dst);
-    m.flags = MIGRATE_VMA_SELECT_SYSTEM;
-    migrate_vma_setup(&mut m).unwrap();
+    let (mut src, mut dst) = ([0u64; 4], [0u64; 4]);
+    let mut m = setup_system_migration(&g.space, a, 4, Owner::NONE, &mut src, &mut dst);
     for (i, &p) in n.iter().enumerate() {
         m.dst[i] = migrate_pfn(p);
     }
@@ -464,11 +448,8 @@ fn a_moved_range_or_swapped_space_cannot_redirect_the_stages() {
     for case in 0..2 {
         let base = g.pool.in_use();
         let n: Vec<Pfn> = (0..4).map(|k| fresh(&g.pm, &pattern(1, k as u8))).collect();
-        let mut src = [0u64; 4];
-        let mut dst = [0u64; 4];
-        let mut m = MigrateVma::new(&g.space, a, a + 4 * PAGE, &mut src, &mut dst);
-        m.flags = MIGRATE_VMA_SELECT_SYSTEM;
-        migrate_vma_setup(&mut m).unwrap();
+        let (mut src, mut dst) = ([0u64; 4], [0u64; 4]);
+        let mut m = setup_system_migration(&g.space, a, 4, Owner::NONE, &mut src, &mut dst);
         assert_eq!(m.cpages, 4, "two pages and two holes");
         for (i, &p) in n.iter().enumerate() {
             m.dst[i] = migrate_pfn(p);
