@@ -9,6 +9,7 @@ use super::finalize::{finalize, resolve};
 use super::pfn::*;
 use super::staged::DeviceMigration;
 use super::unmap::{restore_page, unmap_page, Unmapped};
+use super::vma::Collect;
 use crate::error::{Error, Result};
 use crate::mm::page::MemoryKind;
 use crate::mm::{AddressSpace, PageMap, VirtAddr};
@@ -101,6 +102,16 @@ pub fn migrate_device_pfns(pm: &PageMap, src: &mut [u64]) -> Result<usize> {
 /// whose destination it took is marked in `src` (a crate-private bit), for
 /// [`migrate_device_finalize`] to tell its destinations from another migration's.
 pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Result<()> {
+    device_pages_stage(pm, src, dst).map(drop)
+}
+
+/// [`migrate_device_pages`], returning the pages it looked up: each entry's source and the
+/// destination it took, for a caller that finalizes next (`DeviceMigration`).
+pub(crate) fn device_pages_stage<'p>(
+    pm: &'p PageMap,
+    src: &mut [u64],
+    dst: &[u64],
+) -> Result<(Collect<'p>, Collect<'p>)> {
     if dst.len() < src.len() {
         return Err(Error::ShortArray {
             which: "dst",
@@ -122,7 +133,7 @@ pub fn migrate_device_pages(pm: &PageMap, src: &mut [u64], dst: &[u64]) -> Resul
             src[i] |= MIGRATE_PFN_PAGED;
         }
     }
-    Ok(())
+    Ok((old, new))
 }
 
 /// Stage 3 of a device migration: as `migrate_vma_finalize`. Entries past the end of a
@@ -136,21 +147,10 @@ pub fn migrate_device_finalize(pm: &PageMap, src: &mut [u64], dst: &mut [u64]) {
     // taken destination included, is left alone (and its entry restored).
     let n = src.len().min(dst.len());
     forget_foreign_dst(pm, &mut dst[..n], |i| src[i] & MIGRATE_PFN_PAGED != 0);
-    if dst.len() < src.len() {
-        let mut padded = dst.to_vec();
-        padded.resize(src.len(), 0);
-        finalize(
-            pm,
-            src,
-            &resolve(pm, src),
-            &resolve(pm, &padded),
-            None,
-            None,
-        );
-    } else {
-        let dst = &dst[..src.len()];
-        finalize(pm, src, &resolve(pm, src), &resolve(pm, dst), None, None);
-    }
+    // Entries past the end of a short `dst` have no destination.
+    let mut new = resolve(pm, &dst[..n]);
+    new.resize(src.len(), None);
+    finalize(pm, src, &resolve(pm, src), &new, None, None);
     src.fill(0);
     dst[..n].fill(0);
 }

@@ -105,16 +105,13 @@ fn take_one(p: &Page, src: u64, moved: Option<u32>) -> Result<Taken> {
     if p.mapcount() != 0 || migrate_pfn_to_pfn(src) == Some(pfn) {
         return Err(Error::PageInUse(pfn));
     }
-    let f = p.flags();
-    if f & flags::LOCKED == 0 {
+    if !p.test(flags::LOCKED) {
         return Err(Error::NotLocked(pfn));
     }
-    // Still held by a guard of the driver's (which would release it after us), taken by
-    // another migration's pages stage (which will map or release it) or by this one, or a
-    // migration's source (this one's or another's, which may be mapped nowhere).
-    if f & (ANY_GUARD | TAKEN_AS_DST | COLLECTED) != 0 {
-        return Err(Error::PageInUse(pfn));
-    }
+    // Refused in the same atomic step as the mark: a page still held by a guard of the
+    // driver's (which would release it after us), taken by another migration's pages stage
+    // (which will map or release it) or by this one, or a migration's source (this one's or
+    // another's, which may be mapped nowhere).
     let moving = moved.unwrap_or(0);
     let was = p.take_as_dst(moving).ok_or(Error::PageInUse(pfn))?;
     let mut data = 0;
@@ -186,7 +183,7 @@ pub(crate) fn forget_foreign_dst(
         let keep = if taken_is_ours(i) && p.test(TAKEN_AS_DST) {
             releasable(p, true)
         } else {
-            releasable(p, false) && p.claim_unused_dst()
+            releasable(p, false) && p.take_as_dst(0).is_some()
         };
         if repeat || !keep {
             dst[i] = 0;

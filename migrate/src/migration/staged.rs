@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use hetmem_engine::{EngineError, Pfn, Ticket};
 
-use super::device::{migrate_device_pages, migrate_device_pfns};
+use super::device::{device_pages_stage, migrate_device_pfns};
 use super::finalize::{finalize, resolve};
 use super::pfn::*;
 use super::vma::{abandon, pages_stage, setup_holding, Collect, Held, MigrateVma, Stage};
@@ -421,6 +421,9 @@ pub struct DeviceMigration<'p, S> {
     cpages: usize,
     arrays: Arrays,
     stage: Stage,
+    /// The sources and the destinations the pages stage looked up and took, by entry
+    /// (empty before it ran).
+    pages: (Collect<'p>, Collect<'p>),
     _state: PhantomData<S>,
 }
 
@@ -458,6 +461,7 @@ impl<'p> DeviceMigration<'p, Collected> {
                 device_lost: false,
             },
             stage: Stage::SetUp,
+            pages: Default::default(),
             _state: PhantomData,
         })
     }
@@ -533,6 +537,7 @@ impl<'p, S> DeviceMigration<'p, S> {
                 device_lost: self.arrays.device_lost,
             },
             stage: self.stage,
+            pages: std::mem::take(&mut self.pages),
             _state: PhantomData,
         };
         self.stage = Stage::Idle;
@@ -540,7 +545,7 @@ impl<'p, S> DeviceMigration<'p, S> {
     }
 
     fn pages(mut self) -> Result<DeviceMigration<'p, Copied>> {
-        migrate_device_pages(self.pm, &mut self.arrays.src, &self.arrays.dst)?;
+        self.pages = device_pages_stage(self.pm, &mut self.arrays.src, &self.arrays.dst)?;
         self.stage = Stage::Paged;
         Ok(self.into_state())
     }
@@ -554,17 +559,12 @@ impl<'p, S> DeviceMigration<'p, S> {
         }
         if self.stage == Stage::SetUp {
             abandon(self.pm, &mut self.arrays.src, &mut self.arrays.dst);
+            let (src, dst) = (&self.arrays.src, &self.arrays.dst);
+            self.pages = (resolve(self.pm, src), resolve(self.pm, dst));
         }
         let migrated = self.arrays.migrated();
-        let (src, dst) = (&self.arrays.src, &self.arrays.dst);
-        finalize(
-            self.pm,
-            src,
-            &resolve(self.pm, src),
-            &resolve(self.pm, dst),
-            None,
-            None,
-        );
+        let (old, new) = &self.pages;
+        finalize(self.pm, &self.arrays.src, old, new, None, None);
         self.stage = Stage::Idle;
         Outcome {
             cpages: self.cpages,

@@ -194,13 +194,15 @@ impl Page {
     pub(crate) fn clear(&self, f: u32) {
         self.flags.fetch_and(!f, Ordering::AcqRel);
     }
-    /// Marks the page taken by a migration's pages stage ([`TAKEN_AS_DST`]) and sets flag bits
-    /// `f`, in one atomic step; returns the flag word before, or `None` (nothing changed) if
-    /// another pages stage has taken the page.
+    /// Marks the page taken as a migration's destination ([`TAKEN_AS_DST`]) and sets flag bits
+    /// `f`, in one atomic step with the check that it may be one: locked, held by no guard,
+    /// collected by no migration as a source, and taken by no pages stage (nor by a finalize
+    /// releasing a destination no pages stage took). Returns the flag word before, or `None`
+    /// (nothing changed). The mark goes with the unlock that maps or releases the page.
     pub(crate) fn take_as_dst(&self, f: u32) -> Option<u32> {
         let mut was = self.flags.load(Ordering::Relaxed);
         loop {
-            if was & TAKEN_AS_DST != 0 {
+            if was & (TAKEN_AS_DST | ANY_GUARD | COLLECTED) != 0 || was & flags::LOCKED == 0 {
                 return None;
             }
             match self.flags.compare_exchange_weak(
@@ -210,27 +212,6 @@ impl Page {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return Some(was),
-                Err(seen) => was = seen,
-            }
-        }
-    }
-    /// Marks a locked, unguarded page taken ([`TAKEN_AS_DST`]) for a finalize that is about
-    /// to release it as a destination its pages stage never took; false (nothing changed)
-    /// if it is not locked, a guard holds it, a migration collected it as a source, or a
-    /// pages stage or another such finalize has it. The mark goes with the unlock that releases the page.
-    pub(crate) fn claim_unused_dst(&self) -> bool {
-        let mut was = self.flags.load(Ordering::Relaxed);
-        loop {
-            if was & (TAKEN_AS_DST | ANY_GUARD | COLLECTED) != 0 || was & flags::LOCKED == 0 {
-                return false;
-            }
-            match self.flags.compare_exchange_weak(
-                was,
-                was | TAKEN_AS_DST,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
                 Err(seen) => was = seen,
             }
         }
